@@ -1,0 +1,94 @@
+"""torchrun helpers: rank, world size, barriers. Other modules call these and never branch on env."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    if is_distributed():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    if is_distributed():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def init(device: torch.device) -> None:
+    """Start the process group when launched by torchrun: nccl on CUDA, gloo on CPU."""
+    if not launched_by_torchrun() or is_distributed():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=60))
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (in place) and return it; a no-op in one process."""
+    if is_distributed():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_gather_objects(obj: object) -> list:
+    """Every rank's `obj`, in rank order; `[obj]` in one process."""
+    if not is_distributed():
+        return [obj]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def device_for(requested: str) -> torch.device:
+    """`auto` picks this rank's GPU when there is one, else the CPU."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank())
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank())
+    return device

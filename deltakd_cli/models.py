@@ -1,0 +1,242 @@
+"""Loading models and tokenizers (HF dirs, hub ids, GGUF files), dtype/device choice,
+vocabulary compatibility, and fingerprints for provenance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltakd_cli.errors import DeltakdError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: `path` is a local dir or hub id; `gguf_file` names a GGUF in it."""
+
+    spec: str
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).exists()
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.startswith((".", "/", "~"))
+        or spec.endswith(".gguf")
+        or os.sep in spec.strip(os.sep) and spec.count("/") != 1
+    )
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """A model spec -> ModelSource. Local paths must exist; `org/name` is a hub id."""
+    expanded = os.path.expanduser(spec)
+    path = Path(expanded)
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec, str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource(spec, str(path), ggufs[0].name)
+            raise DeltakdError(f"{spec}: not a model directory (no config.json)")
+        return ModelSource(spec, str(path))
+    if _looks_like_path(spec) or path.exists():
+        raise DeltakdError(f"model not found: {spec}")
+    return ModelSource(spec, spec)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU that supports it, else float32."""
+    if name not in DTYPES:
+        raise DeltakdError(f"unknown dtype '{name}' (choose from {', '.join(DTYPES)})")
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def check_device(device: torch.device) -> None:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeltakdError(f"device {device} requested but CUDA is not available")
+
+
+def _hub_error(source: ModelSource, error: Exception) -> DeltakdError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    hint = " (offline: HF_HUB_OFFLINE=1 needs it in the local cache)" if not source.is_local else ""
+    return DeltakdError(f"cannot load model '{source.spec}'{hint}: {first}")
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer of a model; a missing pad token falls back to EOS."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(spec)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except Exception as error:  # transformers raises OSError/ValueError/etc. for bad sources
+        raise _hub_error(source, error) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    spec: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+    device_map: str | None = None,
+) -> Any:
+    """A causal LM in eval mode. `device_map="auto"` splits a large model over local GPUs."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_source(spec)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except Exception as error:
+        raise _hub_error(source, error) from None
+    if getattr(model.config, "quantization_config", None) is not None and source.gguf_file:
+        model.config.quantization_config = None
+    if device is not None and not device_map:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def tokenizer_vocab_size(tokenizer: Any) -> int:
+    """Tokens the tokenizer can produce (added tokens included)."""
+    return len(tokenizer)
+
+
+def model_vocab_size(model: Any) -> int:
+    """Rows of the output embedding; may exceed the tokenizer's (padded vocabularies)."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def check_model_vocab(model: Any, tokenizer: Any, name: str) -> int:
+    """The working vocabulary size |V| (the tokenizer's); refuse a model whose head is smaller."""
+    vocab = tokenizer_vocab_size(tokenizer)
+    rows = model_vocab_size(model)
+    if rows < vocab:
+        raise DeltakdError(
+            f"{name}: its output layer has {rows} rows but the tokenizer has {vocab} tokens"
+        )
+    return vocab
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the token -> id map and the special tokens: equal fingerprints mean equal ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = {
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+    }
+    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def check_same_tokenizer(reference: Any, other: Any, reference_name: str, other_name: str) -> None:
+    """Refuse two tokenizers that map tokens to ids differently."""
+    if tokenizer_fingerprint(reference) == tokenizer_fingerprint(other):
+        return
+    size_a, size_b = len(reference), len(other)
+    detail = f"{size_a} vs {size_b} tokens" if size_a != size_b else "same size, different ids"
+    raise DeltakdError(
+        f"tokenizer mismatch: {reference_name} and {other_name} do not share a vocabulary ({detail})"
+    )
+
+
+def _weight_files(source: ModelSource) -> list[Path]:
+    if source.gguf_file:
+        return [Path(source.path) / source.gguf_file]
+    directory = Path(source.path)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(source.path, local_files_only=True))
+        except Exception:
+            return []
+    return sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+
+def weights_fingerprint(spec: str) -> str:
+    """sha256 over the model's weight files (names and contents): what provenance compares.
+    Independent of the dtype the model is later loaded in."""
+    source = resolve_source(spec)
+    files = _weight_files(source)
+    if not files:
+        raise DeltakdError(f"cannot find the weight files of '{spec}' to fingerprint them")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(spec: str, tokenizer: Any) -> dict[str, Any]:
+    """Provenance record of one model: how it was named, its revision, and its hashes."""
+    source = resolve_source(spec)
+    revision = None
+    config_path = Path(source.path) / "config.json"
+    if config_path.exists():
+        revision = json.loads(config_path.read_text()).get("_commit_hash")
+    return {
+        "spec": spec,
+        "path": str(Path(source.path).resolve()) if source.is_local else source.path,
+        "gguf_file": source.gguf_file,
+        "revision": revision,
+        "weights_sha256": weights_fingerprint(spec),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+    }
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Dequantise a GGUF checkpoint into a plain Hugging Face directory (float32 safetensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    if not gguf_path.is_file():
+        raise DeltakdError(f"GGUF file not found: {gguf_path}")
+    directory, name = str(gguf_path.parent), gguf_path.name
+    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if getattr(loaded, "generation_config", None) is not None:
+        loaded.generation_config.save_pretrained(staging)
+    staging.rename(out_dir)
+    return out_dir
