@@ -35,7 +35,8 @@ def _looks_like_path(spec: str) -> bool:
     return (
         spec.startswith((".", "/", "~"))
         or spec.endswith(".gguf")
-        or os.sep in spec.strip(os.sep) and spec.count("/") != 1
+        or os.sep in spec.strip(os.sep)
+        and spec.count("/") != 1
     )
 
 
@@ -79,10 +80,19 @@ def _hub_error(source: ModelSource, error: Exception) -> DeltakdError:
     return DeltakdError(f"cannot load model '{source.spec}'{hint}: {first}")
 
 
+def quiet_transformers() -> None:
+    """transformers' own progress bars and advice would interleave with deltakd's display."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_tokenizer(spec: str) -> Any:
     """The tokenizer of a model; a missing pad token falls back to EOS."""
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     source = resolve_source(spec)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
@@ -103,6 +113,7 @@ def load_model(
     """A causal LM in eval mode. `device_map="auto"` splits a large model over local GPUs."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     source = resolve_source(spec)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if source.gguf_file:

@@ -1,0 +1,561 @@
+"""The teacher cache on disk: schema, manifest, checksums, the shard writer (one per rank,
+resumable, write-behind) and the reader. The only module that touches zarr.
+
+Layout of a cache directory (or fsspec URL) `CACHE/`:
+
+    CACHE/run.json                    settings of the run that writes it (present from the start)
+    CACHE/shards/shard-RRRRR-of-WWWWW.zarr/      one zarr v3 group per writer (rank)
+    CACHE/shards/shard-RRRRR-of-WWWWW.progress.json   what that writer has committed
+    CACHE/manifest.json               written last, atomically: a cache is complete iff it exists
+
+docs/cache-format.md specifies every array; keep it in step with SCHEMA_VERSION.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from deltakd_cli.errors import DeltakdError
+
+FORMAT_VERSION = 1
+POSITION_CHUNK = 2048  # positions per zarr chunk: one chunk is ~256 KiB of ids at k=64
+TOKEN_CHUNK = 65536
+EXAMPLE_CHUNK = 16384
+# Progress is committed at least this often (seconds), so a slow run loses little when killed.
+FLUSH_SECONDS = float(os.environ.get("DELTAKD_FLUSH_SECONDS", "60"))
+
+PER_POSITION_LOGPROBS = ("tuned_logprobs", "base_logprobs", "student_logprobs")
+PER_POSITION_SCALARS = ("tuned_tail", "base_tail", "target_tail_shift", "student_tail")
+
+
+# ----------------------------------------------------------------------------- locations
+
+
+def is_url(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+class Location:
+    """A directory on local disk or behind fsspec, with the few file operations the cache needs.
+    Local writes go through a temp file and a rename, so a reader never sees half a file."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.url = is_url(root)
+        if self.url:
+            try:
+                import fsspec
+            except ImportError:
+                raise DeltakdError(
+                    f"{root}: URLs need fsspec and its backend (pip install 'deltakd[remote]')"
+                ) from None
+            try:
+                self.fs, self.fs_root = fsspec.core.url_to_fs(root)
+            except (ImportError, ValueError) as error:
+                raise DeltakdError(f"{root}: cannot open this URL ({error})") from None
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _path(self, relative: str) -> str:
+        return f"{self.fs_root.rstrip('/')}/{relative}" if self.url else self.join(relative)
+
+    def exists(self, relative: str = "") -> bool:
+        if self.url:
+            return self.fs.exists(self._path(relative) if relative else self.fs_root)
+        return Path(self.join(relative) if relative else self.root).exists()
+
+    def read_text(self, relative: str) -> str:
+        if self.url:
+            with self.fs.open(self._path(relative), "r") as handle:
+                return handle.read()
+        return Path(self.join(relative)).read_text()
+
+    def write_text(self, relative: str, text: str) -> None:
+        if self.url:
+            self.fs.makedirs(self._path(relative).rsplit("/", 1)[0], exist_ok=True)
+            with self.fs.open(self._path(relative), "w") as handle:
+                handle.write(text)
+            return
+        target = Path(self.join(relative))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(target.name + ".partial")
+        staging.write_text(text)
+        staging.replace(target)
+
+    def remove(self, relative: str) -> None:
+        if self.url:
+            if self.fs.exists(self._path(relative)):
+                self.fs.rm(self._path(relative), recursive=True)
+            return
+        import shutil
+
+        target = Path(self.join(relative))
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+    def list(self, relative: str = "") -> list[str]:
+        """Names directly under `relative` (empty when it does not exist)."""
+        if self.url:
+            path = self._path(relative) if relative else self.fs_root
+            if not self.fs.exists(path):
+                return []
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+        target = Path(self.join(relative) if relative else self.root)
+        return sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+
+    def files_under(self, relative: str) -> list[str]:
+        """Every file below `relative`, as paths relative to it, sorted."""
+        if self.url:
+            base = self._path(relative)
+            found = self.fs.find(base)
+            return sorted(p[len(base.rstrip("/")) + 1 :] for p in found)
+        base = Path(self.join(relative))
+        return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+
+    def read_bytes(self, relative: str) -> bytes:
+        if self.url:
+            with self.fs.open(self._path(relative), "rb") as handle:
+                return handle.read()
+        return Path(self.join(relative)).read_bytes()
+
+    def size(self, relative: str) -> int:
+        if self.url:
+            return int(self.fs.size(self._path(relative)))
+        return Path(self.join(relative)).stat().st_size
+
+    def zarr_store(self, relative: str, read_only: bool = False) -> Any:
+        if self.url:
+            return zarr.storage.FsspecStore.from_url(self.join(relative), read_only=read_only)
+        return zarr.storage.LocalStore(self.join(relative), read_only=read_only)
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+def ids_dtype(vocab_size: int) -> str:
+    """Token ids need ceil(log2 |V|) bits: 16-bit when the vocabulary allows, else 32-bit (the
+    bitshuffle codec then stores the always-zero high bits at almost no cost)."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def array_specs(k: int, vocab_size: int, precision: str, has_student: bool) -> dict[str, tuple]:
+    """name -> (dtype, trailing shape, chunk rows, shuffle) for every array of a shard."""
+    specs: dict[str, tuple] = {
+        "input_ids": (ids_dtype(vocab_size), (), TOKEN_CHUNK, "bitshuffle"),
+        "token_offsets": ("int64", (), EXAMPLE_CHUNK, "bitshuffle"),
+        "prompt_length": ("int32", (), EXAMPLE_CHUNK, "bitshuffle"),
+        "example_index": ("int64", (), EXAMPLE_CHUNK, "bitshuffle"),
+        "target_offsets": ("int64", (), EXAMPLE_CHUNK, "bitshuffle"),
+        "ids": (ids_dtype(vocab_size), (k,), POSITION_CHUNK, "bitshuffle"),
+        "tuned_logprobs": (precision, (k,), POSITION_CHUNK, "shuffle"),
+        "base_logprobs": (precision, (k,), POSITION_CHUNK, "shuffle"),
+        "tuned_tail": ("float32", (), POSITION_CHUNK, "shuffle"),
+        "base_tail": ("float32", (), POSITION_CHUNK, "shuffle"),
+    }
+    if has_student:
+        specs["student_logprobs"] = (precision, (k,), POSITION_CHUNK, "shuffle")
+        specs["student_tail"] = ("float32", (), POSITION_CHUNK, "shuffle")
+        specs["target_tail_shift"] = ("float32", (), POSITION_CHUNK, "shuffle")
+    return specs
+
+
+def _codec(dtype: str, shuffle: str) -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=np.dtype(dtype).itemsize)
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}"
+
+
+@dataclass
+class BatchRecord:
+    """What one forward batch contributes to a shard (numpy, already in storage dtypes)."""
+
+    example_index: np.ndarray  # [B] int64
+    input_ids: list[np.ndarray]  # B arrays of token ids
+    prompt_length: np.ndarray  # [B] int32
+    positions: dict[str, np.ndarray]  # per-position arrays, rows of all B examples concatenated
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class ShardWriter:
+    """Appends batch records to one rank's zarr shard behind the compute (a writer thread).
+
+    Records are buffered and flushed at least a chunk of positions at a time; after each flush the
+    progress file is replaced atomically. Resume truncates every array to the committed sizes and
+    continues, so a resumed run ends with the same arrays as an uninterrupted one."""
+
+    def __init__(
+        self,
+        location: Location,
+        rank: int,
+        world: int,
+        specs: dict[str, tuple],
+        queue_depth: int = 4,
+    ):
+        self.location = location
+        self.name = shard_name(rank, world)
+        self.group_path = f"shards/{self.name}.zarr"
+        self.progress_path = f"shards/{self.name}.progress.json"
+        self.specs = specs
+        self.committed = self._open_or_create()
+        self.pending: list[BatchRecord] = []
+        self.pending_positions = 0
+        self.last_flush = time.monotonic()
+        self.error: BaseException | None = None
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_depth)
+        self.thread = threading.Thread(target=self._drain, name=f"{self.name}-writer", daemon=True)
+        self.thread.start()
+
+    # -- set-up and resume
+    def _open_or_create(self) -> dict[str, int]:
+        empty = {"batches": 0, "examples": 0, "tokens": 0, "positions": 0}
+        if self.location.exists(self.progress_path):
+            committed = json.loads(self.location.read_text(self.progress_path))
+            self._remove_partial_files()
+            self.group = zarr.open_group(self.location.zarr_store(self.group_path), mode="r+")
+            self._truncate(committed)
+            return committed
+        self.location.remove(self.group_path)
+        self.group = zarr.open_group(self.location.zarr_store(self.group_path), mode="w")
+        for name, (dtype, trailing, chunk_rows, shuffle) in self.specs.items():
+            self.group.create_array(
+                name,
+                shape=(0, *trailing),
+                chunks=(chunk_rows, *trailing),
+                dtype=dtype,
+                compressors=[_codec(dtype, shuffle)],
+                fill_value=0,
+            )
+        for name in ("token_offsets", "target_offsets"):
+            self._append(name, np.zeros(1, dtype=np.int64))
+        self.location.write_text(self.progress_path, json.dumps(empty))
+        return empty
+
+    def _remove_partial_files(self) -> None:
+        """A kill during a local write can leave a store's temp file behind; it is not data."""
+        if self.location.url:
+            return
+        for path in Path(self.location.join(self.group_path)).rglob("*.partial"):
+            path.unlink()
+
+    def _rows(self, name: str, committed: dict[str, int]) -> int:
+        if name == "input_ids":
+            return committed["tokens"]
+        if name in ("token_offsets", "target_offsets"):
+            return committed["examples"] + 1
+        if name in ("prompt_length", "example_index"):
+            return committed["examples"]
+        return committed["positions"]
+
+    def _truncate(self, committed: dict[str, int]) -> None:
+        for name in self.specs:
+            array = self.group[name]
+            rows = self._rows(name, committed)
+            if array.shape[0] != rows:
+                array.resize((rows, *array.shape[1:]))
+
+    def _append(self, name: str, values: np.ndarray) -> None:
+        array = self.group[name]
+        start = array.shape[0]
+        array.resize((start + len(values), *array.shape[1:]))
+        array[start:] = values
+
+    # -- the compute side
+    def put(self, record: BatchRecord) -> None:
+        """Queue one batch for writing (blocks when the writer is `queue_depth` batches behind)."""
+        self._raise_if_failed()
+        self.queue.put(record)
+
+    def close(self) -> dict[str, int]:
+        """Flush everything, stop the thread, and return the committed counts."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+        return self.committed
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise DeltakdError(f"writing shard {self.name} failed: {self.error}")
+
+    # -- the writer thread
+    def _drain(self) -> None:
+        try:
+            while True:
+                record = self.queue.get()
+                if record is None:
+                    self._flush()
+                    return
+                self.pending.append(record)
+                self.pending_positions += len(record.positions["ids"])
+                overdue = time.monotonic() - self.last_flush >= FLUSH_SECONDS
+                if self.pending_positions >= POSITION_CHUNK or overdue:
+                    self._flush()
+        except BaseException as error:  # surfaced on the compute side by put()/close()
+            self.error = error
+
+    def _flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.pending:
+            return
+        records, self.pending, self.pending_positions = self.pending, [], 0
+        committed = dict(self.committed)
+        input_ids = [ids for record in records for ids in record.input_ids]
+        lengths = np.array([len(ids) for ids in input_ids], dtype=np.int64)
+        prompt_length = np.concatenate([r.prompt_length for r in records]).astype(np.int64)
+        self._append("input_ids", np.concatenate(input_ids))
+        self._append("token_offsets", committed["tokens"] + np.cumsum(lengths))
+        self._append("prompt_length", prompt_length.astype(np.int32))
+        self._append("example_index", np.concatenate([r.example_index for r in records]))
+        self._append("target_offsets", committed["positions"] + np.cumsum(lengths - prompt_length))
+        for name in self.specs:
+            if name in records[0].positions:
+                self._append(name, np.concatenate([r.positions[name] for r in records]))
+        committed["batches"] += len(records)
+        committed["examples"] += len(input_ids)
+        committed["tokens"] += int(lengths.sum())
+        committed["positions"] += int((lengths - prompt_length).sum())
+        self.location.write_text(self.progress_path, json.dumps(committed))
+        self.committed = committed
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def shard_checksums(location: Location, group_path: str) -> dict[str, Any]:
+    """sha256 over every file of a shard (relative path and bytes, in sorted order)."""
+    digest = hashlib.sha256()
+    total = 0
+    for relative in location.files_under(group_path):
+        content = location.read_bytes(f"{group_path}/{relative}")
+        digest.update(relative.encode() + b"\0" + hashlib.sha256(content).digest())
+        total += len(content)
+    return {"sha256": digest.hexdigest(), "bytes": total}
+
+
+def write_manifest(location: Location, manifest: dict[str, Any]) -> None:
+    location.write_text("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def read_manifest(location: Location) -> dict[str, Any] | None:
+    if not location.exists("manifest.json"):
+        return None
+    try:
+        return json.loads(location.read_text("manifest.json"))
+    except json.JSONDecodeError:
+        raise DeltakdError(f"{location.root}: manifest.json is damaged (not valid JSON)") from None
+
+
+def read_run_state(location: Location) -> dict[str, Any] | None:
+    if not location.exists("run.json"):
+        return None
+    return json.loads(location.read_text("run.json"))
+
+
+def prepare_output(location: Location, settings: dict[str, Any], overwrite: bool) -> str:
+    """Decide what to do with `--out` before any compute: 'fresh', 'resume' or 'complete'.
+    Refuses to touch a path that holds a different cache (unless overwrite) or something else."""
+    if not location.exists() or not location.list():
+        location.write_text("run.json", json.dumps({"settings": settings}, indent=2))
+        return "fresh"
+    names = set(location.list())
+    if not names & {"run.json", "manifest.json"}:
+        raise DeltakdError(
+            f"{location.root} exists and is not a deltakd cache; choose a new or empty path"
+        )
+    previous = read_run_state(location)
+    same = previous is not None and previous.get("settings") == settings
+    if same and not overwrite:
+        return "complete" if location.exists("manifest.json") else "resume"
+    if not overwrite:
+        what = "a complete cache" if "manifest.json" in names else "an unfinished cache"
+        changed = _first_difference(previous.get("settings") if previous else None, settings)
+        raise DeltakdError(
+            f"{location.root} holds {what} made with other settings ({changed}); "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    # Overwrite: drop the manifest first so nothing looks complete while we clear the rest.
+    location.remove("manifest.json")
+    for name in location.list():
+        location.remove(name)
+    location.write_text("run.json", json.dumps({"settings": settings}, indent=2))
+    return "fresh"
+
+
+def _first_difference(old: dict | None, new: dict) -> str:
+    if old is None:
+        return "no recorded settings"
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            return f"{key} differs"
+    return "settings differ"
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+@dataclass
+class CachedExample:
+    """One example as stored: its tokens and the cached entries of its T target positions."""
+
+    example_index: int
+    input_ids: np.ndarray
+    prompt_length: int
+    ids: np.ndarray
+    tuned_logprobs: np.ndarray
+    base_logprobs: np.ndarray
+    tuned_tail: np.ndarray
+    base_tail: np.ndarray
+    target_tail_shift: np.ndarray | None = None
+    student_logprobs: np.ndarray | None = None
+    student_tail: np.ndarray | None = None
+
+    @property
+    def target_positions(self) -> np.ndarray:
+        """Position p of each target: the logits after reading input_ids[..p] predict p+1."""
+        return np.arange(self.prompt_length - 1, len(self.input_ids) - 1)
+
+
+class CacheReader:
+    """Reads a complete cache; memory stays at what a caller asks for (per-range reads)."""
+
+    def __init__(self, path: str):
+        self.location = Location(str(path))
+        if not self.location.exists():
+            raise DeltakdError(f"cache not found: {path}")
+        manifest = read_manifest(self.location)
+        if manifest is None:
+            state = "an unfinished cache" if self.location.exists("run.json") else "not a cache"
+            raise DeltakdError(f"{path}: {state} (no manifest.json); run cache-teachers to finish")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise DeltakdError(
+                f"{path}: cache format {manifest.get('format_version')} is not supported "
+                f"(this deltakd reads format {FORMAT_VERSION})"
+            )
+        self.manifest = manifest
+        self.path = str(path)
+        self.shard_names = [shard["name"] for shard in manifest["shards"]]
+        self._groups: dict[int, Any] = {}
+        self._offsets: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_names)
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["k"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def has_student(self) -> bool:
+        return bool(self.manifest["has_student"])
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen zarr groups lazily
+        state = dict(self.__dict__)
+        state["_groups"] = {}
+        return state
+
+    def group(self, shard: int) -> Any:
+        if shard not in self._groups:
+            store = self.location.zarr_store(f"shards/{self.shard_names[shard]}.zarr", True)
+            try:
+                self._groups[shard] = zarr.open_group(store, mode="r")
+            except Exception as error:
+                raise DeltakdError(
+                    f"{self.path}: shard {self.shard_names[shard]}: {error}"
+                ) from None
+        return self._groups[shard]
+
+    def offsets(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token_offsets [E+1], target_offsets [E+1], prompt_length [E]) of a shard."""
+        if shard not in self._offsets:
+            group = self.group(shard)
+            self._offsets[shard] = (
+                group["token_offsets"][:],
+                group["target_offsets"][:],
+                group["prompt_length"][:].astype(np.int64),
+            )
+        return self._offsets[shard]
+
+    def shard_lengths(self, shard: int) -> np.ndarray:
+        """[E, 2] int64: (num_tokens, num_targets) of each example in stored order."""
+        token_offsets, target_offsets, _ = self.offsets(shard)
+        return np.stack([np.diff(token_offsets), np.diff(target_offsets)], axis=1)
+
+    def read_examples(self, shard: int, start: int, stop: int) -> list[CachedExample]:
+        """Examples [start, stop) of a shard, with one contiguous read per array."""
+        group = self.group(shard)
+        token_offsets, target_offsets, prompt_length = self.offsets(shard)
+        token_lo, token_hi = int(token_offsets[start]), int(token_offsets[stop])
+        target_lo, target_hi = int(target_offsets[start]), int(target_offsets[stop])
+        tokens = group["input_ids"][token_lo:token_hi].astype(np.int64)
+        example_index = group["example_index"][start:stop]
+        per_position: dict[str, np.ndarray] = {}
+        for name in ("ids", *PER_POSITION_LOGPROBS, *PER_POSITION_SCALARS):
+            if name in group:
+                values = group[name][target_lo:target_hi]
+                per_position[name] = (
+                    values.astype(np.int64) if name == "ids" else values.astype(np.float32)
+                )
+        examples = []
+        for offset, row in enumerate(range(start, stop)):
+            tokens_at = slice(
+                int(token_offsets[row]) - token_lo, int(token_offsets[row + 1]) - token_lo
+            )
+            targets_at = slice(
+                int(target_offsets[row]) - target_lo, int(target_offsets[row + 1]) - target_lo
+            )
+            entries = {name: values[targets_at] for name, values in per_position.items()}
+            examples.append(
+                CachedExample(
+                    example_index=int(example_index[offset]),
+                    input_ids=tokens[tokens_at],
+                    prompt_length=int(prompt_length[row]),
+                    **entries,
+                )
+            )
+        return examples
+
+    def find_example(self, example_index: int) -> CachedExample:
+        """The example with a given global index (its row number in the data file)."""
+        for shard in range(self.num_shards):
+            indices = self.group(shard)["example_index"][:]
+            hits = np.nonzero(indices == example_index)[0]
+            if len(hits):
+                row = int(hits[0])
+                return self.read_examples(shard, row, row + 1)[0]
+        total = int(self.manifest["counts"]["examples"])
+        raise DeltakdError(f"no example {example_index} in this cache (it has {total} examples)")
+
+    def verify(self) -> list[str]:
+        """Names of shards whose bytes no longer match the manifest's checksums."""
+        damaged = []
+        for shard in self.manifest["shards"]:
+            group_path = f"shards/{shard['name']}.zarr"
+            if not self.location.exists(group_path):
+                damaged.append(f"{shard['name']} (missing)")
+                continue
+            if shard_checksums(self.location, group_path)["sha256"] != shard["sha256"]:
+                damaged.append(shard["name"])
+        return damaged

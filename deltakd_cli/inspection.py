@@ -1,0 +1,120 @@
+"""`deltakd inspect`: a cache's summary, its verification, and one example decoded."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.table import Table
+
+from deltakd_cli.cache import CachedExample, CacheReader
+from deltakd_cli.console import console
+from deltakd_cli.errors import DeltakdError
+
+
+def summary(reader: CacheReader) -> dict[str, Any]:
+    manifest = reader.manifest
+    provenance = manifest["provenance"]
+    return {
+        "path": reader.path,
+        "format_version": manifest["format_version"],
+        "examples": manifest["counts"]["examples"],
+        "tokens": manifest["counts"]["tokens"],
+        "response_tokens": manifest["counts"]["response_tokens"],
+        "truncated_examples": manifest["counts"]["truncated"],
+        "k": manifest["k"],
+        "vocab_size": manifest["vocab_size"],
+        "selection": manifest["selection"],
+        "tail_rule": manifest["tail_rule"],
+        "alpha": manifest["alpha"],
+        "has_student": manifest["has_student"],
+        "precision": manifest["precision"],
+        "shards": len(manifest["shards"]),
+        "bytes": manifest["bytes"],
+        "bytes_per_response_token": manifest["bytes_per_response_token"],
+        "provenance": provenance,
+        "tool": manifest["tool"],
+    }
+
+
+def example_json(example: CachedExample) -> dict[str, Any]:
+    """The documented per-example JSON: position p is the prediction of input_ids[p + 1]."""
+    positions = []
+    for row, position in enumerate(example.target_positions):
+        entry: dict[str, Any] = {
+            "position": int(position),
+            "ids": example.ids[row].tolist(),
+            "tuned_logprobs": example.tuned_logprobs[row].tolist(),
+            "base_logprobs": example.base_logprobs[row].tolist(),
+            "tuned_tail": float(example.tuned_tail[row]),
+            "base_tail": float(example.base_tail[row]),
+        }
+        if example.student_logprobs is not None:
+            entry["student_logprobs"] = example.student_logprobs[row].tolist()
+            entry["student_tail"] = float(example.student_tail[row])
+        if example.target_tail_shift is not None:
+            entry["target_tail_shift"] = float(example.target_tail_shift[row])
+        positions.append(entry)
+    return {
+        "example_index": example.example_index,
+        "input_ids": example.input_ids.tolist(),
+        "prompt_length": example.prompt_length,
+        "positions": positions,
+    }
+
+
+def inspect_cache(path: str, verify: bool, as_json: bool, example: int | None) -> None:
+    reader = CacheReader(path)
+    if example is not None:
+        if example < 0:
+            raise DeltakdError(f"--example must be a row number (>= 0), got {example}")
+        decoded = example_json(reader.find_example(example))
+        if as_json:
+            print(json.dumps(decoded))
+        else:
+            console.print_json(data=decoded)
+        return
+    report = summary(reader)
+    damaged: list[str] = []
+    if verify:
+        damaged = reader.verify()
+        report["verified"] = not damaged
+        report["damaged_shards"] = damaged
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_table(report)
+    if damaged:
+        raise DeltakdError(f"{path}: damaged shards: {', '.join(damaged)}")
+    if verify and not as_json:
+        console.print(f"[green]verified[/green]: all {report['shards']} shards match the manifest")
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    table = Table(title=f"deltakd cache {report['path']}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("examples", f"{report['examples']:,} ({report['truncated_examples']} truncated)"),
+        ("response tokens", f"{report['response_tokens']:,}"),
+        ("k / vocabulary", f"{report['k']} / {report['vocab_size']:,}"),
+        ("selection, tail", f"{report['selection']}, {report['tail_rule']}"),
+        (
+            "student log-probs",
+            "yes (alpha %s)" % report["alpha"] if report["has_student"] else "no",
+        ),
+        ("precision", report["precision"]),
+        ("shards", str(report["shards"])),
+        ("stored bytes", f"{report['bytes']:,}"),
+        ("bytes / response token", f"{report['bytes_per_response_token']:.1f}"),
+    ]
+    for role in ("teacher_base", "teacher_tuned", "student"):
+        identity = report["provenance"].get(role)
+        if identity:
+            rows.append((role, f"{identity['spec']} (weights {identity['weights_sha256'][:12]})"))
+    data = report["provenance"]["data"]
+    rows.append(("data", f"{data['path']} (sha256 {data['sha256'][:12]})"))
+    rows.append(("template", report["provenance"]["template"]))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)

@@ -1,0 +1,395 @@
+"""The cache-teachers workflow: run the base and tuned teacher (and optionally the base student)
+once over the data, choose the kept ids per response position, and write the cache.
+
+Read top to bottom: options -> checks -> plan -> the batch loop -> manifest."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deltakd_cli import __version__, cache, data, distributed, models, targets
+from deltakd_cli.console import info, progress
+from deltakd_cli.errors import DeltakdError
+
+DEFAULT_TOP_K = 64
+POSITION_CHUNK = 1024  # positions whose full-vocabulary log-probs are held at once
+
+
+@dataclass
+class CacheConfig:
+    teacher_base: str
+    teacher_tuned: str
+    data: str
+    out: str
+    student: str | None = None
+    top_k: int = DEFAULT_TOP_K
+    max_length: int = 1024
+    template: str = "alpaca"
+    batch_size: int = 8
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    alpha: float = 1.0
+    selection: str | None = None  # None: "target" with a student, else "tuned"
+    tail_rule: str | None = None  # None: "mass-matched" with a student, else "teacher"
+    precision: str = "float16"
+    overwrite: bool = False
+
+    def resolved_selection(self) -> str:
+        return self.selection or ("target" if self.student else "tuned")
+
+    def resolved_tail_rule(self) -> str:
+        return self.tail_rule or ("mass-matched" if self.student else "teacher")
+
+
+def validate(config: CacheConfig) -> None:
+    """Checks that need no model: numbers, choices, paths. Fails before anything is loaded."""
+    if config.top_k < 1:
+        raise DeltakdError(f"--top-k must be at least 1, got {config.top_k}")
+    if config.batch_size < 1:
+        raise DeltakdError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.max_length < 2:
+        raise DeltakdError(f"--max-length must be at least 2, got {config.max_length}")
+    if config.template not in data.TEMPLATES:
+        raise DeltakdError(f"--template must be one of {', '.join(data.TEMPLATES)}")
+    if config.precision not in ("float16", "float32"):
+        raise DeltakdError("--precision must be float16 or float32")
+    selection, tail_rule = config.resolved_selection(), config.resolved_tail_rule()
+    if selection not in targets.SELECTION_RULES:
+        raise DeltakdError(f"--selection must be one of {', '.join(targets.SELECTION_RULES)}")
+    if tail_rule not in ("teacher", "mass-matched"):
+        raise DeltakdError("--tail-rule must be 'teacher' or 'mass-matched'")
+    needs_student = selection in ("target", "tuned+student") or tail_rule == "mass-matched"
+    if needs_student and not config.student:
+        raise DeltakdError(
+            f"--selection {selection} / --tail-rule {tail_rule} need --student (the base student)"
+        )
+    if config.device_map and distributed.launched_by_torchrun():
+        raise DeltakdError(
+            "--device-map splits one model over this host's GPUs; not under torchrun"
+        )
+    for spec in filter(None, (config.teacher_base, config.teacher_tuned, config.student)):
+        models.resolve_source(spec)  # a missing local path fails here, before any loading
+
+
+# ----------------------------------------------------------------------------- model forward
+
+
+class PositionLogprobs:
+    """Full-vocabulary log-probs of one model at chosen positions, without [B, L, V] logits:
+    the decoder runs once, then the output head runs on the target positions' hidden states."""
+
+    def __init__(self, model: Any, vocab_size: int):
+        self.model = model
+        self.vocab_size = vocab_size
+        self.decoder = getattr(model, model.base_model_prefix)
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.checked = False
+
+    @torch.inference_mode()
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    @torch.inference_mode()
+    def logprobs(self, hidden_at_targets: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden_at_targets.to(self.head.weight.device))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
+
+    @torch.inference_mode()
+    def check_against_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Once: the decoder+head path must equal the model's own forward (catches architectures
+        that scale or post-process logits in ways this path does not know)."""
+        if self.checked:
+            return
+        self.checked = True
+        rows = input_ids[:1], attention_mask[:1]
+        reference = self.model(input_ids=rows[0], attention_mask=rows[1]).logits[0]
+        reference = torch.log_softmax(reference[:, : self.vocab_size].float(), dim=-1)
+        ours = self.logprobs(self.hidden(*rows)[0])
+        valid = rows[1][0].bool().to(ours.device)
+        tolerance = 1e-3 if self.head.weight.dtype == torch.float32 else 5e-2
+        if not torch.allclose(
+            ours[valid], reference.to(ours.device)[valid], atol=tolerance, rtol=0
+        ):
+            raise DeltakdError(
+                f"{type(self.model).__name__}: its logits are post-processed in a way deltakd "
+                "does not reproduce; please report this model type"
+            )
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def plan_batches(lengths: list[int], rank: int, world: int, batch_size: int) -> list[list[int]]:
+    """Longest examples first (so an out-of-memory shows in the first batch), dealt round-robin
+    over ranks, then cut into batches of `batch_size` similar lengths."""
+    order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
+    mine = order[rank::world]
+    return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+
+
+def pad_batch(
+    tokenized: list[data.TokenizedExample], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask, and the (row, position) of every target."""
+    width = max(len(t.input_ids) for t in tokenized)
+    input_ids = torch.full((len(tokenized), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(tokenized), width), dtype=torch.long)
+    rows, positions = [], []
+    for row, example in enumerate(tokenized):
+        input_ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
+        attention_mask[row, : len(example.input_ids)] = 1
+        span = range(example.prompt_length - 1, len(example.input_ids) - 1)
+        rows.extend([row] * len(span))
+        positions.extend(span)
+    return (
+        input_ids.to(device),
+        attention_mask.to(device),
+        torch.tensor(rows, device=device),
+        torch.tensor(positions, device=device),
+    )
+
+
+def to_storage(entries: targets.CachedTargets, vocab_size: int, precision: str) -> dict:
+    """CachedTargets -> numpy arrays in the dtypes of the store."""
+    stored: dict[str, np.ndarray] = {
+        "ids": entries.ids.cpu().numpy().astype(cache.ids_dtype(vocab_size)),
+    }
+    for name in cache.PER_POSITION_LOGPROBS:
+        value = getattr(entries, name)
+        if value is not None:
+            stored[name] = value.float().cpu().numpy().astype(precision)
+    for name in cache.PER_POSITION_SCALARS:
+        value = getattr(entries, name)
+        if value is not None:
+            stored[name] = value.float().cpu().numpy().astype(np.float32)
+    return stored
+
+
+def settings_of(config: CacheConfig, identities: dict[str, Any], data_sha: str, world: int) -> dict:
+    """Everything that decides the cache's bytes: a resume must match it exactly."""
+    return {
+        "models": {role: identity["weights_sha256"] for role, identity in identities.items()},
+        "data_sha256": data_sha,
+        "top_k": config.top_k,
+        "selection": config.resolved_selection(),
+        "tail_rule": config.resolved_tail_rule(),
+        "alpha": config.alpha if config.student else None,
+        "template": config.template,
+        "max_length": config.max_length,
+        "batch_size": config.batch_size,
+        "precision": config.precision,
+        "dtype": config.dtype,
+        "world_size": world,
+        "format_version": cache.FORMAT_VERSION,
+    }
+
+
+# ----------------------------------------------------------------------------- the workflow
+
+
+def cache_teachers(config: CacheConfig) -> dict[str, Any]:
+    """Run the whole stage; returns the manifest (rank 0) or this rank's counts."""
+    validate(config)
+    device = distributed.device_for(config.device)
+    models.check_device(device)
+    distributed.init(device)
+    rank, world = distributed.rank(), distributed.world_size()
+    location = cache.Location(config.out)
+
+    roles = {"teacher_base": config.teacher_base, "teacher_tuned": config.teacher_tuned}
+    if config.student:
+        roles["student"] = config.student
+    tokenizers = {role: models.load_tokenizer(spec) for role, spec in roles.items()}
+    tokenizer = tokenizers["teacher_base"]
+    for role in list(roles)[1:]:
+        models.check_same_tokenizer(tokenizer, tokenizers[role], "teacher_base", role)
+    vocab_size = models.tokenizer_vocab_size(tokenizer)
+    if config.top_k > vocab_size:
+        raise DeltakdError(f"--top-k {config.top_k} is larger than the vocabulary ({vocab_size})")
+
+    examples = data.load_examples(config.data)
+    tokenized = data.tokenize_all(examples, config.template, tokenizer, config.max_length)
+    data_sha = data.file_sha256(config.data)
+
+    # Hash weights once (rank 0) and share: provenance and the resume check both use it.
+    identities = None
+    if rank == 0:
+        identities = {
+            role: models.model_identity(spec, tokenizers[role]) for role, spec in roles.items()
+        }
+    identities = distributed.broadcast_object(identities)
+    settings = settings_of(config, identities, data_sha, world)
+
+    state = None
+    if rank == 0:
+        state = cache.prepare_output(location, settings, config.overwrite)
+    state = distributed.broadcast_object(state)
+    if state == "complete":
+        info(f"[green]{config.out} is already complete[/green] for these settings; nothing to do")
+        return cache.read_manifest(location) or {}
+
+    dtype = models.resolve_dtype(config.dtype, device)
+    loaded = {}
+    for role, spec in roles.items():
+        model = models.load_model(spec, dtype, device, config.device_map)
+        models.check_model_vocab(model, tokenizer, role)
+        loaded[role] = PositionLogprobs(model, vocab_size)
+
+    specs = cache.array_specs(config.top_k, vocab_size, config.precision, bool(config.student))
+    writer = cache.ShardWriter(location, rank, world, specs)
+    batches = plan_batches([len(t.input_ids) for t in tokenized], rank, world, config.batch_size)
+    done = writer.committed["batches"]
+    if done:
+        info(f"resuming: {done} of {len(batches)} batches already in {writer.name}")
+
+    my_targets = sum(tokenized[i].num_targets for batch in batches for i in batch)
+    bytes_per_position = config.top_k * (
+        np.dtype(cache.ids_dtype(vocab_size)).itemsize
+        + (3 if config.student else 2) * np.dtype(config.precision).itemsize
+    )
+    total_targets = sum(t.num_targets for t in tokenized)
+    info(
+        f"caching {len(tokenized)} examples ({total_targets} response tokens) at k={config.top_k}, "
+        f"selection {config.resolved_selection()}, tail {config.resolved_tail_rule()}; "
+        f"at most ~{total_targets * bytes_per_position / 2**20:.1f} MiB before compression"
+    )
+    pad_id = tokenizer.pad_token_id
+    started, tokens_done = time.perf_counter(), 0
+    with progress() as bar:
+        task = bar.add_task("cache-teachers", total=sum(len(b) for b in batches))
+        bar.update(task, completed=sum(len(b) for b in batches[:done]))
+        for batch in batches[done:]:
+            items = [tokenized[i] for i in batch]
+            input_ids, attention_mask, rows, positions = pad_batch(items, pad_id, device)
+            stored = _batch_entries(loaded, input_ids, attention_mask, rows, positions, config)
+            writer.put(
+                cache.BatchRecord(
+                    example_index=np.array(batch, dtype=np.int64),
+                    input_ids=[np.array(t.input_ids) for t in items],
+                    prompt_length=np.array([t.prompt_length for t in items], dtype=np.int32),
+                    positions=to_storage(stored, vocab_size, config.precision),
+                )
+            )
+            tokens_done += len(rows)
+            rate = tokens_done / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=len(batch), description=f"cache-teachers {rate:,.0f} tok/s")
+    committed = writer.close()
+    if committed["positions"] != my_targets:
+        raise DeltakdError(
+            f"{writer.name}: wrote {committed['positions']} of {my_targets} positions"
+        )
+
+    shard_summary = {"name": writer.name, **committed}
+    shard_summary.update(cache.shard_checksums(location, writer.group_path))
+    shards = distributed.all_gather_objects(shard_summary)
+    manifest: dict[str, Any] = {}
+    if rank == 0:
+        manifest = build_manifest(config, settings, identities, vocab_size, tokenized, shards)
+        cache.write_manifest(location, manifest)
+        elapsed = time.perf_counter() - started
+        info(
+            f"[green]wrote {config.out}[/green]: {manifest['counts']['examples']} examples, "
+            f"{manifest['counts']['response_tokens']} response tokens, "
+            f"{manifest['bytes_per_response_token']:.1f} bytes per response token, "
+            f"{elapsed:.1f}s"
+        )
+    distributed.barrier()
+    return manifest
+
+
+def _batch_entries(
+    loaded: dict[str, PositionLogprobs],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    config: CacheConfig,
+) -> targets.CachedTargets:
+    """Forward every model once, then build the cached entries chunk by chunk of positions."""
+    hidden = {}
+    for role, model in loaded.items():
+        model.check_against_forward(input_ids, attention_mask)
+        hidden[role] = model.hidden(input_ids, attention_mask)[rows, positions]
+    chunks = []
+    for start in range(0, len(rows), POSITION_CHUNK):
+        at = slice(start, start + POSITION_CHUNK)
+        logprobs = {role: loaded[role].logprobs(hidden[role][at]) for role in loaded}
+        chunks.append(
+            targets.build_cached_targets(
+                logprobs["teacher_tuned"],
+                logprobs["teacher_base"],
+                logprobs.get("student"),
+                config.top_k,
+                config.resolved_selection(),
+                config.alpha,
+                config.resolved_tail_rule(),
+            )
+        )
+    return _concat_targets(chunks)
+
+
+def _concat_targets(chunks: list[targets.CachedTargets]) -> targets.CachedTargets:
+    if len(chunks) == 1:
+        return chunks[0]
+    joined = {}
+    for field in fields(targets.CachedTargets):
+        values = [getattr(chunk, field.name) for chunk in chunks]
+        joined[field.name] = None if values[0] is None else torch.cat(values)
+    return targets.CachedTargets(**joined)
+
+
+def build_manifest(
+    config: CacheConfig,
+    settings: dict[str, Any],
+    identities: dict[str, Any],
+    vocab_size: int,
+    tokenized: list[data.TokenizedExample],
+    shards: list[dict[str, Any]],
+) -> dict[str, Any]:
+    positions = sum(shard["positions"] for shard in shards)
+    stored_bytes = sum(shard["bytes"] for shard in shards)
+    return {
+        "format_version": cache.FORMAT_VERSION,
+        "tool": {"name": "deltakd", "version": __version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "vocab_size": vocab_size,
+        "k": config.top_k,
+        "selection": config.resolved_selection(),
+        "tail_rule": config.resolved_tail_rule(),
+        "alpha": config.alpha if config.student else None,
+        "has_student": bool(config.student),
+        "precision": config.precision,
+        "dtypes": {
+            name: spec[0]
+            for name, spec in cache.array_specs(
+                config.top_k, vocab_size, config.precision, bool(config.student)
+            ).items()
+        },
+        "counts": {
+            "examples": sum(shard["examples"] for shard in shards),
+            "tokens": sum(shard["tokens"] for shard in shards),
+            "response_tokens": positions,
+            "truncated": sum(t.truncated for t in tokenized),
+        },
+        "bytes": stored_bytes,
+        "bytes_per_response_token": stored_bytes / max(positions, 1),
+        "provenance": {
+            **identities,
+            "data": {"path": str(Path(config.data).resolve()), "sha256": settings["data_sha256"]},
+            "template": config.template,
+            "max_length": config.max_length,
+            "model_dtype": config.dtype,
+        },
+        "settings": settings,
+        "shards": shards,
+    }
