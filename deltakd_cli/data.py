@@ -4,7 +4,8 @@ Supported row formats (one JSON object per line):
   - prompt/response:  {"prompt": ..., "response": ...}
   - Dolly:            {"instruction": ..., "context": ..., "response": ...}
   - Alpaca:           {"instruction": ..., "input": ..., "output": ...}
-  - chat:             {"messages": [{"role": ..., "content": ...}, ...]}  (last assistant turn = response)
+  - chat:             {"messages": [{"role": ..., "content": ...}, ...]}
+                      (the last assistant turn is the response)
   - evals registry:   {"input": [chat messages], "ideal": str | [str, ...]}
 Any row may carry "id"; otherwise the 0-based row number is its id. For evaluation, a row's
 references are its response, or all of `references`/`ideal` when those hold a list.

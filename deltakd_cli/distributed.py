@@ -1,4 +1,4 @@
-"""torchrun helpers: rank, world size, barriers. Other modules call these and never branch on env."""
+"""torchrun helpers: rank, world size, barriers, so no other module branches on the env."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ def _print_table(report: dict[str, Any]) -> None:
         ("selection, tail", f"{report['selection']}, {report['tail_rule']}"),
         (
             "student log-probs",
-            "yes (alpha %s)" % report["alpha"] if report["has_student"] else "no",
+            f"yes (alpha {report['alpha']})" if report["has_student"] else "no",
         ),
         ("precision", report["precision"]),
         ("shards", str(report["shards"])),

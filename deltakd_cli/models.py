@@ -175,7 +175,8 @@ def check_same_tokenizer(reference: Any, other: Any, reference_name: str, other_
     size_a, size_b = len(reference), len(other)
     detail = f"{size_a} vs {size_b} tokens" if size_a != size_b else "same size, different ids"
     raise DeltakdError(
-        f"tokenizer mismatch: {reference_name} and {other_name} do not share a vocabulary ({detail})"
+        f"tokenizer mismatch: {reference_name} and {other_name} "
+        f"do not share a vocabulary ({detail})"
     )
 
 
