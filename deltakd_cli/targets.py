@@ -5,9 +5,12 @@ No I/O here. Shapes: N target positions, V vocabulary, k kept ids per position."
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
+
+from deltakd_cli.errors import DeltakdError
 
 
 @dataclass
@@ -51,3 +54,405 @@ class CachedTargets:
     @property
     def has_student(self) -> bool:
         return self.student_logprobs is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and small helpers
+# ---------------------------------------------------------------------------------------------
+
+SELECTION_RULES: tuple[str, ...] = ("target", "tuned", "tuned+base", "tuned+student")
+"""How the kept ids K are chosen at cache time (full vocabulary known):
+
+target         top-k of the exact Delta target p* = softmax(l0 + alpha*(lT - lB)) (needs S0)
+tuned          top-k of the tuned teacher lT
+tuned+base     top k//2 of lT, the rest the highest lB not already chosen
+tuned+student  top k//2 of lT, the rest the highest l0 not already chosen (needs S0)
+"""
+
+TAIL_RULES: tuple[str, ...] = ("mass-matched", "teacher")
+"""How Delta is set outside K (the tail):
+
+mass-matched   c = log sum_tail p0 e^{alpha*Delta} - log sum_tail p0, stored at cache time, so the
+               cached target's tail mass equals the exact target's (needs S0; valid at that alpha)
+teacher        alpha * (log mT - log mB), from the two teachers' tail masses (any alpha)
+"""
+
+RULES_NEEDING_STUDENT: frozenset[str] = frozenset({"target", "tuned+student"})
+
+_NEG_INF = float("-inf")
+
+
+def _compute(tensor: torch.Tensor) -> torch.Tensor:
+    """Tensors in the precision the math runs in: float32, or float64 if given (dense references
+    in float64 for tests); float16/bfloat16 cache entries are widened."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def scaled_delta(
+    tuned_logprobs: torch.Tensor, base_logprobs: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """alpha * (lT - lB), with two conventions so no NaN appears: an id both teachers rule out
+    (both -inf) gets no shift, and alpha = 0 gives no shift whatever Delta is."""
+    if alpha == 0:
+        return torch.zeros_like(tuned_logprobs)
+    both_ruled_out = torch.isneginf(tuned_logprobs) & torch.isneginf(base_logprobs)
+    delta = torch.where(
+        both_ruled_out, torch.zeros_like(tuned_logprobs), tuned_logprobs - base_logprobs
+    )
+    return alpha * delta
+
+
+def complement_logsumexp(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log sum_{y not in K} exp(values[y]) per row: [N,V], [N,k] -> [N].
+
+    -inf where the complement is empty (K covers V) or holds only -inf. Safe for autograd: rows
+    with an empty complement never reach logsumexp's backward (which would give 0 * NaN)."""
+    masked = values.scatter(1, ids, _NEG_INF)
+    empty = ~(masked > _NEG_INF).any(dim=1)
+    safe = torch.where(empty.unsqueeze(1), torch.zeros_like(masked), masked)
+    lse = torch.logsumexp(safe, dim=1)
+    return torch.where(empty, torch.full_like(lse, _NEG_INF), lse)
+
+
+def _check_full(name: str, logprobs: torch.Tensor) -> None:
+    if logprobs.dim() != 2:
+        raise DeltakdError(f"{name} must be [positions, vocab], got shape {tuple(logprobs.shape)}")
+    if not torch.is_floating_point(logprobs):
+        raise DeltakdError(f"{name} must be a floating-point tensor")
+    if torch.isnan(logprobs).any():
+        raise DeltakdError(f"{name} contains NaN")
+
+
+def _check_inputs(
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor | None,
+) -> None:
+    _check_full("tuned_logprobs", tuned_logprobs)
+    _check_full("base_logprobs", base_logprobs)
+    if base_logprobs.shape != tuned_logprobs.shape:
+        raise DeltakdError(
+            f"base and tuned log-probs differ in shape: {tuple(base_logprobs.shape)} vs "
+            f"{tuple(tuned_logprobs.shape)}"
+        )
+    if student_logprobs is not None:
+        _check_full("student_logprobs", student_logprobs)
+        if student_logprobs.shape != tuned_logprobs.shape:
+            raise DeltakdError(
+                f"student and teacher log-probs differ in shape: {tuple(student_logprobs.shape)} "
+                f"vs {tuple(tuned_logprobs.shape)}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache time: full-vocabulary log-probs [N,V] of both teachers (and S0) are known
+# ---------------------------------------------------------------------------------------------
+
+
+def exact_delta_target(
+    student_logprobs: torch.Tensor,
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    """Dense reference: log p* = log_softmax(l0 + alpha*(lT - lB)) over the full vocabulary."""
+    return torch.log_softmax(
+        student_logprobs + scaled_delta(tuned_logprobs, base_logprobs, alpha), dim=-1
+    )
+
+
+def _top_then_fill(first: torch.Tensor, second: torch.Tensor, k: int) -> torch.Tensor:
+    """Top k//2 ids of `first`, then the k - k//2 highest of `second` not already chosen."""
+    head = k // 2
+    chosen = (
+        first.topk(head, dim=-1).indices
+        if head > 0
+        else first.new_empty((first.shape[0], 0), dtype=torch.long)
+    )
+    taken = torch.zeros_like(second, dtype=torch.bool).scatter(1, chosen, True)
+    # Chosen ids get -inf; every other id is clamped above -inf so it always wins over a chosen
+    # one, even if its own log-prob is -inf (k <= V guarantees enough unchosen ids).
+    lowest = torch.finfo(second.dtype).min
+    fill_key = torch.where(taken, torch.full_like(second, _NEG_INF), second.clamp(min=lowest))
+    filled = fill_key.topk(k - head, dim=-1).indices
+    return torch.cat([chosen, filled], dim=1)
+
+
+def select_ids(
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor | None,
+    k: int,
+    rule: str,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """The kept ids K per position: LongTensor [N,k], unique per row, sorted ascending.
+
+    `rule` is one of SELECTION_RULES; `alpha` is used by "target" only. k must satisfy
+    1 <= k <= V (the caller caps k at the vocabulary size)."""
+    _check_inputs(tuned_logprobs, base_logprobs, student_logprobs)
+    vocab = tuned_logprobs.shape[1]
+    if not 1 <= k <= vocab:
+        raise DeltakdError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
+    if rule not in SELECTION_RULES:
+        raise DeltakdError(f"unknown id selection rule {rule!r}; choose one of {SELECTION_RULES}")
+    if rule in RULES_NEEDING_STUDENT and student_logprobs is None:
+        raise DeltakdError(f"id selection rule {rule!r} needs the student's log-probs")
+    if rule == "target":
+        # top-k of p* is top-k of its logits; the softmax normaliser does not change the order
+        key = student_logprobs + scaled_delta(tuned_logprobs, base_logprobs, alpha)
+        ids = key.topk(k, dim=-1).indices
+    elif rule == "tuned":
+        ids = tuned_logprobs.topk(k, dim=-1).indices
+    elif rule == "tuned+base":
+        ids = _top_then_fill(tuned_logprobs, base_logprobs, k)
+    else:
+        ids = _top_then_fill(tuned_logprobs, student_logprobs, k)
+    return ids.sort(dim=-1).values.to(torch.long)
+
+
+def tail_mass(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Probability mass outside K: [N,V], [N,k] -> [N].
+
+    Summed over the complement (exp of its logsumexp), not 1 - sum_K p, which cancels badly when
+    K holds almost all the mass; exactly 0 when K covers the vocabulary."""
+    return complement_logsumexp(logprobs, ids).exp()
+
+
+def mass_matched_tail_shift(
+    student_logprobs: torch.Tensor,
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    ids: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    """The tail constant c [N] with which the cached target's tail mass equals the exact one's:
+
+        c = log sum_{y not in K} p0(y) exp(alpha*Delta(y)) - log sum_{y not in K} p0(y)
+
+    computed in log space; 0 where the tail is empty (nothing to shift)."""
+    shifted = student_logprobs + scaled_delta(tuned_logprobs, base_logprobs, alpha)
+    log_target_tail = complement_logsumexp(shifted, ids)
+    log_student_tail = complement_logsumexp(student_logprobs, ids)
+    empty = torch.isneginf(log_student_tail)
+    return torch.where(
+        empty, torch.zeros_like(log_student_tail), log_target_tail - log_student_tail
+    )
+
+
+def build_cached_targets(
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor | None,
+    k: int,
+    rule: str,
+    alpha: float,
+    tail_rule: str,
+) -> CachedTargets:
+    """The cache entries of N positions from full-vocabulary log-probs [N,V].
+
+    tail_rule "mass-matched" needs the student and stores target_tail_shift (valid at this alpha);
+    "teacher" stores none (train time uses alpha*(log mT - log mB)). With a student, its
+    log-probs at K and its tail mass are stored too, so `distill` need not run S0."""
+    if tail_rule not in TAIL_RULES:
+        raise DeltakdError(f"unknown tail rule {tail_rule!r}; choose one of {TAIL_RULES}")
+    if tail_rule == "mass-matched" and student_logprobs is None:
+        raise DeltakdError("the mass-matched tail rule needs the student's log-probs")
+    ids = select_ids(tuned_logprobs, base_logprobs, student_logprobs, k, rule, alpha)
+    shift = None
+    if tail_rule == "mass-matched":
+        shift = mass_matched_tail_shift(student_logprobs, tuned_logprobs, base_logprobs, ids, alpha)
+    return CachedTargets(
+        ids=ids,
+        tuned_logprobs=tuned_logprobs.gather(1, ids),
+        base_logprobs=base_logprobs.gather(1, ids),
+        tuned_tail=tail_mass(tuned_logprobs, ids),
+        base_tail=tail_mass(base_logprobs, ids),
+        target_tail_shift=shift,
+        student_logprobs=None if student_logprobs is None else student_logprobs.gather(1, ids),
+        student_tail=None if student_logprobs is None else tail_mass(student_logprobs, ids),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Train time: targets from CachedTargets (temperature is applied by the losses, not here)
+# ---------------------------------------------------------------------------------------------
+
+
+def alphas_match(alpha: float, cache_alpha: float | None) -> bool:
+    """Whether a stored mass-matched tail shift (computed at cache_alpha) is valid at alpha."""
+    if cache_alpha is None:
+        return False
+    return math.isclose(alpha, cache_alpha, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def teacher_tail_shift(cached: CachedTargets, alpha: float) -> torch.Tensor:
+    """alpha * (log mT - log mB) per position [N]: Delta taken as constant over the tail.
+
+    0 where either tail mass is 0. Float32 tail masses are exactly 0 when K covers the vocabulary
+    (no tail, so the shift multiplies nothing) or, in practice, where a mass underflowed; the
+    log-ratio is then -inf, +inf or NaN, and any of those would poison the target through
+    inf - inf. 0 means "keep the student's own tail mass", the neutral choice when the teachers
+    give no usable information about the tail."""
+    tuned_tail = _compute(cached.tuned_tail)
+    base_tail = _compute(cached.base_tail)
+    usable = (tuned_tail > 0) & (base_tail > 0)
+    ones = torch.ones_like(tuned_tail)
+    ratio = torch.where(usable, tuned_tail, ones).log() - torch.where(usable, base_tail, ones).log()
+    return alpha * ratio
+
+
+def tail_shift(cached: CachedTargets, alpha: float, cache_alpha: float | None) -> torch.Tensor:
+    """The shift [N] applied to the student's log-probs outside K.
+
+    The stored mass-matched shift when the cache has one and alpha equals the cache's alpha;
+    otherwise (teacher-only cache, different alpha, or cache_alpha unknown) the teacher rule
+    alpha*(log mT - log mB), which is lower fidelity (see docs/method.md)."""
+    if cached.target_tail_shift is not None and alphas_match(alpha, cache_alpha):
+        return _compute(cached.target_tail_shift)
+    return teacher_tail_shift(cached, alpha)
+
+
+def delta_target_logits_full(
+    frozen_student_logprobs: torch.Tensor,
+    cached: CachedTargets,
+    alpha: float,
+    shift: torch.Tensor,
+) -> torch.Tensor:
+    """Unnormalised log p* over the full vocabulary [N,V] (live-S0 path):
+    l0 + shift outside K, l0 + alpha*Delta at K."""
+    ids = cached.ids
+    l0 = _compute(frozen_student_logprobs)
+    at_kept = l0.gather(1, ids) + scaled_delta(
+        _compute(cached.tuned_logprobs), _compute(cached.base_logprobs), alpha
+    )
+    return (l0 + _compute(shift).unsqueeze(1)).scatter(1, ids, at_kept)
+
+
+def delta_target_full(
+    frozen_student_logprobs: torch.Tensor,
+    cached: CachedTargets,
+    alpha: float,
+    shift: torch.Tensor,
+) -> torch.Tensor:
+    """log p* over the full vocabulary [N,V] from the cache and S0's full log-probs (or logits:
+    the result is the same, the shift being additive)."""
+    return torch.log_softmax(
+        delta_target_logits_full(frozen_student_logprobs, cached, alpha, shift), dim=-1
+    )
+
+
+def delta_target_bucket_logits(
+    cached: CachedTargets, alpha: float, shift: torch.Tensor
+) -> torch.Tensor:
+    """Unnormalised log p* over K plus one tail bucket [N,k+1] from the cached student:
+    l0_K + alpha*Delta_K, then log(student_tail) + shift (-inf when the tail is empty)."""
+    if not cached.has_student or cached.student_tail is None:
+        raise DeltakdError("the bucketed Delta target needs a cache with the student's log-probs")
+    at_kept = _compute(cached.student_logprobs) + scaled_delta(
+        _compute(cached.tuned_logprobs), _compute(cached.base_logprobs), alpha
+    )
+    bucket = _compute(cached.student_tail).log() + _compute(shift)  # log 0 = -inf: empty tail
+    return torch.cat([at_kept, bucket.unsqueeze(1)], dim=1)
+
+
+def delta_target_bucketed(cached: CachedTargets, alpha: float, shift: torch.Tensor) -> torch.Tensor:
+    """log p* over K plus one tail bucket [N,k+1] (last column: the tail bucket)."""
+    return torch.log_softmax(delta_target_bucket_logits(cached, alpha, shift), dim=-1)
+
+
+def kd_target_bucket_logits(cached: CachedTargets) -> torch.Tensor:
+    """log pT at K and log(tuned_tail) as the tail bucket [N,k+1], not renormalised."""
+    tail = _compute(cached.tuned_tail).log()  # log 0 = -inf: empty tail
+    return torch.cat([_compute(cached.tuned_logprobs), tail.unsqueeze(1)], dim=1)
+
+
+def kd_target_bucketed(cached: CachedTargets) -> torch.Tensor:
+    """log pT over K plus the tail bucket [N,k+1]. Renormalised, which is the identity up to
+    rounding at full precision and makes a low-precision cache a proper distribution."""
+    return torch.log_softmax(kd_target_bucket_logits(cached), dim=-1)
+
+
+def bucket_logprobs(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Aggregate full-vocabulary log-probs [N,V] into K plus one tail bucket [N,k+1]."""
+    return torch.cat(
+        [logprobs.gather(1, ids), complement_logsumexp(logprobs, ids).unsqueeze(1)], dim=1
+    )
+
+
+def expand_bucketed_target(
+    bucketed: torch.Tensor, ids: torch.Tensor, student_logprobs: torch.Tensor
+) -> torch.Tensor:
+    """Spread the tail bucket of a [N,k+1] target over the vocabulary in proportion to S0's own
+    tail (what the tail-constant target does): log-probs [N,V]."""
+    l0 = _compute(student_logprobs)
+    bucketed = bucketed.to(l0.dtype)
+    log_student_tail = complement_logsumexp(l0, ids)
+    empty = torch.isneginf(log_student_tail)
+    # per-token log-prob in the tail = bucket + l0(y) - log m0; an empty tail has no such token
+    offset = torch.where(
+        empty, torch.zeros_like(log_student_tail), bucketed[:, -1] - log_student_tail
+    )
+    return (l0 + offset.unsqueeze(1)).scatter(1, ids, bucketed[:, :-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense fidelity measures (tests and benches)
+# ---------------------------------------------------------------------------------------------
+
+
+def total_variation(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
+    """0.5 * sum |p - q| per row [N]."""
+    return 0.5 * (p_logprobs.exp() - q_logprobs.exp()).abs().sum(dim=-1)
+
+
+def _cosine(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine; 1 where both rows are zero (they agree), 0 where only one is."""
+    dot = (first * second).sum(dim=-1)
+    norms = first.norm(dim=-1) * second.norm(dim=-1)
+    both_zero = (first.norm(dim=-1) == 0) & (second.norm(dim=-1) == 0)
+    cosine = torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0)
+    return torch.where(both_zero, torch.ones_like(cosine), cosine)
+
+
+def delta_grad_cosine(
+    student_logprobs: torch.Tensor,
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    cached: CachedTargets,
+    alpha: float,
+    shift: torch.Tensor,
+) -> torch.Tensor:
+    """Per position [N]: the cosine between the exact gradient of KL(p*||p_theta) with respect to
+    the student logits at theta = S0, p0 - p*, and the cached one, p0 - p*_cached, where
+    p*_cached = delta_target_full(student_logprobs, cached, alpha, shift)."""
+    p0 = student_logprobs.exp()
+    exact = exact_delta_target(student_logprobs, tuned_logprobs, base_logprobs, alpha).exp()
+    cached_target = delta_target_full(student_logprobs, cached, alpha, shift).exp()
+    return _cosine(p0 - exact, p0 - cached_target)
+
+
+def target_fidelity(
+    student_logprobs: torch.Tensor,
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    k: int,
+    rule: str,
+    tail_rule: str,
+    alpha: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """How well a cache of k ids (rule, tail_rule) reproduces the exact Delta target at S0.
+
+    Returns per-position tensors [N]: "cosine" (exact vs cached gradient of KL(p*||p_theta)
+    with respect to the student logits at theta = S0) and "tv" (total variation between the
+    exact and the cached target over the full vocabulary). The cache is used at its own alpha."""
+    cached = build_cached_targets(
+        tuned_logprobs, base_logprobs, student_logprobs, k, rule, alpha, tail_rule
+    )
+    shift = tail_shift(cached, alpha, alpha)
+    exact = exact_delta_target(student_logprobs, tuned_logprobs, base_logprobs, alpha)
+    approx = delta_target_full(student_logprobs, cached, alpha, shift).to(exact.dtype)
+    cosine = delta_grad_cosine(
+        student_logprobs, tuned_logprobs, base_logprobs, cached, alpha, shift
+    )
+    return {"cosine": cosine, "tv": total_variation(exact, approx)}

@@ -1,0 +1,322 @@
+"""Per-position training losses: SFT, KD to the tuned teacher, Delta-KD, and two variants.
+
+Pure tensor functions, no I/O. Every loss returns one value per target position ([N]); the trainer
+sums over positions and divides by the number of target tokens. Student logits may be float32 or
+bfloat16; the math runs in float32. Targets (cache entries, frozen S0 logits) never receive a
+gradient.
+
+Missing probability mass is always named and kept: a cached target lives on the kept ids K plus
+one *tail bucket* holding the mass outside K, and the student is compared on the same K plus its
+own tail bucket (its log-mass outside K, a logsumexp over the complement). Per-position KL uses
+0 * log 0 = 0, so an empty tail (k = |V|, tail mass exactly 0) gives neither NaN values nor NaN
+gradients.
+
+Objectives (OBJECTIVES):
+    sft        cross-entropy on the reference token
+    kd         KL(pT || p_theta) over K + tail bucket
+    delta      KL(p* || p_theta), p* = softmax(l0 + alpha * (lT - lB)), from the cache
+    delta-mse  variant: MSE between the student's own shift log p_theta - l0 and alpha*Delta at K
+    delta-mix  variant: KL(mix * p* + (1 - mix) * pT || p_theta) over K + tail bucket
+
+The two variants belong to the Delta-KD paper's "parallelogram" family; the paper reports that
+some members of that family could not be tuned because of unstable gradients. They are offered
+for experiments, not as defaults: delta-mse in particular is an unbounded regression on log-prob
+shifts rather than a match between distributions (see docs/method.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from deltakd_cli.errors import DeltakdError
+from deltakd_cli.targets import (
+    CachedTargets,
+    bucket_logprobs,
+    complement_logsumexp,
+    delta_target_bucket_logits,
+    delta_target_logits_full,
+    kd_target_bucket_logits,
+    scaled_delta,
+    tail_shift,
+)
+
+OBJECTIVES: tuple[str, ...] = ("sft", "kd", "delta", "delta-mse", "delta-mix")
+
+# Objectives whose target is built from S0 (cached student log-probs or frozen S0 logits).
+_STUDENT_OBJECTIVES = frozenset({"delta", "delta-mse", "delta-mix"})
+
+
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise DeltakdError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+
+
+def objective_needs_cache(objective: str) -> bool:
+    """Whether the objective needs the teachers' cache (every objective but plain SFT)."""
+    _check_objective(objective)
+    return objective != "sft"
+
+
+def objective_needs_frozen_student(objective: str, cached_has_student: bool) -> bool:
+    """Whether training must run the frozen base student S0: only for the Delta family, and only
+    when the cache does not hold S0's log-probs and tail mass."""
+    _check_objective(objective)
+    return objective in _STUDENT_OBJECTIVES and not cached_has_student
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def kl_divergence(target_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(target || student) per row [N] from log-probs over the same support [N,S].
+
+    Terms where the target has zero probability contribute exactly 0 (0 * log 0 = 0), and neither
+    the value nor the gradient sees the student's log-prob there (it may be -inf). The target is
+    detached."""
+    target_logprobs = target_logprobs.detach()
+    target_probs = target_logprobs.exp()
+    support = target_probs > 0
+    zero = torch.zeros((), dtype=student_logprobs.dtype, device=student_logprobs.device)
+    log_ratio = torch.where(support, target_logprobs, zero) - torch.where(
+        support, student_logprobs, zero
+    )
+    return (target_probs * log_ratio).sum(dim=-1)
+
+
+def student_bucketed_logprobs(
+    student_logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """The student's log-probs (at temperature tau) at K plus its tail bucket [N,k+1]: the last
+    column is its log-mass outside K, a logsumexp over the complement (exact at any tau, since
+    the student's full logits are known)."""
+    logprobs = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    tail = complement_logsumexp(logprobs, ids)
+    return torch.cat([logprobs.gather(1, ids), tail.unsqueeze(1)], dim=1)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise DeltakdError(f"temperature must be positive, got {temperature}")
+
+
+def _check_shapes(
+    student_logits: torch.Tensor,
+    cached: CachedTargets,
+    frozen_student_logits: torch.Tensor | None = None,
+) -> None:
+    if student_logits.dim() != 2:
+        raise DeltakdError(
+            f"student logits must be [positions, vocab], got {tuple(student_logits.shape)}"
+        )
+    if cached.ids.dim() != 2 or cached.ids.shape[0] != student_logits.shape[0]:
+        raise DeltakdError(
+            f"cached ids {tuple(cached.ids.shape)} do not match student logits "
+            f"{tuple(student_logits.shape)} (one row per target position)"
+        )
+    if cached.ids.shape[1] > student_logits.shape[1]:
+        raise DeltakdError(
+            f"the cache keeps {cached.ids.shape[1]} ids per position but the student's "
+            f"vocabulary has only {student_logits.shape[1]}"
+        )
+    if frozen_student_logits is not None and frozen_student_logits.shape != student_logits.shape:
+        raise DeltakdError(
+            f"frozen student logits {tuple(frozen_student_logits.shape)} do not match the "
+            f"student's {tuple(student_logits.shape)}"
+        )
+
+
+def _use_cached_student(
+    cached: CachedTargets, frozen_student_logits: torch.Tensor | None, objective: str
+) -> bool:
+    """Bucketed path (cached S0) unless frozen S0 logits are given; one of the two must exist."""
+    if frozen_student_logits is not None:
+        return False
+    if not cached.has_student or cached.student_tail is None:
+        raise DeltakdError(
+            f"objective {objective!r} needs the base student's log-probs: use a cache built with "
+            "the student, or give the frozen student"
+        )
+    return True
+
+
+def _delta_target_bucketed_or_full(
+    cached: CachedTargets,
+    alpha: float,
+    temperature: float,
+    cache_alpha: float | None,
+    frozen_student_logits: torch.Tensor | None,
+    objective: str,
+) -> tuple[torch.Tensor, bool]:
+    """log p* at temperature tau, and whether it is bucketed ([N,k+1]) or full ([N,V])."""
+    shift = tail_shift(cached, alpha, cache_alpha)
+    if _use_cached_student(cached, frozen_student_logits, objective):
+        logits = delta_target_bucket_logits(cached, alpha, shift)
+        return torch.log_softmax(logits / temperature, dim=-1), True
+    frozen_logprobs = torch.log_softmax(frozen_student_logits.detach().float(), dim=-1)
+    logits = delta_target_logits_full(frozen_logprobs, cached, alpha, shift)
+    return torch.log_softmax(logits / temperature, dim=-1), False
+
+
+# ---------------------------------------------------------------------------------------------
+# The objectives
+# ---------------------------------------------------------------------------------------------
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the reference token per position [N]."""
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def kd_loss(
+    student_logits: torch.Tensor, cached: CachedTargets, temperature: float = 1.0
+) -> torch.Tensor:
+    """Forward KL(pT || p_theta) per position [N] over K plus one tail bucket.
+
+    Target: log pT at K and log(tuned_tail) as the bucket, both divided by tau and renormalised.
+    Student: log_softmax(z / tau) at K and its log-mass outside K. At tau = 1 this is exactly the
+    KL between the two distributions coarsened to K + tail. At tau != 1 the target tail bucket is
+    an approximation: the tempered tail mass would be sum_tail pT(y)^(1/tau) (up to the
+    normaliser), which the cache cannot know, and log(mT) / tau treats the whole tail as a single
+    token of mass mT."""
+    _check_temperature(temperature)
+    _check_shapes(student_logits, cached)
+    target = torch.log_softmax(kd_target_bucket_logits(cached) / temperature, dim=-1)
+    student = student_bucketed_logprobs(student_logits, cached.ids, temperature)
+    return kl_divergence(target, student)
+
+
+def delta_loss(
+    student_logits: torch.Tensor,
+    cached: CachedTargets,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    cache_alpha: float | None = None,
+    frozen_student_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(p* || p_theta) per position [N], p* = softmax(l0 + alpha*Delta) with the tail rule of
+    `targets.tail_shift` (the stored mass-matched shift at the cache's alpha, else the teachers').
+
+    Bucketed path (cache holds S0, no frozen logits given): target over K + tail bucket from the
+    cached student; the student is compared on K + its own tail bucket. Full path (frozen S0
+    logits given): target over the whole vocabulary, l0 + shift outside K. The two are equal in
+    value and gradient at theta = S0 (tau = 1). Temperature divides the composed target logits
+    and the student logits; in the bucketed path the tail bucket logit is divided as one token
+    (exact at tau = 1)."""
+    _check_temperature(temperature)
+    _check_shapes(student_logits, cached, frozen_student_logits)
+    target, bucketed = _delta_target_bucketed_or_full(
+        cached, alpha, temperature, cache_alpha, frozen_student_logits, "delta"
+    )
+    if bucketed:
+        student = student_bucketed_logprobs(student_logits, cached.ids, temperature)
+    else:
+        student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return kl_divergence(target, student)
+
+
+def delta_mse_loss(
+    student_logits: torch.Tensor,
+    cached: CachedTargets,
+    alpha: float = 1.0,
+    frozen_student_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Variant "delta-mse": mean over K of (log p_theta - l0 - alpha*Delta)^2 per position [N].
+
+    Matches the student's own shift from S0 to the teachers' shift at the cached ids only (no
+    tail, no temperature). l0 comes from the cache when it holds S0 and no frozen logits are
+    given, else from the frozen logits. Unbounded and blind to the tail: the least stable of the
+    objectives here."""
+    _check_shapes(student_logits, cached, frozen_student_logits)
+    ids = cached.ids
+    if _use_cached_student(cached, frozen_student_logits, "delta-mse"):
+        base_student_at_kept = cached.student_logprobs.float()
+    else:
+        frozen_logprobs = torch.log_softmax(frozen_student_logits.detach().float(), dim=-1)
+        base_student_at_kept = frozen_logprobs.gather(1, ids)
+    target_shift = scaled_delta(
+        cached.tuned_logprobs.float(), cached.base_logprobs.float(), alpha
+    ).detach()
+    student_at_kept = torch.log_softmax(student_logits.float(), dim=-1).gather(1, ids)
+    own_shift = student_at_kept - base_student_at_kept.detach()
+    return ((own_shift - target_shift) ** 2).mean(dim=-1)
+
+
+def delta_mix_loss(
+    student_logits: torch.Tensor,
+    cached: CachedTargets,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    cache_alpha: float | None = None,
+    frozen_student_logits: torch.Tensor | None = None,
+    mix: float = 0.5,
+) -> torch.Tensor:
+    """Variant "delta-mix": KL(mix * p* + (1 - mix) * pT || p_theta) per position [N] over K plus
+    the tail bucket (pT is known only there). p* comes from the same path as `delta_loss` (a full
+    target is coarsened to K + tail). mix = 1 gives the bucketed delta loss, mix = 0 the kd loss."""
+    _check_temperature(temperature)
+    _check_shapes(student_logits, cached, frozen_student_logits)
+    if not 0.0 <= mix <= 1.0:
+        raise DeltakdError(f"mix must be between 0 and 1, got {mix}")
+    delta_target, bucketed = _delta_target_bucketed_or_full(
+        cached, alpha, temperature, cache_alpha, frozen_student_logits, "delta-mix"
+    )
+    if not bucketed:
+        delta_target = bucket_logprobs(delta_target, cached.ids)
+    kd_target = torch.log_softmax(kd_target_bucket_logits(cached) / temperature, dim=-1)
+    log_mix = math.log(mix) if mix > 0 else float("-inf")
+    log_rest = math.log1p(-mix) if mix < 1 else float("-inf")
+    target = torch.logaddexp(delta_target + log_mix, kd_target + log_rest)
+    student = student_bucketed_logprobs(student_logits, cached.ids, temperature)
+    return kl_divergence(target, student)
+
+
+def objective_loss(
+    objective: str,
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    cached: CachedTargets | None,
+    *,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    sft_weight: float = 0.0,
+    cache_alpha: float | None = None,
+    frozen_student_logits: torch.Tensor | None = None,
+    mix: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """The training loss of one chunk of positions, as per-position tensors [N]:
+
+    "sft" (cross-entropy), "distill" (the objective's divergence, zeros for "sft") and "loss" =
+    sft_weight * sft + (1 - sft_weight) * distill * temperature**2 (the tau^2 keeps gradient
+    scales comparable across temperatures); for objective "sft", loss = sft."""
+    _check_objective(objective)
+    _check_temperature(temperature)
+    if not 0.0 <= sft_weight <= 1.0:
+        raise DeltakdError(f"sft weight must be between 0 and 1, got {sft_weight}")
+    logits = student_logits.float()
+    sft = sft_loss(logits, labels)
+    if objective == "sft":
+        return {"loss": sft, "sft": sft, "distill": torch.zeros_like(sft)}
+    if cached is None:
+        raise DeltakdError(f"objective {objective!r} needs cached teacher targets")
+    if objective == "kd":
+        distill = kd_loss(logits, cached, temperature)
+    elif objective == "delta":
+        distill = delta_loss(logits, cached, alpha, temperature, cache_alpha, frozen_student_logits)
+    elif objective == "delta-mse":
+        if temperature != 1.0:
+            raise DeltakdError(
+                "objective 'delta-mse' matches log-prob shifts and takes no temperature; "
+                "use temperature 1"
+            )
+        distill = delta_mse_loss(logits, cached, alpha, frozen_student_logits)
+    else:
+        distill = delta_mix_loss(
+            logits, cached, alpha, temperature, cache_alpha, frozen_student_logits, mix
+        )
+    loss = sft_weight * sft + (1.0 - sft_weight) * distill * temperature**2
+    return {"loss": loss, "sft": sft, "distill": distill}

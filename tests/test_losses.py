@@ -1,0 +1,347 @@
+"""losses.py against dense full-vocabulary references written here (log_softmax, KL, autograd)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deltakd_cli.errors import DeltakdError
+from deltakd_cli.losses import (
+    OBJECTIVES,
+    delta_loss,
+    delta_mix_loss,
+    delta_mse_loss,
+    kd_loss,
+    kl_divergence,
+    objective_loss,
+    objective_needs_cache,
+    objective_needs_frozen_student,
+    sft_loss,
+)
+from deltakd_cli.targets import CachedTargets, build_cached_targets, delta_target_full, tail_shift
+
+POSITIONS = 7
+VOCAB = 83
+
+
+def random_logits(seed: int, vocab: int = VOCAB, scale: float = 2.5):
+    """Independent float32 logits: tuned teacher, base teacher, S0, the student being trained."""
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(scale * torch.randn(POSITIONS, vocab, generator=generator) for _ in range(4))
+
+
+def cache_from_logits(
+    tuned_logits, base_logits, student0_logits, k, rule="target", alpha=1.0, tail="mass-matched"
+):
+    log_softmax = torch.log_softmax
+    return build_cached_targets(
+        log_softmax(tuned_logits, -1),
+        log_softmax(base_logits, -1),
+        log_softmax(student0_logits, -1) if student0_logits is not None else None,
+        k,
+        rule,
+        alpha,
+        tail,
+    )
+
+
+def dense_kl(target_logprobs, student_logprobs):
+    """KL(target || student) per row over the whole vocabulary (all entries finite here)."""
+    return (target_logprobs.exp() * (target_logprobs - student_logprobs)).sum(-1)
+
+
+def value_and_grad(loss_fn, logits):
+    """Per-position values and the gradient of their sum with respect to the student logits."""
+    logits = logits.detach().clone().requires_grad_(True)
+    values = loss_fn(logits)
+    (grad,) = torch.autograd.grad(values.sum(), logits)
+    return values.detach(), grad
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------- k = |V|: exact equality
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
+def test_kd_with_a_full_cache_equals_dense_kd(temperature):
+    tuned, base, student0, student = random_logits(0)
+    cached = cache_from_logits(tuned, base, student0, VOCAB, rule="tuned", tail="teacher")
+    assert torch.all(cached.tuned_tail == 0)
+
+    def reference(logits):
+        target = torch.log_softmax(tuned / temperature, -1)
+        return dense_kl(target, torch.log_softmax(logits / temperature, -1))
+
+    got = value_and_grad(lambda z: kd_loss(z, cached, temperature), student)
+    want = value_and_grad(reference, student)
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("tail", ["mass-matched", "teacher"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("path", ["bucketed", "frozen"])
+def test_delta_with_a_full_cache_equals_dense_delta(tail, temperature, path):
+    tuned, base, student0, student = random_logits(1)
+    alpha = 0.8
+    cached = cache_from_logits(tuned, base, student0, VOCAB, alpha=alpha, tail=tail)
+    frozen = student0 if path == "frozen" else None
+
+    def reference(logits):
+        target = torch.log_softmax((student0 + alpha * (tuned - base)) / temperature, -1)
+        return dense_kl(target, torch.log_softmax(logits / temperature, -1))
+
+    got = value_and_grad(
+        lambda z: delta_loss(z, cached, alpha, temperature, alpha, frozen_student_logits=frozen),
+        student,
+    )
+    want = value_and_grad(reference, student)
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.3, 1.0])
+def test_delta_mix_with_a_full_cache_equals_dense_mixture(mix):
+    tuned, base, student0, student = random_logits(2)
+    cached = cache_from_logits(tuned, base, student0, VOCAB)
+
+    def reference(logits):
+        delta_target = torch.softmax(student0 + (tuned - base), -1)
+        target = mix * delta_target + (1 - mix) * torch.softmax(tuned, -1)
+        return dense_kl(target.log(), torch.log_softmax(logits, -1))
+
+    got = value_and_grad(lambda z: delta_mix_loss(z, cached, 1.0, 1.0, 1.0, mix=mix), student)
+    want = value_and_grad(reference, student)
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+
+
+def test_delta_mse_equals_dense_reference_on_both_paths():
+    tuned, base, student0, student = random_logits(3)
+    alpha = 0.6
+    cached = cache_from_logits(tuned, base, student0, 12, rule="tuned+student", alpha=alpha)
+
+    def reference(logits):
+        ids = cached.ids
+        own = torch.log_softmax(logits, -1) - torch.log_softmax(student0, -1)
+        wanted = alpha * (torch.log_softmax(tuned, -1) - torch.log_softmax(base, -1))
+        return ((own - wanted).gather(1, ids) ** 2).mean(-1)
+
+    want = value_and_grad(reference, student)
+    for frozen in (None, student0):
+        got = value_and_grad(lambda z, f=frozen: delta_mse_loss(z, cached, alpha, f), student)
+        assert_close(got[0], want[0])
+        assert_close(got[1], want[1])
+    # a student whose log-probs moved by alpha*Delta plus a constant c scores c^2
+    full = cache_from_logits(tuned, base, student0, VOCAB, alpha=alpha)
+    moved = torch.log_softmax(student0, -1) + alpha * (
+        torch.log_softmax(tuned, -1) - torch.log_softmax(base, -1)
+    )
+    constant = torch.logsumexp(moved, -1)
+    assert_close(delta_mse_loss(moved, full, alpha), constant**2)
+
+
+# ------------------------------------------------------------ bucketed == frozen-S0 at theta = S0
+
+
+@pytest.mark.parametrize("k", [1, 4, 20])
+@pytest.mark.parametrize("tail", ["mass-matched", "teacher"])
+@pytest.mark.parametrize("cache_alpha", [1.0, 0.5])
+def test_bucketed_and_frozen_paths_agree_at_the_start_of_training(k, tail, cache_alpha):
+    tuned, base, student0, _ = random_logits(4)
+    alpha = 1.0  # cache_alpha 0.5 makes the mass-matched cache fall back to the teacher tail
+    cached = cache_from_logits(tuned, base, student0, k, rule="tuned", alpha=cache_alpha, tail=tail)
+    bucketed = value_and_grad(lambda z: delta_loss(z, cached, alpha, 1.0, cache_alpha), student0)
+    frozen = value_and_grad(
+        lambda z: delta_loss(z, cached, alpha, 1.0, cache_alpha, frozen_student_logits=student0),
+        student0,
+    )
+    assert_close(bucketed[0], frozen[0])
+    assert_close(bucketed[1], frozen[1])
+    # and both gradients are p0 - p*_cached (the full target with the same tail shift)
+    shift = tail_shift(cached, alpha, cache_alpha)
+    target = delta_target_full(torch.log_softmax(student0, -1), cached, alpha, shift)
+    assert_close(bucketed[1], torch.softmax(student0, -1) - target.exp())
+
+
+def test_bucketed_path_is_the_coarsened_full_kl_away_from_s0():
+    # Away from S0 the bucketed KL only sees the tail's total mass: it is the full KL minus the
+    # (non-negative) mismatch of shapes within the tail.
+    tuned, base, student0, student = random_logits(5)
+    cached = cache_from_logits(tuned, base, student0, 6)
+    bucketed = delta_loss(student, cached, 1.0, 1.0, 1.0)
+    full = delta_loss(student, cached, 1.0, 1.0, 1.0, frozen_student_logits=student0)
+    assert torch.all(full >= bucketed - 1e-5)
+    assert torch.all(full - bucketed > 1e-3)
+
+
+def test_alpha_differing_from_the_cache_falls_back_to_the_teacher_tail():
+    tuned, base, student0, student = random_logits(6)
+    matched = cache_from_logits(tuned, base, student0, 8, alpha=1.0, tail="mass-matched")
+    teacher = CachedTargets(**{**matched.__dict__, "target_tail_shift": None})
+    same = delta_loss(student, matched, 0.5, 1.0, cache_alpha=1.0)
+    assert_close(same, delta_loss(student, teacher, 0.5, 1.0, cache_alpha=1.0))
+    # at the cache's own alpha the stored mass-matched shift is used, and it changes the loss
+    assert not torch.allclose(
+        delta_loss(student, matched, 1.0, 1.0, cache_alpha=1.0),
+        delta_loss(student, teacher, 1.0, 1.0, cache_alpha=1.0),
+    )
+
+
+# ---------------------------------------------------------------------------- objective_loss
+
+
+def test_sft_loss_equals_cross_entropy():
+    *_, student = random_logits(7)
+    labels = torch.randint(0, VOCAB, (POSITIONS,), generator=torch.Generator().manual_seed(7))
+    expected = -torch.log_softmax(student, -1).gather(1, labels[:, None]).squeeze(1)
+    assert_close(sft_loss(student, labels), expected)
+    assert_close(sft_loss(student, labels), F.cross_entropy(student, labels, reduction="none"))
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("sft_weight", [0.0, 0.25, 1.0])
+def test_objective_loss_combines_sft_and_distill(objective, sft_weight):
+    tuned, base, student0, student = random_logits(8)
+    cached = cache_from_logits(tuned, base, student0, 10)
+    labels = torch.arange(POSITIONS)
+    temperature = 1.0 if objective == "delta-mse" else 2.0
+    out = objective_loss(
+        objective,
+        student,
+        labels,
+        cached,
+        alpha=1.0,
+        temperature=temperature,
+        sft_weight=sft_weight,
+        cache_alpha=1.0,
+        mix=0.4,
+    )
+    sft = F.cross_entropy(student, labels, reduction="none")
+    assert_close(out["sft"], sft)
+    if objective == "sft":
+        assert torch.equal(out["distill"], torch.zeros(POSITIONS))
+        assert_close(out["loss"], sft)
+        return
+    expected_distill = {
+        "kd": lambda: kd_loss(student, cached, temperature),
+        "delta": lambda: delta_loss(student, cached, 1.0, temperature, 1.0),
+        "delta-mse": lambda: delta_mse_loss(student, cached, 1.0),
+        "delta-mix": lambda: delta_mix_loss(student, cached, 1.0, temperature, 1.0, mix=0.4),
+    }[objective]()
+    assert_close(out["distill"], expected_distill)
+    combined = sft_weight * sft + (1 - sft_weight) * expected_distill * temperature**2
+    assert_close(out["loss"], combined)
+
+
+def test_temperature_one_is_the_default_and_matters_otherwise():
+    tuned, base, student0, student = random_logits(9)
+    cached = cache_from_logits(tuned, base, student0, 10)
+    labels = torch.zeros(POSITIONS, dtype=torch.long)
+    for objective in ("kd", "delta", "delta-mix"):
+        default = objective_loss(objective, student, labels, cached, cache_alpha=1.0)
+        explicit = objective_loss(
+            objective, student, labels, cached, temperature=1.0, cache_alpha=1.0
+        )
+        hot = objective_loss(objective, student, labels, cached, temperature=3.0, cache_alpha=1.0)
+        assert torch.equal(default["loss"], explicit["loss"])
+        assert not torch.allclose(default["distill"], hot["distill"])
+
+
+def test_delta_mix_endpoints_are_delta_and_kd():
+    tuned, base, student0, student = random_logits(10)
+    cached = cache_from_logits(tuned, base, student0, 9)
+    for temperature in (1.0, 1.5):
+        assert_close(
+            delta_mix_loss(student, cached, 1.0, temperature, 1.0, mix=1.0),
+            delta_loss(student, cached, 1.0, temperature, 1.0),
+        )
+        assert_close(
+            delta_mix_loss(student, cached, 1.0, temperature, 1.0, mix=0.0),
+            kd_loss(student, cached, temperature),
+        )
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_zero_tails_give_finite_values_and_gradients(objective, frozen):
+    tuned, base, student0, student = random_logits(11)
+    for tail in ("mass-matched", "teacher"):
+        cached = cache_from_logits(tuned, base, student0, VOCAB, tail=tail)
+        assert torch.all(cached.tuned_tail == 0) and torch.all(cached.student_tail == 0)
+        logits = student.clone().requires_grad_(True)
+        out = objective_loss(
+            objective,
+            logits,
+            torch.zeros(POSITIONS, dtype=torch.long),
+            cached,
+            sft_weight=0.3,
+            cache_alpha=1.0,
+            frozen_student_logits=student0 if frozen else None,
+        )
+        (grad,) = torch.autograd.grad(out["loss"].sum(), logits)
+        for value in (*out.values(), grad):
+            assert torch.isfinite(value).all()
+
+
+def test_kl_divergence_ignores_zero_probability_entries():
+    target = torch.tensor([[0.0, float("-inf"), float("-inf")]])
+    student = torch.tensor([[-0.1, float("-inf"), -2.0]], requires_grad=True)
+    value = kl_divergence(target, student)
+    (grad,) = torch.autograd.grad(value.sum(), student)
+    assert_close(value, torch.tensor([0.1]))
+    assert torch.isfinite(grad).all()
+
+
+def test_bfloat16_student_logits_compute_in_float32():
+    tuned, base, student0, student = random_logits(12)
+    cached = cache_from_logits(tuned, base, student0, 10)
+    low = student.to(torch.bfloat16)
+    out = objective_loss("delta", low, torch.zeros(POSITIONS, dtype=torch.long), cached)
+    assert out["loss"].dtype == torch.float32
+    assert_close(out["distill"], delta_loss(low.float(), cached, 1.0, 1.0, None))
+
+
+def test_objective_requirements():
+    assert not objective_needs_cache("sft")
+    assert all(objective_needs_cache(name) for name in OBJECTIVES if name != "sft")
+    for name in ("delta", "delta-mse", "delta-mix"):
+        assert objective_needs_frozen_student(name, cached_has_student=False)
+        assert not objective_needs_frozen_student(name, cached_has_student=True)
+    for name in ("sft", "kd"):
+        assert not objective_needs_frozen_student(name, cached_has_student=False)
+    with pytest.raises(DeltakdError):
+        objective_needs_cache("ce")
+
+
+def test_objective_loss_rejects_bad_input():
+    tuned, base, student0, student = random_logits(13)
+    labels = torch.zeros(POSITIONS, dtype=torch.long)
+    with_student = cache_from_logits(tuned, base, student0, 10)
+    teacher_only = cache_from_logits(tuned, base, None, 10, rule="tuned", tail="teacher")
+    bad_calls = [
+        dict(objective="kd", cached=None),
+        dict(objective="delta", cached=teacher_only),
+        dict(objective="delta-mse", cached=teacher_only),
+        dict(objective="delta-mix", cached=teacher_only),
+        dict(objective="delta-mse", cached=with_student, temperature=2.0),
+        dict(objective="delta-mix", cached=with_student, mix=1.5),
+        dict(objective="kd", cached=with_student, temperature=0.0),
+        dict(objective="kd", cached=with_student, sft_weight=-0.1),
+        dict(objective="nope", cached=with_student),
+        dict(objective="kd", cached=with_student[:3]),
+    ]
+    for call in bad_calls:
+        objective = call.pop("objective")
+        cached = call.pop("cached")
+        with pytest.raises(DeltakdError):
+            objective_loss(objective, student, labels, cached, **call)
+    # the teacher-only cache works once the frozen student is given
+    out = objective_loss(
+        "delta", student, labels, teacher_only, frozen_student_logits=student0, cache_alpha=1.0
+    )
+    assert torch.isfinite(out["loss"]).all()
