@@ -6,7 +6,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,6 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from typer.core import TyperGroup
 
 from deltakd_cli import distributed
 from deltakd_cli.errors import DeltakdError
@@ -44,15 +47,34 @@ def progress(*extra_columns: Any) -> Progress:
     )
 
 
+def report_error(error: DeltakdError) -> None:
+    """The one line a user sees for a DeltakdError."""
+    prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
+    console.print(f"[red]error:[/red] {escape(prefix + str(error))}", soft_wrap=True)
+
+
 def run_guarded(fn: Callable[[], Any]) -> Any:
     """Call `fn`; a `DeltakdError` becomes one red line and exit 2, Ctrl-C exit 130."""
     try:
         return fn()
     except DeltakdError as error:
-        rank = distributed.rank()
-        prefix = f"[rank {rank}] " if distributed.world_size() > 1 else ""
-        console.print(f"[red]error:[/red] {prefix}{error}", soft_wrap=True)
+        report_error(error)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: rerun the same command to resume")
         sys.exit(130)
+
+
+class GuardedGroup(TyperGroup):
+    """The app's command group: errors become one line and an exit code inside the click
+    command itself, so `deltakd`, `python -m deltakd_cli` and test runners behave alike."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DeltakdError as error:
+            report_error(error)
+            ctx.exit(error.exit_code)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]: rerun the same command to resume")
+            ctx.exit(130)
