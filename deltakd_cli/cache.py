@@ -178,6 +178,32 @@ def _codec(dtype: str, shuffle: str) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=np.dtype(dtype).itemsize)
 
 
+def encode_ids(sorted_ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Kept ids are sorted ascending per position and stored delta-coded along k (the first id,
+    then the gaps): gaps are small numbers, which the bitshuffle codec packs into few bits."""
+    gaps = np.diff(sorted_ids, axis=-1, prepend=0)
+    return gaps.astype(ids_dtype(vocab_size))
+
+
+def decode_ids(stored: np.ndarray) -> np.ndarray:
+    """Inverse of encode_ids: the running sum along k."""
+    return np.cumsum(stored.astype(np.int64), axis=-1)
+
+
+def encode_positions(entries: Any, vocab_size: int, precision: str) -> dict[str, np.ndarray]:
+    """A CachedTargets (torch) -> numpy arrays in the store's dtypes and encodings."""
+    stored = {"ids": encode_ids(entries.ids.cpu().numpy(), vocab_size)}
+    for name in PER_POSITION_LOGPROBS:
+        value = getattr(entries, name)
+        if value is not None:
+            stored[name] = value.float().cpu().numpy().astype(precision)
+    for name in PER_POSITION_SCALARS:
+        value = getattr(entries, name)
+        if value is not None:
+            stored[name] = value.float().cpu().numpy().astype(np.float32)
+    return stored
+
+
 def shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}"
 
@@ -516,7 +542,7 @@ class CacheReader:
             if name in group:
                 values = group[name][target_lo:target_hi]
                 per_position[name] = (
-                    values.astype(np.int64) if name == "ids" else values.astype(np.float32)
+                    decode_ids(values) if name == "ids" else values.astype(np.float32)
                 )
         examples = []
         for offset, row in enumerate(range(start, stop)):

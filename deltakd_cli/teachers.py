@@ -159,22 +159,6 @@ def pad_batch(
     )
 
 
-def to_storage(entries: targets.CachedTargets, vocab_size: int, precision: str) -> dict:
-    """CachedTargets -> numpy arrays in the dtypes of the store."""
-    stored: dict[str, np.ndarray] = {
-        "ids": entries.ids.cpu().numpy().astype(cache.ids_dtype(vocab_size)),
-    }
-    for name in cache.PER_POSITION_LOGPROBS:
-        value = getattr(entries, name)
-        if value is not None:
-            stored[name] = value.float().cpu().numpy().astype(precision)
-    for name in cache.PER_POSITION_SCALARS:
-        value = getattr(entries, name)
-        if value is not None:
-            stored[name] = value.float().cpu().numpy().astype(np.float32)
-    return stored
-
-
 def settings_of(config: CacheConfig, identities: dict[str, Any], data_sha: str, world: int) -> dict:
     """Everything that decides the cache's bytes: a resume must match it exactly."""
     return {
@@ -277,7 +261,7 @@ def cache_teachers(config: CacheConfig) -> dict[str, Any]:
                     example_index=np.array(batch, dtype=np.int64),
                     input_ids=[np.array(t.input_ids) for t in items],
                     prompt_length=np.array([t.prompt_length for t in items], dtype=np.int32),
-                    positions=to_storage(stored, vocab_size, config.precision),
+                    positions=cache.encode_positions(stored, vocab_size, config.precision),
                 )
             )
             tokens_done += len(rows)
