@@ -177,3 +177,19 @@ def test_python_dash_m_entry_point(good_cache):
     assert json.loads(result.stdout)["k"] == 4
     result = run_module(["inspect", str(good_cache) + "-nope"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_fsspec_url_output_round_trips(tiny, good_cache):
+    """--out takes an fsspec URL (here the in-memory filesystem) and the reader reads it back."""
+    from deltakd_cli.cache import CacheReader
+
+    url = "memory://deltakd-test/cache"
+    result = run_cli(cache_args(tiny, url, "--top-k", 4))
+    assert result.exit_code == 0, result.output
+    remote, local = CacheReader(url), CacheReader(str(good_cache))
+    assert remote.verify() == []
+    assert remote.manifest["counts"] == local.manifest["counts"]
+    first_remote = remote.read_examples(0, 0, 3)
+    first_local = local.read_examples(0, 0, 3)
+    for a, b in zip(first_remote, first_local, strict=True):
+        assert (a.ids == b.ids).all() and (a.tuned_logprobs == b.tuned_logprobs).all()
