@@ -73,6 +73,15 @@ OPTIONS_THAT_MATTER = (
     "fsdp",
 )
 
+# How the resume check names an option that is not a flag of its own.
+OPTION_NAMES = {
+    "command": "the command",
+    "student": "--student/--model",
+    "source": "--cache/--data/--template/--max-length",
+    "compute_dtype": "--dtype",
+    "world_size": "the number of processes",
+}
+
 
 @dataclass
 class TrainOptions:
@@ -121,9 +130,8 @@ def validate(options: TrainOptions) -> None:
             raise DeltakdError(message)
 
     if options.objective not in losses.OBJECTIVES:
-        raise DeltakdError(
-            f"unknown --objective '{options.objective}' (choose from {', '.join(losses.OBJECTIVES)})"
-        )
+        choices = ", ".join(losses.OBJECTIVES)
+        raise DeltakdError(f"unknown --objective '{options.objective}' (choose from {choices})")
     need(math.isfinite(options.lr) and options.lr > 0, f"--lr must be > 0, got {options.lr}")
     need(
         0.0 <= options.sft_weight <= 1.0,
@@ -248,11 +256,12 @@ def distill_data(
         options.objective, use_cached_student
     )
     alpha = manifest.get("alpha")
+    local = Path(cache_path).exists()
     return TrainingData(
         store=reader,
         provenance={
             "cache": {
-                "path": str(Path(cache_path).resolve()) if Path(cache_path).exists() else cache_path,
+                "path": str(Path(cache_path).resolve()) if local else cache_path,
                 "format_version": manifest.get("format_version"),
                 "k": manifest.get("k"),
                 "selection": manifest.get("selection"),
@@ -538,7 +547,7 @@ class Trainer:
             saved = json.loads((path / "state.json").read_text())["options"]
             for name in OPTIONS_THAT_MATTER:
                 if saved.get(name) != self.identity[name]:
-                    flag = "--" + name.replace("_", "-")
+                    flag = OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
                     raise DeltakdError(
                         f"--resume: {flag} changed since {path.name} "
                         f"(was {saved.get(name)!r}, now {self.identity[name]!r}); resume with the "
@@ -841,7 +850,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         found = complete_checkpoints(self.out)
         kept = (
-            f"the last good checkpoint is {found[-1][1]} (rerun with --resume and a lower --lr)"
+            f"the last good checkpoint is {found[-1][1]}"
             if found
             else "no checkpoint was written before it"
         )
@@ -987,4 +996,6 @@ def finetune(options: TrainOptions, data_path: str, template: str, max_length: i
     options.command = "finetune"
     options.objective = "sft"
     options.source = {"data": data_path, "template": template, "max_length": max_length}
-    return _run(options, lambda tokenizer: finetune_data(data_path, template, max_length, tokenizer))
+    return _run(
+        options, lambda tokenizer: finetune_data(data_path, template, max_length, tokenizer)
+    )
