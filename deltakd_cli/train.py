@@ -317,6 +317,15 @@ def target_hidden(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     return outputs.last_hidden_state[batch["target_batch"], batch["target_pos"]]
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant: works under DDP and FSDP2)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def default_chunk_size(vocab_size: int) -> int:
     return max(1, LOGIT_ELEMENTS_PER_CHUNK // vocab_size)
 
@@ -578,9 +587,7 @@ class Trainer:
             if not options.fsdp:  # FSDP2 keeps one dtype per group; it casts via its policy
                 frozen.to(self.compute_dtype)
         if options.gradient_checkpointing:
-            student.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_activation_checkpointing(student)
         student.config.use_cache = False
         student.train()
         self.student = student
@@ -974,6 +981,11 @@ def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[
     device = distributed.device_for(options.device)
     models.check_device(device)
     distributed.init(device)
+    if options.fsdp and not distributed.is_distributed():
+        raise DeltakdError(
+            "--fsdp shards the student over processes: launch with torchrun "
+            "(torchrun --nproc_per_node N -m deltakd_cli ...)"
+        )
     try:
         tokenizer = models.load_tokenizer(options.student)
         training_data = prepare(tokenizer)

@@ -311,6 +311,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path
     assert steps[-1] in result.output
 
 
+def test_fsdp_without_torchrun_is_refused(tiny, cache, tmp_path):
+    result = run_cli(distill_args(tiny, cache, tmp_path / "out", "--fsdp"))
+    assert_one_line_error(result, "--fsdp", "launch with torchrun")
+
+
 def test_batch_shapes_that_cannot_work_are_refused(tiny, cache, tmp_path):
     result = run_cli(distill_args(tiny, cache, tmp_path / "o1", "--max-tokens-per-batch", 8))
     assert_one_line_error(result, "smaller than the longest example")

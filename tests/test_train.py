@@ -143,6 +143,31 @@ def test_chunked_objective_equals_a_full_logits_forward(
             torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(tiny, caches):
+    tokenizer = models.load_tokenizer(str(tiny.student))
+    store = CacheReader(str(caches["student"]))
+    batch = batching.collate(all_examples(store)[:4], tokenizer.pad_token_id)
+    results = []
+    for recompute in (False, True):
+        student = models.load_model(str(tiny.student))
+        if recompute:
+            train.enable_activation_checkpointing(student)
+        student.train()
+        module = train.ObjectiveModule(
+            student, options(objective="kd"), tiny.vocab_size, torch.float32
+        )
+        calls = []
+        mlp = student.model.layers[0].mlp
+        mlp_forward = mlp.forward
+        mlp.forward = lambda hidden, run=mlp_forward, seen=calls: seen.append(1) or run(hidden)
+        module(batch)[0].backward()
+        assert len(calls) == (2 if recompute else 1)  # the layer really ran again in backward
+        results.append(gradients(student))
+    assert results[0].keys() == results[1].keys()
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name])
+
+
 def test_padded_output_layer_is_sliced_to_the_tokenizer(tiny, tmp_path):
     tokenizer = models.load_tokenizer(str(tiny.student))
     padded_dir = build_model(tmp_path / "padded", tokenizer, 1, 32, seed=4, vocab_rows=352)
