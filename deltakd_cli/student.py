@@ -1,0 +1,492 @@
+"""`deltakd init-student`: make a base student S0 from a larger model of the same family.
+
+Two steps (method.md section 3b):
+1. prune: keep some of the source's decoder layers and copy them, with the embeddings, final
+   norm and output layer, into a model of fewer layers (a Hugging Face directory);
+2. heal: distil the source into the copy on unlabelled text, reusing the tool's own stages: a
+   cache whose base and tuned teachers are both the source (Delta is then 0 and the cache holds
+   a plain KD target), then `distill --objective kd`.
+
+A pruned copy used as is is a poor S0 for Delta-KD (the delta target is the student's own
+distribution shifted, so its noise is kept); healed, it is a competent language model again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltakd_cli import __version__, data, models
+from deltakd_cli.console import info
+from deltakd_cli.errors import DeltakdError
+
+LAYER_RULES = ("uniform",)
+MARKER = "init-student.json"
+HEAL_PROMPT_WORDS = 4  # `text` rows: the first words are the prompt, the rest carries targets
+
+
+# ----------------------------------------------------------------------------- choosing layers
+
+
+def choose_layers(num_layers: int, keep: int, rule: str = "uniform") -> list[int]:
+    """Indices of the source layers to keep, ascending.
+
+    uniform: evenly spaced from the first layer to the last, both included (the first layers
+    turn tokens into features and the last ones features into predictions; the middle of a
+    deep stack is the most redundant)."""
+    if rule not in LAYER_RULES:
+        raise DeltakdError(f"unknown layer rule '{rule}' (choose from {', '.join(LAYER_RULES)})")
+    if not 1 <= keep <= num_layers:
+        raise DeltakdError(f"--layers must be between 1 and {num_layers}, got {keep}")
+    if keep == 1:
+        return [num_layers - 1]
+    return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """'0,3,6-9,29' -> [0, 3, 6, 7, 8, 9, 29]: distinct, ascending, within the source."""
+    chosen: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            if "-" in part:
+                low, high = (int(v) for v in part.split("-", 1))
+                chosen.extend(range(low, high + 1))
+            else:
+                chosen.append(int(part))
+        except ValueError:
+            raise DeltakdError(
+                f"--keep-layers: '{part}' is not a layer number or range (like 0,3,6-9)"
+            ) from None
+    if not chosen:
+        raise DeltakdError("--keep-layers is empty")
+    if len(set(chosen)) != len(chosen):
+        raise DeltakdError(f"--keep-layers names a layer twice: {text}")
+    outside = [i for i in chosen if not 0 <= i < num_layers]
+    if outside:
+        raise DeltakdError(f"--keep-layers: layer {outside[0]} is outside 0..{num_layers - 1}")
+    return sorted(chosen)
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(state-dict prefix, module list) of the decoder layers, e.g. ('model.layers.', ...)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    decoder = getattr(model, prefix, None) if prefix else None
+    if decoder is None:
+        raise DeltakdError(f"{type(model).__name__}: cannot find its decoder to prune")
+    count = int(model.config.num_hidden_layers)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, nn.ModuleList) and len(layers) == count:
+            return f"{prefix}.{name}.", layers
+    raise DeltakdError(f"{type(model).__name__}: cannot find its list of {count} decoder layers")
+
+
+def pruned_config(config: Any, keep: list[int]) -> Any:
+    """The source config with `keep` layers; per-layer lists (e.g. layer_types) follow."""
+    config = config.__class__.from_dict(config.to_dict())
+    count = int(config.num_hidden_layers)
+    for name, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == count and name != "architectures":
+            setattr(config, name, [value[i] for i in keep])
+    config.num_hidden_layers = len(keep)
+    return config
+
+
+def pruned_state_dict(
+    state: dict[str, torch.Tensor], prefix: str, keep: list[int]
+) -> dict[str, torch.Tensor]:
+    """Layer `keep[j]` of the source becomes layer j; everything outside the layers is kept."""
+    new_index = {old: new for new, old in enumerate(keep)}
+    result = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            result[key] = value
+            continue
+        index, rest = key[len(prefix) :].split(".", 1)
+        if int(index) in new_index:
+            result[f"{prefix}{new_index[int(index)]}.{rest}"] = value
+    return result
+
+
+def stored_dtype(spec: str) -> torch.dtype:
+    """The dtype the source's weights are stored in (float32 for GGUF and unknown)."""
+    source = models.resolve_source(spec)
+    config_path = Path(source.path) / "config.json"
+    if not source.gguf_file and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        name = config.get("dtype") or config.get("torch_dtype")
+        if name in ("float32", "bfloat16", "float16"):
+            return getattr(torch, name)
+    return torch.float32
+
+
+def prune(source: str, keep: list[int], out_dir: Path) -> Path:
+    """Write a Hugging Face directory holding the source with only the `keep` layers."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = stored_dtype(source)
+    tokenizer = models.load_tokenizer(source)
+    model = models.load_model(source, dtype=dtype, device=torch.device("cpu"))
+    prefix, layers = decoder_layers(model)
+    config = pruned_config(model.config, keep)
+    state = pruned_state_dict(model.state_dict(), prefix, keep)
+    pruned = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = pruned.load_state_dict(state, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        pruned.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise DeltakdError(
+            f"cannot prune {type(model).__name__}: the copy's weights do not line up "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    pruned.generation_config = model.generation_config
+    pruned.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- healing data
+
+
+def heal_rows_file(path: str, out_path: Path, write: bool = True) -> tuple[Path, str]:
+    """The healing text as rows cache-teachers reads, and the template to read them with.
+
+    JSONL rows with a `text` field (unlabelled documents) become prompt/response rows whose
+    prompt is the first words, read with the plain template; a .txt file is one document per
+    non-empty line. Files in the task formats (prompt/response, Alpaca, chat...) are used as
+    they are, with their own template (alpaca)."""
+    source = Path(path)
+    if not source.is_file():
+        raise DeltakdError(f"--heal-data not found: {path}")
+    texts: list[str] = []
+    try:
+        lines = source.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DeltakdError(f"{path}: not UTF-8 text") from None
+    if source.suffix == ".txt":
+        texts = [line for line in lines if line.strip()]
+    else:
+        first = next((line for line in lines if line.strip()), None)
+        if first is None:
+            raise DeltakdError(f"{path}: no text (the file is empty)")
+        try:
+            probe = json.loads(first)
+        except json.JSONDecodeError as error:
+            raise DeltakdError(f"{path}:1: not valid JSON ({error.msg})") from None
+        if not (isinstance(probe, dict) and "text" in probe):
+            data.load_examples(source)  # fails with a clear line if the rows are not usable
+            return source, "alpaca" if "prompt" not in probe else "plain"
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DeltakdError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DeltakdError(f"{path}:{number}: expected a 'text' string")
+            texts.append(row["text"])
+    rows = []
+    for number, text in enumerate(texts):
+        words = text.split()
+        if len(words) > HEAL_PROMPT_WORDS:
+            prompt = " ".join(words[:HEAL_PROMPT_WORDS])
+            rows.append(
+                {
+                    "id": str(number),
+                    "prompt": prompt,
+                    "response": " " + " ".join(words[HEAL_PROMPT_WORDS:]),
+                }
+            )
+    if not rows:
+        raise DeltakdError(f"{path}: no document longer than {HEAL_PROMPT_WORDS} words")
+    if write:  # (under torchrun only rank 0 writes; the others read the same file)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return out_path, "plain"
+
+
+# ----------------------------------------------------------------------------- work dirs
+
+
+def keyed_dir(path: Path, key: dict[str, Any]) -> bool:
+    """Make `path` belong to `key`. A sidecar file `<path>.key.json` records the key of what is
+    in `path`; when it differs, `path` is cleared (it holds work of other settings). Returns
+    True when `path` already belonged to `key` (its content may be complete or resumable)."""
+    sidecar = path.with_name(path.name + ".key.json")
+    try:
+        if json.loads(sidecar.read_text()) == key:
+            return True
+    except (OSError, json.JSONDecodeError):
+        pass
+    if path.exists():
+        shutil.rmtree(path)
+    sidecar.parent.mkdir(parents=True, exist_ok=True)
+    sidecar.write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
+    return False
+
+
+def has_checkpoints(out: Path) -> bool:
+    """A training output dir holding a complete checkpoint (train.py names them step-N)."""
+    return any(p.is_dir() for p in (out / "checkpoints").glob("step-*"))
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@dataclass
+class InitStudentConfig:
+    source: str
+    out: str
+    layers: int | None = None  # how many layers to keep (uniform rule)
+    keep_layers: str | None = None  # or exactly which, e.g. "0,3,6-9,29"
+    layer_rule: str = "uniform"
+    heal_data: str | None = None  # unlabelled text; None: prune only
+    work_dir: str | None = None  # default: OUT.init next to OUT
+    heal_epochs: int = 1
+    heal_steps: int = 0  # > 0 overrides heal_epochs
+    lr: float = 1e-4
+    warmup: float = 0.05
+    batch_size: int = 8
+    max_length: int = 256
+    top_k: int = 64
+    sft_weight: float = 0.0
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    cache_batch_size: int = 8
+    num_workers: int = 0
+    save_every: int = 500
+    overwrite: bool = False
+
+    @property
+    def work_path(self) -> Path:
+        if self.work_dir:
+            return Path(self.work_dir)
+        out = Path(self.out)
+        return out.with_name(out.name + ".init")
+
+
+# Options that do not change the student (where and how fast it is made).
+_NOT_IN_KEY = ("out", "work_dir", "overwrite", "device", "num_workers", "heal_data", "save_every")
+
+
+def settings_key(
+    config: InitStudentConfig, source_sha: str, keep: list[int], heal_sha: str | None
+) -> str:
+    """Equal keys mean a rerun would make the same student."""
+    settings = {k: v for k, v in asdict(config).items() if k not in _NOT_IN_KEY}
+    settings.update(source_sha256=source_sha, keep=keep, heal_sha256=heal_sha)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def read_marker(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def init_student(config: InitStudentConfig) -> dict[str, Any]:
+    """Prune and (with heal data) heal; returns the record written to OUT/init-student.json.
+    A rerun with the same settings finds OUT complete and does nothing; an interrupted one
+    reuses the pruned copy and the healing cache, and resumes healing from its checkpoint.
+    Under torchrun the cache and the healing run are data-parallel; rank 0 does the files."""
+    from deltakd_cli import distributed
+    from deltakd_cli.teachers import CacheConfig, cache_teachers
+    from deltakd_cli.train import TrainOptions, distill
+
+    _validate(config)
+    distributed.init(distributed.device_for(config.device))
+    main = distributed.is_main_process()
+    out, work = Path(config.out), config.work_path
+    tokenizer = models.load_tokenizer(config.source)
+    num_layers = _source_layers(config.source)
+    keep = (
+        parse_layers(config.keep_layers, num_layers)
+        if config.keep_layers
+        else choose_layers(num_layers, config.layers or max(1, num_layers // 3), config.layer_rule)
+    )
+    source_identity = distributed.broadcast_object(
+        models.model_identity(config.source, tokenizer) if main else None
+    )
+    heal_sha = data.file_sha256(config.heal_data) if config.heal_data else None
+    key = settings_key(config, source_identity["weights_sha256"], keep, heal_sha)
+    marker = read_marker(out)
+    if marker and marker.get("settings_key") == key:
+        info(f"[green]{out} is already complete[/green] for these settings; nothing to do")
+        return marker
+    if out.exists() and any(out.iterdir()) and not config.overwrite:
+        raise DeltakdError(
+            f"{out} already exists"
+            + (" and holds a student made with other settings" if marker else "")
+            + "; pass --overwrite to replace it, or choose another --out"
+        )
+
+    pruned_dir = work / "pruned"
+    prune_key = {"source_sha256": source_identity["weights_sha256"], "keep": keep}
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
+        if keyed_dir(pruned_dir, prune_key) and (pruned_dir / "config.json").is_file():
+            info(f"reusing the pruned copy in {pruned_dir}")
+        else:
+            info(f"pruning {config.source}: keeping {len(keep)} of {num_layers} layers {keep}")
+            prune(config.source, keep, pruned_dir)
+    distributed.barrier()
+
+    record: dict[str, Any] = {
+        "tool": "deltakd",
+        "version": __version__,
+        "settings_key": key,
+        "source": source_identity,
+        "source_layers": num_layers,
+        "kept_layers": keep,
+        "layer_rule": "explicit" if config.keep_layers else config.layer_rule,
+        "pruned_copy": str(pruned_dir.resolve()),
+        "options": asdict(config),
+        "healed": bool(config.heal_data),
+    }
+    healed_dir = work / "healed"
+    if config.heal_data:
+        heal_file, template = heal_rows_file(
+            config.heal_data, work / "heal-rows.jsonl", write=main
+        )
+        cache_dir = work / "heal-cache"
+        cache_key = {"source_sha256": source_identity["weights_sha256"], "heal_sha256": heal_sha}
+        if main:
+            keyed_dir(cache_dir, cache_key)
+        distributed.barrier()
+        info("healing 1/2: the source's distribution over the healing text (Delta = 0: KD)")
+        manifest = cache_teachers(
+            CacheConfig(
+                teacher_base=config.source,
+                teacher_tuned=config.source,
+                data=str(heal_file),
+                out=str(cache_dir),
+                top_k=config.top_k,
+                max_length=config.max_length,
+                template=template,
+                batch_size=config.cache_batch_size,
+                dtype=config.dtype,
+                device=config.device,
+            )
+        )
+        resume = False
+        if main:
+            resume = keyed_dir(healed_dir, {"settings_key": key}) and has_checkpoints(healed_dir)
+            if resume:
+                info(f"healing: resuming from {healed_dir}/checkpoints")
+            elif (healed_dir / "run.json").exists():
+                shutil.rmtree(healed_dir)  # a finished run never recorded in OUT: redo it
+        resume = bool(distributed.broadcast_object(resume))
+        distributed.barrier()
+        info("healing 2/2: distilling the source into the pruned copy (objective kd)")
+        summary = distill(
+            TrainOptions(
+                out=str(healed_dir),
+                student=str(pruned_dir),
+                objective="kd",
+                sft_weight=config.sft_weight,
+                epochs=config.heal_epochs,
+                max_steps=config.heal_steps,
+                lr=config.lr,
+                warmup=config.warmup,
+                batch_size=config.batch_size,
+                save_every=config.save_every,
+                resume=resume,
+                seed=config.seed,
+                dtype=config.dtype,
+                device=config.device,
+                num_workers=config.num_workers,
+            ),
+            cache=str(cache_dir),
+        )
+        record["heal"] = {
+            "data": {"path": str(Path(config.heal_data).resolve()), "sha256": heal_sha},
+            "cache": str(cache_dir.resolve()),
+            "response_tokens": (manifest.get("counts") or {}).get("response_tokens"),
+            "final_metrics": summary.get("final_metrics"),
+        }
+    else:
+        info(
+            "[yellow]not healed[/yellow] (no --heal-data): a pruned copy used as is makes a poor "
+            "base student for Delta-KD; heal it on unlabelled text"
+        )
+    if main:
+        _finish(out, pruned_dir, healed_dir if config.heal_data else None, record)
+        info(f"[green]wrote {out}[/green]: {len(keep)} of {num_layers} layers of {config.source}")
+    distributed.barrier()
+    return record
+
+
+def _finish(out: Path, pruned_dir: Path, healed_dir: Path | None, record: dict) -> None:
+    """OUT gets the student's files (checkpoints stay in the work dir) and the record, last."""
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    source = healed_dir or pruned_dir
+    for item in source.iterdir():
+        if item.is_file() and item.name != MARKER:
+            shutil.copy2(item, staging / item.name)
+    (staging / MARKER).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+
+
+def _validate(config: InitStudentConfig) -> None:
+    if config.layers is not None and config.keep_layers:
+        raise DeltakdError("give either --layers or --keep-layers, not both")
+    if config.layers is not None and config.layers < 1:
+        raise DeltakdError(f"--layers must be at least 1, got {config.layers}")
+    names = ("heal_epochs", "batch_size", "max_length", "top_k", "cache_batch_size")
+    for name in names:
+        if getattr(config, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise DeltakdError(f"{flag} must be at least 1, got {getattr(config, name)}")
+    if config.heal_steps < 0:
+        raise DeltakdError(f"--heal-steps must be >= 0, got {config.heal_steps}")
+    if not config.lr > 0:
+        raise DeltakdError(f"--lr must be > 0, got {config.lr}")
+    if config.layer_rule not in LAYER_RULES:
+        raise DeltakdError(f"--layer-rule must be one of {', '.join(LAYER_RULES)}")
+    if config.heal_data and not Path(config.heal_data).is_file():
+        raise DeltakdError(f"--heal-data not found: {config.heal_data}")
+    source = models.resolve_source(config.source)
+    if source.is_local and Path(config.out).resolve() == Path(source.path).resolve():
+        raise DeltakdError("--out must not be the source model's directory")
+
+
+def _source_layers(spec: str) -> int:
+    from transformers import AutoConfig
+
+    source = models.resolve_source(spec)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kwargs)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DeltakdError(f"cannot read the config of '{spec}': {first}") from None
+    count = getattr(config, "num_hidden_layers", None)
+    if not isinstance(count, int):
+        raise DeltakdError(f"'{spec}': its config gives no number of layers")
+    return count
