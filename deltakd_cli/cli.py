@@ -123,12 +123,16 @@ _MAX_TOKENS = typer.Option(
 _MAX_GRAD_NORM = typer.Option(1.0, help="Gradient clipping norm; 0 turns clipping off.")
 _SAVE_EVERY = typer.Option(500, help="Checkpoint every N steps under OUT/checkpoints (0: never).")
 _KEEP = typer.Option(2, help="Checkpoints to keep (0: all).")
-_RESUME = typer.Option(False, help="Continue from the latest complete checkpoint in OUT.")
+_RESUME = typer.Option(
+    False, "--resume", help="Continue from the latest complete checkpoint in OUT."
+)
 _SEED = typer.Option(0, help="Seed of the batch plan and of torch/numpy/python.")
 _DTYPE = typer.Option("auto", help="Compute dtype: auto (bf16 autocast on GPU), float32, bfloat16.")
 _DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:N.")
-_GRAD_CKPT = typer.Option(False, help="Recompute decoder activations in backward (less memory).")
-_FSDP = typer.Option(False, help="Shard the student with FSDP2 (under torchrun).")
+_GRAD_CKPT = typer.Option(
+    False, "--gradient-checkpointing", help="Recompute decoder activations in backward."
+)
+_FSDP = typer.Option(False, "--fsdp", help="Shard the student with FSDP2 (under torchrun).")
 _LOGIT_CHUNK = typer.Option(
     0, help="Target positions per logits chunk (0: about 128 MiB of float32 logits)."
 )
@@ -146,7 +150,9 @@ def distill_command(
     temperature: float = typer.Option(1.0, help="Softmax temperature of target and student."),
     mix: float = typer.Option(0.5, help="delta-mix: weight of the delta target vs the teacher."),
     no_cached_student: bool = typer.Option(
-        False, help="Run a frozen copy of the student instead of the cache's S0 log-probs."
+        False,
+        "--no-cached-student",
+        help="Run a frozen copy of the student instead of the cache's S0 log-probs.",
     ),
     verify_cache: bool = typer.Option(True, help="Check the cache's shard checksums first."),
     num_workers: int = typer.Option(2, help="DataLoader workers reading the cache (0: inline)."),
