@@ -163,6 +163,7 @@ def convert_base_model(gguf: Path, record: dict[str, Any], out_dir: Path) -> boo
         if stale.exists():
             shutil.rmtree(stale)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    models.quiet_transformers()  # its own dequantisation bars would break the display
     models.convert_gguf(gguf, out_dir)
     marker = {"source": record, "gguf_sha256": record["sha256"], "deltakd_version": __version__}
     (out_dir / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
