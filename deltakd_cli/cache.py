@@ -161,7 +161,8 @@ def array_specs(k: int, vocab_size: int, precision: str, has_student: bool) -> d
         "prompt_length": ("int32", (), EXAMPLE_CHUNK, "bitshuffle"),
         "example_index": ("int64", (), EXAMPLE_CHUNK, "bitshuffle"),
         "target_offsets": ("int64", (), EXAMPLE_CHUNK, "bitshuffle"),
-        "ids": (ids_dtype(vocab_size), (k,), POSITION_CHUNK, "bitshuffle"),
+        # Measured on SmolLM2 caches: byte shuffle beats bitshuffle on the delta-coded ids.
+        "ids": (ids_dtype(vocab_size), (k,), POSITION_CHUNK, "shuffle"),
         "tuned_logprobs": (precision, (k,), POSITION_CHUNK, "shuffle"),
         "base_logprobs": (precision, (k,), POSITION_CHUNK, "shuffle"),
         "tuned_tail": ("float32", (), POSITION_CHUNK, "shuffle"),
@@ -175,7 +176,9 @@ def array_specs(k: int, vocab_size: int, precision: str, has_student: bool) -> d
 
 
 def _codec(dtype: str, shuffle: str) -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=np.dtype(dtype).itemsize)
+    # zstd level 9: ~4% smaller than level 5 on cached log-probs; the writer runs behind the
+    # compute, so the extra compression time is not on the critical path.
+    return BloscCodec(cname="zstd", clevel=9, shuffle=shuffle, typesize=np.dtype(dtype).itemsize)
 
 
 def encode_ids(sorted_ids: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -369,11 +372,15 @@ def shard_checksums(location: Location, group_path: str) -> dict[str, Any]:
     """sha256 over every file of a shard (relative path and bytes, in sorted order)."""
     digest = hashlib.sha256()
     total = 0
+    by_array: dict[str, int] = {}
     for relative in location.files_under(group_path):
         content = location.read_bytes(f"{group_path}/{relative}")
         digest.update(relative.encode() + b"\0" + hashlib.sha256(content).digest())
         total += len(content)
-    return {"sha256": digest.hexdigest(), "bytes": total}
+        if "/" in relative:  # files of an array live under its folder; the rest is group metadata
+            array = relative.split("/", 1)[0]
+            by_array[array] = by_array.get(array, 0) + len(content)
+    return {"sha256": digest.hexdigest(), "bytes": total, "array_bytes": by_array}
 
 
 def write_manifest(location: Location, manifest: dict[str, Any]) -> None:
