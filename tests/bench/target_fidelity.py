@@ -1,0 +1,181 @@
+"""How well a sparse cache reproduces the exact Delta-KD target, on the demo's real pair.
+
+Models (from the demo's work dir, `make demo` first): the base teacher SmolLM2-135M-Instruct,
+the tuned teacher (its finetune on abstract2title), and two base students of 10 of its 30
+layers: the pruned copy as copied (init-student/pruned) and the same healed (models/student-base).
+Positions: the response positions of the held-out test split (never trained on), up to --positions.
+
+For every id-selection rule in targets.SELECTION_RULES x tail rule x k in {8, 32, 64} and each
+student, it reports the mean over positions of
+  target_grad_cosine: cosine between the exact gradient of KL(p*||p_theta) with respect to the
+                      student's logits at theta = S0 (p0 - p*) and the cached one (p0 - p*_cached)
+  target_tv:          total variation between the exact p* and the cached target
+(targets.target_fidelity). A configuration is "with student" when the cache needs S0's log-probs
+(selection target or tuned+student, or the mass-matched tail); the others are teacher-only caches.
+
+    python tests/bench/target_fidelity.py OUT.json [--work-dir runs/demo] [--positions 800]
+
+Run without arguments (as `make bench` does) it writes docs/target_fidelity.json and merges the
+headline figures into docs/benchmarks.json; it skips, with a message, when the demo has not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from deltakd_cli import data, models, targets  # noqa: E402
+
+KS = (8, 32, 64)
+CHUNK = 200  # positions per fidelity call (a few [200, 49152] float32 tensors at a time)
+
+
+def response_logprobs(model_dir: Path, tokenized: list, positions: int) -> torch.Tensor:
+    """Full-vocabulary log-probs [N, V] at the first `positions` response positions."""
+    model = models.load_model(str(model_dir), dtype=torch.float32, device=torch.device("cpu"))
+    vocab = models.tokenizer_vocab_size(models.load_tokenizer(str(model_dir)))
+    rows = []
+    taken = 0
+    with torch.inference_mode():
+        for example in tokenized:
+            ids = torch.tensor([example.input_ids])
+            logits = model(input_ids=ids).logits[0, example.prompt_length - 1 : -1, :vocab]
+            rows.append(torch.log_softmax(logits.float(), dim=-1)[: positions - taken])
+            taken += rows[-1].shape[0]
+            if taken >= positions:
+                break
+    del model
+    return torch.cat(rows)
+
+
+def entropy(logprobs: torch.Tensor) -> float:
+    return float(-(logprobs.exp() * logprobs).sum(-1).mean())
+
+
+def measure(work: Path, positions: int) -> dict:
+    paths = {
+        "teacher_base": work / "models" / "teacher-base",
+        "teacher_tuned": work / "models" / "teacher-tuned",
+        "copied": work / "init-student" / "pruned",
+        "healed": work / "models" / "student-base",
+    }
+    test = work / "data" / "test.jsonl"
+    missing = [str(p) for p in [*paths.values(), test] if not p.exists()]
+    if missing:
+        raise FileNotFoundError(", ".join(missing))
+    tokenizer = models.load_tokenizer(str(paths["teacher_base"]))
+    tokenized = data.tokenize_all(data.load_examples(test), "alpaca", tokenizer, 512)
+    started = time.perf_counter()
+    logprobs = {name: response_logprobs(path, tokenized, positions) for name, path in paths.items()}
+    count = logprobs["teacher_base"].shape[0]
+    figures = []
+    for student in ("copied", "healed"):
+        for rule in targets.SELECTION_RULES:
+            for tail_rule in targets.TAIL_RULES:
+                for k in KS:
+                    cosines, tvs = [], []
+                    for start in range(0, count, CHUNK):
+                        at = slice(start, start + CHUNK)
+                        result = targets.target_fidelity(
+                            logprobs[student][at],
+                            logprobs["teacher_tuned"][at],
+                            logprobs["teacher_base"][at],
+                            k,
+                            rule,
+                            tail_rule,
+                        )
+                        cosines.append(result["cosine"])
+                        tvs.append(result["tv"])
+                    with_student = (
+                        rule in targets.RULES_NEEDING_STUDENT or tail_rule == "mass-matched"
+                    )
+                    figures.append(
+                        {
+                            "student": student,
+                            "selection": rule,
+                            "tail_rule": tail_rule,
+                            "k": k,
+                            "with_student": with_student,
+                            "target_grad_cosine": float(torch.cat(cosines).mean()),
+                            "target_tv": float(torch.cat(tvs).mean()),
+                        }
+                    )
+    return {
+        "what": __doc__.split("\n\n")[0],
+        "positions": count,
+        "test_file": str(test),
+        "models": {name: str(path) for name, path in paths.items()},
+        "entropy_nats": {name: entropy(lp) for name, lp in logprobs.items()},
+        "alpha": 1.0,
+        "seconds": round(time.perf_counter() - started, 1),
+        "figures": figures,
+    }
+
+
+def table(result: dict) -> str:
+    """A text table: rows (selection, tail), columns student x k, cells cosine / TV."""
+    header = "".join(f"{s} k={k}".rjust(16) for s in ("copied", "healed") for k in KS)
+    lines = [
+        f"{result['positions']} held-out positions; cells: grad cosine / TV",
+        f"{'selection, tail':34s}{header}",
+    ]
+    index = {(f["student"], f["selection"], f["tail_rule"], f["k"]): f for f in result["figures"]}
+    for rule in targets.SELECTION_RULES:
+        for tail_rule in targets.TAIL_RULES:
+            cells = []
+            for student in ("copied", "healed"):
+                for k in KS:
+                    f = index[(student, rule, tail_rule, k)]
+                    cells.append(f"{f['target_grad_cosine']:.3f}/{f['target_tv']:.3f}".rjust(16))
+            lines.append(f"{rule + ', ' + tail_rule:34s}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", help="JSON file to write the figures to")
+    parser.add_argument("--work-dir", default=str(REPO / "runs" / "demo"))
+    parser.add_argument("--positions", type=int, default=800)
+    options = parser.parse_args()
+    try:
+        result = measure(Path(options.work_dir), options.positions)
+    except FileNotFoundError as missing:
+        print(f"target_fidelity: the demo's models are missing ({missing}); run `make demo` first")
+        return 1 if options.out else 0  # `make bench` without a demo: skip, do not fail
+    out = Path(options.out) if options.out else REPO / "docs" / "target_fidelity.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(
+        f"entropy (nats): {json.dumps({k: round(v, 2) for k, v in result['entropy_nats'].items()})}"
+    )
+    print(f"wrote {out}")
+    if not options.out:
+        from common import record  # tests/bench/common.py (run from this folder by run_all)
+
+        headline = {
+            f"target_grad_cosine_{f['student']}_k{f['k']}": f["target_grad_cosine"]
+            for f in result["figures"]
+            if f["selection"] == "target" and f["tail_rule"] == "mass-matched"
+        }
+        headline.update(
+            {
+                f"target_tv_{f['student']}_k{f['k']}": f["target_tv"]
+                for f in result["figures"]
+                if f["selection"] == "target" and f["tail_rule"] == "mass-matched"
+            }
+        )
+        record("target_fidelity", headline, {"positions": result["positions"], "file": str(out)})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
