@@ -151,7 +151,7 @@ def distill_command(
     mix: float = typer.Option(0.5, help="delta-mix: weight of the delta target vs the teacher."),
     no_cached_student: bool = typer.Option(
         False,
-        "--no-cached-student",
+        "--frozen-student",
         help="Run a frozen copy of the student instead of the cache's S0 log-probs.",
     ),
     verify_cache: bool = typer.Option(True, help="Check the cache's shard checksums first."),

@@ -250,7 +250,7 @@ def distill_data(
             raise DeltakdError(
                 f"the cache holds the log-probs of another student ({cached_student.get('spec')}), "
                 f"not of {student}: rebuild the cache with --student {student}, or pass "
-                "--no-cached-student to run a frozen copy of the student instead"
+                "--frozen-student to run a frozen copy of the student instead"
             )
     needs_frozen = needs_cache and losses.objective_needs_frozen_student(
         options.objective, use_cached_student

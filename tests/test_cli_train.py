@@ -263,8 +263,8 @@ def test_cache_of_another_student_needs_no_cached_student(tiny, cache, tmp_path)
     other = build_model(tmp_path / "student-b", tokenizer, 1, 32, seed=11)
     args = distill_args(tiny, cache, tmp_path / "out", "--objective", "delta", "--max-steps", 2)
     args[args.index("--student") + 1] = other
-    assert_one_line_error(run_cli(args), "another student", "--no-cached-student")
-    result = run_cli([*args, "--no-cached-student"])
+    assert_one_line_error(run_cli(args), "another student", "--frozen-student")
+    result = run_cli([*args, "--frozen-student"])
     assert result.exit_code == 0, result.output
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["resolved"]["frozen_student"] is True
