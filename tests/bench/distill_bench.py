@@ -79,7 +79,10 @@ def distill(cache: str, student: str, objective: str, *extra: str, workers: int 
         raise SystemExit(f"distill {objective} failed:\n{result.stderr[-2000:]}")
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [step["tokens_per_s"] for step in steps[2:]]  # the first steps warm up
-    return {"tokens_per_s": statistics.median(rates), "peak_rss_kib": int(result.stdout.split()[-1])}
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "peak_rss_kib": int(result.stdout.split()[-1]),
+    }
 
 
 def main() -> None:
@@ -125,7 +128,7 @@ def main() -> None:
         "teacher_parameters": parameters(base), "student_parameters": parameters(student),
         "tokens_per_s": {name: run["tokens_per_s"] for name, run in runs.items()},
         "teachers_and_s0_forward_tokens_per_s": teachers_rate,
-        "online_estimate": "1/online = 1/(teachers+S0 forward rate, from cache-teachers) + 1/cached",
+        "online_estimate": "1/online = 1/(teachers + S0 forward, cache-teachers rate) + 1/cached",
         "rss_kib": {"small_cache": rss_small, "large_cache_10x": rss_large},
     }  # fmt: skip
     record("distill", figures, settings)
