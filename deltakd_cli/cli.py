@@ -322,6 +322,11 @@ def init_student_command(
     keep_layers: str | None = typer.Option(
         None, help="Exactly which source layers to keep, e.g. 0,3,6-9,29 (instead of --layers)."
     ),
+    layer_rule: str = typer.Option(
+        "auto",
+        help="block-influence (keep the layers that change their input most, measured on the "
+        "healing text), uniform (evenly spaced), or auto (block-influence with --heal-data).",
+    ),
     heal_data: str | None = typer.Option(
         None,
         help="Unlabelled text to heal on by KD from the source: JSONL with 'text', a .txt file "
@@ -354,6 +359,7 @@ def init_student_command(
             out=out,
             layers=layers,
             keep_layers=keep_layers,
+            layer_rule=layer_rule,
             heal_data=heal_data,
             work_dir=work_dir,
             heal_epochs=heal_epochs,

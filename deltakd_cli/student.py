@@ -28,27 +28,86 @@ from deltakd_cli import __version__, data, models
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 
-LAYER_RULES = ("uniform",)
+LAYER_RULES = ("auto", "block-influence", "uniform")
 MARKER = "init-student.json"
 HEAL_PROMPT_WORDS = 4  # `text` rows: the first words are the prompt, the rest carries targets
+INFLUENCE_DOCUMENTS = 32  # healing documents the block-influence scores are measured on
 
 
 # ----------------------------------------------------------------------------- choosing layers
 
 
-def choose_layers(num_layers: int, keep: int, rule: str = "uniform") -> list[int]:
-    """Indices of the source layers to keep, ascending.
-
-    uniform: evenly spaced from the first layer to the last, both included (the first layers
-    turn tokens into features and the last ones features into predictions; the middle of a
-    deep stack is the most redundant)."""
+def resolve_rule(rule: str, have_text: bool) -> str:
+    """auto: block-influence when there is text to measure it on, else uniform."""
     if rule not in LAYER_RULES:
         raise DeltakdError(f"unknown layer rule '{rule}' (choose from {', '.join(LAYER_RULES)})")
+    if rule == "auto":
+        return "block-influence" if have_text else "uniform"
+    if rule == "block-influence" and not have_text:
+        raise DeltakdError("--layer-rule block-influence needs text to measure it on (--heal-data)")
+    return rule
+
+
+def choose_layers(
+    num_layers: int, keep: int, rule: str = "uniform", scores: list[float] | None = None
+) -> list[int]:
+    """Indices of the source layers to keep, ascending.
+
+    uniform: evenly spaced from the first layer to the last, both included.
+    block-influence: the `keep` layers that change their input most (ShortGPT, Men et al. 2024:
+    a layer whose output is nearly its input can go); `scores` from block_influence()."""
     if not 1 <= keep <= num_layers:
         raise DeltakdError(f"--layers must be between 1 and {num_layers}, got {keep}")
+    if rule == "block-influence":
+        if scores is None or len(scores) != num_layers:
+            raise DeltakdError("block-influence needs one score per source layer")
+        ranked = sorted(range(num_layers), key=lambda index: (-scores[index], index))
+        return sorted(ranked[:keep])
+    if rule != "uniform":
+        raise DeltakdError(f"unknown layer rule '{rule}' (choose from {', '.join(LAYER_RULES)})")
     if keep == 1:
         return [num_layers - 1]
     return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
+
+
+def influence_from_hidden(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Block influence of one layer on one sequence: 1 - mean over tokens of
+    cos(hidden state in, hidden state out); [T, H], [T, H] -> scalar."""
+    cosine = torch.nn.functional.cosine_similarity(inputs.float(), outputs.float(), dim=-1)
+    return 1.0 - cosine.mean()
+
+
+@torch.inference_mode()
+def block_influence(model: nn.Module, sequences: list[list[int]]) -> list[float]:
+    """Per decoder layer, its block influence averaged over `sequences` (one at a time, so no
+    padding enters the average). Hooks read each layer's input and output hidden states."""
+    _, layers = decoder_layers(model)
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(index: int):
+        def record(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            captured[index] = (hidden_in[0], hidden_out[0])
+
+        return record
+
+    handles = [
+        layer.register_forward_hook(hook(index), with_kwargs=True)
+        for index, layer in enumerate(layers)
+    ]
+    totals = torch.zeros(len(layers), dtype=torch.float64)
+    device = next(model.parameters()).device
+    try:
+        for ids in sequences:
+            model(input_ids=torch.tensor([ids], device=device))
+            for index, (hidden_in, hidden_out) in captured.items():
+                totals[index] += float(influence_from_hidden(hidden_in, hidden_out))
+            captured.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (totals / max(len(sequences), 1)).tolist()
 
 
 def parse_layers(text: str, num_layers: int) -> list[int]:
@@ -256,9 +315,9 @@ def has_checkpoints(out: Path) -> bool:
 class InitStudentConfig:
     source: str
     out: str
-    layers: int | None = None  # how many layers to keep (uniform rule)
+    layers: int | None = None  # how many layers to keep (default a third)
     keep_layers: str | None = None  # or exactly which, e.g. "0,3,6-9,29"
-    layer_rule: str = "uniform"
+    layer_rule: str = "auto"  # auto: block-influence with heal data, else uniform
     heal_data: str | None = None  # unlabelled text; None: prune only
     work_dir: str | None = None  # default: OUT.init next to OUT
     heal_epochs: int = 1
@@ -289,12 +348,11 @@ class InitStudentConfig:
 _NOT_IN_KEY = ("out", "work_dir", "overwrite", "device", "num_workers", "heal_data", "save_every")
 
 
-def settings_key(
-    config: InitStudentConfig, source_sha: str, keep: list[int], heal_sha: str | None
-) -> str:
-    """Equal keys mean a rerun would make the same student."""
+def settings_key(config: InitStudentConfig, source_sha: str, heal_sha: str | None) -> str:
+    """Equal keys mean a rerun would make the same student (the kept layers are a function of
+    the source, the rule and the healing text, all in the key)."""
     settings = {k: v for k, v in asdict(config).items() if k not in _NOT_IN_KEY}
-    settings.update(source_sha256=source_sha, keep=keep, heal_sha256=heal_sha)
+    settings.update(source_sha256=source_sha, heal_sha256=heal_sha)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -320,16 +378,16 @@ def init_student(config: InitStudentConfig) -> dict[str, Any]:
     out, work = Path(config.out), config.work_path
     tokenizer = models.load_tokenizer(config.source)
     num_layers = _source_layers(config.source)
-    keep = (
-        parse_layers(config.keep_layers, num_layers)
+    rule = (
+        "explicit"
         if config.keep_layers
-        else choose_layers(num_layers, config.layers or max(1, num_layers // 3), config.layer_rule)
+        else resolve_rule(config.layer_rule, bool(config.heal_data))
     )
     source_identity = distributed.broadcast_object(
         models.model_identity(config.source, tokenizer) if main else None
     )
     heal_sha = data.file_sha256(config.heal_data) if config.heal_data else None
-    key = settings_key(config, source_identity["weights_sha256"], keep, heal_sha)
+    key = settings_key(config, source_identity["weights_sha256"], heal_sha)
     marker = read_marker(out)
     if marker and marker.get("settings_key") == key:
         info(f"[green]{out} is already complete[/green] for these settings; nothing to do")
@@ -341,10 +399,27 @@ def init_student(config: InitStudentConfig) -> dict[str, Any]:
             + "; pass --overwrite to replace it, or choose another --out"
         )
 
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
+    heal_file, template = None, "plain"
+    if config.heal_data:
+        heal_file, template = heal_rows_file(config.heal_data, work / "heal-rows.jsonl", write=main)
+    scores = None
+    if rule == "explicit":
+        keep = parse_layers(config.keep_layers, num_layers)
+    else:
+        count = config.layers or max(1, num_layers // 3)
+        if rule == "block-influence":
+            scores = distributed.broadcast_object(
+                measure_influence(config.source, heal_file, template, config.max_length)
+                if main
+                else None
+            )
+        keep = choose_layers(num_layers, count, rule, scores)
+
     pruned_dir = work / "pruned"
     prune_key = {"source_sha256": source_identity["weights_sha256"], "keep": keep}
     if main:
-        work.mkdir(parents=True, exist_ok=True)
         if keyed_dir(pruned_dir, prune_key) and (pruned_dir / "config.json").is_file():
             info(f"reusing the pruned copy in {pruned_dir}")
         else:
@@ -359,16 +434,14 @@ def init_student(config: InitStudentConfig) -> dict[str, Any]:
         "source": source_identity,
         "source_layers": num_layers,
         "kept_layers": keep,
-        "layer_rule": "explicit" if config.keep_layers else config.layer_rule,
+        "layer_rule": rule,
+        "layer_scores": scores,
         "pruned_copy": str(pruned_dir.resolve()),
         "options": asdict(config),
         "healed": bool(config.heal_data),
     }
     healed_dir = work / "healed"
     if config.heal_data:
-        heal_file, template = heal_rows_file(
-            config.heal_data, work / "heal-rows.jsonl", write=main
-        )
         cache_dir = work / "heal-cache"
         cache_key = {"source_sha256": source_identity["weights_sha256"], "heal_sha256": heal_sha}
         if main:
@@ -437,6 +510,16 @@ def init_student(config: InitStudentConfig) -> dict[str, Any]:
     return record
 
 
+def measure_influence(source: str, rows_file: Path, template: str, max_length: int) -> list:
+    """Block influence of every source layer over the first healing documents."""
+    tokenizer = models.load_tokenizer(source)
+    examples = data.load_examples(rows_file)[:INFLUENCE_DOCUMENTS]
+    tokenized = data.tokenize_all(examples, template, tokenizer, max_length)
+    model = models.load_model(source, dtype=stored_dtype(source), device=torch.device("cpu"))
+    info(f"measuring the block influence of each layer on {len(tokenized)} documents")
+    return block_influence(model, [t.input_ids for t in tokenized])
+
+
 def _finish(out: Path, pruned_dir: Path, healed_dir: Path | None, record: dict) -> None:
     """OUT gets the student's files (checkpoints stay in the work dir) and the record, last."""
     staging = out.with_name(out.name + ".partial")
@@ -469,6 +552,7 @@ def _validate(config: InitStudentConfig) -> None:
         raise DeltakdError(f"--lr must be > 0, got {config.lr}")
     if config.layer_rule not in LAYER_RULES:
         raise DeltakdError(f"--layer-rule must be one of {', '.join(LAYER_RULES)}")
+    resolve_rule(config.layer_rule, bool(config.heal_data))
     if config.heal_data and not Path(config.heal_data).is_file():
         raise DeltakdError(f"--heal-data not found: {config.heal_data}")
     source = models.resolve_source(config.source)

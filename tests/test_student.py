@@ -53,6 +53,39 @@ def test_uniform_layers_span_first_to_last():
             assert 0 <= chosen[0] and chosen[-1] == total - 1
 
 
+def test_block_influence_keeps_the_layers_that_change_their_input_most():
+    scores = [0.9, 0.1, 0.05, 0.3, 0.02, 0.8]
+    assert student.choose_layers(6, 3, "block-influence", scores) == [0, 3, 5]
+    with pytest.raises(DeltakdError, match="one score per source layer"):
+        student.choose_layers(6, 3, "block-influence", scores[:4])
+    assert student.resolve_rule("auto", have_text=True) == "block-influence"
+    assert student.resolve_rule("auto", have_text=False) == "uniform"
+    with pytest.raises(DeltakdError, match="needs text"):
+        student.resolve_rule("block-influence", have_text=False)
+
+
+def test_block_influence_matches_hidden_states_from_the_forward(tiny, tmp_path):
+    """Hooks on the layers against an independent reference: the model's own hidden states
+    (hidden_states[i] enters layer i; the last entry is after the final norm, so the last layer
+    is checked only through the hooks' shape)."""
+    source = tmp_path / "four"
+    build_model(source, tiny.tokenizer, layers=4, hidden=32, seed=7)
+    model = models.load_model(str(source))
+    sequences = [[5, 17, 40, 8, 99, 3], [11, 12, 13]]
+    scores = student.block_influence(model, sequences)
+    assert len(scores) == 4
+    expected = torch.zeros(3)
+    with torch.no_grad():
+        for ids in sequences:
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+            for index in range(3):
+                cosine = torch.nn.functional.cosine_similarity(
+                    hidden[index][0], hidden[index + 1][0], dim=-1
+                )
+                expected[index] += (1 - cosine.mean()) / len(sequences)
+    torch.testing.assert_close(torch.tensor(scores[:3], dtype=torch.float32), expected)
+
+
 def test_layer_lists_parse_and_refuse_nonsense():
     assert student.parse_layers("0,3,6-9,29", 30) == [0, 3, 6, 7, 8, 9, 29]
     assert student.parse_layers("5,1", 6) == [1, 5]
@@ -192,7 +225,10 @@ def test_init_student_prunes_heals_and_reuses(tiny, tmp_path):
     result = run_cli(args)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "init-student.json").read_text())
-    assert record["kept_layers"] == [1] and record["healed"]
+    assert record["healed"] and record["layer_rule"] == "block-influence"
+    assert len(record["layer_scores"]) == 2
+    best = max(range(2), key=lambda i: record["layer_scores"][i])
+    assert record["kept_layers"] == [best]
     assert record["heal"]["response_tokens"] > 0
     healed = models.load_model(str(out))
     assert healed.config.num_hidden_layers == 1
