@@ -27,7 +27,7 @@ format: install
 	$(VENV)/bin/ruff format deltakd_cli tests
 	$(VENV)/bin/ruff check --fix deltakd_cli tests
 
-bench: install
+bench: install $(VENV)/.demo-assets
 	$(PY) tests/bench/run_all.py
 
 # --- demo / pipeline: the whole method on the embedded default, or on your models ---
