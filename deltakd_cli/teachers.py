@@ -310,11 +310,15 @@ def _batch_entries(
     hidden = {}
     for role, model in loaded.items():
         model.check_against_forward(input_ids, attention_mask)
-        hidden[role] = model.hidden(input_ids, attention_mask)[rows, positions]
+        states = model.hidden(input_ids, attention_mask)
+        # With --device-map the last layer may sit on another GPU than the inputs.
+        hidden[role] = states[rows.to(states.device), positions.to(states.device)]
     chunks = []
     for start in range(0, len(rows), POSITION_CHUNK):
         at = slice(start, start + POSITION_CHUNK)
-        logprobs = {role: loaded[role].logprobs(hidden[role][at]) for role in loaded}
+        logprobs = {
+            role: loaded[role].logprobs(hidden[role][at]).to(input_ids.device) for role in loaded
+        }
         chunks.append(
             targets.build_cached_targets(
                 logprobs["teacher_tuned"],
