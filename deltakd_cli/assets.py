@@ -179,8 +179,8 @@ class SplitSettings:
 
     train_rows: int = 100
     test_rows: int = 50
-    max_abstract_words: int = 90  # keeps prompts short; the instruction is never cut
-    heal_rows: int = 200  # unlabelled documents for healing (0: none)
+    max_abstract_words: int = 64  # prompts of ~160 tokens; the instruction is never cut
+    heal_rows: int = 120  # unlabelled documents for healing (0: none)
     heal_max_words: int = 160
 
 
