@@ -47,6 +47,17 @@ GOALS = {
         None,
         "speed-up of cached Delta-KD over both teachers run every step",
     ),
+    **{
+        f"bytes_per_token_k{k}_{kind}{part}": (
+            f"< {anchor} (DistillKit at k={k})",
+            lambda v, anchor=anchor: v < anchor,
+            "stored bytes per response token / distributions stored"
+            + (", example tokens and offsets left out" if part.startswith("_entries") else ""),
+        )
+        for k, anchor in ((32, 73), (64, 146))
+        for kind in ("teachers", "student")
+        for part in ("_per_distribution", "_entries_per_distribution")
+    },
     "distill_peak_rss_growth": (
         "< 1.1",
         lambda v: v < 1.1,
