@@ -58,6 +58,14 @@ GOALS = {
         for kind in ("teachers", "student")
         for part in ("_per_distribution", "_entries_per_distribution")
     },
+    **{
+        f"target_grad_cosine_{student}_k64": (
+            ">= 0.97",
+            lambda v: v >= 0.97,
+            f"cosine of cached vs exact delta gradient at S0, default rule, {student} student",
+        )
+        for student in ("copied", "healed")
+    },
     "distill_peak_rss_growth": (
         "< 1.1",
         lambda v: v < 1.1,
