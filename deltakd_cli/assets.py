@@ -163,8 +163,16 @@ def convert_base_model(gguf: Path, record: dict[str, Any], out_dir: Path) -> boo
         if stale.exists():
             shutil.rmtree(stale)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    models.quiet_transformers()  # its own dequantisation bars would break the display
-    models.convert_gguf(gguf, out_dir)
+    models.quiet_transformers()  # its own bars would break the display; the GGUF
+    previous = os.environ.get("TQDM_DISABLE")  # dequantiser uses plain tqdm
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        models.convert_gguf(gguf, out_dir)
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
     marker = {"source": record, "gguf_sha256": record["sha256"], "deltakd_version": __version__}
     (out_dir / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return True

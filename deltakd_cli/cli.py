@@ -349,8 +349,7 @@ def init_student_command(
     save_every: int = typer.Option(500, help="Healing checkpoint every N steps (0: never)."),
     overwrite: bool = typer.Option(False, help="Replace an OUT made with other settings."),
 ) -> None:
-    """Make a base student: keep some layers of a same-family model, then heal the copy by KD
-    from that model on unlabelled text (a pruned copy used as is is a poor S0 for Delta-KD)."""
+    """Make a base student: keep some layers of a model, then heal the copy by KD from it."""
     from deltakd_cli.student import InitStudentConfig, init_student
 
     init_student(
@@ -395,8 +394,7 @@ def demo_command(
     nproc: int = typer.Option(1, help="Processes for the data-parallel stages (torchrun)."),
     estimate: bool = typer.Option(False, help="Prepare the assets, print the time estimate, stop."),
 ) -> None:
-    """The embedded default: SmolLM2-135M-Instruct and abstract2title (both from PyPI wheels),
-    every stage, and a table that answers "does Delta-KD help here?"."""
+    """The whole method on SmolLM2-135M and abstract2title (PyPI wheels), offline, with a table."""
     from deltakd_cli.demo import DemoOptions, run_demo
 
     run_demo(
@@ -428,6 +426,8 @@ def pipeline_command(
     student_layers: int | None = typer.Option(None, help="init-student: layers to keep."),
     heal_data: str | None = typer.Option(None, help="init-student: unlabelled healing text."),
     heal_epochs: int = typer.Option(1, help="init-student: passes over the healing text."),
+    heal_lr: float = typer.Option(1e-4, help="init-student: healing learning rate."),
+    heal_batch_size: int = typer.Option(8, help="init-student: documents per healing step."),
     template: str = typer.Option("alpaca", help="Prompt template: alpaca, chat or plain."),
     max_length: int = typer.Option(1024, help="Tokens per training example."),
     top_k: int = typer.Option(64, help="Ids kept per position in the cache."),
@@ -450,8 +450,7 @@ def pipeline_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     nproc: int = typer.Option(1, help="Processes (GPUs) for the data-parallel stages."),
 ) -> None:
-    """Every stage on your models and data: [init-student], [finetune], cache-teachers,
-    distill sft/kd/delta, one eval of all six models; reruns skip finished stages."""
+    """Every stage on your models and data, from cache-teachers to the eval table (resumable)."""
     from deltakd_cli.demo import InitStudentStep, PipelineSettings, run_pipeline
     from deltakd_cli.errors import DeltakdError
 
@@ -466,7 +465,9 @@ def pipeline_command(
             layers=student_layers,
             heal_data=heal_data,
             heal_epochs=heal_epochs,
-            max_length=min(max_length, 1024),
+            lr=heal_lr,
+            batch_size=heal_batch_size,
+            max_length=max_length,
             top_k=top_k,
         )
     run_pipeline(

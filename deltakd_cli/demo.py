@@ -569,13 +569,22 @@ def print_results(summary: dict[str, Any], summary_path: Path) -> None:
         )
     out = Path(summary["settings"]["out"])
     console.print(f"\n[bold]written under {out}/[/bold]")
-    for line in (
-        "models/      teacher-tuned, student-base, student-sft, student-kd, student-delta "
-        "(Hugging Face directories with run.json)",
-        "cache/       the teachers' cache (deltakd inspect)",
-        "eval/        report.json and report.generations.jsonl",
-        f"{summary_path.name}  this table, the commands and the time of every stage",
-    ):
+    made = (
+        sorted(p.name for p in (out / "models").iterdir() if p.is_dir())
+        if (out / "models").is_dir()
+        else []
+    )
+    lines = []
+    if made:
+        lines.append(f"models/       {', '.join(made)} (Hugging Face directories)")
+    if (out / "init-student").is_dir():
+        lines.append("init-student/ the pruned copy as copied, the healing cache and run")
+    lines += [
+        "cache/        the teachers' cache (deltakd inspect cache)",
+        "eval/         report.json and report.generations.jsonl (every generation)",
+        f"{summary_path.name}  this table, every stage's command and time, the settings",
+    ]
+    for line in lines:
         console.print(f"  {line}")
     skipped = [name for name, record in summary["stages"].items() if record.get("skipped")]
     if skipped:

@@ -282,7 +282,7 @@ def test_comparisons_are_paired_over_rows_with_seeds_averaged(tmp_path):
     assert [row["label"] for row in table["rows"]][0] == "base teacher"
 
 
-def test_the_default_demo_is_sized_for_two_cores_and_full_is_larger():
+def test_full_is_larger_than_the_default_and_uses_the_published_protocol():
     counts = {
         "train": {"rows": 100, "tokens": 22_400, "prompt_tokens": 20_000},
         "test": {"rows": 50, "tokens": 11_200, "prompt_tokens": 10_000},
