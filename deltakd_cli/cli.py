@@ -428,6 +428,7 @@ def pipeline_command(
     heal_epochs: int = typer.Option(1, help="init-student: passes over the healing text."),
     heal_lr: float = typer.Option(1e-4, help="init-student: healing learning rate."),
     heal_batch_size: int = typer.Option(8, help="init-student: documents per healing step."),
+    heal_max_length: int = typer.Option(256, help="init-student: tokens per healing document."),
     template: str = typer.Option("alpaca", help="Prompt template: alpaca, chat or plain."),
     max_length: int = typer.Option(1024, help="Tokens per training example."),
     top_k: int = typer.Option(64, help="Ids kept per position in the cache."),
@@ -467,7 +468,7 @@ def pipeline_command(
             heal_epochs=heal_epochs,
             lr=heal_lr,
             batch_size=heal_batch_size,
-            max_length=max_length,
+            max_length=heal_max_length,
             top_k=top_k,
         )
     run_pipeline(

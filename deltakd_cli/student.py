@@ -443,7 +443,14 @@ def init_student(config: InitStudentConfig) -> dict[str, Any]:
     healed_dir = work / "healed"
     if config.heal_data:
         cache_dir = work / "heal-cache"
-        cache_key = {"source_sha256": source_identity["weights_sha256"], "heal_sha256": heal_sha}
+        cache_key = {  # what decides the cache's content (it is reused across healing runs)
+            "source_sha256": source_identity["weights_sha256"],
+            "heal_sha256": heal_sha,
+            "top_k": config.top_k,
+            "max_length": config.max_length,
+            "batch_size": config.cache_batch_size,
+            "dtype": config.dtype,
+        }
         if main:
             keyed_dir(cache_dir, cache_key)
         distributed.barrier()

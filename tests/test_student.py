@@ -249,6 +249,11 @@ def test_init_student_prunes_heals_and_reuses(tiny, tmp_path):
     # other settings refuse to replace it without --overwrite
     changed = run_cli([*args[:-2], "--seed", 1, "--device", "cpu"])
     assert_one_line_error(changed, "other settings", "--overwrite")
+    # with --overwrite, a healing text cut at another length rebuilds the healing cache
+    shorter = run_cli([*args, "--max-length", 24, "--overwrite"])
+    assert shorter.exit_code == 0, shorter.output
+    heal_cache = Path(record["pruned_copy"]).parent / "heal-cache" / "manifest.json"
+    assert json.loads(heal_cache.read_text())["provenance"]["max_length"] == 24
 
 
 def test_init_student_without_heal_data_copies_and_warns(tiny, tmp_path):
