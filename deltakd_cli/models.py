@@ -132,6 +132,18 @@ def load_model(
     return model
 
 
+def stored_dtype(spec: str) -> torch.dtype:
+    """The dtype a model's weights are stored in (float32 for GGUF and when unknown)."""
+    source = resolve_source(spec)
+    config_path = Path(source.path) / "config.json"
+    if not source.gguf_file and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        name = config.get("dtype") or config.get("torch_dtype")
+        if name in ("float32", "bfloat16", "float16"):
+            return getattr(torch, name)
+    return torch.float32
+
+
 def tokenizer_vocab_size(tokenizer: Any) -> int:
     """Tokens the tokenizer can produce (added tokens included)."""
     return len(tokenizer)

@@ -178,23 +178,11 @@ def pruned_state_dict(
     return result
 
 
-def stored_dtype(spec: str) -> torch.dtype:
-    """The dtype the source's weights are stored in (float32 for GGUF and unknown)."""
-    source = models.resolve_source(spec)
-    config_path = Path(source.path) / "config.json"
-    if not source.gguf_file and config_path.is_file():
-        config = json.loads(config_path.read_text())
-        name = config.get("dtype") or config.get("torch_dtype")
-        if name in ("float32", "bfloat16", "float16"):
-            return getattr(torch, name)
-    return torch.float32
-
-
 def prune(source: str, keep: list[int], out_dir: Path) -> Path:
     """Write a Hugging Face directory holding the source with only the `keep` layers."""
     from transformers import AutoModelForCausalLM
 
-    dtype = stored_dtype(source)
+    dtype = models.stored_dtype(source)
     tokenizer = models.load_tokenizer(source)
     model = models.load_model(source, dtype=dtype, device=torch.device("cpu"))
     prefix, layers = decoder_layers(model)
@@ -522,7 +510,7 @@ def measure_influence(source: str, rows_file: Path, template: str, max_length: i
     tokenizer = models.load_tokenizer(source)
     examples = data.load_examples(rows_file)[:INFLUENCE_DOCUMENTS]
     tokenized = data.tokenize_all(examples, template, tokenizer, max_length)
-    model = models.load_model(source, dtype=stored_dtype(source), device=torch.device("cpu"))
+    model = models.load_model(source, dtype=models.stored_dtype(source), device=torch.device("cpu"))
     info(f"measuring the block influence of each layer on {len(tokenized)} documents")
     return block_influence(model, [t.input_ids for t in tokenized])
 

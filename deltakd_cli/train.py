@@ -578,7 +578,7 @@ class Trainer:
         load_device = torch.device("cpu") if options.fsdp else self.device
         student = models.load_model(options.student, torch.float32, load_device)
         self.vocab_size = models.check_model_vocab(student, self.tokenizer, "student")
-        self.export_dtype = _stored_dtype(options.student)
+        self.export_dtype = models.stored_dtype(options.student)
         frozen = None
         if self.data.needs_frozen_student:
             frozen = copy.deepcopy(student)
@@ -914,18 +914,6 @@ class Trainer:
             os.replace(run_file, self.out / "run.json")
         distributed.barrier()
         return summary
-
-
-def _stored_dtype(spec: str) -> torch.dtype:
-    """The dtype the student's weights were stored in: the export keeps it."""
-    source = models.resolve_source(spec)
-    config_path = Path(source.path) / "config.json"
-    if not source.gguf_file and config_path.exists():
-        config = json.loads(config_path.read_text())
-        name = config.get("dtype") or config.get("torch_dtype")
-        if name in ("float32", "bfloat16", "float16"):
-            return getattr(torch, name)
-    return torch.float32
 
 
 def _grad_norm(parameters: list[torch.Tensor], max_norm: float) -> float:
