@@ -441,6 +441,9 @@ def pipeline_command(
     finetune_epochs: int = typer.Option(3, help="Epochs of the tuned teacher, if made here."),
     finetune_lr: float = typer.Option(2e-5, help="Learning rate of the tuned teacher."),
     seed: int = typer.Option(0, help="Training seed."),
+    student_seeds: str | None = typer.Option(
+        None, help="Train each student once per seed, e.g. 0,1,2: the table gives their spread."
+    ),
     save_every: int = typer.Option(500, help="Checkpoint every N steps (resume on rerun)."),
     protocol: str = typer.Option("minillm", help="Eval protocol: minillm (the field's) or greedy."),
     seeds: str | None = typer.Option(None, help="Eval seeds (default 10,20,30,40,50)."),
@@ -492,6 +495,7 @@ def pipeline_command(
             grad_accum=grad_accum,
             sft_weight=sft_weight,
             seed=seed,
+            student_seeds=student_seeds,
             save_every=save_every,
             protocol=protocol,
             seeds=seeds,

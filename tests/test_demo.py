@@ -80,18 +80,19 @@ def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
     assert set(summary["roles"]) == set(ROLES)
     assert [row["role"] for row in summary["results"]["rows"]] == ROLES
     assert all(row["rows"] == 4 and row["runs"] == 1 for row in summary["results"]["rows"])
+    assert all(len(models) == 1 for models in summary["roles"].values())
     for role in ROLES[1:]:
-        directory = Path(summary["roles"][role])
+        directory = Path(summary["roles"][role][0])
         assert (directory / "config.json").is_file()
     for objective in demo.OBJECTIVES:
         run = json.loads((out / "models" / f"student-{objective}" / "run.json").read_text())
         assert run["options"]["objective"] == objective
-        assert run["options"]["student"] == summary["roles"]["student-base"]
+        assert run["options"]["student"] == summary["roles"]["student-base"][0]
     manifest = json.loads((out / "cache" / "manifest.json").read_text())
     assert manifest["has_student"] and manifest["k"] == 16
     report = json.loads((out / "eval" / "report.json").read_text())
-    assert [m["name"] for m in report["models"]] == [summary["roles"][r] for r in ROLES]
-    assert report["baseline"] == summary["roles"]["student-kd"]
+    assert [m["name"] for m in report["models"]] == [summary["roles"][r][0] for r in ROLES]
+    assert report["baseline"] == summary["roles"]["student-kd"][0]
     pairs = {(c["model"], c["minus"]) for c in summary["results"]["comparisons"]}
     assert ("student-delta", "student-kd") in pairs and ("student-delta", "student-sft") in pairs
     assert all(not record["skipped"] for record in summary["stages"].values())
@@ -112,6 +113,36 @@ def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
     }
     run = json.loads((out / "models" / "student-kd" / "run.json").read_text())
     assert run["options"]["sft_weight"] == 0.25
+
+    # several training seeds: the teachers, S0 and the cache are reused; each student is
+    # trained once per seed and the table gives the mean and spread over them
+    seeded = run_cli([*args, "--student-seeds", "3,4"])
+    assert seeded.exit_code == 0, seeded.output
+    assert stages_reused(seeded.output) == {
+        "init-student",
+        "finetune the tuned teacher",
+        "cache-teachers",
+    }
+    summary = json.loads((out / "summary.json").read_text())
+    for objective in demo.OBJECTIVES:
+        models_of_role = summary["roles"][f"student-{objective}"]
+        assert models_of_role == [
+            str(out / "models" / f"student-{objective}-seed{s}") for s in (3, 4)
+        ]
+        seeds_trained = [
+            json.loads((Path(m) / "run.json").read_text())["options"]["seed"]
+            for m in models_of_role
+        ]
+        assert seeds_trained == [3, 4]
+    rows = {row["role"]: row for row in summary["results"]["rows"]}
+    assert rows["student-delta"]["spread"] == "training seeds"
+    assert rows["student-delta"]["runs"] == 2 and rows["teacher-base"]["runs"] == 1
+    assert rows["student-delta"]["rougeL"] == pytest.approx(
+        sum(rows["student-delta"]["per_model"]) / 2
+    )
+    delta_vs_kd = summary["results"]["comparisons"][0]
+    assert len(delta_vs_kd["per_seed_differences"]) == 2
+    assert "per training seed:" in seeded.output
 
 
 # ----------------------------------------------------------------------------- the demo path
@@ -193,7 +224,7 @@ def test_demo_on_packaged_assets_end_to_end(tiny, tmp_path, monkeypatch):
         sources["task"]["distribution"] == "evals" and sources["task"]["version"] == "3.0.1.post1"
     )
     assert sources["files"]["heal"]["composition"]["extra_texts"] == 1
-    assert summary["roles"]["teacher-base"] == str(work / "models" / "teacher-base")
+    assert summary["roles"]["teacher-base"] == [str(work / "models" / "teacher-base")]
     init = json.loads((work / "models" / "student-base" / "init-student.json").read_text())
     assert init["healed"] and init["kept_layers"] == [1]
     assert (work / "init-student" / "pruned" / "config.json").is_file()  # for the fidelity bench
@@ -246,13 +277,13 @@ def test_a_stage_that_writes_nothing_fails_clearly(tmp_path, monkeypatch):
 
 
 def test_comparisons_are_paired_over_rows_with_seeds_averaged(tmp_path):
-    roles = {role: f"m-{role}" for role in ROLES}
+    roles = {role: [f"m-{role}"] for role in ROLES}
     scores = {  # per model: seed -> per-row ROUGE-L
         "m-student-delta": {1: [30.0, 10.0, 50.0], 2: [40.0, 20.0, 50.0]},
         "m-student-kd": {1: [20.0, 10.0, 40.0], 2: [20.0, 30.0, 40.0]},
     }
     records, models_summary = [], []
-    for name in roles.values():
+    for (name,) in roles.values():
         by_seed = scores.get(name, {1: [5.0, 5.0, 5.0], 2: [5.0, 5.0, 5.0]})
         for seed, rows in by_seed.items():
             for row, value in enumerate(rows):
@@ -282,7 +313,69 @@ def test_comparisons_are_paired_over_rows_with_seeds_averaged(tmp_path):
     assert [row["label"] for row in table["rows"]][0] == "base teacher"
 
 
-def test_full_is_larger_than_the_default_and_uses_the_published_protocol():
+def test_a_role_with_several_training_seeds_averages_them(tmp_path):
+    roles = {role: [f"m-{role}"] for role in ROLES}
+    roles["student-kd"] = ["kd-0", "kd-1"]
+    roles["student-delta"] = ["delta-0", "delta-1"]
+    rows = {  # per model: per-row ROUGE-L (one greedy run each)
+        "kd-0": [10.0, 20.0],
+        "kd-1": [30.0, 20.0],
+        "delta-0": [20.0, 40.0],
+        "delta-1": [20.0, 20.0],
+    }
+    records, models_summary = [], []
+    for models_of_role in roles.values():
+        for name in models_of_role:
+            values = rows.get(name, [5.0, 5.0])
+            records += [
+                {"model": name, "seed": None, "row": r, "rougeL": v} for r, v in enumerate(values)
+            ]
+            mean = sum(values) / 2
+            models_summary.append(
+                {
+                    "name": name,
+                    "mean": {"rougeL": mean},
+                    "std": {"rougeL": None},
+                    "n_seeds": 1,
+                    "n_rows": 2,
+                }
+            )
+    report_path = tmp_path / "report.json"
+    (tmp_path / "report.generations.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records)
+    )
+    table = demo.results_table({"models": models_summary}, roles, report_path)
+    by_role = {row["role"]: row for row in table["rows"]}
+    # kd models score 15 and 25: mean 20, sample std sqrt(50); delta 30 and 20
+    assert by_role["student-kd"]["rougeL"] == pytest.approx(20.0)
+    assert by_role["student-kd"]["rougeL_std"] == pytest.approx(50**0.5)
+    assert by_role["student-kd"]["spread"] == "training seeds"
+    assert by_role["student-kd"]["runs"] == 2
+    assert (
+        by_role["teacher-base"]["rougeL_std"] is None and by_role["teacher-base"]["spread"] is None
+    )
+    entry = next(
+        c
+        for c in table["comparisons"]
+        if (c["model"], c["minus"]) == ("student-delta", "student-kd")
+    )
+    # per-row role means: delta 20, 30; kd 20, 20 -> +5; per seed: 30 - 15, 20 - 25
+    assert entry["difference"] == pytest.approx(5.0)
+    assert entry["per_seed_differences"] == pytest.approx([15.0, -5.0])
+    sft_entry = next(c for c in table["comparisons"] if c["minus"] == "student-sft")
+    assert "per_seed_differences" not in sft_entry  # one sft model against two delta models
+
+
+def test_student_seeds_must_be_distinct_integers():
+    for bad in ("0,x", "1,1", ","):
+        settings = demo.PipelineSettings(
+            out="o", teacher_base="t", train="a", test="b", student_seeds=bad
+        )
+        with pytest.raises(DeltakdError, match="--student-seeds"):
+            _ = settings.student_seed_list
+
+
+def test_full_is_larger_than_the_default_and_trains_several_seeds():
     counts = {
         "train": {"rows": 100, "tokens": 22_400, "prompt_tokens": 20_000},
         "test": {"rows": 50, "tokens": 11_200, "prompt_tokens": 10_000},
@@ -291,7 +384,11 @@ def test_full_is_larger_than_the_default_and_uses_the_published_protocol():
     default = sum(demo.estimate_seconds(demo.DEFAULT_PROFILE, counts).values())
     full = sum(demo.estimate_seconds(demo.FULL_PROFILE, counts).values())
     assert full > 2 * default
-    assert demo.FULL_PROFILE.protocol == "minillm" and demo.FULL_PROFILE.seeds is None
+    assert len(demo.FULL_PROFILE.student_seeds.split(",")) >= 3
+    full_split, default_split = demo.FULL_PROFILE.split, demo.DEFAULT_PROFILE.split
+    assert full_split.train_rows > default_split.train_rows
+    assert full_split.test_rows > default_split.test_rows
+    assert demo.FULL_PROFILE.epochs > demo.DEFAULT_PROFILE.epochs
 
 
 # ----------------------------------------------------------------------------- the Makefile
