@@ -136,6 +136,16 @@ class Fixture:
         self.tokenizer.save_pretrained(target)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread when the 2 cores are shared (no OMP spinning).
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Fixture:
     return Fixture(tmp_path_factory.mktemp("tiny"))

@@ -13,8 +13,8 @@ import sys
 import time
 
 import numpy as np
-from cache_helpers import REPO, cache_args, run_module
 from conftest import make_rows, write_jsonl
+from helpers import REPO, cache_args, run_module
 
 from deltakd_cli.cache import CacheReader
 

@@ -6,18 +6,8 @@ import json
 import shutil
 
 import pytest
-from cache_helpers import cache_args, run_cli, run_module
 from conftest import build_model, write_jsonl
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, result.output
-    joined = " ".join(result.output.split())
-    for fragment in fragments:
-        assert fragment in joined, result.output
+from helpers import assert_one_line_error, cache_args, run_cli, run_module
 
 
 @pytest.fixture(scope="module")

@@ -12,31 +12,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
-from typer.testing import CliRunner
+from helpers import flat, run_cli
 
 from deltakd_cli import assets, demo, models
-from deltakd_cli.cli import app
 from deltakd_cli.errors import DeltakdError
 
 REPO = Path(__file__).resolve().parents[1]
 ROLES = list(demo.ROLE_LABELS)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def run_cli(args: list) -> object:
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def heal_file(tiny, path: Path) -> Path:

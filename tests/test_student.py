@@ -9,33 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_model
-from typer.testing import CliRunner
+from helpers import assert_one_line_error, run_cli
 
 from deltakd_cli import models, student
-from deltakd_cli.cli import app
 from deltakd_cli.errors import DeltakdError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def run_cli(args: list) -> object:
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(result, *fragments) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    joined = " ".join(result.output.split())
-    for fragment in fragments:
-        assert fragment in joined, result.output
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- choosing layers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cache_helpers import cache_args, run_cli
+from helpers import cache_args, run_cli
 from transformers import AutoModelForCausalLM
 
 from deltakd_cli import data, models

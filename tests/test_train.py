@@ -15,6 +15,8 @@ from deltakd_cli import batching, data, losses, models, train
 from deltakd_cli.cache import CacheReader
 from deltakd_cli.cli import app
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def build_cache(tiny, out, *, student: bool, top_k: int = 8):
     args = [
@@ -31,15 +33,6 @@ def build_cache(tiny, out, *, student: bool, top_k: int = 8):
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread when the 2 cores are shared (no OMP spinning)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -12,25 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 from safetensors.torch import load_file
-from typer.testing import CliRunner
-
-from deltakd_cli.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def run_cli(args: list):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def torchrun(args: list) -> subprocess.CompletedProcess:

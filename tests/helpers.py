@@ -1,4 +1,5 @@
-"""Shared by the cache tests: run cache-teachers in-process or as a subprocess."""
+"""Shared by the tests: run the CLI in-process or as a subprocess, check its one-line errors,
+and build cache-teachers command lines."""
 
 from __future__ import annotations
 
@@ -28,9 +29,25 @@ def cache_args(tiny, out, *extra, student=True) -> list[str]:
     return args + [str(a) for a in extra]
 
 
-def run_cli(args: list[str]):
+def run_cli(args: list):
     """The CLI in-process; returns typer's Result (exit_code, output)."""
-    return CliRunner().invoke(app, args, catch_exceptions=False)
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def flat(text: str) -> str:
+    """Output with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def assert_one_line_error(result, *fragments) -> None:
+    """Bad input: exit 2, exactly one `error:` line, no traceback, and these words in it."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    joined = flat(result.output)
+    for fragment in fragments:
+        assert fragment in joined, result.output
 
 
 def run_module(
