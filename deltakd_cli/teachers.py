@@ -223,11 +223,20 @@ def cache_teachers(config: CacheConfig) -> dict[str, Any]:
         return cache.read_manifest(location) or {}
 
     dtype = models.resolve_dtype(config.dtype, device)
-    loaded = {}
+    loaded: dict[str, PositionLogprobs] = {}
+    # A model named under two roles (init-student's healing cache: both teachers are the
+    # source) is loaded and run once; `shared` maps the second role to the first.
+    shared: dict[str, str] = {}
     for role, spec in roles.items():
+        twin = next((r for r in loaded if same_model(identities[r], identities[role])), None)
+        if twin is not None:
+            shared[role] = twin
+            continue
         model = models.load_model(spec, dtype, device, config.device_map)
         models.check_model_vocab(model, tokenizer, role)
         loaded[role] = PositionLogprobs(model, vocab_size)
+    if shared:
+        info(", ".join(f"{role} is {twin}: run once" for role, twin in shared.items()))
 
     specs = cache.array_specs(config.top_k, vocab_size, config.precision, bool(config.student))
     writer = cache.ShardWriter(location, rank, world, specs)
@@ -255,7 +264,9 @@ def cache_teachers(config: CacheConfig) -> dict[str, Any]:
         for batch in batches[done:]:
             items = [tokenized[i] for i in batch]
             input_ids, attention_mask, rows, positions = pad_batch(items, pad_id, device)
-            stored = _batch_entries(loaded, input_ids, attention_mask, rows, positions, config)
+            stored = _batch_entries(
+                loaded, shared, input_ids, attention_mask, rows, positions, config
+            )
             writer.put(
                 cache.BatchRecord(
                     example_index=np.array(batch, dtype=np.int64),
@@ -298,8 +309,15 @@ def cache_teachers(config: CacheConfig) -> dict[str, Any]:
     return manifest
 
 
+def same_model(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """Two roles name one model: the same location (and GGUF file) with the same weights."""
+    keys = ("path", "gguf_file", "weights_sha256")
+    return all(first[key] == second[key] for key in keys)
+
+
 def _batch_entries(
     loaded: dict[str, PositionLogprobs],
+    shared: dict[str, str],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     rows: torch.Tensor,
@@ -319,6 +337,7 @@ def _batch_entries(
         logprobs = {
             role: loaded[role].logprobs(hidden[role][at]).to(input_ids.device) for role in loaded
         }
+        logprobs.update({role: logprobs[twin] for role, twin in shared.items()})
         chunks.append(
             targets.build_cached_targets(
                 logprobs["teacher_tuned"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +142,34 @@ def test_manifest_records_provenance(tiny, sparse_cache):
     assert manifest["alpha"] == 1.0 and manifest["has_student"]
     assert manifest["bytes_per_response_token"] > 0
     assert sparse_cache.verify() == []
+
+
+def test_one_model_named_twice_is_loaded_and_run_once(tiny, tmp_path, monkeypatch):
+    """init-student's healing cache names the source as both teachers: it must be loaded once
+    and store exactly what two separate copies of the model store."""
+    copy = tmp_path / "base-copy"
+    shutil.copytree(tiny.teacher_base, copy)
+    twice, copied = tmp_path / "twice", tmp_path / "copied"
+    common = ["--top-k", 4, "--teacher-base", tiny.teacher_base]
+    result = run_cli(cache_args(tiny, copied, *common, "--teacher-tuned", copy, student=False))
+    assert result.exit_code == 0, result.output
+
+    loads = []
+    real_load = models.load_model
+    monkeypatch.setattr(
+        models, "load_model", lambda spec, *a: loads.append(spec) or real_load(spec, *a)
+    )
+    args = cache_args(tiny, twice, *common, "--teacher-tuned", tiny.teacher_base, student=False)
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert loads == [str(tiny.teacher_base)]
+    assert "teacher_tuned is teacher_base: run once" in " ".join(result.output.split())
+
+    for once, separate in zip(
+        all_examples(CacheReader(str(twice))), all_examples(CacheReader(str(copied))), strict=True
+    ):
+        assert once.example_index == separate.example_index
+        assert np.array_equal(once.ids, separate.ids)
+        assert np.array_equal(once.tuned_logprobs, once.base_logprobs)  # Delta = 0
+        assert np.allclose(once.tuned_logprobs, separate.tuned_logprobs, atol=1e-6)
+        assert np.allclose(once.base_tail, separate.base_tail, atol=1e-6)
