@@ -782,7 +782,8 @@ def estimate_seconds(profile: DemoProfile, counts: dict[str, dict[str, int]]) ->
     prefill = test["prompt_tokens"] * seeds / RATES["teacher_forward"]
     return {
         "convert": 60.0,
-        "init-student": heal["tokens"] * 2 / RATES["teacher_forward"]
+        # one forward of the source over the healing text (it is both teachers of the cache)
+        "init-student": heal["tokens"] / RATES["teacher_forward"]
         + heal["tokens"] * profile.heal_epochs / RATES["heal_train"]
         + 30,
         "finetune": train["tokens"] * profile.finetune_epochs / RATES["teacher_train"] + 20,
