@@ -9,28 +9,16 @@ import shutil
 import pytest
 import torch
 from conftest import build_model
-from typer.testing import CliRunner
+from helpers import cache_args, run_cli
 
 from deltakd_cli import batching, data, losses, models, train
 from deltakd_cli.cache import CacheReader
-from deltakd_cli.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_cache(tiny, out, *, student: bool, top_k: int = 8):
-    args = [
-        "cache-teachers",
-        "--teacher-base", str(tiny.teacher_base),
-        "--teacher-tuned", str(tiny.teacher_tuned),
-        "--data", str(tiny.train),
-        "--out", str(out),
-        "--top-k", str(top_k),
-        "--device", "cpu",
-    ]  # fmt: skip
-    if student:
-        args += ["--student", str(tiny.student)]
-    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    result = run_cli(cache_args(tiny, out, "--top-k", top_k, student=student))
     assert result.exit_code == 0, result.output
     return out
 
