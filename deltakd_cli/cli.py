@@ -267,10 +267,11 @@ def eval_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU), float32, bfloat16, float16."),
 ) -> None:
-    """Generate on a held-out set and score ROUGE-L the way the field reports it."""
+    """Generate on a held-out set and score ROUGE-L the way the field reports it (data
+    parallel under torchrun: each rank generates a share of the batches)."""
     from rich.console import Console
 
-    from deltakd_cli import evaluate
+    from deltakd_cli import distributed, evaluate
     from deltakd_cli.console import info
     from deltakd_cli.errors import DeltakdError
 
@@ -300,13 +301,17 @@ def eval_command(
             device=device,
             dtype=dtype,
         )
+    if not distributed.is_main_process():  # under torchrun, rank 0 reports and writes
+        distributed.shutdown()
+        return
     for table in evaluate.report_tables(report):
         Console().print(table)
     if out is None:
         info("not saved: add --out REPORT.json to keep the report and every generation")
-        return
-    report_path, records_path = evaluate.write_outputs(report, records, out)
-    info(f"wrote {report_path} and {records_path}")
+    else:
+        report_path, records_path = evaluate.write_outputs(report, records, out)
+        info(f"wrote {report_path} and {records_path}")
+    distributed.shutdown()
 
 
 # --- init-student / demo (embedded default) ---

@@ -447,6 +447,7 @@ def plan_stages(settings: PipelineSettings) -> tuple[list[Stage], dict[str, list
             eval_args,
             eval_dir,
             "report.json",
+            distributed=True,
             inputs={
                 "test": file_key(settings.test),
                 "models": [base_key, *[s.key for s in stages]],

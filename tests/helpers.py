@@ -58,3 +58,15 @@ def run_module(
         [sys.executable, "-m", "deltakd_cli", *args],
         cwd=REPO, env=env, capture_output=True, text=True, **kwargs,
     )  # fmt: skip
+
+
+def torchrun(args: list, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N -m deltakd_cli ARGS` (gloo on CPU)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(nproc), "-m", "deltakd_cli", *[str(a) for a in args],
+    ]  # fmt: skip
+    return subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
