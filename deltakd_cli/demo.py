@@ -593,6 +593,21 @@ def protocol_line(protocol: dict[str, Any] | None, rows: int) -> str:
     )
 
 
+def _directories(models: list[str], root: Path) -> str:
+    """Models as paths relative to `root` (the run's models/) when inside it; a role's seeds
+    folded into one (student-kd-seed{0,1,2})."""
+    names = []
+    for model in models:
+        try:
+            names.append(str(Path(model).relative_to(root)))
+        except ValueError:
+            names.append(model)
+    if len(names) == 1:
+        return names[0]
+    prefix = os.path.commonprefix(names)
+    return prefix + "{" + ",".join(name[len(prefix) :] for name in names) + "}"
+
+
 def print_results(summary: dict[str, Any], summary_path: Path) -> None:
     from rich.table import Table
 
@@ -601,15 +616,20 @@ def print_results(summary: dict[str, Any], summary_path: Path) -> None:
     table = Table(title="Does Delta-KD help here? ROUGE-L on the held-out split")
     table.add_column("model")
     table.add_column("ROUGE-L", justify="right")
-    table.add_column("spread (std over)")
-    table.add_column("runs", justify="right")
+    table.add_column("± std over")
+    out = Path(summary["settings"]["out"])
     table.add_column("directory", overflow="fold")
+    table.caption = f"relative directories are in {out / 'models'}/"
     for row in rows:
         std = row["rougeL_std"]
         cell = f"{row['rougeL']:.2f}" + (f" ± {std:.2f}" if std is not None else "")
-        models = row.get("models", [row["model"]])
-        where = models[0] if len(models) == 1 else f"{models[0]} and {len(models) - 1} more"
-        table.add_row(row["label"], cell, row.get("spread") or "-", str(row["runs"]), where)
+        spread = row.get("spread")
+        if spread == "training seeds":
+            spread = f"{len(row['models'])} training seeds"
+        elif spread == "eval seeds":
+            spread = f"{row['runs']} eval seeds"
+        where = _directories(row.get("models", [row["model"]]), out / "models")
+        table.add_row(row["label"], cell, spread or "-", where)
     console.print(table)
     console.print(protocol_line(summary.get("protocol"), rows[0]["rows"]))
     labels = {row["role"]: row["label"] for row in rows}
@@ -623,7 +643,6 @@ def print_results(summary: dict[str, Any], summary_path: Path) -> None:
         if entry.get("per_seed_differences"):
             per_seed = ", ".join(f"{d:+.2f}" for d in entry["per_seed_differences"])
             console.print(f"    per training seed: {per_seed}")
-    out = Path(summary["settings"]["out"])
     console.print(f"\n[bold]written under {out}/[/bold]")
     made = (
         sorted(p.name for p in (out / "models").iterdir() if p.is_dir())
