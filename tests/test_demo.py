@@ -127,6 +127,7 @@ def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
     delta_vs_kd = summary["results"]["comparisons"][0]
     assert len(delta_vs_kd["per_seed_differences"]) == 2
     assert "per training seed:" in seeded.output
+    assert "student-kd-seed{3,4}" in flat(seeded.output)  # the table folds a role's seeds
 
 
 # ----------------------------------------------------------------------------- the demo path
