@@ -261,32 +261,44 @@ def test_a_stage_that_writes_nothing_fails_clearly(tmp_path, monkeypatch):
         demo.run_stage(stage)
 
 
+def fake_eval(tmp_path, roles, scores, default) -> tuple[dict, Path]:
+    """An eval report and its generations file: `scores[model][seed]` holds per-row ROUGE-L
+    (`default` for models not named); each model's mean and std are computed here."""
+    from deltakd_cli.evaluate import mean_and_std
+
+    records, models_summary = [], []
+    for models_of_role in roles.values():
+        for name in models_of_role:
+            by_seed = scores.get(name, default)
+            for seed, rows in by_seed.items():
+                records += [
+                    {"model": name, "seed": seed, "row": r, "rougeL": v} for r, v in enumerate(rows)
+                ]
+            mean, std = mean_and_std([sum(rows) / len(rows) for rows in by_seed.values()])
+            models_summary.append(
+                {
+                    "name": name,
+                    "mean": {"rougeL": mean},
+                    "std": {"rougeL": std},
+                    "n_seeds": len(by_seed),
+                    "n_rows": len(next(iter(by_seed.values()))),
+                }
+            )
+    report_path = tmp_path / "report.json"
+    (tmp_path / "report.generations.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records)
+    )
+    return {"models": models_summary}, report_path
+
+
 def test_comparisons_are_paired_over_rows_with_seeds_averaged(tmp_path):
     roles = {role: [f"m-{role}"] for role in ROLES}
     scores = {  # per model: seed -> per-row ROUGE-L
         "m-student-delta": {1: [30.0, 10.0, 50.0], 2: [40.0, 20.0, 50.0]},
         "m-student-kd": {1: [20.0, 10.0, 40.0], 2: [20.0, 30.0, 40.0]},
     }
-    records, models_summary = [], []
-    for (name,) in roles.values():
-        by_seed = scores.get(name, {1: [5.0, 5.0, 5.0], 2: [5.0, 5.0, 5.0]})
-        for seed, rows in by_seed.items():
-            for row, value in enumerate(rows):
-                records.append({"model": name, "seed": seed, "row": row, "rougeL": value})
-        models_summary.append(
-            {
-                "name": name,
-                "mean": {"rougeL": 1.0},
-                "std": {"rougeL": 0.5},
-                "n_seeds": 2,
-                "n_rows": 3,
-            }
-        )
-    report_path = tmp_path / "report.json"
-    (tmp_path / "report.generations.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in records)
-    )
-    table = demo.results_table({"models": models_summary}, roles, report_path)
+    report, report_path = fake_eval(tmp_path, roles, scores, {1: [5.0] * 3, 2: [5.0] * 3})
+    table = demo.results_table(report, roles, report_path)
     entry = next(
         c
         for c in table["comparisons"]
@@ -296,40 +308,23 @@ def test_comparisons_are_paired_over_rows_with_seeds_averaged(tmp_path):
     assert entry["difference"] == pytest.approx(20 / 3)
     assert entry["ci_low"] <= entry["difference"] <= entry["ci_high"]
     assert [row["label"] for row in table["rows"]][0] == "base teacher"
+    by_role = {row["role"]: row for row in table["rows"]}
+    assert by_role["student-delta"]["spread"] == "eval seeds"  # one model: its eval seeds' std
+    assert by_role["student-delta"]["rougeL"] == pytest.approx((30 + 110 / 3) / 2)
 
 
 def test_a_role_with_several_training_seeds_averages_them(tmp_path):
     roles = {role: [f"m-{role}"] for role in ROLES}
     roles["student-kd"] = ["kd-0", "kd-1"]
     roles["student-delta"] = ["delta-0", "delta-1"]
-    rows = {  # per model: per-row ROUGE-L (one greedy run each)
-        "kd-0": [10.0, 20.0],
-        "kd-1": [30.0, 20.0],
-        "delta-0": [20.0, 40.0],
-        "delta-1": [20.0, 20.0],
+    scores = {  # per model: per-row ROUGE-L of its one greedy run
+        "kd-0": {None: [10.0, 20.0]},
+        "kd-1": {None: [30.0, 20.0]},
+        "delta-0": {None: [20.0, 40.0]},
+        "delta-1": {None: [20.0, 20.0]},
     }
-    records, models_summary = [], []
-    for models_of_role in roles.values():
-        for name in models_of_role:
-            values = rows.get(name, [5.0, 5.0])
-            records += [
-                {"model": name, "seed": None, "row": r, "rougeL": v} for r, v in enumerate(values)
-            ]
-            mean = sum(values) / 2
-            models_summary.append(
-                {
-                    "name": name,
-                    "mean": {"rougeL": mean},
-                    "std": {"rougeL": None},
-                    "n_seeds": 1,
-                    "n_rows": 2,
-                }
-            )
-    report_path = tmp_path / "report.json"
-    (tmp_path / "report.generations.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in records)
-    )
-    table = demo.results_table({"models": models_summary}, roles, report_path)
+    report, report_path = fake_eval(tmp_path, roles, scores, {None: [5.0, 5.0]})
+    table = demo.results_table(report, roles, report_path)
     by_role = {row["role"]: row for row in table["rows"]}
     # kd models score 15 and 25: mean 20, sample std sqrt(50); delta 30 and 20
     assert by_role["student-kd"]["rougeL"] == pytest.approx(20.0)
