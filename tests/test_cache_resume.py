@@ -56,9 +56,13 @@ def test_killed_and_resumed_equals_uninterrupted(tiny, tmp_path):
                     break
             time.sleep(0.01)
         process.wait()
-        assert not (resumed / "manifest.json").exists() or process.returncode == 0
         if process.returncode == 0:
             break
+        manifest = resumed / "manifest.json"
+        if manifest.exists():
+            # The kill landed after the last write: the manifest is written last and atomically,
+            # so it must be whole; the next launch finds the cache complete and exits 0.
+            assert json.loads(manifest.read_text())["counts"]["examples"] == 60
     assert kills >= 1, "the run finished before it could be killed"
     assert process.returncode == 0, process.stderr.read()
     assert shard_digests(resumed) == shard_digests(reference)
