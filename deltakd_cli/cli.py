@@ -301,16 +301,14 @@ def eval_command(
             device=device,
             dtype=dtype,
         )
-    if not distributed.is_main_process():  # under torchrun, rank 0 reports and writes
-        distributed.shutdown()
-        return
-    for table in evaluate.report_tables(report):
-        Console().print(table)
-    if out is None:
-        info("not saved: add --out REPORT.json to keep the report and every generation")
-    else:
-        report_path, records_path = evaluate.write_outputs(report, records, out)
-        info(f"wrote {report_path} and {records_path}")
+    if distributed.is_main_process():  # under torchrun, rank 0 reports and writes
+        for table in evaluate.report_tables(report):
+            Console().print(table)
+        if out is None:
+            info("not saved: add --out REPORT.json to keep the report and every generation")
+        else:
+            report_path, records_path = evaluate.write_outputs(report, records, out)
+            info(f"wrote {report_path} and {records_path}")
     distributed.shutdown()
 
 

@@ -233,19 +233,11 @@ class PipelineSettings:
 
     @property
     def student_seed_list(self) -> list[int]:
+        from deltakd_cli.evaluate import parse_seeds
+
         if self.student_seeds is None:
             return [self.seed]
-        try:
-            seeds = [int(part) for part in self.student_seeds.split(",") if part.strip()]
-        except ValueError:
-            raise DeltakdError(
-                f"--student-seeds must be comma-separated integers, got {self.student_seeds!r}"
-            ) from None
-        if not seeds or len(set(seeds)) != len(seeds):
-            raise DeltakdError(
-                f"--student-seeds needs distinct integers, got {self.student_seeds!r}"
-            )
-        return seeds
+        return list(parse_seeds(self.student_seeds, "--student-seeds"))
 
 
 def _train_args(settings: PipelineSettings, seed: int | None = None) -> list[str]:
@@ -542,7 +534,6 @@ def results_table(
             {
                 "role": role,
                 "label": label,
-                "model": roles[role][0],
                 "models": roles[role],
                 "rougeL": mean,
                 "rougeL_std": std,
@@ -628,7 +619,7 @@ def print_results(summary: dict[str, Any], summary_path: Path) -> None:
             spread = f"{len(row['models'])} training seeds"
         elif spread == "eval seeds":
             spread = f"{row['runs']} eval seeds"
-        where = _directories(row.get("models", [row["model"]]), out / "models")
+        where = _directories(row["models"], out / "models")
         table.add_row(row["label"], cell, spread or "-", where)
     console.print(table)
     console.print(protocol_line(summary.get("protocol"), rows[0]["rows"]))

@@ -128,24 +128,24 @@ class Protocol:
         }
 
 
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """'10,20,30' -> (10, 20, 30); non-negative, distinct integers."""
+def parse_seeds(text: str, option: str = "--seeds") -> tuple[int, ...]:
+    """'10,20,30' -> (10, 20, 30); non-negative, distinct integers. Errors name `option`."""
     parts = [part.strip() for part in text.split(",")]
     if not text.strip() or any(not part for part in parts):
         raise DeltakdError(
-            f"--seeds: expected comma-separated integers like 10,20,30, got '{text}'"
+            f"{option}: expected comma-separated integers like 10,20,30, got '{text}'"
         )
     seeds = []
     for part in parts:
         try:
             seed = int(part)
         except ValueError:
-            raise DeltakdError(f"--seeds: '{part}' is not an integer (in '{text}')") from None
+            raise DeltakdError(f"{option}: '{part}' is not an integer (in '{text}')") from None
         if seed < 0:
-            raise DeltakdError(f"--seeds: seeds must be non-negative, got {seed}")
+            raise DeltakdError(f"{option}: seeds must be non-negative, got {seed}")
         seeds.append(seed)
     if len(set(seeds)) != len(seeds):
-        raise DeltakdError(f"--seeds: a seed is repeated in '{text}'")
+        raise DeltakdError(f"{option}: a seed is repeated in '{text}'")
     return tuple(seeds)
 
 
@@ -223,6 +223,15 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+def rank_batches(
+    lengths: Sequence[int], batch_size: int, shard: tuple[int, int] = (0, 1)
+) -> list[tuple[int, list[int]]]:
+    """(batch index, rows) of the batches one rank generates: `length_batches` dealt out in
+    turn, batch i to rank i mod world, so every rank sees the one-process batches and seeds."""
+    rank, world = shard
+    return list(enumerate(length_batches(lengths, batch_size)))[rank::world]
+
+
 def batch_seed(seed: int, batch_index: int) -> int:
     """The RNG seed of one batch: a hash of (run seed, batch index), so a batch's samples do not
     depend on how many random numbers earlier batches (or other models) used."""
@@ -288,9 +297,8 @@ def generate_texts(
     (new tokens only, up to the first EOS, special tokens skipped, stripped). Sampling is
     reproducible under `seed`; the caller's RNG state is left as it was.
 
-    `shard = (rank, world)` generates only every world-th batch, starting at rank, and leaves
-    the other rows None: batches and their seeds are those of one process, so the ranks'
-    texts together are exactly the one-process texts."""
+    `shard = (rank, world)` generates only this rank's batches (`rank_batches`) and leaves the
+    other rows None: the ranks' texts together are exactly the one-process texts."""
     device = _model_device(model)
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -299,12 +307,7 @@ def generate_texts(
     texts: list[str | None] = [None] * len(prompts)
     kwargs = protocol.generate_kwargs()
     rng_devices = [device] if device.type == "cuda" else []
-    rank, world = shard
-    for batch_index, rows in enumerate(
-        length_batches([len(p) for p in prompts], protocol.batch_size)
-    ):
-        if batch_index % world != rank:
-            continue
+    for batch_index, rows in rank_batches([len(p) for p in prompts], protocol.batch_size, shard):
         input_ids, attention_mask = left_pad([prompts[i] for i in rows], pad_id, device)
         with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
             if protocol.do_sample:
@@ -618,8 +621,12 @@ def evaluate_models(
             if rank == 0:
                 identities[spec] = models.model_identity(spec, tokenizer)
             _warn_if_too_long(spec, model, prompts, protocol, info)
-            batches = length_batches([len(p.ids) for p in prompts], protocol.batch_size)
-            mine = sum(len(rows) for rows in batches[rank::world])
+            mine = sum(
+                len(rows)
+                for _, rows in rank_batches(
+                    [len(p.ids) for p in prompts], protocol.batch_size, (rank, world)
+                )
+            )
             shown = spec + (f" (rank 0 of {world})" if world > 1 else "")
             task = bar.add_task(shown, total=mine * runs)
             for seed in protocol.seeds:
