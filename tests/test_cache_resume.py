@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 from conftest import make_rows, write_jsonl
-from helpers import REPO, cache_args, run_module
+from helpers import REPO, cache_args, run_module, torchrun
 
 from deltakd_cli.cache import CacheReader
 
@@ -73,11 +73,7 @@ def test_two_process_torchrun_matches_one_process(tiny, tmp_path):
     single = tmp_path / "single"
     assert run_module(cache_args(tiny, single, *common)).returncode == 0
     double = tmp_path / "double"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", "29517", "-m", "deltakd_cli",
-               *map(str, cache_args(tiny, double, *common))]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    result = torchrun(cache_args(tiny, double, *common))
     assert result.returncode == 0, result.stderr[-3000:]
 
     one, two = CacheReader(str(single)), CacheReader(str(double))

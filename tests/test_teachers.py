@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import cache_args, run_cli
+from helpers import cache_args, flat, run_cli
 from transformers import AutoModelForCausalLM
 
 from deltakd_cli import data, models
@@ -163,7 +163,7 @@ def test_one_model_named_twice_is_loaded_and_run_once(tiny, tmp_path, monkeypatc
     result = run_cli(args)
     assert result.exit_code == 0, result.output
     assert loads == [str(tiny.teacher_base)]
-    assert "teacher_tuned is teacher_base: run once" in " ".join(result.output.split())
+    assert "teacher_tuned is teacher_base: run once" in flat(result.output)
 
     for once, separate in zip(
         all_examples(CacheReader(str(twice))), all_examples(CacheReader(str(copied))), strict=True
