@@ -15,6 +15,7 @@ rank runs the same number of steps.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -331,5 +332,11 @@ def micro_batch_loader(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        worker_init_fn=_ignore_interrupts if num_workers > 0 else None,
         **options,
     )
+
+
+def _ignore_interrupts(_worker_id: int) -> None:
+    """Workers leave Ctrl-C to the main process, which stops them (no worker tracebacks)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

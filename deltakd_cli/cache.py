@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -27,9 +28,21 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from deltakd_cli import faults
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.outputs import (
+    LOCK,
+    MARKER,
+    PARTIAL_SUFFIX,
+    atomic_write_text,
+    is_url,
+    local_path,
+    marker_text,
+    write_error,
+    writing,
+)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum; every chunk is written
 POSITION_CHUNK = 2048  # positions per zarr chunk: one chunk is ~256 KiB of ids at k=64
 TOKEN_CHUNK = 65536
 EXAMPLE_CHUNK = 16384
@@ -43,17 +56,14 @@ PER_POSITION_SCALARS = ("tuned_tail", "base_tail", "target_tail_shift", "student
 # ----------------------------------------------------------------------------- locations
 
 
-def is_url(location: str) -> bool:
-    return "://" in location and not location.startswith("file://")
-
-
 class Location:
     """A directory on local disk or behind fsspec, with the few file operations the cache needs.
-    Local writes go through a temp file and a rename, so a reader never sees half a file."""
+    Local writes go through a temp file and a rename, so a reader never sees half a file; every
+    name is checked to stay inside the directory."""
 
     def __init__(self, root: str):
-        self.root = root.rstrip("/")
         self.url = is_url(root)
+        self.root = (root if self.url else local_path(root)).rstrip("/") or "/"
         if self.url:
             try:
                 import fsspec
@@ -67,6 +77,9 @@ class Location:
                 raise DeltakdError(f"{root}: cannot open this URL ({error})") from None
 
     def join(self, *parts: str) -> str:
+        for part in parts:
+            if part.startswith("/") or ".." in part.split("/") or "\\" in part:
+                raise DeltakdError(f"{self.root}: refusing the path {part!r} (outside the cache)")
         return "/".join([self.root, *parts])
 
     def _path(self, relative: str) -> str:
@@ -85,15 +98,12 @@ class Location:
 
     def write_text(self, relative: str, text: str) -> None:
         if self.url:
-            self.fs.makedirs(self._path(relative).rsplit("/", 1)[0], exist_ok=True)
-            with self.fs.open(self._path(relative), "w") as handle:
-                handle.write(text)
+            with writing(self.join(relative), len(text)):
+                self.fs.makedirs(self._path(relative).rsplit("/", 1)[0], exist_ok=True)
+                with self.fs.open(self._path(relative), "w") as handle:
+                    handle.write(text)
             return
-        target = Path(self.join(relative))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.with_name(target.name + ".partial")
-        staging.write_text(text)
-        staging.replace(target)
+        atomic_write_text(self.join(relative), text)
 
     def remove(self, relative: str) -> None:
         if self.url:
@@ -211,6 +221,20 @@ def shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}"
 
 
+SHARD_NAME = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
+
+
+def expected_rows(name: str, counts: dict[str, int]) -> int:
+    """Rows of one array of a shard holding `counts` (examples, tokens, positions)."""
+    if name == "input_ids":
+        return counts["tokens"]
+    if name in ("token_offsets", "target_offsets"):
+        return counts["examples"] + 1
+    if name in ("prompt_length", "example_index"):
+        return counts["examples"]
+    return counts["positions"]
+
+
 @dataclass
 class BatchRecord:
     """What one forward batch contributes to a shard (numpy, already in storage dtypes)."""
@@ -249,6 +273,7 @@ class ShardWriter:
         self.pending_positions = 0
         self.last_flush = time.monotonic()
         self.error: BaseException | None = None
+        self.error_bytes: int | None = None  # what the failed flush was writing
         self.queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self.thread = threading.Thread(target=self._drain, name=f"{self.name}-writer", daemon=True)
         self.thread.start()
@@ -260,6 +285,7 @@ class ShardWriter:
             committed = json.loads(self.location.read_text(self.progress_path))
             self._remove_partial_files()
             self.group = zarr.open_group(self.location.zarr_store(self.group_path), mode="r+")
+            self._open_arrays()
             self._truncate(committed)
             return committed
         self.location.remove(self.group_path)
@@ -273,10 +299,17 @@ class ShardWriter:
                 compressors=[_codec(dtype, shuffle)],
                 fill_value=0,
             )
+        self._open_arrays()
         for name in ("token_offsets", "target_offsets"):
             self._append(name, np.zeros(1, dtype=np.int64))
         self.location.write_text(self.progress_path, json.dumps(empty))
         return empty
+
+    def _open_arrays(self) -> None:
+        # Every chunk is written, zeros included: a chunk file that is missing later means the
+        # store was damaged (zarr would silently read it back as zeros); see check_structure.
+        config = {"write_empty_chunks": True}
+        self.arrays = {name: self.group[name].with_config(config) for name in self.specs}
 
     def _remove_partial_files(self) -> None:
         """A kill during a local write can leave a store's temp file behind; it is not data."""
@@ -285,44 +318,53 @@ class ShardWriter:
         for path in Path(self.location.join(self.group_path)).rglob("*.partial"):
             path.unlink()
 
-    def _rows(self, name: str, committed: dict[str, int]) -> int:
-        if name == "input_ids":
-            return committed["tokens"]
-        if name in ("token_offsets", "target_offsets"):
-            return committed["examples"] + 1
-        if name in ("prompt_length", "example_index"):
-            return committed["examples"]
-        return committed["positions"]
-
     def _truncate(self, committed: dict[str, int]) -> None:
         for name in self.specs:
-            array = self.group[name]
-            rows = self._rows(name, committed)
+            array = self.arrays[name]
+            rows = expected_rows(name, committed)
             if array.shape[0] != rows:
                 array.resize((rows, *array.shape[1:]))
 
     def _append(self, name: str, values: np.ndarray) -> None:
-        array = self.group[name]
+        faults.point(f"append {name}")
+        array = self.arrays[name]
         start = array.shape[0]
         array.resize((start + len(values), *array.shape[1:]))
         array[start:] = values
 
     # -- the compute side
     def put(self, record: BatchRecord) -> None:
-        """Queue one batch for writing (blocks when the writer is `queue_depth` batches behind)."""
+        """Queue one batch for writing (blocks while the writer is `queue_depth` batches behind,
+        and raises as soon as the writer has failed, instead of waiting on it for ever)."""
         self._raise_if_failed()
-        self.queue.put(record)
+        self._hand_over(record)
 
     def close(self) -> dict[str, int]:
         """Flush everything, stop the thread, and return the committed counts."""
-        self.queue.put(None)
+        self._hand_over(None)
         self.thread.join()
         self._raise_if_failed()
         return self.committed
 
+    def _hand_over(self, item: BatchRecord | None) -> None:
+        while True:
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+                if not self.thread.is_alive():
+                    raise DeltakdError(f"the writer of shard {self.name} stopped") from None
+
     def _raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise DeltakdError(f"writing shard {self.name} failed: {self.error}")
+        if self.error is None:
+            return
+        if isinstance(self.error, DeltakdError):
+            raise self.error
+        where = self.location.join(self.group_path)
+        if isinstance(self.error, OSError):
+            raise write_error(self.error, where, self.error_bytes)
+        raise DeltakdError(f"writing shard {where} failed: {self.error}")
 
     # -- the writer thread
     def _drain(self) -> None:
@@ -339,12 +381,22 @@ class ShardWriter:
                     self._flush()
         except BaseException as error:  # surfaced on the compute side by put()/close()
             self.error = error
+            # Unblock a compute side waiting on a full queue: it sees the error next.
+            while not self.queue.empty():
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
 
     def _flush(self) -> None:
         self.last_flush = time.monotonic()
         if not self.pending:
             return
         records, self.pending, self.pending_positions = self.pending, [], 0
+        self.error_bytes = sum(
+            sum(ids.nbytes for ids in r.input_ids) + sum(v.nbytes for v in r.positions.values())
+            for r in records
+        )
         committed = dict(self.committed)
         input_ids = [ids for record in records for ids in record.input_ids]
         lengths = np.array([len(ids) for ids in input_ids], dtype=np.int64)
@@ -361,8 +413,11 @@ class ShardWriter:
         committed["examples"] += len(input_ids)
         committed["tokens"] += int(lengths.sum())
         committed["positions"] += int((lengths - prompt_length).sum())
+        # The arrays may hold more rows than the progress file says (a kill right here):
+        # resume truncates them back to the committed counts.
         self.location.write_text(self.progress_path, json.dumps(committed))
         self.committed = committed
+        self.error_bytes = None
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -383,51 +438,115 @@ def shard_checksums(location: Location, group_path: str) -> dict[str, Any]:
     return {"sha256": digest.hexdigest(), "bytes": total, "array_bytes": by_array}
 
 
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON, its own checksum field left out."""
+    body = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def write_manifest(location: Location, manifest: dict[str, Any]) -> None:
+    """Written last and atomically: a cache is complete iff its manifest exists. The manifest
+    carries its own checksum, so an edit (of k, alpha, a shard name...) is caught on read."""
+    manifest = {**manifest, "manifest_sha256": manifest_checksum(manifest)}
+    faults.point("manifest")
     location.write_text("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def read_manifest(location: Location) -> dict[str, Any] | None:
+    """The manifest, checked against its own checksum and for well-formed shard names."""
     if not location.exists("manifest.json"):
         return None
+    damaged = f"{location.root}: manifest.json is damaged"
     try:
-        return json.loads(location.read_text("manifest.json"))
-    except json.JSONDecodeError:
-        raise DeltakdError(f"{location.root}: manifest.json is damaged (not valid JSON)") from None
+        manifest = json.loads(location.read_text("manifest.json"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DeltakdError(f"{damaged} (not valid JSON); rebuild the cache") from None
+    if not isinstance(manifest, dict):
+        raise DeltakdError(f"{damaged} (not a JSON object); rebuild the cache")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DeltakdError(
+            f"{location.root}: cache format {manifest.get('format_version')} is not supported "
+            f"(this deltakd reads format {FORMAT_VERSION}); rebuild it with cache-teachers"
+        )
+    if manifest.get("manifest_sha256") != manifest_checksum(manifest):
+        raise DeltakdError(
+            f"{damaged}: it was changed after it was written (its checksum does not match); "
+            "rebuild the cache with cache-teachers"
+        )
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise DeltakdError(f"{damaged} (no shards listed)")
+    for shard in shards:
+        name = shard.get("name") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not SHARD_NAME.match(name):
+            raise DeltakdError(f"{damaged}: {name!r} is not a shard name")
+    return manifest
 
 
 def read_run_state(location: Location) -> dict[str, Any] | None:
+    """The settings record of the run writing (or that wrote) the cache; None if unreadable."""
     if not location.exists("run.json"):
         return None
-    return json.loads(location.read_text("run.json"))
+    try:
+        state = json.loads(location.read_text("run.json"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+# What cache-teachers writes at the top of a cache: all that --overwrite removes.
+OWN_NAMES = ("manifest.json", "run.json", "shards", MARKER)
+
+
+def _read_marker_kind(location: Location) -> str | None:
+    if not location.exists(MARKER):
+        return None
+    try:
+        return json.loads(location.read_text(MARKER)).get("kind")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
 
 
 def prepare_output(location: Location, settings: dict[str, Any], overwrite: bool) -> str:
     """Decide what to do with `--out` before any compute: 'fresh', 'resume' or 'complete'.
-    Refuses to touch a path that holds a different cache (unless overwrite) or something else."""
-    if not location.exists() or not location.list():
-        location.write_text("run.json", json.dumps({"settings": settings}, indent=2))
-        return "fresh"
-    names = set(location.list())
-    if not names & {"run.json", "manifest.json"}:
+    Refuses a path that holds a cache of other settings (unless --overwrite) or anything that
+    is not a cache (unless --overwrite, which then removes only what cache-teachers writes)."""
+    if not location.url and Path(location.root).exists() and not Path(location.root).is_dir():
+        raise DeltakdError(f"--out {location.root} exists and is not a directory")
+    names = {
+        name
+        for name in location.list()
+        if not name.endswith(PARTIAL_SUFFIX) and name not in (LOCK, MARKER)
+    }
+    kind = _read_marker_kind(location)
+    is_cache = kind == "cache" or (kind is None and bool(names & {"run.json", "manifest.json"}))
+    if names and not is_cache and not overwrite:
+        what = f"a deltakd {kind} output" if kind else "files that deltakd did not write"
         raise DeltakdError(
-            f"{location.root} exists and is not a deltakd cache; choose a new or empty path"
+            f"--out {location.root} is not empty: it holds {what}, not a cache; choose a new or "
+            "empty path, or pass --overwrite (which removes only what cache-teachers writes)"
         )
-    previous = read_run_state(location)
-    same = previous is not None and previous.get("settings") == settings
-    if same and not overwrite:
-        return "complete" if location.exists("manifest.json") else "resume"
-    if not overwrite:
-        what = "a complete cache" if "manifest.json" in names else "an unfinished cache"
-        changed = _first_difference(previous.get("settings") if previous else None, settings)
-        raise DeltakdError(
-            f"{location.root} holds {what} made with other settings ({changed}); "
-            "pass --overwrite to replace it, or choose another --out"
-        )
-    # Overwrite: drop the manifest first so nothing looks complete while we clear the rest.
-    location.remove("manifest.json")
-    for name in location.list():
+    if is_cache and names:
+        previous = read_run_state(location)
+        same = previous is not None and previous.get("settings") == settings
+        if same and not overwrite:
+            return "complete" if location.exists("manifest.json") else "resume"
+        if not overwrite:
+            what = "a complete cache" if "manifest.json" in names else "an unfinished cache"
+            changed = _first_difference(previous.get("settings") if previous else None, settings)
+            raise DeltakdError(
+                f"{location.root} holds {what} made with other settings ({changed}); "
+                "pass --overwrite to replace it, or choose another --out"
+            )
+    # Fresh: the manifest goes first, so nothing looks complete while the rest is cleared.
+    # Only a cache's own names go; in a directory that was not a cache nothing is removed.
+    for name in OWN_NAMES if is_cache else ():
         location.remove(name)
+    for name in location.list():
+        if name.endswith(PARTIAL_SUFFIX):
+            location.remove(name)
+    location.write_text(MARKER, marker_text("cache", OWN_NAMES))
     location.write_text("run.json", json.dumps({"settings": settings}, indent=2))
     return "fresh"
 
@@ -477,11 +596,6 @@ class CacheReader:
         if manifest is None:
             state = "an unfinished cache" if self.location.exists("run.json") else "not a cache"
             raise DeltakdError(f"{path}: {state} (no manifest.json); run cache-teachers to finish")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise DeltakdError(
-                f"{path}: cache format {manifest.get('format_version')} is not supported "
-                f"(this deltakd reads format {FORMAT_VERSION})"
-            )
         self.manifest = manifest
         self.path = str(path)
         self.shard_names = [shard["name"] for shard in manifest["shards"]]
@@ -536,6 +650,63 @@ class CacheReader:
         token_offsets, target_offsets, _ = self.offsets(shard)
         return np.stack([np.diff(token_offsets), np.diff(target_offsets)], axis=1)
 
+    def check_structure(self) -> None:
+        """Cheap checks that need no checksum pass (they also run with --no-verify-cache):
+        every array is there with the manifest's dtype, rows and chunk files (zarr would read a
+        missing chunk back as zeros), and the offsets agree with each other. Kept ids are
+        checked against the vocabulary as batches are read."""
+        dtypes = self.manifest.get("dtypes", {})
+        k = self.k
+        total_examples = 0
+        for shard, entry in enumerate(self.manifest["shards"]):
+            where = f"{self.path}: shard {entry['name']}"
+            group = self.group(shard)
+            for name, dtype in dtypes.items():
+                if name not in group:
+                    raise DeltakdError(f"{where}: the array {name} is missing; rebuild the cache")
+                array = group[name]
+                rows = expected_rows(name, entry)
+                trailing = (k,) if name == "ids" or name.endswith("_logprobs") else ()
+                if array.shape != (rows, *trailing) or str(array.dtype) != dtype:
+                    raise DeltakdError(
+                        f"{where}: {name} has shape {array.shape} and dtype {array.dtype}, the "
+                        f"manifest says {(rows, *trailing)} and {dtype}; rebuild the cache"
+                    )
+                self._check_chunks(shard, name, array)
+            token_offsets, target_offsets, prompt_length = self.offsets(shard)
+            lengths = np.diff(token_offsets)
+            consistent = (
+                token_offsets[0] == 0
+                and target_offsets[0] == 0
+                and (lengths >= 2).all()
+                and (prompt_length >= 1).all()
+                and (prompt_length < lengths).all()
+                and (np.diff(target_offsets) == lengths - prompt_length).all()
+                and token_offsets[-1] == entry["tokens"]
+                and target_offsets[-1] == entry["positions"]
+            )
+            if not consistent:
+                raise DeltakdError(f"{where}: its offsets do not add up; rebuild the cache")
+            total_examples += entry["examples"]
+        if total_examples != self.manifest["counts"]["examples"]:
+            raise DeltakdError(
+                f"{self.path}: the shards hold {total_examples} examples, the "
+                f"manifest {self.manifest['counts']['examples']}; rebuild the cache"
+            )
+
+    def _check_chunks(self, shard: int, name: str, array: Any) -> None:
+        """One chunk file per chunk of rows (the writer writes every chunk)."""
+        if array.shape[0] == 0:
+            return
+        chunk_files = self.location.files_under(f"shards/{self.shard_names[shard]}.zarr/{name}")
+        present = sum(1 for relative in chunk_files if relative.startswith("c/"))
+        wanted = -(-array.shape[0] // array.chunks[0])
+        if present != wanted:
+            raise DeltakdError(
+                f"{self.path}: shard {self.shard_names[shard]}: {name} has {present} of its "
+                f"{wanted} chunk files; the cache is damaged, rebuild it"
+            )
+
     def read_examples(self, shard: int, start: int, stop: int) -> list[CachedExample]:
         """Examples [start, stop) of a shard, with one contiguous read per array."""
         group = self.group(shard)
@@ -551,6 +722,12 @@ class CacheReader:
                 per_position[name] = (
                     decode_ids(values) if name == "ids" else values.astype(np.float32)
                 )
+        ids = per_position.get("ids")
+        if ids is not None and len(ids) and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise DeltakdError(
+                f"{self.path}: shard {self.shard_names[shard]} holds token ids outside the "
+                f"vocabulary of {self.vocab_size}; the cache is damaged, rebuild it"
+            )
         examples = []
         for offset, row in enumerate(range(start, stop)):
             tokens_at = slice(

@@ -46,7 +46,10 @@ def cache_teachers_command(
         None, help="Base student S0: store its log-probs and choose ids by the exact target."
     ),
     top_k: int = typer.Option(64, help="Token ids kept per response position."),
-    max_length: int = typer.Option(1024, help="Tokens per example (prompt + response)."),
+    max_length: int | None = typer.Option(
+        None,
+        help="Tokens per example, prompt + response (default 1024, or the models' limit).",
+    ),
     template: str = typer.Option("alpaca", help="Prompt template: alpaca, chat or plain."),
     batch_size: int = typer.Option(8, help="Examples per forward pass (grouped by length)."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU), float32, bfloat16, float16."),
@@ -137,6 +140,9 @@ _LOGIT_CHUNK = typer.Option(
     0, help="Target positions per logits chunk (0: about 128 MiB of float32 logits)."
 )
 _LOG_EVERY = typer.Option(1, help="Write a metrics.jsonl line every N steps.")
+_OVERWRITE = typer.Option(
+    False, help="Replace a finished run or checkpoints in OUT (only the files deltakd wrote)."
+)
 
 
 @app.command("distill")
@@ -177,6 +183,7 @@ def distill_command(
     fsdp: bool = _FSDP,
     logit_chunk_size: int = _LOGIT_CHUNK,
     log_every: int = _LOG_EVERY,
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Train the student from the teachers' cache (Delta-KD, KD or SFT); no teacher is loaded."""
     arguments = dict(locals())
@@ -192,7 +199,10 @@ def finetune_command(
     data: str = typer.Option(..., help="JSONL: prompt/response, Dolly, Alpaca, or chat rows."),
     out: str = typer.Option(..., help="Output: a Hugging Face model directory."),
     template: str = typer.Option("alpaca", help="Prompt template: alpaca, chat or plain."),
-    max_length: int = typer.Option(1024, help="Tokens per example (prompt + response)."),
+    max_length: int | None = typer.Option(
+        None,
+        help="Tokens per example, prompt + response (default 1024, or the models' limit).",
+    ),
     num_workers: int = typer.Option(0, help="DataLoader workers (0: collate inline)."),
     epochs: int = _EPOCHS,
     max_steps: int = _MAX_STEPS,
@@ -215,6 +225,7 @@ def finetune_command(
     fsdp: bool = _FSDP,
     logit_chunk_size: int = _LOGIT_CHUNK,
     log_every: int = _LOG_EVERY,
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Supervised finetuning on a JSONL file (e.g. to make the tuned teacher or an SFT baseline)."""
     arguments = dict(locals())
@@ -266,50 +277,62 @@ def eval_command(
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU), float32, bfloat16, float16."),
+    overwrite: bool = typer.Option(False, help="Replace an existing REPORT.json."),
 ) -> None:
     """Generate on a held-out set and score ROUGE-L the way the field reports it (data
     parallel under torchrun: each rank generates a share of the batches)."""
     from rich.console import Console
 
-    from deltakd_cli import distributed, evaluate
+    from deltakd_cli import distributed, evaluate, outputs
     from deltakd_cli.console import info
-    from deltakd_cli.errors import DeltakdError
+    from deltakd_cli.errors import DeltakdError, Interrupted
 
+    lock = None
     if out is not None:
-        evaluate.prepare_output(out)
-    if predictions is not None:
-        if model:
-            raise DeltakdError("give either --model or --predictions, not both")
-        report, records = evaluate.evaluate_predictions(
-            predictions, data_path, limit=limit, baseline=baseline, template=template
-        )
-    else:
-        settings = evaluate.make_protocol(
-            protocol,
-            seeds=seeds,
-            max_new_tokens=max_new_tokens,
-            max_prompt_length=max_prompt_length,
-            batch_size=batch_size,
-            template=template,
-        )
-        report, records = evaluate.evaluate_models(
-            model or [],
-            data_path,
-            settings,
-            limit=limit,
-            baseline=baseline,
-            device=device,
-            dtype=dtype,
-        )
-    if distributed.is_main_process():  # under torchrun, rank 0 reports and writes
-        for table in evaluate.report_tables(report):
-            Console().print(table)
-        if out is None:
-            info("not saved: add --out REPORT.json to keep the report and every generation")
+        inputs = {"--data": data_path, "--predictions": predictions}
+        inputs.update({f"--model {spec}": spec for spec in model or []})
+        evaluate.prepare_output(out, inputs, overwrite)
+        if distributed.is_main_process():
+            lock = outputs.file_lock(outputs.local_path(out), f"eval report {out}").acquire()
+    try:
+        if predictions is not None:
+            if model:
+                raise DeltakdError("give either --model or --predictions, not both")
+            report, records = evaluate.evaluate_predictions(
+                predictions, data_path, limit=limit, baseline=baseline, template=template
+            )
         else:
-            report_path, records_path = evaluate.write_outputs(report, records, out)
-            info(f"wrote {report_path} and {records_path}")
-    distributed.shutdown()
+            settings = evaluate.make_protocol(
+                protocol,
+                seeds=seeds,
+                max_new_tokens=max_new_tokens,
+                max_prompt_length=max_prompt_length,
+                batch_size=batch_size,
+                template=template,
+            )
+            report, records = evaluate.evaluate_models(
+                model or [],
+                data_path,
+                settings,
+                limit=limit,
+                baseline=baseline,
+                device=device,
+                dtype=dtype,
+            )
+        if distributed.is_main_process():  # under torchrun, rank 0 reports and writes
+            for table in evaluate.report_tables(report):
+                Console().print(table)
+            if out is None:
+                info("not saved: add --out REPORT.json to keep the report and every generation")
+            else:
+                report_path, records_path = evaluate.write_outputs(report, records, out)
+                info(f"wrote {report_path} and {records_path}")
+    except KeyboardInterrupt:
+        raise Interrupted("eval stopped; rerun the same command (it starts over)") from None
+    finally:
+        if lock is not None:
+            lock.release()
+        distributed.shutdown()
 
 
 # --- init-student / demo (embedded default) ---
@@ -433,7 +456,9 @@ def pipeline_command(
     heal_batch_size: int = typer.Option(8, help="init-student: documents per healing step."),
     heal_max_length: int = typer.Option(256, help="init-student: tokens per healing document."),
     template: str = typer.Option("alpaca", help="Prompt template: alpaca, chat or plain."),
-    max_length: int = typer.Option(1024, help="Tokens per training example."),
+    max_length: int | None = typer.Option(
+        None, help="Tokens per training example (default 1024, or the models' limit)."
+    ),
     top_k: int = typer.Option(64, help="Ids kept per position in the cache."),
     alpha: float = typer.Option(1.0, help="Scale of the teachers' shift."),
     epochs: int = typer.Option(3, help="Student epochs (each of sft, kd, delta)."),
@@ -458,7 +483,7 @@ def pipeline_command(
     nproc: int = typer.Option(1, help="Processes (GPUs) for the data-parallel stages."),
 ) -> None:
     """Every stage on your models and data, from cache-teachers to the eval table (resumable)."""
-    from deltakd_cli.demo import InitStudentStep, PipelineSettings, run_pipeline
+    from deltakd_cli.demo import InitStudentStep, PipelineSettings, pipeline
     from deltakd_cli.errors import DeltakdError
 
     if (student is None) == (student_from is None):
@@ -477,7 +502,7 @@ def pipeline_command(
             max_length=heal_max_length,
             top_k=top_k,
         )
-    run_pipeline(
+    pipeline(
         PipelineSettings(
             out=out,
             teacher_base=teacher_base,

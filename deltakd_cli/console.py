@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,9 @@ from rich.progress import (
 from typer.core import TyperGroup
 
 from deltakd_cli import distributed
-from deltakd_cli.errors import DeltakdError
+from deltakd_cli.errors import DeltakdError, Interrupted
+
+DEBUG_ENV = "DELTAKD_DEBUG"  # set: OS errors keep their traceback
 
 console = Console(stderr=True, highlight=False)
 
@@ -48,21 +51,38 @@ def progress(*extra_columns: Any) -> Progress:
 
 
 def report_error(error: DeltakdError) -> None:
-    """The one line a user sees for a DeltakdError."""
+    """The one line a user sees for a DeltakdError (or an interruption)."""
     prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
-    console.print(f"[red]error:[/red] {escape(prefix + str(error))}", soft_wrap=True)
+    label = (
+        "[yellow]interrupted:[/yellow]" if isinstance(error, Interrupted) else "[red]error:[/red]"
+    )
+    console.print(f"{label} {escape(prefix + str(error))}", soft_wrap=True)
+
+
+def as_deltakd_error(error: BaseException) -> DeltakdError | None:
+    """The one-line form of an error that is the user's or the machine's, not a bug: Ctrl-C,
+    and OS errors that escaped the places that name their path (a full disk, a permission)."""
+    if isinstance(error, DeltakdError):
+        return error
+    if isinstance(error, KeyboardInterrupt):
+        return Interrupted("stopped by the user; rerun the same command to continue")
+    if isinstance(error, OSError) and not os.environ.get(DEBUG_ENV):
+        where = f" ({error.filename})" if error.filename else ""
+        reason = error.strerror or str(error) or type(error).__name__
+        return DeltakdError(f"{reason}{where} (set {DEBUG_ENV}=1 for the traceback)")
+    return None
 
 
 def run_guarded(fn: Callable[[], Any]) -> Any:
-    """Call `fn`; a `DeltakdError` becomes one red line and exit 2, Ctrl-C exit 130."""
+    """Call `fn`; a user-facing error becomes one line and its exit code (2, or 130 for Ctrl-C)."""
     try:
         return fn()
-    except DeltakdError as error:
+    except (DeltakdError, KeyboardInterrupt, OSError) as raised:
+        error = as_deltakd_error(raised)
+        if error is None:
+            raise
         report_error(error)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: rerun the same command to resume")
-        sys.exit(130)
 
 
 class GuardedGroup(TyperGroup):
@@ -72,9 +92,9 @@ class GuardedGroup(TyperGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except DeltakdError as error:
+        except (DeltakdError, KeyboardInterrupt, OSError) as raised:
+            error = as_deltakd_error(raised)
+            if error is None:
+                raise
             report_error(error)
             ctx.exit(error.exit_code)
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/yellow]: rerun the same command to resume")
-            ctx.exit(130)

@@ -25,11 +25,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from deltakd_cli import __version__, assets
+from deltakd_cli import __version__, assets, outputs
 from deltakd_cli.console import console, info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.student import has_checkpoints
@@ -195,7 +197,7 @@ class PipelineSettings:
     student: str | None = None  # None: `init_student` makes it
     init_student: InitStudentStep | None = None
     template: str = "alpaca"
-    max_length: int = 1024
+    max_length: int | None = None  # None: each stage's default (1024 or the models' limit)
     top_k: int = 64
     alpha: float = 1.0
     # the tuned teacher, when it is made here
@@ -252,6 +254,10 @@ def _train_args(settings: PipelineSettings, seed: int | None = None) -> list[str
         "--dtype", settings.dtype,
         "--device", settings.device,
     ]  # fmt: skip
+
+
+def _max_length_args(settings: PipelineSettings) -> list[str]:
+    return [] if settings.max_length is None else ["--max-length", str(settings.max_length)]
 
 
 def plan_stages(settings: PipelineSettings) -> tuple[list[Stage], dict[str, list[str]]]:
@@ -324,8 +330,7 @@ def plan_stages(settings: PipelineSettings) -> tuple[list[Stage], dict[str, list
                 str(tuned_dir),
                 "--template",
                 settings.template,
-                "--max-length",
-                str(settings.max_length),
+                *_max_length_args(settings),
                 *_train_args(settings),
             ],  # fmt: skip
             tuned_dir,
@@ -359,8 +364,7 @@ def plan_stages(settings: PipelineSettings) -> tuple[list[Stage], dict[str, list
             str(cache_dir),
             "--top-k",
             str(settings.top_k),
-            "--max-length",
-            str(settings.max_length),
+            *_max_length_args(settings),
             "--template",
             settings.template,
             "--alpha",
@@ -449,8 +453,31 @@ def plan_stages(settings: PipelineSettings) -> tuple[list[Stage], dict[str, list
     return stages, role_models
 
 
+PIPELINE_NAMES = ("summary.json", "models", "cache", "eval", "init-student")
+
+
+@contextmanager
+def pipeline_output(out: Path) -> Iterator[None]:
+    """Hold OUT for one pipeline (or demo) run: a lock for the whole run, and OUT must be a
+    pipeline's directory (or new, or empty)."""
+    if out.exists() and not out.is_dir():
+        raise DeltakdError(f"--out {out} exists and is not a directory")
+    with outputs.directory_lock(out, f"pipeline directory {out}"):
+        outputs.claim_directory(
+            out, "pipeline", "pipeline directory", overwrite=False, legacy=PIPELINE_NAMES
+        )
+        yield
+
+
+def pipeline(settings: PipelineSettings) -> dict:
+    """`deltakd pipeline`: every stage in OUT, locked for the run."""
+    with pipeline_output(settings.out_path):
+        return run_pipeline(settings)
+
+
 def run_pipeline(settings: PipelineSettings, extra: dict[str, Any] | None = None) -> dict:
-    """Run (or skip) every stage, print the table, write OUT/summary.json."""
+    """Run (or skip) every stage, print the table, write OUT/summary.json (OUT already held:
+    see `pipeline_output`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if settings.nproc < 1:
@@ -480,7 +507,7 @@ def run_pipeline(settings: PipelineSettings, extra: dict[str, Any] | None = None
         **(extra or {}),
     }
     summary_path = settings.out_path / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    outputs.atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str) + "\n")
     print_results(summary, summary_path)
     return summary
 
@@ -848,6 +875,11 @@ def demo_settings(options: DemoOptions, profile: DemoProfile, prepared: dict) ->
 
 def run_demo(options: DemoOptions, profile: DemoProfile | None = None) -> dict[str, Any]:
     """The embedded default: real model, real task, every stage, the table."""
+    with pipeline_output(options.work_path):
+        return _run_demo(options, profile)
+
+
+def _run_demo(options: DemoOptions, profile: DemoProfile | None) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     profile = profile or (FULL_PROFILE if options.full else DEFAULT_PROFILE)
     work = options.work_path
@@ -899,7 +931,7 @@ def run_demo(options: DemoOptions, profile: DemoProfile | None = None) -> dict[s
     wall = time.perf_counter() - started
     summary["demo"]["wall_seconds"] = round(wall, 1)
     summary_path = settings.out_path / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    outputs.atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str) + "\n")
     info(f"demo finished in {wall / 60:.1f} minutes (estimate {total / 60:.0f})")
     return summary
 

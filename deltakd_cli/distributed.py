@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from deltakd_cli.errors import DeltakdError
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -75,6 +81,21 @@ def broadcast_object(obj: object) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main_first(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 only and give its result to every rank. A DeltakdError it raises is
+    raised on every rank, so no rank is left waiting for one that stopped."""
+    outcome: tuple[str, Any] | None = None
+    if is_main_process():
+        try:
+            outcome = ("ok", fn())
+        except DeltakdError as error:
+            outcome = ("error", str(error))
+    outcome = broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise DeltakdError(outcome[1])
+    return outcome[1]
 
 
 def shutdown() -> None:

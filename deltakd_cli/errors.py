@@ -1,4 +1,5 @@
-"""The one user-facing error type. Anything raised as `DeltakdError` becomes one line and exit 2."""
+"""The user-facing error types. A `DeltakdError` becomes one line and exit 2; an `Interrupted`
+(Ctrl-C) one line saying how to continue, and exit 130."""
 
 
 class DeltakdError(Exception):
@@ -7,7 +8,7 @@ class DeltakdError(Exception):
     exit_code = 2
 
 
-def require(condition: bool, message: str) -> None:
-    """Raise `DeltakdError(message)` unless `condition` holds."""
-    if not condition:
-        raise DeltakdError(message)
+class Interrupted(DeltakdError):
+    """The user stopped a run (SIGINT); the message says how to continue it."""
+
+    exit_code = 130

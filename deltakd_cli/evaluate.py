@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from deltakd_cli import __version__, rouge
+from deltakd_cli import __version__, outputs, rouge
 from deltakd_cli.data import TEMPLATES, Example, encode_prompt, file_sha256, load_examples
 from deltakd_cli.data import render_prompt as _render_prompt
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.outputs import local_path
 
 PROTOCOLS = ("minillm", "greedy")
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
@@ -857,37 +858,51 @@ def generations_path(report_path: str | Path) -> Path:
     return report_path.with_name(f"{stem}.generations.jsonl")
 
 
-def prepare_output(report_path: str | Path) -> Path:
-    """Check the report can be written before any work: its folder is created, and it must not
-    be a directory."""
-    report_path = Path(report_path)
+def _is_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(report, dict) and (report.get("tool") or {}).get("name") == "deltakd"
+
+
+def prepare_output(
+    report_path: str | Path,
+    inputs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Check the report can be written before any work: not a directory, not an input (nor
+    its generations file), not an existing file unless --overwrite; its folder is created."""
+    report_path = Path(local_path(report_path))
     if report_path.is_dir():
         raise DeltakdError(f"--out {report_path} is a directory; give a file name like report.json")
-    try:
+    for path in (report_path, generations_path(report_path)):
+        outputs.check_not_input(path, inputs or {})
+    for path in (report_path, generations_path(report_path)):
+        if path.exists() and not overwrite:
+            what = "an eval report of an earlier run" if _is_report(path) else "a file"
+            raise DeltakdError(
+                f"{path} already exists ({what}); choose another --out, or pass --overwrite "
+                "to replace it"
+            )
+    with outputs.writing(report_path.parent):
         report_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DeltakdError(f"cannot create {report_path.parent}: {error.strerror}") from None
     if not os.access(report_path.parent, os.W_OK):
         raise DeltakdError(f"cannot write to {report_path.parent}")
     return report_path
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-
-
 def write_outputs(
     report: dict[str, Any], records: Sequence[dict[str, Any]], report_path: str | Path
 ) -> tuple[Path, Path]:
-    """Write REPORT.json and REPORT.generations.jsonl; returns both paths."""
-    report_path = prepare_output(report_path)
+    """Write REPORT.generations.jsonl, then REPORT.json (each whole or not at all; the report
+    last, so a report never points at generations that are not there)."""
+    report_path = Path(local_path(report_path))
     records_path = generations_path(report_path)
     report = {**report, "generations_file": records_path.name}
     lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    _write_atomic(records_path, lines)
-    _write_atomic(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    outputs.atomic_write_text(records_path, lines)
+    outputs.atomic_write_text(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report_path, records_path
 
 

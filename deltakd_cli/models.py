@@ -3,9 +3,11 @@ vocabulary compatibility, and fingerprints for provenance."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.outputs import local_path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -31,19 +34,40 @@ class ModelSource:
         return Path(self.path).exists()
 
 
-def _looks_like_path(spec: str) -> bool:
-    return (
-        spec.startswith((".", "/", "~"))
-        or spec.endswith(".gguf")
-        or os.sep in spec.strip(os.sep)
-        and spec.count("/") != 1
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def looks_local(spec: str) -> bool:
+    """Whether a model spec names a local path: it exists, is written like a path (./, ../,
+    /, ~, file://, a weights file), or its first folder exists here (`m/teacher-tuend` with
+    ./m present is a mistyped local path, never a Hub repository)."""
+    if spec.startswith(("./", "../", "/", "~", "file://")) or spec in (".", ".."):
+        return True
+    path = Path(local_path(spec))
+    if path.exists() or path.suffix in WEIGHT_SUFFIXES:
+        return True
+    if len(path.parts) > 1 and Path(path.parts[0]).exists():
+        return True
+    return not HUB_ID.match(spec)
+
+
+def _not_found(spec: str) -> DeltakdError:
+    path = Path(local_path(spec))
+    parent = path.parent if str(path.parent) else Path(".")
+    hint = ""
+    if parent.is_dir():
+        close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1)
+        if close:
+            hint = f"; did you mean {parent / close[0]}?"
+    return DeltakdError(
+        f"model not found: {spec} (a local path, so the Hugging Face Hub is not asked){hint}"
     )
 
 
 def resolve_source(spec: str) -> ModelSource:
-    """A model spec -> ModelSource. Local paths must exist; `org/name` is a hub id."""
-    expanded = os.path.expanduser(spec)
-    path = Path(expanded)
+    """A model spec -> ModelSource. A local path must exist; a Hub id (`org/name`) is used as
+    such only when nothing local matches it (see `looks_local`)."""
+    path = Path(local_path(spec))
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(spec, str(path.parent), path.name)
     if path.is_dir():
@@ -53,8 +77,10 @@ def resolve_source(spec: str) -> ModelSource:
                 return ModelSource(spec, str(path), ggufs[0].name)
             raise DeltakdError(f"{spec}: not a model directory (no config.json)")
         return ModelSource(spec, str(path))
-    if _looks_like_path(spec) or path.exists():
-        raise DeltakdError(f"model not found: {spec}")
+    if path.is_file():
+        raise DeltakdError(f"{spec}: a file, not a model directory or a .gguf file")
+    if looks_local(spec):
+        raise _not_found(spec)
     return ModelSource(spec, spec)
 
 
@@ -76,8 +102,19 @@ def check_device(device: torch.device) -> None:
 
 def _hub_error(source: ModelSource, error: Exception) -> DeltakdError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    hint = " (offline: HF_HUB_OFFLINE=1 needs it in the local cache)" if not source.is_local else ""
-    return DeltakdError(f"cannot load model '{source.spec}'{hint}: {first}")
+    if source.is_local:
+        return DeltakdError(f"cannot load model '{source.spec}': {first}")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        where = (
+            "HF_HUB_OFFLINE is set, so only the local Hugging Face cache was searched and it is "
+            "not there"
+        )
+    else:
+        where = "the Hugging Face Hub could not provide it (no network, or no such repository)"
+    return DeltakdError(
+        f"cannot load model '{source.spec}': it is not a local path, so it names a Hub "
+        f"repository; {where}. Download it first, or give a local directory ({first})"
+    )
 
 
 def quiet_transformers() -> None:
@@ -121,15 +158,92 @@ def load_model(
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            source.path, output_loading_info=True, **kwargs
+        )
     except Exception as error:
         raise _hub_error(source, error) from None
+    check_loading_report(spec, model, loading)
     if getattr(model.config, "quantization_config", None) is not None and source.gguf_file:
         model.config.quantization_config = None
     if device is not None and not device_map:
         model.to(device)
     model.eval()
     return model
+
+
+def _matches_any(key: str, patterns: Any) -> bool:
+    return any(re.search(pattern, key) for pattern in patterns or ())
+
+
+def check_loading_report(spec: str, model: Any, loading: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose weights do not fill the architecture: a missing tensor would be
+    left randomly initialised (transformers only warns). Keys the architecture ties to another
+    (lm_head to the embeddings) or declares as optional are not counted."""
+    tied = getattr(model, "_tied_weights_keys", None) or ()
+    tied = list(tied.keys()) if isinstance(tied, dict) else list(tied)
+    missing = sorted(
+        key
+        for key in loading.get("missing_keys", ())
+        if not _matches_any(key, getattr(model, "_keys_to_ignore_on_load_missing", None))
+        and key not in tied
+    )
+    unexpected = sorted(
+        key
+        for key in loading.get("unexpected_keys", ())
+        if not _matches_any(key, getattr(model, "_keys_to_ignore_on_load_unexpected", None))
+    )
+    mismatched = [str(entry[0]) for entry in loading.get("mismatched_keys", ())]
+    problems = []
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mismatched", mismatched),
+    ):
+        if keys:
+            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} {label} ({shown})")
+    problems += [str(message).splitlines()[0] for message in loading.get("error_msgs", ())]
+    if problems:
+        raise DeltakdError(
+            f"{spec}: its weights do not match its architecture: {'; '.join(problems)}; "
+            "refusing a partly random model (is the checkpoint complete?)"
+        )
+
+
+def max_positions(spec: str) -> int | None:
+    """The longest sequence a model was made for (its config's position limit), if it says."""
+    from transformers import AutoConfig
+
+    source = resolve_source(spec)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kwargs)
+    except Exception as error:
+        raise _hub_error(source, error) from None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+DEFAULT_MAX_LENGTH = 1024
+
+
+def resolve_max_length(requested: int | None, specs: dict[str, str]) -> int:
+    """The tokens per example: `requested` when every model can read that many (else refused),
+    or by default 1024, or fewer when a model's positions end sooner."""
+    limits = {role: max_positions(spec) for role, spec in specs.items()}
+    if requested is None:
+        return min([DEFAULT_MAX_LENGTH, *(limit for limit in limits.values() if limit)])
+    for role, limit in limits.items():
+        if limit is not None and requested > limit:
+            raise DeltakdError(
+                f"--max-length {requested} is longer than {role} {specs[role]} can read "
+                f"(max_position_embeddings {limit}); use --max-length {limit} or less"
+            )
+    return requested
 
 
 def stored_dtype(spec: str) -> torch.dtype:

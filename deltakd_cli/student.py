@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltakd_cli import __version__, data, models
+from deltakd_cli import __version__, data, faults, models, outputs
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 
@@ -357,8 +357,6 @@ def init_student(config: InitStudentConfig) -> dict[str, Any]:
     reuses the pruned copy and the healing cache, and resumes healing from its checkpoint.
     Under torchrun the cache and the healing run are data-parallel; rank 0 does the files."""
     from deltakd_cli import distributed
-    from deltakd_cli.teachers import CacheConfig, cache_teachers
-    from deltakd_cli.train import TrainOptions, distill
 
     _validate(config)
     distributed.init(distributed.device_for(config.device))
@@ -380,13 +378,50 @@ def init_student(config: InitStudentConfig) -> dict[str, Any]:
     if marker and marker.get("settings_key") == key:
         info(f"[green]{out} is already complete[/green] for these settings; nothing to do")
         return marker
-    if out.exists() and any(out.iterdir()) and not config.overwrite:
+    locks: list[outputs.OutputLock] = []
+
+    def claim() -> None:
+        if out.exists() and not out.is_dir():
+            raise DeltakdError(f"--out {out} exists and is not a directory")
+        locks.append(outputs.directory_lock(out, f"student {out}").acquire())
+        locks.append(outputs.directory_lock(work, f"work directory {work}").acquire())
+        _claim_out(out, bool(marker), config.overwrite)
+
+    try:
+        distributed.on_main_first(claim)
+        return _init_student(config, tokenizer, num_layers, rule, source_identity, heal_sha, key)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _claim_out(out: Path, has_record: bool, overwrite: bool) -> None:
+    """OUT may be empty, an unfinished init-student output, or anything with --overwrite."""
+    entries = [name for name in outputs.visible_entries(out) if name != outputs.MARKER]
+    unfinished = (outputs.read_marker(out) or {}).get("kind") == "student" and not has_record
+    if entries and not overwrite and not unfinished:
+        what = "a student made with other settings" if has_record else "other files"
         raise DeltakdError(
-            f"{out} already exists"
-            + (" and holds a student made with other settings" if marker else "")
-            + "; pass --overwrite to replace it, or choose another --out"
+            f"{out} already exists and holds {what}; pass --overwrite to replace it (only the "
+            "files deltakd wrote are removed), or choose another --out"
         )
 
+
+def _init_student(
+    config: InitStudentConfig,
+    tokenizer: Any,
+    num_layers: int,
+    rule: str,
+    source_identity: dict[str, Any],
+    heal_sha: str | None,
+    key: str,
+) -> dict[str, Any]:
+    from deltakd_cli import distributed
+    from deltakd_cli.teachers import CacheConfig, cache_teachers
+    from deltakd_cli.train import TrainOptions, distill
+
+    main = distributed.is_main_process()
+    out, work = Path(config.out), config.work_path
     if main:
         work.mkdir(parents=True, exist_ok=True)
     heal_file, template = None, "plain"
@@ -516,19 +551,22 @@ def measure_influence(source: str, rows_file: Path, template: str, max_length: i
 
 
 def _finish(out: Path, pruned_dir: Path, healed_dir: Path | None, record: dict) -> None:
-    """OUT gets the student's files (checkpoints stay in the work dir) and the record, last."""
-    staging = out.with_name(out.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    """OUT gets the student's files (checkpoints stay in the work dir) and the record, last.
+    Files a previous init-student put there go first; anything else in OUT stays."""
     source = healed_dir or pruned_dir
-    for item in source.iterdir():
-        if item.is_file() and item.name != MARKER:
-            shutil.copy2(item, staging / item.name)
-    (staging / MARKER).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    names = [p.name for p in source.iterdir() if p.is_file() and p.name != MARKER]
+    previous = outputs.read_marker(out) or {}
+    with outputs.writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).unlink(missing_ok=True)  # nothing looks complete while files change
+        outputs.remove_own_files(out, previous.get("files", []))
+        outputs.write_marker(out, "student", [*names, MARKER])
+        for name in names:
+            faults.point(f"student {name}")
+            staged = out / (name + outputs.PARTIAL_SUFFIX)
+            shutil.copy2(source / name, staged)
+            os.replace(staged, out / name)
+    outputs.atomic_write_text(out / MARKER, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def _validate(config: InitStudentConfig) -> None:
@@ -550,9 +588,10 @@ def _validate(config: InitStudentConfig) -> None:
     resolve_rule(config.layer_rule, bool(config.heal_data))
     if config.heal_data and not Path(config.heal_data).is_file():
         raise DeltakdError(f"--heal-data not found: {config.heal_data}")
-    source = models.resolve_source(config.source)
-    if source.is_local and Path(config.out).resolve() == Path(source.path).resolve():
-        raise DeltakdError("--out must not be the source model's directory")
+    models.resolve_source(config.source)
+    inputs = {"--source": config.source, "--heal-data": config.heal_data}
+    outputs.check_not_input(config.out, inputs)
+    outputs.check_not_input(config.work_path, inputs, option="--work-dir")
 
 
 def _source_layers(spec: str) -> int:

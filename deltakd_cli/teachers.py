@@ -6,16 +6,17 @@ Read top to bottom: options -> checks -> plan -> the batch loop -> manifest."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from deltakd_cli import __version__, cache, data, distributed, models, targets
+from deltakd_cli import __version__, cache, data, distributed, faults, models, outputs, targets
 from deltakd_cli.console import info, progress
-from deltakd_cli.errors import DeltakdError
+from deltakd_cli.distributed import on_main_first
+from deltakd_cli.errors import DeltakdError, Interrupted
 
 DEFAULT_TOP_K = 64
 POSITION_CHUNK = 1024  # positions whose full-vocabulary log-probs are held at once
@@ -29,7 +30,7 @@ class CacheConfig:
     out: str
     student: str | None = None
     top_k: int = DEFAULT_TOP_K
-    max_length: int = 1024
+    max_length: int | None = None  # None: 1024, or fewer if a model's positions end sooner
     template: str = "alpaca"
     batch_size: int = 8
     dtype: str = "auto"
@@ -54,7 +55,7 @@ def validate(config: CacheConfig) -> None:
         raise DeltakdError(f"--top-k must be at least 1, got {config.top_k}")
     if config.batch_size < 1:
         raise DeltakdError(f"--batch-size must be at least 1, got {config.batch_size}")
-    if config.max_length < 2:
+    if config.max_length is not None and config.max_length < 2:
         raise DeltakdError(f"--max-length must be at least 2, got {config.max_length}")
     if config.template not in data.TEMPLATES:
         raise DeltakdError(f"--template must be one of {', '.join(data.TEMPLATES)}")
@@ -76,6 +77,15 @@ def validate(config: CacheConfig) -> None:
         )
     for spec in filter(None, (config.teacher_base, config.teacher_tuned, config.student)):
         models.resolve_source(spec)  # a missing local path fails here, before any loading
+    outputs.check_not_input(
+        config.out,
+        {
+            "--teacher-base": config.teacher_base,
+            "--teacher-tuned": config.teacher_tuned,
+            "--student": config.student,
+            "--data": config.data,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- model forward
@@ -187,6 +197,24 @@ def cache_teachers(config: CacheConfig) -> dict[str, Any]:
     device = distributed.device_for(config.device)
     models.check_device(device)
     distributed.init(device)
+    lock = None
+    if distributed.is_main_process() and not outputs.is_url(config.out):
+        lock = outputs.directory_lock(outputs.local_path(config.out), f"cache {config.out}")
+    try:
+        return _cache_teachers(config, device, lock)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "cache-teachers stopped; rerun the same command to resume (the batches already "
+            "written are kept)"
+        ) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _cache_teachers(
+    config: CacheConfig, device: torch.device, lock: outputs.OutputLock | None
+) -> dict[str, Any]:
     rank, world = distributed.rank(), distributed.world_size()
     location = cache.Location(config.out)
 
@@ -200,10 +228,18 @@ def cache_teachers(config: CacheConfig) -> dict[str, Any]:
     vocab_size = models.tokenizer_vocab_size(tokenizer)
     if config.top_k > vocab_size:
         raise DeltakdError(f"--top-k {config.top_k} is larger than the vocabulary ({vocab_size})")
+    config = replace(config, max_length=models.resolve_max_length(config.max_length, roles))
 
     examples = data.load_examples(config.data)
     tokenized = data.tokenize_all(examples, config.template, tokenizer, config.max_length)
     data_sha = data.file_sha256(config.data)
+    truncated = sum(t.truncated for t in tokenized)
+    if truncated:
+        info(
+            f"[yellow]note:[/yellow] {truncated} of {len(tokenized)} examples are longer than "
+            f"--max-length {config.max_length} and were cut (the prompt keeps at least half the "
+            "length, the response is cut from its end)"
+        )
 
     # Hash weights once (rank 0) and share: provenance and the resume check both use it.
     identities = None
@@ -214,10 +250,15 @@ def cache_teachers(config: CacheConfig) -> dict[str, Any]:
     identities = distributed.broadcast_object(identities)
     settings = settings_of(config, identities, data_sha, world)
 
-    state = None
-    if rank == 0:
-        state = cache.prepare_output(location, settings, config.overwrite)
-    state = distributed.broadcast_object(state)
+    def claim() -> str:
+        if not location.url and Path(location.root).exists():
+            if not Path(location.root).is_dir():
+                raise DeltakdError(f"--out {config.out} exists and is not a directory")
+        if lock is not None:
+            lock.acquire()
+        return cache.prepare_output(location, settings, config.overwrite)
+
+    state = on_main_first(claim)
     if state == "complete":
         info(f"[green]{config.out} is already complete[/green] for these settings; nothing to do")
         return cache.read_manifest(location) or {}
@@ -267,6 +308,7 @@ def cache_teachers(config: CacheConfig) -> dict[str, Any]:
             stored = _batch_entries(
                 loaded, shared, input_ids, attention_mask, rows, positions, config
             )
+            faults.point("batch")
             writer.put(
                 cache.BatchRecord(
                     example_index=np.array(batch, dtype=np.int64),

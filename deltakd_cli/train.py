@@ -36,9 +36,9 @@ from rich.progress import TextColumn
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from deltakd_cli import __version__, batching, data, distributed, losses, models
+from deltakd_cli import __version__, batching, data, distributed, faults, losses, models, outputs
 from deltakd_cli.console import console, info, progress
-from deltakd_cli.errors import DeltakdError
+from deltakd_cli.errors import DeltakdError, Interrupted
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 EXPORT_FILE_ORDER_LAST = ("config.json",)  # moved last: before it arrives, OUT does not load
@@ -120,6 +120,7 @@ class TrainOptions:
     logit_chunk_size: int = 0  # target positions per logits chunk; 0: from the vocabulary size
     log_every: int = 1
     verify_cache: bool = True
+    overwrite: bool = False  # replace a finished run or checkpoints in OUT (only deltakd's files)
 
 
 def validate(options: TrainOptions) -> None:
@@ -189,6 +190,7 @@ class TrainingData:
 
     store: batching.ExampleStore
     provenance: dict[str, Any]
+    source: dict[str, Any] = field(default_factory=dict)  # what a resume must find unchanged
     cache_alpha: float | None = None
     use_cached_student: bool = False  # read and use the cache's S0 log-probs
     needs_frozen_student: bool = False  # run a frozen copy of the initial student
@@ -198,10 +200,17 @@ def finetune_data(path: str, template: str, max_length: int, tokenizer: Any) -> 
     """JSONL rows -> tokenised examples in memory, grouped by length like a cache shard."""
     examples = data.load_examples(path)
     tokenized = data.tokenize_all(examples, template, tokenizer, max_length)
+    data_sha = data.file_sha256(path)
     return TrainingData(
         store=batching.TokenizedStore(tokenized),
+        source={
+            "data": str(path),
+            "data_sha256": data_sha,
+            "template": template,
+            "max_length": max_length,
+        },
         provenance={
-            "data": {"path": str(Path(path).resolve()), "sha256": data.file_sha256(path)},
+            "data": {"path": str(Path(path).resolve()), "sha256": data_sha},
             "template": template,
             "max_length": max_length,
             "examples": len(tokenized),
@@ -217,6 +226,7 @@ def distill_data(
     from deltakd_cli.cache import CacheReader
 
     reader = CacheReader(cache_path)
+    reader.check_structure()
     if options.verify_cache:
         damaged = reader.verify()
         if damaged:
@@ -259,6 +269,7 @@ def distill_data(
     local = Path(cache_path).exists()
     return TrainingData(
         store=reader,
+        source={"cache": str(cache_path), "manifest_sha256": manifest["manifest_sha256"]},
         provenance={
             "cache": {
                 "path": str(Path(cache_path).resolve()) if local else cache_path,
@@ -270,6 +281,7 @@ def distill_data(
                 "has_student": manifest.get("has_student"),
                 "precision": manifest.get("precision"),
                 "counts": manifest.get("counts"),
+                "manifest_sha256": manifest["manifest_sha256"],
             },
             "cache_provenance": provenance,
         },
@@ -500,10 +512,18 @@ def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors and numbers only (a checkpoint holds no Python objects)."""
+    _, numpy_key, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    python_version, python_state, python_gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy_key": torch.from_numpy(numpy_key.astype(np.int64)),
+        "numpy_pos": int(numpy_pos),
+        "numpy_has_gauss": int(numpy_has_gauss),
+        "numpy_gauss": float(numpy_gauss),
+        "python_version": int(python_version),
+        "python_state": torch.tensor(python_state, dtype=torch.int64),
+        "python_gauss": python_gauss,
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -512,10 +532,72 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_key = state["numpy_key"].numpy().astype(np.uint32)
+    np.random.set_state(
+        ("MT19937", numpy_key, state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"])
+    )
+    python_state = tuple(int(v) for v in state["python_state"].tolist())
+    random.setstate((state["python_version"], python_state, state["python_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_tensors(path: Path) -> Any:
+    """A checkpoint file as data: torch.load with weights_only=True, which refuses anything but
+    tensors, numbers, strings and containers of them (a pickle that would run code is refused,
+    never run)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DeltakdError(f"checkpoint file missing: {path}") from None
+    except Exception as error:  # UnpicklingError and friends: not plain data
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DeltakdError(
+            f"{path}: not a plain-data checkpoint (refused, nothing in it was run): {first}"
+        ) from None
+
+
+def save_tensors(value: Any, path: Path) -> None:
+    faults.point(f"checkpoint {path.name}")
+    torch.save(value, path)
+
+
+def _state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: what a checkpoint file needs on disk."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
+# What a training run writes into OUT besides the exported model files (recorded in the
+# output marker as they are written): what --overwrite removes, and nothing else.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "run.json", ".export.partial")
+
+
+def _resume_mismatch(name: str, path: Path, was: Any, identity: dict[str, Any]) -> str:
+    now = identity[name]
+    if name == "source" and isinstance(was, dict) and isinstance(now, dict):
+        if "manifest_sha256" in now and was.get("cache") == now.get("cache"):
+            return (
+                f"--resume: the cache {now['cache']} changed since {path.name} (its manifest "
+                "checksum differs: it was rebuilt); resume needs the same cache, or start a new "
+                "--out"
+            )
+        if "data_sha256" in now and was.get("data") == now.get("data"):
+            if was.get("data_sha256") != now.get("data_sha256"):
+                return (
+                    f"--resume: the data file {now['data']} changed since {path.name} (its "
+                    "sha256 differs); resume needs the same data, or start a new --out"
+                )
+    flag = OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+    return (
+        f"--resume: {flag} changed since {path.name} (was {was!r}, now {now!r}); resume with "
+        "the same options or start a new --out"
+    )
 
 
 class Trainer:
@@ -531,6 +613,7 @@ class Trainer:
         self.device = distributed.device_for(options.device)
         self.compute_dtype = models.resolve_dtype(options.dtype, self.device)
         self.identity = self._identity()
+        self.lock: outputs.OutputLock | None = None
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -541,32 +624,44 @@ class Trainer:
         return {name: values[name] for name in OPTIONS_THAT_MATTER}
 
     def check_output(self) -> tuple[int, Path] | None:
-        """The checkpoint to resume from, or None for a fresh start; refuse what cannot work."""
-        if self.out.exists() and not self.out.is_dir():
-            raise DeltakdError(f"--out {self.out} exists and is not a directory")
+        """(rank 0, lock held) The checkpoint to resume from, or None for a fresh start; refuse
+        what cannot work: a directory that is not a training run, a finished run, checkpoints
+        without --resume (each unless --overwrite)."""
+        options = self.options
+        claim = outputs.claim_directory(
+            self.out,
+            "training-run",
+            "training run",
+            options.overwrite,
+            legacy=("run.json", "checkpoints"),
+        )
+        if claim == "ours" and options.overwrite:
+            marker = outputs.read_marker(self.out) or {}
+            outputs.remove_own_files(self.out, [*RUN_FILES, *marker.get("files", [])])
+            outputs.write_marker(self.out, "training-run")
+            return None
         if (self.out / "run.json").exists():
             raise DeltakdError(
-                f"{self.out} already holds a finished run (run.json); choose another --out"
+                f"{self.out} already holds a finished run (run.json); choose another --out, or "
+                "pass --overwrite to replace it"
             )
         found = complete_checkpoints(self.out)
-        if self.options.resume:
+        if options.resume:
             if not found:
-                raise DeltakdError(f"--resume: no complete checkpoint under {self.out}/checkpoints")
+                raise DeltakdError(
+                    f"--resume: no complete checkpoint under {self.out}/checkpoints; "
+                    "drop --resume to start the run"
+                )
             step, path = found[-1]
             saved = json.loads((path / "state.json").read_text())["options"]
             for name in OPTIONS_THAT_MATTER:
                 if saved.get(name) != self.identity[name]:
-                    flag = OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
-                    raise DeltakdError(
-                        f"--resume: {flag} changed since {path.name} "
-                        f"(was {saved.get(name)!r}, now {self.identity[name]!r}); resume with the "
-                        "same options or start a new --out"
-                    )
+                    raise DeltakdError(_resume_mismatch(name, path, saved.get(name), self.identity))
             return step, path
         if found:
             raise DeltakdError(
-                f"{self.out} has checkpoints of an earlier run: pass --resume to continue it, or "
-                "choose another --out"
+                f"{self.out} has checkpoints of an earlier run: pass --resume to continue it, "
+                "--overwrite to start again, or choose another --out"
             )
         return None
 
@@ -701,57 +796,80 @@ class Trainer:
             self.optimizer.load_state_dict(state)
 
     def save_checkpoint(self, step: int) -> Path:
-        """OUT/checkpoints/step-N, written under a temp name and renamed when complete."""
+        """OUT/checkpoints/step-N, written under a temp name and renamed when complete. Only
+        tensors and plain data: model and optimizer state and RNG states as tensors (loaded back
+        with weights_only=True), the scheduler and the position as JSON."""
         final = self.out / "checkpoints" / f"step-{step}"
         partial = self.out / "checkpoints" / f".step-{step}.partial"
         model_state = self._model_state()
         optimizer_state = self._optimizer_state()
-        if self.rank == 0:
-            if partial.exists():
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True)
-        distributed.barrier()
-        torch.save(_rng_state(), partial / f"rng-rank{self.rank}.pt")
-        if self.rank == 0:
-            torch.save(model_state, partial / "model.pt")
-            if os.environ.get(KILL_HOOK) == str(step):
-                os.kill(os.getpid(), signal.SIGKILL)
-            torch.save(optimizer_state, partial / "optimizer.pt")
-            torch.save({"scheduler": self.scheduler.state_dict()}, partial / "trainer.pt")
-        distributed.barrier()
-        if self.rank == 0:
-            epoch, within = self.plan.locate(step)
-            state = {
-                "step": step,
-                "epoch": epoch,
-                "step_in_epoch": within,
-                "total_steps": self.total_steps,
-                "options": self.identity,
-                "version": __version__,
-            }
-            (partial / "state.json").write_text(json.dumps(state, indent=2))
-            partial.rename(final)
-            if self.options.keep_checkpoints:
-                for _, old in complete_checkpoints(self.out)[: -self.options.keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
+        needed = 2 * _state_bytes(model_state) + _state_bytes(optimizer_state)
+        with outputs.writing(partial, needed):
+            if self.rank == 0:
+                if partial.exists():
+                    shutil.rmtree(partial)
+                partial.mkdir(parents=True)
+            distributed.barrier()
+            save_tensors(_rng_state(), partial / f"rng-rank{self.rank}.pt")
+            if self.rank == 0:
+                save_tensors(model_state, partial / "model.pt")
+                if os.environ.get(KILL_HOOK) == str(step):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                save_tensors(optimizer_state, partial / "optimizer.pt")
+                trainer_state = {"scheduler": self.scheduler.state_dict()}
+                outputs.atomic_write_text(partial / "trainer.json", json.dumps(trainer_state))
+            distributed.barrier()
+            if self.rank == 0:
+                epoch, within = self.plan.locate(step)
+                state = {
+                    "step": step,
+                    "epoch": epoch,
+                    "step_in_epoch": within,
+                    "total_steps": self.total_steps,
+                    "options": self.identity,
+                    "version": __version__,
+                }
+                outputs.atomic_write_text(partial / "state.json", json.dumps(state, indent=2))
+                faults.point("checkpoint rename")
+                partial.rename(final)
+                if self.options.keep_checkpoints:
+                    for _, old in complete_checkpoints(self.out)[: -self.options.keep_checkpoints]:
+                        shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
         return final
 
     def load_checkpoint(self, path: Path) -> int:
         state = json.loads((path / "state.json").read_text())
-        self._load_model_state(torch.load(path / "model.pt", map_location="cpu"))
-        self._load_optimizer_state(torch.load(path / "optimizer.pt", map_location="cpu"))
-        trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        trainer_file = path / "trainer.json"
+        if not trainer_file.is_file():
+            raise DeltakdError(
+                f"{path} was written by an older deltakd (no trainer.json) and cannot be "
+                "resumed; start a new --out"
+            )
+        self._load_model_state(load_tensors(path / "model.pt"))
+        self._load_optimizer_state(load_tensors(path / "optimizer.pt"))
+        self.scheduler.load_state_dict(json.loads(trainer_file.read_text())["scheduler"])
         rng_file = path / f"rng-rank{self.rank}.pt"
         if rng_file.exists():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            _set_rng_state(load_tensors(rng_file))
         return int(state["step"])
 
     # -- the loop -----------------------------------------------------------------------------
 
+    def _claim_output(self) -> tuple[int, Path] | None:
+        """(rank 0) Lock OUT for the whole run, then decide fresh start or resume."""
+        if self.out.exists() and not self.out.is_dir():
+            raise DeltakdError(f"--out {self.out} exists and is not a directory")
+        self.lock = outputs.directory_lock(self.out, f"training output {self.out}").acquire()
+        return self.check_output()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def run(self) -> dict[str, Any]:
-        resume_from = self.check_output()
+        resume_from = distributed.on_main_first(self._claim_output)
         self.build()
         start_step = 0
         if resume_from is not None:
@@ -827,8 +945,10 @@ class Trainer:
                     if metrics_file is not None and (
                         (step + 1) % options.log_every == 0 or step + 1 == self.total_steps
                     ):
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
+                        faults.point("metrics")
+                        with outputs.writing(self.out / "metrics.jsonl"):
+                            metrics_file.write(json.dumps(record) + "\n")
+                            metrics_file.flush()
                     bar.update(task, completed=step + 1, status=_status(record, options.objective))
                     if (
                         options.save_every
@@ -893,25 +1013,30 @@ class Trainer:
         if self.rank == 0:
             summary["student"] = models.model_identity(self.options.student, self.tokenizer)
             staging = self.out / ".export.partial"
-            if staging.exists():
-                shutil.rmtree(staging)
             export_state = {k: v.to(self.export_dtype) for k, v in model_state.items()}
-            self.student.config.use_cache = True
-            self.student.save_pretrained(staging, state_dict=export_state)
-            self.tokenizer.save_pretrained(staging)
-            generation_config = getattr(self.student, "generation_config", None)
-            if generation_config is not None:
-                generation_config.save_pretrained(staging)
-            names = sorted(p.name for p in staging.iterdir())
-            names = [n for n in names if n not in EXPORT_FILE_ORDER_LAST] + [
-                n for n in EXPORT_FILE_ORDER_LAST if n in names
-            ]
-            for name in names:
-                os.replace(staging / name, self.out / name)
-            staging.rmdir()
-            run_file = self.out / "run.json.partial"
-            run_file.write_text(json.dumps(summary, indent=2, default=str))
-            os.replace(run_file, self.out / "run.json")
+            with outputs.writing(staging, _state_bytes(export_state)):
+                if staging.exists():
+                    shutil.rmtree(staging)
+                self.student.config.use_cache = True
+                faults.point("export save")
+                self.student.save_pretrained(staging, state_dict=export_state)
+                self.tokenizer.save_pretrained(staging)
+                generation_config = getattr(self.student, "generation_config", None)
+                if generation_config is not None:
+                    generation_config.save_pretrained(staging)
+                names = sorted(p.name for p in staging.iterdir())
+                names = [n for n in names if n not in EXPORT_FILE_ORDER_LAST] + [
+                    n for n in EXPORT_FILE_ORDER_LAST if n in names
+                ]
+                # Recorded before they arrive: --overwrite may then remove any of them.
+                outputs.add_marker_files(self.out, names)
+                for name in names:
+                    faults.point(f"export {name}")
+                    os.replace(staging / name, self.out / name)
+                staging.rmdir()
+            outputs.atomic_write_text(
+                self.out / "run.json", json.dumps(summary, indent=2, default=str)
+            )
         distributed.barrier()
         return summary
 
@@ -974,28 +1099,51 @@ def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[
             "--fsdp shards the student over processes: launch with torchrun "
             "(torchrun --nproc_per_node N -m deltakd_cli ...)"
         )
+    trainer = None
     try:
         tokenizer = models.load_tokenizer(options.student)
         training_data = prepare(tokenizer)
-        summary = Trainer(options, training_data, tokenizer).run()
+        options.source = training_data.source
+        trainer = Trainer(options, training_data, tokenizer)
+        summary = trainer.run()
         print_summary(summary, options.out)
         return summary
+    except KeyboardInterrupt:
+        raise Interrupted(_resume_hint(options)) from None
     finally:
+        if trainer is not None:
+            trainer.release()
         distributed.shutdown()
+
+
+def _resume_hint(options: TrainOptions) -> str:
+    """What to type after Ctrl-C: --resume when a checkpoint exists, else the same command."""
+    found = complete_checkpoints(Path(options.out))
+    if found:
+        step, path = found[-1]
+        how = "the same command" if options.resume else "the same command with --resume"
+        return f"{options.command} stopped; rerun {how} to continue from {path} (step {step})"
+    return (
+        f"{options.command} stopped before its first checkpoint (--save-every "
+        f"{options.save_every}); rerun the same command to start again"
+    )
 
 
 def distill(options: TrainOptions, cache: str) -> dict[str, Any]:
     """`deltakd distill`: train the student on a teachers' cache."""
     options.command = "distill"
-    options.source = {"cache": cache}
+    outputs.check_not_input(options.out, {"--cache": cache, "--student": options.student})
     return _run(options, lambda tokenizer: distill_data(cache, options.student, tokenizer, options))
 
 
-def finetune(options: TrainOptions, data_path: str, template: str, max_length: int) -> dict:
+def finetune(
+    options: TrainOptions, data_path: str, template: str, max_length: int | None = None
+) -> dict:
     """`deltakd finetune`: supervised finetuning on a JSONL file (objective sft)."""
     options.command = "finetune"
     options.objective = "sft"
-    options.source = {"data": data_path, "template": template, "max_length": max_length}
+    outputs.check_not_input(options.out, {"--model": options.student, "--data": data_path})
+    max_length = models.resolve_max_length(max_length, {"--model": options.student})
     return _run(
         options, lambda tokenizer: finetune_data(data_path, template, max_length, tokenizer)
     )

@@ -121,9 +121,14 @@ def test_same_settings_on_a_complete_cache_is_a_no_op(tiny, good_cache):
 def test_refuses_a_directory_that_is_not_a_cache(tiny, tmp_path):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    result = run_cli(cache_args(tiny, tmp_path / "precious", "--overwrite"))
-    assert_one_line_error(result, "not a deltakd cache")
+    result = run_cli(cache_args(tiny, tmp_path / "precious", "--top-k", 4))
+    assert_one_line_error(result, "is not empty", "not a cache", "--overwrite")
+    assert sorted(p.name for p in (tmp_path / "precious").iterdir()) == ["notes.txt"]
+    # --overwrite writes the cache there and removes only what deltakd wrote: nothing of theirs
+    result = run_cli(cache_args(tiny, tmp_path / "precious", "--top-k", 4, "--overwrite"))
+    assert result.exit_code == 0, result.output
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "precious" / "manifest.json").is_file()
 
 
 def test_inspect_summary_json_and_example(good_cache):

@@ -1,0 +1,67 @@
+"""Deterministic fault injection for the reliability tests (docs/reliability.md).
+
+Every place where deltakd writes something that a kill or a full disk could cut in half calls
+`point(name)`. Outside the tests nothing is set and `point` returns at once. With
+`DELTAKD_FAULT=ACTION@N` the N-th call in this process acts:
+
+    kill@N     SIGKILL this process (kill -9 at an exact, reproducible place)
+    enospc@N   raise OSError(ENOSPC) (a full disk at that write)
+    pause@N    sleep 60 s (so a test can start a second process or send SIGINT meanwhile)
+
+`DELTAKD_FAULT_TRACE=FILE` appends the name of every point reached, one per line, so a test
+knows how many points a run has before it picks where to strike."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+
+FAULT_ENV = "DELTAKD_FAULT"
+TRACE_ENV = "DELTAKD_FAULT_TRACE"
+ACTIONS = ("kill", "enospc", "pause")
+
+_lock = threading.Lock()
+_count = 0
+
+
+def reset() -> None:
+    """Start counting from zero again (in-process tests run several commands)."""
+    global _count
+    with _lock:
+        _count = 0
+
+
+def _parse(spec: str) -> tuple[str, int]:
+    action, _, index = spec.partition("@")
+    if action not in ACTIONS or not index.isdigit() or int(index) < 1:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected one of {ACTIONS} then @N (N >= 1)")
+    return action, int(index)
+
+
+def point(name: str) -> None:
+    """A place where a fault may be injected (see the module docstring)."""
+    spec = os.environ.get(FAULT_ENV)
+    trace = os.environ.get(TRACE_ENV)
+    if not spec and not trace:
+        return
+    global _count
+    with _lock:
+        _count += 1
+        count = _count
+        if trace:
+            with open(trace, "a", encoding="utf-8") as handle:
+                handle.write(f"{name}\n")
+    if not spec:
+        return
+    action, index = _parse(spec)
+    if count != index:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<injected at {name}>")
+    else:
+        time.sleep(60)
