@@ -449,7 +449,6 @@ def write_manifest(location: Location, manifest: dict[str, Any]) -> None:
     """Written last and atomically: a cache is complete iff its manifest exists. The manifest
     carries its own checksum, so an edit (of k, alpha, a shard name...) is caught on read."""
     manifest = {**manifest, "manifest_sha256": manifest_checksum(manifest)}
-    faults.point("manifest")
     location.write_text("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
 
 

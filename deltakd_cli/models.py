@@ -180,8 +180,10 @@ def check_loading_report(spec: str, model: Any, loading: dict[str, Any]) -> None
     """Refuse a checkpoint whose weights do not fill the architecture: a missing tensor would be
     left randomly initialised (transformers only warns). Keys the architecture ties to another
     (lm_head to the embeddings) or declares as optional are not counted."""
-    tied = getattr(model, "_tied_weights_keys", None) or ()
-    tied = list(tied.keys()) if isinstance(tied, dict) else list(tied)
+    tied: list[str] = []
+    if getattr(model.config, "tie_word_embeddings", False):  # the class lists what it may tie
+        declared = getattr(model, "_tied_weights_keys", None) or ()
+        tied = list(declared.keys()) if isinstance(declared, dict) else list(declared)
     missing = sorted(
         key
         for key in loading.get("missing_keys", ())

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deltakd_cli import __version__, cache, data, distributed, faults, models, outputs, targets
+from deltakd_cli import __version__, cache, data, distributed, models, outputs, targets
 from deltakd_cli.console import info, progress
 from deltakd_cli.distributed import on_main_first
 from deltakd_cli.errors import DeltakdError, Interrupted
@@ -308,7 +308,6 @@ def _cache_teachers(
             stored = _batch_entries(
                 loaded, shared, input_ids, attention_mask, rows, positions, config
             )
-            faults.point("batch")
             writer.put(
                 cache.BatchRecord(
                     example_index=np.array(batch, dtype=np.int64),

@@ -22,7 +22,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -42,7 +41,6 @@ from deltakd_cli.errors import DeltakdError, Interrupted
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 EXPORT_FILE_ORDER_LAST = ("config.json",)  # moved last: before it arrives, OUT does not load
-KILL_HOOK = "DELTAKD_TEST_KILL_IN_CHECKPOINT"  # tests: SIGKILL while writing checkpoint step-N
 LOGIT_ELEMENTS_PER_CHUNK = 1 << 25  # ~128 MiB of float32 logits per chunk by default
 
 # Options whose change would make a resumed run differ from the interrupted one.
@@ -813,8 +811,6 @@ class Trainer:
             save_tensors(_rng_state(), partial / f"rng-rank{self.rank}.pt")
             if self.rank == 0:
                 save_tensors(model_state, partial / "model.pt")
-                if os.environ.get(KILL_HOOK) == str(step):
-                    os.kill(os.getpid(), signal.SIGKILL)
                 save_tensors(optimizer_state, partial / "optimizer.pt")
                 trainer_state = {"scheduler": self.scheduler.state_dict()}
                 outputs.atomic_write_text(partial / "trainer.json", json.dumps(trainer_state))
@@ -945,8 +941,8 @@ class Trainer:
                     if metrics_file is not None and (
                         (step + 1) % options.log_every == 0 or step + 1 == self.total_steps
                     ):
-                        faults.point("metrics")
                         with outputs.writing(self.out / "metrics.jsonl"):
+                            faults.point("metrics")
                             metrics_file.write(json.dumps(record) + "\n")
                             metrics_file.flush()
                     bar.update(task, completed=step + 1, status=_status(record, options.objective))

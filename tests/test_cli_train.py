@@ -16,7 +16,7 @@ from conftest import build_model
 from helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 
-from deltakd_cli import data, models
+from deltakd_cli import data, faults, models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,16 +133,25 @@ def test_distill_exports_a_loadable_model_with_provenance(tiny, cache, tmp_path)
     assert run["options"]["objective"] == "delta"
 
 
-def test_kill_9_then_resume_ends_with_identical_weights(tiny, cache, tmp_path):
+def test_kill_9_then_resume_ends_with_identical_weights(tiny, cache, tmp_path, monkeypatch):
     """A real process dies by SIGKILL while writing its second checkpoint (the first one is
     complete); --resume must pick the complete one and end bit-identical to a clean run."""
     common = ["--max-steps", 6, "--save-every", 2, "--objective", "delta", "--sft-weight", 0.2]
+    clean = tmp_path / "clean"
+    trace = tmp_path / "trace"
+    monkeypatch.setenv(faults.TRACE_ENV, str(trace))
+    faults.reset()
+    result = run_cli(distill_args(tiny, cache, clean, *common))
+    monkeypatch.delenv(faults.TRACE_ENV)
+    assert result.exit_code == 0, result.output
+    points = trace.read_text().splitlines()
+    second_optimizer = [i for i, p in enumerate(points, 1) if p == "checkpoint optimizer.pt"][1]
     killed = tmp_path / "killed"
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
-        "DELTAKD_TEST_KILL_IN_CHECKPOINT": "4",
+        faults.FAULT_ENV: f"kill@{second_optimizer}",
     }
     args = [str(a) for a in distill_args(tiny, cache, killed, *common)]
     process = subprocess.run(
@@ -158,9 +167,6 @@ def test_kill_9_then_resume_ends_with_identical_weights(tiny, cache, tmp_path):
     result = run_cli(distill_args(tiny, cache, killed, *common, "--resume"))
     assert result.exit_code == 0, result.output
     assert "resuming from" in result.output and "step-2" in result.output
-    clean = tmp_path / "clean"
-    result = run_cli(distill_args(tiny, cache, clean, *common))
-    assert result.exit_code == 0, result.output
 
     resumed = load_file(killed / "model.safetensors")
     reference = load_file(clean / "model.safetensors")

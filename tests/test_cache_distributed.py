@@ -1,0 +1,47 @@
+"""A 2-process torchrun cache-teachers run stores the same content as one process (kill -9 and
+resume: tests/test_reliability.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from conftest import make_rows
+from helpers import cache_args, run_module, torchrun
+
+from deltakd_cli.cache import CacheReader
+
+
+def shard_digests(out) -> list[tuple[str, str, int]]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [(s["name"], s["sha256"], s["positions"]) for s in manifest["shards"]]
+
+
+def test_two_process_torchrun_matches_one_process(tiny, tmp_path):
+    common = ["--top-k", 8, "--batch-size", 1, "--precision", "float32"]
+    single = tmp_path / "single"
+    assert run_module(cache_args(tiny, single, *common)).returncode == 0
+    double = tmp_path / "double"
+    result = torchrun(cache_args(tiny, double, *common))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    one, two = CacheReader(str(single)), CacheReader(str(double))
+    assert two.num_shards == 2
+    assert one.manifest["counts"] == two.manifest["counts"]
+
+    def by_index(reader):
+        found = {}
+        for shard in range(reader.num_shards):
+            for example in reader.read_examples(shard, 0, len(reader.shard_lengths(shard))):
+                found[example.example_index] = example
+        return found
+
+    first, second = by_index(one), by_index(two)
+    assert sorted(first) == sorted(second) == list(range(len(make_rows(24))))
+    for index, example in first.items():
+        other = second[index]
+        assert (example.input_ids == other.input_ids).all()
+        assert (example.ids == other.ids).all()
+        for name in ("tuned_logprobs", "base_logprobs", "student_logprobs", "tuned_tail",
+                     "base_tail", "student_tail", "target_tail_shift"):  # fmt: skip
+            np.testing.assert_allclose(getattr(example, name), getattr(other, name), atol=1e-6)
