@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from deltakd_cli.errors import DeltakdError
 
 TEMPLATES = ("alpaca", "chat", "plain")
+HEAL_PROMPT_WORDS = 4  # unlabelled text: the first words are the prompt, the rest the response
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -61,7 +65,7 @@ class TokenizedExample:
     @property
     def num_targets(self) -> int:
         """Response tokens (EOS included) = positions that carry a target."""
-        return len(self.input_ids) - self.prompt_length
+        return len(target_positions(self.prompt_length, len(self.input_ids)))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -164,12 +168,13 @@ def parse_row(row: Any, where: str, default_id: str, need_response: bool = True)
     return example
 
 
-def load_examples(path: str | Path, need_response: bool = True) -> list[Example]:
-    """Read a JSONL file; the first bad line raises one DeltakdError naming the file and line."""
+def read_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str, Any]]:
+    """(where, value) for every non-blank line of a JSONL file, `where` being PATH:LINE. A
+    missing or unreadable file, a line that is not JSON or text that is not UTF-8 raises one
+    DeltakdError naming the file (and the line)."""
     path = Path(path)
     if not path.is_file():
-        raise DeltakdError(f"data file not found: {path}")
-    examples: list[Example] = []
+        raise DeltakdError(f"{what} not found: {path}")
     try:
         with open(path, encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
@@ -177,17 +182,48 @@ def load_examples(path: str | Path, need_response: bool = True) -> list[Example]
                     continue
                 where = f"{path}:{number}"
                 try:
-                    row = json.loads(line)
+                    value = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise DeltakdError(f"{where}: not valid JSON ({error.msg})") from None
-                examples.append(parse_row(row, where, str(len(examples)), need_response))
+                yield where, value
     except UnicodeDecodeError:
         raise DeltakdError(f"{path}: not UTF-8 text") from None
     except OSError as error:
-        raise DeltakdError(f"cannot read data file {path}: {error.strerror}") from None
+        raise DeltakdError(f"cannot read {what} {path}: {error.strerror}") from None
+
+
+def load_examples(path: str | Path, need_response: bool = True) -> list[Example]:
+    """Read a JSONL file; the first bad line raises one DeltakdError naming the file and line."""
+    examples = [
+        parse_row(row, where, str(index), need_response)
+        for index, (where, row) in enumerate(read_jsonl(path))
+    ]
     if not examples:
         raise DeltakdError(f"{path}: no examples (the file is empty)")
     return examples
+
+
+def text_row(identifier: str, text: str, max_words: int | None = None) -> dict[str, Any] | None:
+    """Unlabelled text as a prompt/response row (healing data): the first HEAL_PROMPT_WORDS words
+    are the prompt, the rest (up to `max_words` words in all) carries the targets. None when the
+    text is too short to have a response."""
+    words = text.split()
+    if max_words is not None:
+        words = words[:max_words]
+    if len(words) <= HEAL_PROMPT_WORDS:
+        return None
+    return {
+        "id": identifier,
+        "prompt": " ".join(words[:HEAL_PROMPT_WORDS]),
+        "response": " " + " ".join(words[HEAL_PROMPT_WORDS:]),
+    }
+
+
+def target_positions(prompt_length: int, num_tokens: int) -> np.ndarray:
+    """The positions that carry a target: the logits after reading tokens[..p] predict token
+    p + 1, so an example of `num_tokens` tokens whose response starts at `prompt_length` has
+    its targets at prompt_length - 1 .. num_tokens - 2 (one per response token, EOS included)."""
+    return np.arange(prompt_length - 1, num_tokens - 1, dtype=np.int64)
 
 
 def render_prompt(example: Example, template: str, tokenizer: Any = None) -> str:

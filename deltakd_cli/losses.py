@@ -11,22 +11,28 @@ own tail bucket (its log-mass outside K, a logsumexp over the complement). Per-p
 0 * log 0 = 0, so an empty tail (k = |V|, tail mass exactly 0) gives neither NaN values nor NaN
 gradients.
 
-Objectives (OBJECTIVES):
+Objectives (the registry OBJECTIVES, name -> Objective: its pure loss, whether it needs the
+teachers' cache and the base student S0, and how tables label a student trained with it):
     sft        cross-entropy on the reference token
     kd         KL(pT || p_theta) over K + tail bucket
     delta      KL(p* || p_theta), p* = softmax(l0 + alpha * (lT - lB)), from the cache
     delta-mse  variant: MSE between the student's own shift log p_theta - l0 and alpha*Delta at K
     delta-mix  variant: KL(mix * p* + (1 - mix) * pT || p_theta) over K + tail bucket
 
-The two variants belong to the Delta-KD paper's "parallelogram" family; the paper reports that
-some members of that family could not be tuned because of unstable gradients. They are offered
-for experiments, not as defaults: delta-mse in particular is an unbounded regression on log-prob
-shifts rather than a match between distributions (see docs/method.md).
+Adding an objective is one pure function of (student logits, cached targets, settings, frozen
+S0 logits) and one registry entry.
+
+The two variants are this tool's own choices, offered for experiments, not as defaults: only the
+Delta-KD paper's abstract is known, which does not define them. delta-mse in particular is an
+unbounded regression on log-prob shifts rather than a match between distributions (see
+docs/method.md).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,28 +49,53 @@ from deltakd_cli.targets import (
     tail_shift,
 )
 
-OBJECTIVES: tuple[str, ...] = ("sft", "kd", "delta", "delta-mse", "delta-mix")
 
-# Objectives whose target is built from S0 (cached student log-probs or frozen S0 logits).
-_STUDENT_OBJECTIVES = frozenset({"delta", "delta-mse", "delta-mix"})
+@dataclass(frozen=True)
+class LossSettings:
+    """The numbers a loss takes besides the tensors."""
+
+    alpha: float = 1.0
+    temperature: float = 1.0
+    cache_alpha: float | None = None  # the alpha the cache's mass-matched tail was made for
+    mix: float = 0.5
 
 
-def _check_objective(objective: str) -> None:
+DistillLoss = Callable[
+    [torch.Tensor, CachedTargets, LossSettings, "torch.Tensor | None"], torch.Tensor
+]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One training objective: its per-position divergence (None: cross-entropy only) and what
+    it needs."""
+
+    name: str
+    label: str  # a student trained with it, as tables name it
+    distill: DistillLoss | None
+    needs_student: bool = False  # its target is built from S0 (cached log-probs or a frozen copy)
+    takes_temperature: bool = True
+
+    @property
+    def needs_cache(self) -> bool:
+        return self.distill is not None
+
+
+def _check_objective(objective: str) -> Objective:
     if objective not in OBJECTIVES:
-        raise DeltakdError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+        raise DeltakdError(f"unknown objective {objective!r}; choose one of {tuple(OBJECTIVES)}")
+    return OBJECTIVES[objective]
 
 
 def objective_needs_cache(objective: str) -> bool:
     """Whether the objective needs the teachers' cache (every objective but plain SFT)."""
-    _check_objective(objective)
-    return objective != "sft"
+    return _check_objective(objective).needs_cache
 
 
 def objective_needs_frozen_student(objective: str, cached_has_student: bool) -> bool:
-    """Whether training must run the frozen base student S0: only for the Delta family, and only
-    when the cache does not hold S0's log-probs and tail mass."""
-    _check_objective(objective)
-    return objective in _STUDENT_OBJECTIVES and not cached_has_student
+    """Whether training must run the frozen base student S0: only for objectives whose target
+    is built from S0, and only when the cache does not hold S0's log-probs and tail mass."""
+    return _check_objective(objective).needs_student and not cached_has_student
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,30 +324,58 @@ def objective_loss(
     "sft" (cross-entropy), "distill" (the objective's divergence, zeros for "sft") and "loss" =
     sft_weight * sft + (1 - sft_weight) * distill * temperature**2 (the tau^2 keeps gradient
     scales comparable across temperatures); for objective "sft", loss = sft."""
-    _check_objective(objective)
+    entry = _check_objective(objective)
     _check_temperature(temperature)
     if not 0.0 <= sft_weight <= 1.0:
         raise DeltakdError(f"sft weight must be between 0 and 1, got {sft_weight}")
     logits = student_logits.float()
     sft = sft_loss(logits, labels)
-    if objective == "sft":
+    if entry.distill is None:
         return {"loss": sft, "sft": sft, "distill": torch.zeros_like(sft)}
     if cached is None:
         raise DeltakdError(f"objective {objective!r} needs cached teacher targets")
-    if objective == "kd":
-        distill = kd_loss(logits, cached, temperature)
-    elif objective == "delta":
-        distill = delta_loss(logits, cached, alpha, temperature, cache_alpha, frozen_student_logits)
-    elif objective == "delta-mse":
-        if temperature != 1.0:
-            raise DeltakdError(
-                "objective 'delta-mse' matches log-prob shifts and takes no temperature; "
-                "use temperature 1"
-            )
-        distill = delta_mse_loss(logits, cached, alpha, frozen_student_logits)
-    else:
-        distill = delta_mix_loss(
-            logits, cached, alpha, temperature, cache_alpha, frozen_student_logits, mix
+    if not entry.takes_temperature and temperature != 1.0:
+        raise DeltakdError(
+            f"objective {objective!r} matches log-prob shifts and takes no temperature; "
+            "use temperature 1"
         )
+    settings = LossSettings(alpha, temperature, cache_alpha, mix)
+    distill = entry.distill(logits, cached, settings, frozen_student_logits)
     loss = sft_weight * sft + (1.0 - sft_weight) * distill * temperature**2
     return {"loss": loss, "sft": sft, "distill": distill}
+
+
+OBJECTIVES: dict[str, Objective] = {
+    entry.name: entry
+    for entry in (
+        Objective("sft", "SFT student", None),
+        Objective(
+            "kd",
+            "KD student",
+            lambda logits, cached, s, frozen: kd_loss(logits, cached, s.temperature),
+        ),
+        Objective(
+            "delta",
+            "Delta-KD student",
+            lambda logits, cached, s, frozen: delta_loss(
+                logits, cached, s.alpha, s.temperature, s.cache_alpha, frozen
+            ),
+            needs_student=True,
+        ),
+        Objective(
+            "delta-mse",
+            "Delta-MSE student",
+            lambda logits, cached, s, frozen: delta_mse_loss(logits, cached, s.alpha, frozen),
+            needs_student=True,
+            takes_temperature=False,
+        ),
+        Objective(
+            "delta-mix",
+            "Delta-mix student",
+            lambda logits, cached, s, frozen: delta_mix_loss(
+                logits, cached, s.alpha, s.temperature, s.cache_alpha, frozen, s.mix
+            ),
+            needs_student=True,
+        ),
+    )
+}

@@ -260,6 +260,54 @@ def stored_dtype(spec: str) -> torch.dtype:
     return torch.float32
 
 
+# ----------------------------------------------------------------------------- the model's parts
+
+
+def decoder_of(model: Any) -> Any:
+    """The model without its output layer (hidden states out): what both the cache and training
+    run before `head_logits`."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if decoder is None or decoder is model:
+        raise DeltakdError(
+            f"{type(model).__name__}: cannot find the decoder (hidden states before the output "
+            "layer); this architecture is not supported"
+        )
+    return decoder
+
+
+def decoder_layers(model: Any) -> tuple[str, Any]:
+    """(state-dict prefix, module list) of the decoder layers, e.g. ('model.layers.', ...)."""
+    from torch import nn
+
+    decoder = decoder_of(model)
+    prefix = getattr(model, "base_model_prefix", "model")
+    count = int(model.config.num_hidden_layers)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, nn.ModuleList) and len(layers) == count:
+            return f"{prefix}.{name}.", layers
+    raise DeltakdError(f"{type(model).__name__}: cannot find its list of {count} decoder layers")
+
+
+def head_logits(model: Any, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The one hidden -> logits step, shared by the cache and training: the output layer, the
+    config's logit scaling (Cohere's `logit_scale`) and final soft-capping (Gemma 2's
+    `final_logit_softcapping`), sliced to the working vocabulary (padded output layers have extra
+    rows). [n, H] -> [n, vocab_size]."""
+    head = model.get_output_embeddings()
+    logits = head(hidden.to(head.weight.device))
+    config = model.config
+    scale = getattr(config, "logit_scale", None)
+    if scale:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits[:, :vocab_size]
+
+
 def tokenizer_vocab_size(tokenizer: Any) -> int:
     """Tokens the tokenizer can produce (added tokens included)."""
     return len(tokenizer)

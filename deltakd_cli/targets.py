@@ -6,16 +6,29 @@ No I/O here. Shapes: N target positions, V vocabulary, k kept ids per position."
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
 from deltakd_cli.errors import DeltakdError
 
 
+def _entry(kind: str, source: str, optional: bool = False) -> Any:
+    """A per-position field: `kind` is its shape and storage (ids: [N,k] token ids; logprobs:
+    [N,k] log-probs at the kept ids; scalar: [N]); `source` is what it is computed from (the
+    teachers, the base student S0, or the exact target, which needs S0 too)."""
+    metadata = {"kind": kind, "source": source}
+    if optional:
+        return field(default=None, metadata=metadata)
+    return field(metadata=metadata)
+
+
 @dataclass
 class CachedTargets:
-    """What the cache holds for N target positions (torch tensors, float32 unless noted).
+    """What the cache holds for N target positions: the one per-position schema that the cache
+    writer and reader, the batches and `inspect` all iterate over (`PER_POSITION_FIELDS`).
+    Torch tensors here (float32 unless noted); numpy arrays of the same shapes in the store.
 
     ids:              [N, k] int64, the kept token ids K
     tuned_logprobs:   [N, k] log pT at K (normalised over the full vocabulary)
@@ -27,14 +40,14 @@ class CachedTargets:
     student_tail:     [N]    p0 mass outside K, or None
     """
 
-    ids: torch.Tensor
-    tuned_logprobs: torch.Tensor
-    base_logprobs: torch.Tensor
-    tuned_tail: torch.Tensor
-    base_tail: torch.Tensor
-    target_tail_shift: torch.Tensor | None = None
-    student_logprobs: torch.Tensor | None = None
-    student_tail: torch.Tensor | None = None
+    ids: torch.Tensor = _entry("ids", "teachers")
+    tuned_logprobs: torch.Tensor = _entry("logprobs", "teachers")
+    base_logprobs: torch.Tensor = _entry("logprobs", "teachers")
+    tuned_tail: torch.Tensor = _entry("scalar", "teachers")
+    base_tail: torch.Tensor = _entry("scalar", "teachers")
+    target_tail_shift: torch.Tensor | None = _entry("scalar", "target", optional=True)
+    student_logprobs: torch.Tensor | None = _entry("logprobs", "student", optional=True)
+    student_tail: torch.Tensor | None = _entry("scalar", "student", optional=True)
 
     def to(self, device: torch.device) -> CachedTargets:
         moved = {
@@ -54,6 +67,18 @@ class CachedTargets:
     @property
     def has_student(self) -> bool:
         return self.student_logprobs is not None
+
+
+PER_POSITION_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(CachedTargets))
+FIELD_KIND: dict[str, str] = {f.name: f.metadata["kind"] for f in fields(CachedTargets)}
+# Fields a cache holds only when it was built with the base student (--student).
+NEEDS_STUDENT: tuple[str, ...] = tuple(
+    f.name for f in fields(CachedTargets) if f.metadata["source"] != "teachers"
+)
+# The base student's own log-probs and tail mass (what --frozen-student replaces).
+STUDENT_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(CachedTargets) if f.metadata["source"] == "student"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +103,15 @@ teacher        alpha * (log mT - log mB), from the two teachers' tail masses (an
 """
 
 RULES_NEEDING_STUDENT: frozenset[str] = frozenset({"target", "tuned+student"})
+TAIL_RULES_NEEDING_STUDENT: frozenset[str] = frozenset({"mass-matched"})
+
+
+def default_rules(has_student: bool) -> tuple[str, str]:
+    """(selection, tail rule) when none is asked for: the exact target's top-k and the
+    mass-matched tail with the base student (the measured best, docs/method.md), else the tuned
+    teacher's top-k and the teachers' tail."""
+    return ("target", "mass-matched") if has_student else ("tuned", "teacher")
+
 
 _NEG_INF = float("-inf")
 
@@ -256,7 +290,7 @@ def build_cached_targets(
     log-probs at K and its tail mass are stored too, so `distill` need not run S0."""
     if tail_rule not in TAIL_RULES:
         raise DeltakdError(f"unknown tail rule {tail_rule!r}; choose one of {TAIL_RULES}")
-    if tail_rule == "mass-matched" and student_logprobs is None:
+    if tail_rule in TAIL_RULES_NEEDING_STUDENT and student_logprobs is None:
         raise DeltakdError("the mass-matched tail rule needs the student's log-probs")
     ids = select_ids(tuned_logprobs, base_logprobs, student_logprobs, k, rule, alpha)
     shift = None
@@ -356,21 +390,10 @@ def delta_target_bucket_logits(
     return torch.cat([at_kept, bucket.unsqueeze(1)], dim=1)
 
 
-def delta_target_bucketed(cached: CachedTargets, alpha: float, shift: torch.Tensor) -> torch.Tensor:
-    """log p* over K plus one tail bucket [N,k+1] (last column: the tail bucket)."""
-    return torch.log_softmax(delta_target_bucket_logits(cached, alpha, shift), dim=-1)
-
-
 def kd_target_bucket_logits(cached: CachedTargets) -> torch.Tensor:
     """log pT at K and log(tuned_tail) as the tail bucket [N,k+1], not renormalised."""
     tail = _compute(cached.tuned_tail).log()  # log 0 = -inf: empty tail
     return torch.cat([_compute(cached.tuned_logprobs), tail.unsqueeze(1)], dim=1)
-
-
-def kd_target_bucketed(cached: CachedTargets) -> torch.Tensor:
-    """log pT over K plus the tail bucket [N,k+1]. Renormalised, which is the identity up to
-    rounding at full precision and makes a low-precision cache a proper distribution."""
-    return torch.log_softmax(kd_target_bucket_logits(cached), dim=-1)
 
 
 def bucket_logprobs(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -378,22 +401,6 @@ def bucket_logprobs(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(
         [logprobs.gather(1, ids), complement_logsumexp(logprobs, ids).unsqueeze(1)], dim=1
     )
-
-
-def expand_bucketed_target(
-    bucketed: torch.Tensor, ids: torch.Tensor, student_logprobs: torch.Tensor
-) -> torch.Tensor:
-    """Spread the tail bucket of a [N,k+1] target over the vocabulary in proportion to S0's own
-    tail (what the tail-constant target does): log-probs [N,V]."""
-    l0 = _compute(student_logprobs)
-    bucketed = bucketed.to(l0.dtype)
-    log_student_tail = complement_logsumexp(l0, ids)
-    empty = torch.isneginf(log_student_tail)
-    # per-token log-prob in the tail = bucket + l0(y) - log m0; an empty tail has no such token
-    offset = torch.where(
-        empty, torch.zeros_like(log_student_tail), bucketed[:, -1] - log_student_tail
-    )
-    return (l0 + offset.unsqueeze(1)).scatter(1, ids, bucketed[:, :-1])
 
 
 # ---------------------------------------------------------------------------------------------

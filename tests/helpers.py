@@ -70,3 +70,12 @@ def torchrun(args: list, nproc: int = 2, timeout: int = 300) -> subprocess.Compl
     return subprocess.run(
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def greedy_protocol(max_new_tokens: int = 8, batch_size: int = 8):
+    """A quick deterministic eval protocol for the tiny models."""
+    from deltakd_cli.evaluate.protocol import make_protocol
+
+    return make_protocol(
+        "greedy", max_new_tokens=max_new_tokens, batch_size=batch_size, template="plain"
+    )

@@ -9,7 +9,7 @@ import numpy as np
 from conftest import make_rows
 from helpers import cache_args, run_module, torchrun
 
-from deltakd_cli.cache import CacheReader
+from deltakd_cli.cache.store import CacheReader
 
 
 def shard_digests(out) -> list[tuple[str, str, int]]:
@@ -41,7 +41,9 @@ def test_two_process_torchrun_matches_one_process(tiny, tmp_path):
     for index, example in first.items():
         other = second[index]
         assert (example.input_ids == other.input_ids).all()
-        assert (example.ids == other.ids).all()
+        assert (example.targets.ids == other.targets.ids).all()
         for name in ("tuned_logprobs", "base_logprobs", "student_logprobs", "tuned_tail",
                      "base_tail", "student_tail", "target_tail_shift"):  # fmt: skip
-            np.testing.assert_allclose(getattr(example, name), getattr(other, name), atol=1e-6)
+            np.testing.assert_allclose(
+                getattr(example.targets, name), getattr(other.targets, name), atol=1e-6
+            )

@@ -32,9 +32,9 @@ from helpers import REPO, assert_one_line_error, cache_args, flat, run_cli
 from safetensors.torch import load_file, save_file
 from zygote import Zygote
 
-from deltakd_cli import cache as cache_store
 from deltakd_cli import faults, outputs
-from deltakd_cli.cache import CacheReader
+from deltakd_cli.cache import store as cache_store
+from deltakd_cli.cache.store import CacheReader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -527,7 +527,7 @@ def test_file_urls_are_local_paths(tiny, tmp_path, monkeypatch):
 def test_full_disk_at_each_kind_of_write_is_one_line(tiny, world, tmp_path, monkeypatch):
     monkeypatch.setattr(cache_store, "FLUSH_SECONDS", 0.0)  # as in the traced reference
     cache_args_ = cache_args(tiny, tmp_path / "c", *CACHE_OPTIONS, "--data", world["data"])
-    for name in ("write run.json", "write manifest.json"):
+    for name in ("write settings.json", "write manifest.json"):
         index = point_index(world["cache_points"], name)
         result = run_with_fault(cache_args_, f"enospc@{index}", monkeypatch)
         assert_one_line_error(result, "no space left on the device", str(tmp_path / "c"))
@@ -611,7 +611,7 @@ def test_ctrl_c_exits_130_with_a_hint_that_works(tiny, world, zygote, tmp_path):
     cache = tmp_path / "cache"
     cache_run = cache_args(tiny, cache, *CACHE_OPTIONS, "--data", world["data"])
     pause_at = point_index(world["cache_points"], "append input_ids", 3)
-    stopped = interrupt(cache_run, pause_at, cache, cache / "run.json")
+    stopped = interrupt(cache_run, pause_at, cache, cache / "settings.json")
     assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
     assert "rerun the same command to resume" in flat(stopped.stderr)
     assert launch(zygote, cache_run).returncode == 0

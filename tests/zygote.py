@@ -24,12 +24,13 @@ def child(request: dict) -> None:
     os.dup2(err, 2)
     import torch
 
-    from deltakd_cli import cache, faults
+    from deltakd_cli import faults
+    from deltakd_cli.cache import store
     from deltakd_cli.cli import main
 
     torch.set_num_threads(1)
     faults.reset()
-    cache.FLUSH_SECONDS = float(os.environ.get("DELTAKD_FLUSH_SECONDS", "60"))
+    store.FLUSH_SECONDS = float(os.environ.get("DELTAKD_FLUSH_SECONDS", "60"))
     sys.argv = ["deltakd", *request["args"]]
     code = 0
     try:
@@ -56,9 +57,9 @@ def warm_up() -> None:
     torch.set_num_threads(1)  # no thread pool exists when the children are forked
     for name in (
         "deltakd_cli.cli",
-        "deltakd_cli.teachers",
-        "deltakd_cli.train",
-        "deltakd_cli.evaluate",
+        "deltakd_cli.cache.build",
+        "deltakd_cli.train.loop",
+        "deltakd_cli.evaluate.run",
         "transformers.models.auto.tokenization_auto",
         "transformers.models.auto.modeling_auto",
         "transformers.models.llama.configuration_llama",

@@ -1,0 +1,422 @@
+"""The cache-teachers workflow: run the base and tuned teacher (and optionally the base student)
+once over the data, choose the kept ids per response position, and write the cache.
+
+Read top to bottom: options -> checks -> plan -> the batch loop -> manifest."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deltakd_cli import __version__, data, distributed, models, outputs, targets
+from deltakd_cli.cache import schema, store
+from deltakd_cli.cache.options import CacheOptions
+from deltakd_cli.console import info, progress
+from deltakd_cli.distributed import on_main_first
+from deltakd_cli.errors import DeltakdError, Interrupted
+from deltakd_cli.options import check
+from deltakd_cli.targets import RULES_NEEDING_STUDENT, TAIL_RULES_NEEDING_STUDENT
+
+POSITION_CHUNK = 1024  # positions whose full-vocabulary log-probs are held at once
+
+
+def validate(options: CacheOptions) -> None:
+    """Checks that need no model: numbers, choices, paths. Fails before anything is loaded."""
+    check(options)
+    selection, tail_rule = options.resolved_selection(), options.resolved_tail_rule()
+    needs_student = selection in RULES_NEEDING_STUDENT or tail_rule in TAIL_RULES_NEEDING_STUDENT
+    if needs_student and not options.student:
+        raise DeltakdError(
+            f"--selection {selection} / --tail-rule {tail_rule} need --student (the base student)"
+        )
+    if options.device_map and distributed.launched_by_torchrun():
+        raise DeltakdError(
+            "--device-map splits one model over this host's GPUs; not under torchrun"
+        )
+    for spec in filter(None, (options.teacher_base, options.teacher_tuned, options.student)):
+        models.resolve_source(spec)  # a missing local path fails here, before any loading
+    outputs.check_not_input(
+        options.out,
+        {
+            "--teacher-base": options.teacher_base,
+            "--teacher-tuned": options.teacher_tuned,
+            "--student": options.student,
+            "--data": options.data,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- model forward
+
+
+class PositionLogprobs:
+    """Full-vocabulary log-probs of one model at chosen positions, without [B, L, V] logits:
+    the decoder runs once, then the output head (`models.head_logits`, the same step training
+    uses) runs on the target positions' hidden states."""
+
+    def __init__(self, model: Any, vocab_size: int):
+        self.model = model
+        self.vocab_size = vocab_size
+        self.decoder = models.decoder_of(model)
+        self.checked = False
+
+    @torch.inference_mode()
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    @torch.inference_mode()
+    def logprobs(self, hidden_at_targets: torch.Tensor) -> torch.Tensor:
+        logits = models.head_logits(self.model, hidden_at_targets, self.vocab_size)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    @torch.inference_mode()
+    def check_against_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Once: the decoder+head path must equal the model's own forward (catches architectures
+        that scale or post-process logits in ways this path does not know)."""
+        if self.checked:
+            return
+        self.checked = True
+        rows = input_ids[:1], attention_mask[:1]
+        reference = self.model(input_ids=rows[0], attention_mask=rows[1]).logits[0]
+        reference = torch.log_softmax(reference[:, : self.vocab_size].float(), dim=-1)
+        ours = self.logprobs(self.hidden(*rows)[0])
+        valid = rows[1][0].bool().to(ours.device)
+        weight = self.model.get_output_embeddings().weight
+        tolerance = 1e-3 if weight.dtype == torch.float32 else 5e-2
+        if not torch.allclose(
+            ours[valid], reference.to(ours.device)[valid], atol=tolerance, rtol=0
+        ):
+            raise DeltakdError(
+                f"{type(self.model).__name__}: its logits are post-processed in a way deltakd "
+                "does not reproduce; please report this model type"
+            )
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def plan_batches(lengths: list[int], rank: int, world: int, batch_size: int) -> list[list[int]]:
+    """Longest examples first (so an out-of-memory shows in the first batch), dealt round-robin
+    over ranks, then cut into batches of `batch_size` similar lengths."""
+    order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
+    mine = order[rank::world]
+    return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+
+
+def pad_batch(
+    tokenized: list[data.TokenizedExample], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask, and the (row, position) of every target."""
+    width = max(len(t.input_ids) for t in tokenized)
+    input_ids = torch.full((len(tokenized), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(tokenized), width), dtype=torch.long)
+    rows, positions = [], []
+    for row, example in enumerate(tokenized):
+        input_ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
+        attention_mask[row, : len(example.input_ids)] = 1
+        span = data.target_positions(example.prompt_length, len(example.input_ids))
+        rows.extend([row] * len(span))
+        positions.extend(span.tolist())
+    return (
+        input_ids.to(device),
+        attention_mask.to(device),
+        torch.tensor(rows, device=device),
+        torch.tensor(positions, device=device),
+    )
+
+
+def settings_of(
+    options: CacheOptions, identities: dict[str, Any], data_sha: str, world: int
+) -> dict:
+    """Everything that decides the cache's bytes: a resume must match it exactly."""
+    return {
+        "models": {role: identity["weights_sha256"] for role, identity in identities.items()},
+        "data_sha256": data_sha,
+        "top_k": options.top_k,
+        "selection": options.resolved_selection(),
+        "tail_rule": options.resolved_tail_rule(),
+        "alpha": options.alpha if options.student else None,
+        "template": options.template,
+        "max_length": options.max_length,
+        "batch_size": options.batch_size,
+        "precision": options.precision,
+        "dtype": options.dtype,
+        "world_size": world,
+        "format_version": schema.FORMAT_VERSION,
+    }
+
+
+# ----------------------------------------------------------------------------- the workflow
+
+
+def cache_teachers(options: CacheOptions) -> dict[str, Any]:
+    """Run the whole stage; returns the manifest (rank 0) or this rank's counts."""
+    validate(options)
+    device = distributed.device_for(options.device)
+    models.check_device(device)
+    distributed.init(device)
+    lock = None
+    if distributed.is_main_process() and not outputs.is_url(options.out):
+        lock = outputs.directory_lock(outputs.local_path(options.out), f"cache {options.out}")
+    try:
+        return _cache_teachers(options, device, lock)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "cache-teachers stopped; rerun the same command to resume (the batches already "
+            "written are kept)"
+        ) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _cache_teachers(
+    options: CacheOptions, device: torch.device, lock: outputs.OutputLock | None
+) -> dict[str, Any]:
+    rank, world = distributed.rank(), distributed.world_size()
+    location = store.Location(options.out)
+
+    roles = {"teacher_base": options.teacher_base, "teacher_tuned": options.teacher_tuned}
+    if options.student:
+        roles["student"] = options.student
+    tokenizers = {role: models.load_tokenizer(spec) for role, spec in roles.items()}
+    tokenizer = tokenizers["teacher_base"]
+    for role in list(roles)[1:]:
+        models.check_same_tokenizer(tokenizer, tokenizers[role], "teacher_base", role)
+    vocab_size = models.tokenizer_vocab_size(tokenizer)
+    if options.top_k > vocab_size:
+        raise DeltakdError(f"--top-k {options.top_k} is larger than the vocabulary ({vocab_size})")
+    options = replace(options, max_length=models.resolve_max_length(options.max_length, roles))
+
+    examples = data.load_examples(options.data)
+    tokenized = data.tokenize_all(examples, options.template, tokenizer, options.max_length)
+    data_sha = data.file_sha256(options.data)
+    truncated = sum(t.truncated for t in tokenized)
+    if truncated:
+        info(
+            f"[yellow]note:[/yellow] {truncated} of {len(tokenized)} examples are longer than "
+            f"--max-length {options.max_length} and were cut (the prompt keeps at least half the "
+            "length, the response is cut from its end)"
+        )
+
+    # Hash weights once (rank 0) and share: provenance and the resume check both use it.
+    identities = None
+    if rank == 0:
+        identities = {
+            role: models.model_identity(spec, tokenizers[role]) for role, spec in roles.items()
+        }
+    identities = distributed.broadcast_object(identities)
+    settings = settings_of(options, identities, data_sha, world)
+
+    def claim() -> str:
+        if not location.url and Path(location.root).exists():
+            if not Path(location.root).is_dir():
+                raise DeltakdError(f"--out {options.out} exists and is not a directory")
+        if lock is not None:
+            lock.acquire()
+        return store.prepare_output(location, settings, options.overwrite)
+
+    state = on_main_first(claim)
+    if state == "complete":
+        info(f"[green]{options.out} is already complete[/green] for these settings; nothing to do")
+        return store.read_manifest(location) or {}
+
+    dtype = models.resolve_dtype(options.dtype, device)
+    loaded: dict[str, PositionLogprobs] = {}
+    # A model named under two roles (init-student's healing cache: both teachers are the
+    # source) is loaded and run once; `shared` maps the second role to the first.
+    shared: dict[str, str] = {}
+    for role, spec in roles.items():
+        twin = next((r for r in loaded if same_model(identities[r], identities[role])), None)
+        if twin is not None:
+            shared[role] = twin
+            continue
+        model = models.load_model(spec, dtype, device, options.device_map)
+        models.check_model_vocab(model, tokenizer, role)
+        loaded[role] = PositionLogprobs(model, vocab_size)
+    if shared:
+        info(", ".join(f"{role} is {twin}: run once" for role, twin in shared.items()))
+
+    specs = schema.array_specs(options.top_k, vocab_size, options.precision, bool(options.student))
+    writer = store.ShardWriter(location, rank, world, specs)
+    batches = plan_batches([len(t.input_ids) for t in tokenized], rank, world, options.batch_size)
+    done = writer.committed["batches"]
+    if done:
+        info(f"resuming: {done} of {len(batches)} batches already in {writer.name}")
+
+    my_targets = sum(tokenized[i].num_targets for batch in batches for i in batch)
+    bytes_per_position = options.top_k * (
+        np.dtype(schema.ids_dtype(vocab_size)).itemsize
+        + (3 if options.student else 2) * np.dtype(options.precision).itemsize
+    )
+    total_targets = sum(t.num_targets for t in tokenized)
+    info(
+        f"caching {len(tokenized)} examples ({total_targets} response tokens) at "
+        f"k={options.top_k}, "
+        f"selection {options.resolved_selection()}, tail {options.resolved_tail_rule()}; "
+        f"at most ~{total_targets * bytes_per_position / 2**20:.1f} MiB before compression"
+    )
+    pad_id = tokenizer.pad_token_id
+    started, tokens_done = time.perf_counter(), 0
+    with progress() as bar:
+        task = bar.add_task("cache-teachers", total=sum(len(b) for b in batches))
+        bar.update(task, completed=sum(len(b) for b in batches[:done]))
+        for batch in batches[done:]:
+            items = [tokenized[i] for i in batch]
+            input_ids, attention_mask, rows, positions = pad_batch(items, pad_id, device)
+            stored = _batch_entries(
+                loaded, shared, input_ids, attention_mask, rows, positions, options
+            )
+            writer.put(
+                schema.BatchRecord(
+                    example_index=np.array(batch, dtype=np.int64),
+                    input_ids=[np.array(t.input_ids) for t in items],
+                    prompt_length=np.array([t.prompt_length for t in items], dtype=np.int32),
+                    positions=schema.encode_positions(stored, vocab_size, options.precision),
+                )
+            )
+            tokens_done += len(rows)
+            rate = tokens_done / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=len(batch), description=f"cache-teachers {rate:,.0f} tok/s")
+    committed = writer.close()
+    loop_seconds = time.perf_counter() - started
+    if committed["positions"] != my_targets:
+        raise DeltakdError(
+            f"{writer.name}: wrote {committed['positions']} of {my_targets} positions"
+        )
+
+    shard_summary = {"name": writer.name, **committed}
+    shard_summary.update(store.shard_checksums(location, writer.group_path))
+    shards = distributed.all_gather_objects(shard_summary)
+    manifest: dict[str, Any] = {}
+    if rank == 0:
+        manifest = build_manifest(options, settings, identities, vocab_size, tokenized, shards)
+        # Rank 0's compute loop, stores included (what `make bench` compares to a bare forward).
+        manifest["timing"] = {
+            "loop_seconds": loop_seconds,
+            "response_tokens_per_second": tokens_done / max(loop_seconds, 1e-9),
+            "world_size": world,
+        }
+        store.write_manifest(location, manifest)
+        elapsed = time.perf_counter() - started
+        info(
+            f"[green]wrote {options.out}[/green]: {manifest['counts']['examples']} examples, "
+            f"{manifest['counts']['response_tokens']} response tokens, "
+            f"{manifest['bytes_per_response_token']:.1f} bytes per response token, "
+            f"{elapsed:.1f}s"
+        )
+    distributed.barrier()
+    return manifest
+
+
+def same_model(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """Two roles name one model: the same location (and GGUF file) with the same weights."""
+    keys = ("path", "gguf_file", "weights_sha256")
+    return all(first[key] == second[key] for key in keys)
+
+
+def _batch_entries(
+    loaded: dict[str, PositionLogprobs],
+    shared: dict[str, str],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    options: CacheOptions,
+) -> targets.CachedTargets:
+    """Forward every model once, then build the cached entries chunk by chunk of positions."""
+    hidden = {}
+    for role, model in loaded.items():
+        model.check_against_forward(input_ids, attention_mask)
+        states = model.hidden(input_ids, attention_mask)
+        # With --device-map the last layer may sit on another GPU than the inputs.
+        hidden[role] = states[rows.to(states.device), positions.to(states.device)]
+    chunks = []
+    for start in range(0, len(rows), POSITION_CHUNK):
+        at = slice(start, start + POSITION_CHUNK)
+        logprobs = {
+            role: loaded[role].logprobs(hidden[role][at]).to(input_ids.device) for role in loaded
+        }
+        logprobs.update({role: logprobs[twin] for role, twin in shared.items()})
+        chunks.append(
+            targets.build_cached_targets(
+                logprobs["teacher_tuned"],
+                logprobs["teacher_base"],
+                logprobs.get("student"),
+                options.top_k,
+                options.resolved_selection(),
+                options.alpha,
+                options.resolved_tail_rule(),
+            )
+        )
+    return _concat_targets(chunks)
+
+
+def _concat_targets(chunks: list[targets.CachedTargets]) -> targets.CachedTargets:
+    if len(chunks) == 1:
+        return chunks[0]
+    joined = {}
+    for field in fields(targets.CachedTargets):
+        values = [getattr(chunk, field.name) for chunk in chunks]
+        joined[field.name] = None if values[0] is None else torch.cat(values)
+    return targets.CachedTargets(**joined)
+
+
+def build_manifest(
+    options: CacheOptions,
+    settings: dict[str, Any],
+    identities: dict[str, Any],
+    vocab_size: int,
+    tokenized: list[data.TokenizedExample],
+    shards: list[dict[str, Any]],
+) -> dict[str, Any]:
+    positions = sum(shard["positions"] for shard in shards)
+    stored_bytes = sum(shard["bytes"] for shard in shards)
+    array_bytes: dict[str, int] = {}
+    for shard in shards:
+        for name, size in shard["array_bytes"].items():
+            array_bytes[name] = array_bytes.get(name, 0) + size
+    return {
+        "format_version": schema.FORMAT_VERSION,
+        "tool": {"name": "deltakd", "version": __version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "vocab_size": vocab_size,
+        "k": options.top_k,
+        "selection": options.resolved_selection(),
+        "tail_rule": options.resolved_tail_rule(),
+        "alpha": options.alpha if options.student else None,
+        "has_student": bool(options.student),
+        "precision": options.precision,
+        "dtypes": {
+            name: spec[0]
+            for name, spec in schema.array_specs(
+                options.top_k, vocab_size, options.precision, bool(options.student)
+            ).items()
+        },
+        "counts": {
+            "examples": sum(shard["examples"] for shard in shards),
+            "tokens": sum(shard["tokens"] for shard in shards),
+            "response_tokens": positions,
+            "truncated": sum(t.truncated for t in tokenized),
+        },
+        "bytes": stored_bytes,
+        "bytes_per_response_token": stored_bytes / max(positions, 1),
+        # Per target position, by array: the kept ids and distributions apart from the tokens.
+        "bytes_per_response_token_by_array": {
+            name: size / max(positions, 1) for name, size in sorted(array_bytes.items())
+        },
+        "provenance": {
+            **identities,
+            "data": {"path": str(Path(options.data).resolve()), "sha256": settings["data_sha256"]},
+            "template": options.template,
+            "max_length": options.max_length,
+            "model_dtype": options.dtype,
+        },
+        "settings": settings,
+        "shards": shards,
+    }

@@ -1,0 +1,119 @@
+"""`deltakd inspect`: a cache's summary, its verification, and one example decoded."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.table import Table
+
+from deltakd_cli.cache.options import InspectOptions
+from deltakd_cli.cache.store import CachedExample, CacheReader
+from deltakd_cli.console import console
+from deltakd_cli.errors import DeltakdError
+from deltakd_cli.options import check
+from deltakd_cli.targets import FIELD_KIND, PER_POSITION_FIELDS
+
+
+def summary(reader: CacheReader) -> dict[str, Any]:
+    manifest = reader.manifest
+    provenance = manifest["provenance"]
+    return {
+        "path": reader.path,
+        "format_version": manifest["format_version"],
+        "examples": manifest["counts"]["examples"],
+        "tokens": manifest["counts"]["tokens"],
+        "response_tokens": manifest["counts"]["response_tokens"],
+        "truncated_examples": manifest["counts"]["truncated"],
+        "k": manifest["k"],
+        "vocab_size": manifest["vocab_size"],
+        "selection": manifest["selection"],
+        "tail_rule": manifest["tail_rule"],
+        "alpha": manifest["alpha"],
+        "has_student": manifest["has_student"],
+        "precision": manifest["precision"],
+        "shards": len(manifest["shards"]),
+        "bytes": manifest["bytes"],
+        "bytes_per_response_token": manifest["bytes_per_response_token"],
+        "provenance": provenance,
+        "tool": manifest["tool"],
+    }
+
+
+def example_json(example: CachedExample) -> dict[str, Any]:
+    """The documented per-example JSON: position p is the prediction of input_ids[p + 1]."""
+    targets = example.targets
+    positions = []
+    for row, position in enumerate(example.target_positions):
+        entry: dict[str, Any] = {"position": int(position)}
+        for name in PER_POSITION_FIELDS:
+            values = getattr(targets, name)
+            if values is not None:
+                value = values[row]
+                entry[name] = value.tolist() if FIELD_KIND[name] != "scalar" else float(value)
+        positions.append(entry)
+    return {
+        "example_index": example.example_index,
+        "input_ids": example.input_ids.tolist(),
+        "prompt_length": example.prompt_length,
+        "positions": positions,
+    }
+
+
+def inspect_cache(options: InspectOptions) -> None:
+    """`deltakd inspect`."""
+    check(options)
+    path = options.cache
+    reader = CacheReader(path)
+    if options.example is not None:
+        decoded = example_json(reader.find_example(options.example))
+        if options.json:
+            print(json.dumps(decoded))
+        else:
+            console.print_json(data=decoded)
+        return
+    report = summary(reader)
+    damaged: list[str] = []
+    if options.verify:
+        reader.check_structure()
+        damaged = reader.verify()
+        report["verified"] = not damaged
+        report["damaged_shards"] = damaged
+    if options.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_table(report)
+    if damaged:
+        raise DeltakdError(f"{path}: damaged shards: {', '.join(damaged)}")
+    if options.verify and not options.json:
+        console.print(f"[green]verified[/green]: all {report['shards']} shards match the manifest")
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    table = Table(title=f"deltakd cache {report['path']}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("examples", f"{report['examples']:,} ({report['truncated_examples']} truncated)"),
+        ("response tokens", f"{report['response_tokens']:,}"),
+        ("k / vocabulary", f"{report['k']} / {report['vocab_size']:,}"),
+        ("selection, tail", f"{report['selection']}, {report['tail_rule']}"),
+        (
+            "student log-probs",
+            f"yes (alpha {report['alpha']})" if report["has_student"] else "no",
+        ),
+        ("precision", report["precision"]),
+        ("shards", str(report["shards"])),
+        ("stored bytes", f"{report['bytes']:,}"),
+        ("bytes / response token", f"{report['bytes_per_response_token']:.1f}"),
+    ]
+    for role in ("teacher_base", "teacher_tuned", "student"):
+        identity = report["provenance"].get(role)
+        if identity:
+            rows.append((role, f"{identity['spec']} (weights {identity['weights_sha256'][:12]})"))
+    data = report["provenance"]["data"]
+    rows.append(("data", f"{data['path']} (sha256 {data['sha256'][:12]})"))
+    rows.append(("template", report["provenance"]["template"]))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)

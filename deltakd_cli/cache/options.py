@@ -1,0 +1,68 @@
+"""The options of `deltakd cache-teachers` and `deltakd inspect`, written once (options.py
+derives the command line, the checks and the record from them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deltakd_cli.data import TEMPLATES
+from deltakd_cli.models import DTYPES
+from deltakd_cli.options import opt
+from deltakd_cli.targets import SELECTION_RULES, TAIL_RULES, default_rules
+
+
+@dataclass(kw_only=True)
+class CacheOptions:
+    """Run both teachers once over the data and store a sparse view of their distributions."""
+
+    teacher_base: str = opt(help="Base teacher: HF dir, hub id, or .gguf file.")
+    teacher_tuned: str = opt(help="Tuned teacher (same tokenizer as the base).")
+    data: str = opt(help="JSONL: prompt/response, Dolly, Alpaca, or chat rows.")
+    out: str = opt(help="Cache directory or fsspec URL (s3://...).")
+    student: str | None = opt(
+        None, help="Base student S0: store its log-probs and choose ids by the exact target."
+    )
+    top_k: int = opt(64, help="Token ids kept per response position.", at_least=1)
+    max_length: int | None = opt(
+        None,
+        help="Tokens per example, prompt + response (default 1024, or the models' limit).",
+        at_least=2,
+    )
+    template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
+    batch_size: int = opt(8, help="Examples per forward pass (grouped by length).", at_least=1)
+    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16, float16.", choices=DTYPES)
+    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
+    device_map: str | None = opt(
+        None, help="'auto' splits each teacher over this host's GPUs (single process)."
+    )
+    alpha: float = opt(1.0, help="Delta scale the student-aware selection targets.", finite=True)
+    selection: str | None = opt(
+        None,
+        help="Kept ids: target (default with --student), tuned, tuned+base, tuned+student.",
+        choices=SELECTION_RULES,
+    )
+    tail_rule: str | None = opt(
+        None, help="mass-matched (default with --student) or teacher.", choices=TAIL_RULES
+    )
+    precision: str = opt(
+        "float16", help="Stored log-prob dtype: float16 or float32.", choices=("float16", "float32")
+    )
+    overwrite: bool = opt(
+        False, help="Replace a cache made with other settings (only what deltakd wrote)."
+    )
+
+    def resolved_selection(self) -> str:
+        return self.selection or default_rules(bool(self.student))[0]
+
+    def resolved_tail_rule(self) -> str:
+        return self.tail_rule or default_rules(bool(self.student))[1]
+
+
+@dataclass(kw_only=True)
+class InspectOptions:
+    """Summarise a cache; verify its shards; print one example decoded."""
+
+    cache: str = opt(help="Cache directory or URL.", argument=True, metavar="CACHE")
+    verify: bool = opt(False, help="Check every shard against the manifest checksums.")
+    json: bool = opt(False, help="Print JSON instead of a table.", flags=("--json",))
+    example: int | None = opt(None, help="Print one example (by its row in the data).", at_least=0)

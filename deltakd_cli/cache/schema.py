@@ -1,0 +1,117 @@
+"""The cache's schema: the arrays of a shard (derived from the one per-position field list,
+`targets.CachedTargets`), their dtypes, chunks and codecs, how kept ids are encoded, shard names,
+and how many rows each array has. docs/cache-format.md specifies the same; keep the two in step
+(and bump FORMAT_VERSION when the bytes change)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from zarr.codecs import BloscCodec
+
+from deltakd_cli.targets import FIELD_KIND, NEEDS_STUDENT, PER_POSITION_FIELDS, CachedTargets
+
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum; every chunk is written
+POSITION_CHUNK = 2048  # positions per zarr chunk: one chunk is ~256 KiB of ids at k=64
+TOKEN_CHUNK = 65536
+EXAMPLE_CHUNK = 16384
+SHARD_NAME = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
+
+
+def ids_dtype(vocab_size: int) -> str:
+    """Token ids need ceil(log2 |V|) bits: 16-bit when the vocabulary allows, else 32-bit (the
+    bitshuffle codec then stores the always-zero high bits at almost no cost)."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def array_specs(k: int, vocab_size: int, precision: str, has_student: bool) -> dict[str, tuple]:
+    """name -> (dtype, trailing shape, chunk rows, shuffle) for every array of a shard: the
+    example arrays, then one per per-position field (those computed from the base student only
+    when the cache has it)."""
+    specs: dict[str, tuple] = {
+        "input_ids": (ids_dtype(vocab_size), (), TOKEN_CHUNK, "bitshuffle"),
+        "token_offsets": ("int64", (), EXAMPLE_CHUNK, "bitshuffle"),
+        "prompt_length": ("int32", (), EXAMPLE_CHUNK, "bitshuffle"),
+        "example_index": ("int64", (), EXAMPLE_CHUNK, "bitshuffle"),
+        "target_offsets": ("int64", (), EXAMPLE_CHUNK, "bitshuffle"),
+    }
+    # Measured on SmolLM2 caches: byte shuffle beats bitshuffle on the delta-coded ids.
+    by_kind = {
+        "ids": (ids_dtype(vocab_size), (k,)),
+        "logprobs": (precision, (k,)),
+        "scalar": ("float32", ()),
+    }
+    for name in PER_POSITION_FIELDS:
+        if name in NEEDS_STUDENT and not has_student:
+            continue
+        dtype, trailing = by_kind[FIELD_KIND[name]]
+        specs[name] = (dtype, trailing, POSITION_CHUNK, "shuffle")
+    return specs
+
+
+def codec(dtype: str, shuffle: str) -> BloscCodec:
+    # zstd level 9: ~4% smaller than level 5 on cached log-probs; the writer runs behind the
+    # compute, so the extra compression time is not on the critical path.
+    return BloscCodec(cname="zstd", clevel=9, shuffle=shuffle, typesize=np.dtype(dtype).itemsize)
+
+
+def encode_ids(sorted_ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Kept ids are sorted ascending per position and stored delta-coded along k (the first id,
+    then the gaps): gaps are small numbers, which the codec packs into few bits."""
+    gaps = np.diff(sorted_ids, axis=-1, prepend=0)
+    return gaps.astype(ids_dtype(vocab_size))
+
+
+def decode_ids(stored: np.ndarray) -> np.ndarray:
+    """Inverse of encode_ids: the running sum along k."""
+    return np.cumsum(stored.astype(np.int64), axis=-1)
+
+
+def encode_positions(
+    entries: CachedTargets, vocab_size: int, precision: str
+) -> dict[str, np.ndarray]:
+    """A CachedTargets (torch) -> numpy arrays in the store's dtypes and encodings."""
+    stored = {}
+    for name in PER_POSITION_FIELDS:
+        value = getattr(entries, name)
+        if value is None:
+            continue
+        kind = FIELD_KIND[name]
+        if kind == "ids":
+            stored[name] = encode_ids(value.cpu().numpy(), vocab_size)
+        else:
+            dtype = precision if kind == "logprobs" else np.float32
+            stored[name] = value.float().cpu().numpy().astype(dtype)
+    return stored
+
+
+def decode_positions(name: str, stored: np.ndarray) -> np.ndarray:
+    """One stored per-position array back to what the math reads (ids int64, values float32)."""
+    return decode_ids(stored) if FIELD_KIND[name] == "ids" else stored.astype(np.float32)
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}"
+
+
+def expected_rows(name: str, counts: dict[str, int]) -> int:
+    """Rows of one array of a shard holding `counts` (examples, tokens, positions)."""
+    if name == "input_ids":
+        return counts["tokens"]
+    if name in ("token_offsets", "target_offsets"):
+        return counts["examples"] + 1
+    if name in ("prompt_length", "example_index"):
+        return counts["examples"]
+    return counts["positions"]
+
+
+@dataclass
+class BatchRecord:
+    """What one forward batch contributes to a shard (numpy, already in storage dtypes)."""
+
+    example_index: np.ndarray  # [B] int64
+    input_ids: list[np.ndarray]  # B arrays of token ids
+    prompt_length: np.ndarray  # [B] int32
+    positions: dict[str, np.ndarray]  # per-position arrays, rows of all B examples concatenated

@@ -1,0 +1,56 @@
+"""The options of `deltakd eval`, written once (options.py derives the command line, the
+checks and the record from them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deltakd_cli.data import TEMPLATES
+from deltakd_cli.evaluate.protocol import PROTOCOLS
+from deltakd_cli.models import DTYPES
+from deltakd_cli.options import opt
+
+
+@dataclass(kw_only=True)
+class EvalOptions:
+    """Generate on a held-out set and score ROUGE-L the way the field reports it (data parallel
+    under torchrun: each rank generates a share of the batches)."""
+
+    data: str = opt(help="Held-out JSONL with references (any supported format).")
+    model: list[str] = opt(
+        default_factory=list,
+        flags=("--model",),
+        help="Model to evaluate (HF dir, hub id, .gguf); repeat for several.",
+    )
+    predictions: str | None = opt(
+        None, help="Score this JSONL of generations ('prediction', 'id' or order) instead."
+    )
+    out: str | None = opt(
+        None, help="Write REPORT.json and REPORT.generations.jsonl (default: print only)."
+    )
+    protocol: str = opt(
+        "minillm",
+        help="minillm (sampling T=1, top_p 1, no top-k, 5 seeds) or greedy.",
+        choices=PROTOCOLS,
+    )
+    seeds: str | None = opt(None, help="Sampling seeds, e.g. 10,20,30,40,50.")
+    max_new_tokens: int | None = opt(None, help="Tokens generated per row (256).", at_least=1)
+    max_prompt_length: int | None = opt(
+        None, help="Prompt tokens kept, cut from the left (256).", at_least=1
+    )
+    batch_size: int = opt(8, help="Prompts per generate call (grouped by length).", at_least=1)
+    template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
+    limit: int | None = opt(None, help="Evaluate the first N rows only.", at_least=1)
+    baseline: str | None = opt(None, help="Model the others are compared to (default: the first).")
+    group: list[str] = opt(
+        default_factory=list,
+        help="NAME=MODEL,MODEL...: score models together (e.g. one student's training seeds); "
+        "repeatable.",
+    )
+    compare: list[str] = opt(
+        default_factory=list,
+        help="A:B: the paired difference A minus B of two groups (or models); repeatable.",
+    )
+    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
+    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16, float16.", choices=DTYPES)
+    overwrite: bool = opt(False, help="Replace an existing REPORT.json.")

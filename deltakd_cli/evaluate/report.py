@@ -1,0 +1,218 @@
+"""The report an eval writes: one record per (model, seed, row), the report JSON assembled from
+them (scores, spread, paired differences), the files (REPORT.json and
+REPORT.generations.jsonl, each whole or not at all) and the tables printed."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from deltakd_cli import __version__, outputs
+from deltakd_cli.data import Example, file_sha256
+from deltakd_cli.errors import DeltakdError
+from deltakd_cli.evaluate import rouge, stats
+from deltakd_cli.outputs import local_path
+
+
+def make_record(
+    example: Example, row: int, model: str, seed: int | None, prompt: str, prediction: str
+) -> dict[str, Any]:
+    scores = rouge.score_row(prediction, example.references)
+    return {
+        "id": example.id,
+        "row": row,
+        "model": model,
+        "seed": seed,
+        "prompt": prompt,
+        "prediction": prediction,
+        "references": list(example.references),
+        **scores,
+    }
+
+
+def assemble(
+    mode: str,
+    data_path: str | Path,
+    examples: Sequence[Example],
+    limit: int | None,
+    records: list[dict[str, Any]],
+    model_order: Sequence[str],
+    baseline: str,
+    extra: dict[str, Any],
+    groups: dict[str, list[str]] | None = None,
+    comparisons: Sequence[tuple[str, str]] = (),
+) -> dict[str, Any]:
+    """The report from the scored records (grouped by model, then seed, rows in data order).
+    With `groups` (name -> models), each group gets a ROUGE-L line and `comparisons` (first,
+    second) of groups their paired differences; a model in no group is a group of its own."""
+    summaries = []
+    row_means: dict[str, list[dict[str, float]]] = {}
+    for name in model_order:
+        scores_by_seed: dict[int | None, list] = {}
+        for record in records:
+            if record["model"] == name:
+                scores_by_seed.setdefault(record["seed"], [None] * len(examples))
+                scores_by_seed[record["seed"]][record["row"]] = record
+        summary, row_means[name] = stats.summarize_model(name, scores_by_seed)
+        summaries.append(summary)
+    group_lines, group_differences = _groups(summaries, row_means, groups or {}, comparisons)
+    return {
+        "tool": {"name": "deltakd", "version": __version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mode": mode,
+        "data": {
+            "path": str(Path(data_path).resolve()),
+            "sha256": file_sha256(data_path),
+            "rows": len(examples),
+            "limit": limit,
+        },
+        "metrics": {
+            "rouge": "rouge_score RougeScorer(use_stemmer=True), F-measure, max over references, "
+            "mean over rows, x100",
+            "exact_match": "lowercase, ASCII punctuation removed, whitespace collapsed; "
+            "max over references, mean over rows, x100",
+            "std": "sample standard deviation (n-1) of the per-seed means; null for one run",
+        },
+        **extra,
+        "models": summaries,
+        "baseline": baseline,
+        "bootstrap": {
+            "method": "paired percentile bootstrap over rows, seeds averaged per row first",
+            "n_resamples": stats.BOOTSTRAP_RESAMPLES,
+            "seed": stats.BOOTSTRAP_SEED,
+            "confidence": stats.BOOTSTRAP_CONFIDENCE,
+        },
+        "differences": stats.compare_to_baseline(baseline, row_means),
+        "groups": group_lines,
+        "group_differences": group_differences,
+    }
+
+
+def _groups(
+    summaries: list[dict[str, Any]],
+    row_means: dict[str, list[dict[str, float]]],
+    groups: dict[str, list[str]],
+    comparisons: Sequence[tuple[str, str]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """ROUGE-L per group and the asked-for paired differences between groups."""
+    if not groups and not comparisons:
+        return [], []
+    by_name = {summary["name"]: summary for summary in summaries}
+    grouped = {model for models in groups.values() for model in models}
+    every = dict(groups)
+    every.update({name: [name] for name in by_name if name not in grouped})
+    lines = {
+        name: stats.summarize_group(name, [by_name[model] for model in models])
+        for name, models in every.items()
+    }
+    rows = {name: stats.group_row_means(row_means, models) for name, models in every.items()}
+    differences = [
+        stats.compare_groups(lines[first], lines[second], rows[first], rows[second])
+        for first, second in comparisons
+    ]
+    ordered = [lines[name] for name in groups] if groups else list(lines.values())
+    return ordered, differences
+
+
+def generations_path(report_path: str | Path) -> Path:
+    """REPORT.json -> REPORT.generations.jsonl (next to it)."""
+    report_path = Path(report_path)
+    stem = report_path.name.removesuffix(".json")
+    return report_path.with_name(f"{stem}.generations.jsonl")
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(report, dict) and (report.get("tool") or {}).get("name") == "deltakd"
+
+
+def prepare_output(
+    report_path: str | Path,
+    inputs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Check the report can be written before any work: not a directory, not an input (nor
+    its generations file), not an existing file unless --overwrite; its folder is created."""
+    report_path = Path(local_path(report_path))
+    if report_path.is_dir():
+        raise DeltakdError(f"--out {report_path} is a directory; give a file name like report.json")
+    for path in (report_path, generations_path(report_path)):
+        outputs.check_not_input(path, inputs or {})
+    for path in (report_path, generations_path(report_path)):
+        if path.exists() and not overwrite:
+            what = "an eval report of an earlier run" if _is_report(path) else "a file"
+            raise DeltakdError(
+                f"{path} already exists ({what}); choose another --out, or pass --overwrite "
+                "to replace it"
+            )
+    with outputs.writing(report_path.parent):
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(report_path.parent, os.W_OK):
+        raise DeltakdError(f"cannot write to {report_path.parent}")
+    return report_path
+
+
+def write_outputs(
+    report: dict[str, Any], records: Sequence[dict[str, Any]], report_path: str | Path
+) -> tuple[Path, Path]:
+    """Write REPORT.generations.jsonl, then REPORT.json (each whole or not at all; the report
+    last, so a report never points at generations that are not there)."""
+    report_path = Path(local_path(report_path))
+    records_path = generations_path(report_path)
+    report = {**report, "generations_file": records_path.name}
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    outputs.atomic_write_text(records_path, lines)
+    outputs.atomic_write_text(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report_path, records_path
+
+
+def _cell(mean: float, std: float | None) -> str:
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def report_tables(report: dict[str, Any]) -> list[Any]:
+    """Rich tables: model x metric (mean ± std over seeds), and ROUGE-L differences from the
+    baseline with their bootstrap intervals."""
+    from rich.table import Table
+
+    protocol = report.get("protocol")
+    caption = (
+        f"protocol {protocol['name']}, {len(protocol['seeds']) or 1} run(s) per model"
+        if protocol
+        else f"scored from {Path(report['predictions']['path']).name}"
+    )
+    scores = Table(
+        title=f"{Path(report['data']['path']).name}: {report['data']['rows']} rows", caption=caption
+    )
+    scores.add_column("model", overflow="fold")
+    for metric in rouge.METRICS:
+        scores.add_column(rouge.METRIC_LABELS[metric], justify="right")
+    scores.add_column("runs", justify="right")
+    for summary in report["models"]:
+        cells = [_cell(summary["mean"][m], summary["std"][m]) for m in rouge.METRICS]
+        scores.add_row(summary["name"], *cells, str(summary["n_seeds"]))
+    tables = [scores]
+    rouge_l = [d for d in report["differences"] if d["metric"] == "rougeL"]
+    if rouge_l:
+        confidence = round(100 * report["bootstrap"]["confidence"])
+        diffs = Table(title=f"ROUGE-L difference from {report['baseline']} (paired bootstrap)")
+        diffs.add_column("model", overflow="fold")
+        diffs.add_column("difference", justify="right")
+        diffs.add_column(f"{confidence}% interval", justify="right")
+        diffs.add_column("beyond noise", justify="center")
+        for entry in rouge_l:
+            diffs.add_row(
+                entry["model"],
+                f"{entry['difference']:+.2f}",
+                f"[{entry['ci_low']:+.2f}, {entry['ci_high']:+.2f}]",
+                "yes" if entry["excludes_zero"] else "no",
+            )
+        tables.append(diffs)
+    return tables

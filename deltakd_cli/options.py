@@ -1,0 +1,218 @@
+"""Options written once. A command's options are a dataclass whose fields carry their default,
+help text and checks (`opt`); everything else is derived from that one definition:
+
+- the typer command's parameters (`typer_parameters`: names, flags, help, defaults);
+- the checks of numbers and choices, each failing with one line that names the flag (`check`);
+- the record a run writes (`record`) and the command line a pipeline stage passes (`to_argv`).
+
+Only the checks that involve several options or the file system stay in each workflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from deltakd_cli.errors import DeltakdError
+
+REQUIRED = dataclasses.MISSING
+
+
+def opt(
+    default: Any = REQUIRED,
+    help: str = "",
+    *,
+    flags: Sequence[str] | None = None,
+    choices: Sequence[Any] | None = None,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    below: float | None = None,
+    finite: bool = False,
+    argument: bool = False,
+    metavar: str | None = None,
+    cli: bool = True,
+    default_factory: Any = None,
+) -> Any:
+    """A dataclass field that is also a command-line option.
+
+    `flags` replace the derived `--field-name` (e.g. a one-way `--resume`); `choices`, `at_least`,
+    `above`, `at_most`, `below` and `finite` are checked by `check`; `argument` makes it positional;
+    `cli=False` keeps a field off the command line (set by the program, recorded all the same)."""
+    metadata = {
+        "help": help,
+        "flags": tuple(flags) if flags else None,
+        "choices": tuple(choices) if choices is not None else None,
+        "at_least": at_least,
+        "above": above,
+        "at_most": at_most,
+        "below": below,
+        "finite": finite,
+        "argument": argument,
+        "metavar": metavar,
+        "cli": cli,
+    }
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field name: `max_new_tokens` -> `--max-new-tokens`."""
+    return "--" + name.replace("_", "-")
+
+
+def option_fields(cls_or_options: Any) -> list[dataclasses.Field]:
+    """The command-line fields in the order a reader wants them: required ones first, then the
+    command's own options, then those it shares (a subclass's fields before its base's)."""
+    cls = cls_or_options if isinstance(cls_or_options, type) else type(cls_or_options)
+    by_name = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    ordered: list[str] = []
+    for klass in cls.__mro__:
+        for name in getattr(klass, "__annotations__", {}):
+            if name in by_name and name not in ordered:
+                ordered.append(name)
+    fields = [by_name[name] for name in ordered]
+    return sorted(
+        fields, key=lambda f: f.default is not REQUIRED or f.default_factory is not REQUIRED
+    )
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    flags = field.metadata.get("flags")
+    return flags[0] if flags else flag(field.name)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
+
+
+# ----------------------------------------------------------------------------- typer
+
+
+def typer_parameters(cls: type) -> list[inspect.Parameter]:
+    """The parameters of a typer command for the options dataclass `cls`, in field order,
+    required ones first (as typer shows them in --help)."""
+    import typer
+
+    hints = _hints(cls)
+    parameters = []
+    for field in option_fields(cls):
+        meta = field.metadata
+        default = field.default if field.default is not REQUIRED else ...
+        if field.default_factory is not REQUIRED:
+            default = None
+        if meta.get("argument"):
+            info = typer.Argument(default, help=meta["help"], metavar=meta.get("metavar"))
+        else:
+            names = list(meta["flags"]) if meta.get("flags") else []
+            info = typer.Option(default, *names, help=meta["help"], metavar=meta.get("metavar"))
+        annotation = hints[field.name]
+        if field.default_factory is not REQUIRED:
+            annotation = annotation | None
+        parameters.append(
+            inspect.Parameter(
+                field.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation
+            )
+        )
+    return parameters
+
+
+def from_values(cls: type, values: dict[str, Any]) -> Any:
+    """The options object from a command's parsed values (an unset list option is its empty
+    default)."""
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    given = {}
+    for name, value in values.items():
+        field = fields[name]
+        if value is None and field.default_factory is not REQUIRED:
+            value = field.default_factory()
+        elif isinstance(value, tuple):
+            value = list(value)
+        given[name] = value
+    return cls(**given)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _number_problem(value: float, meta: dict[str, Any]) -> str | None:
+    low, high = meta.get("at_least"), meta.get("at_most")
+    if meta.get("finite") and not math.isfinite(value):
+        return "must be a finite number"
+    if low is not None and high is not None and not low <= value <= high:
+        return f"must be between {low:g} and {high:g}"
+    if low is not None and meta.get("below") is not None and not low <= value < meta["below"]:
+        return f"must be in [{low:g}, {meta['below']:g})"
+    if low is not None and not value >= low:
+        return f"must be at least {low:g}" if low else "must be >= 0"
+    if meta.get("above") is not None and not value > meta["above"]:
+        return f"must be > {meta['above']:g}"
+    if high is not None and not value <= high:
+        return f"must be at most {high:g}"
+    if meta.get("below") is not None and not value < meta["below"]:
+        return f"must be below {meta['below']:g}"
+    return None
+
+
+def check(options: Any) -> None:
+    """Check every field's choices and bounds; the first problem raises one line naming the
+    flag. Unset optional values (None) are not checked."""
+    for field in option_fields(options):
+        meta = field.metadata
+        value = getattr(options, field.name)
+        if value is None:
+            continue
+        name = flag_of(field)
+        choices = meta.get("choices")
+        if choices is not None and value not in choices:
+            shown = ", ".join(str(c) for c in choices)
+            raise DeltakdError(f"unknown {name} '{value}' (choose from {shown})")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            problem = _number_problem(value, meta)
+            if problem:
+                raise DeltakdError(f"{name} {problem}, got {value}")
+
+
+# ----------------------------------------------------------------------------- records, argv
+
+
+def record(options: Any) -> dict[str, Any]:
+    """Every field, as plain data (what a run writes into its record)."""
+    return dataclasses.asdict(options)
+
+
+def to_argv(options: Any, *, skip_defaults: bool = True) -> list[str]:
+    """The command-line arguments that give `options` (positional arguments first). Fields at
+    their default are left out, so a stage's command line shows what it sets."""
+    positional, named = [], []
+    for field in option_fields(options):
+        value = getattr(options, field.name)
+        default = field.default if field.default is not REQUIRED else REQUIRED
+        if field.default_factory is not REQUIRED:
+            default = field.default_factory()
+        if skip_defaults and default is not REQUIRED and value == default:
+            continue
+        if field.metadata.get("argument"):
+            positional.append(str(value))
+            continue
+        name = flag_of(field)
+        if isinstance(value, bool):
+            flags = field.metadata.get("flags")
+            if value:
+                named.append(flags[0] if flags else name)
+            elif not flags:
+                named.append("--no-" + name[2:])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                named += [name, str(item)]
+        elif value is not None:
+            named += [name, str(value)]
+    return positional + named

@@ -1,0 +1,534 @@
+"""`deltakd init-student`: make a base student S0 from a larger model of the same family.
+
+Two steps (method.md section 3b):
+1. prune: keep some of the source's decoder layers and copy them, with the embeddings, final
+   norm and output layer, into a model of fewer layers (a Hugging Face directory);
+2. heal: distil the source into the copy on unlabelled text, reusing the tool's own stages: a
+   cache whose base and tuned teachers are both the source (Delta is then 0 and the cache holds
+   a plain KD target), then `distill --objective kd`.
+
+A pruned copy used as is is a poor S0 for Delta-KD (the delta target is the student's own
+distribution shifted, so its noise is kept); healed, it is a competent language model again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltakd_cli import __version__, data, faults, models, outputs
+from deltakd_cli.console import info
+from deltakd_cli.errors import DeltakdError
+from deltakd_cli.options import check
+from deltakd_cli.options import record as options_record
+from deltakd_cli.pipeline.options import LAYER_RULES, InitStudentOptions
+from deltakd_cli.train.checkpoint import complete_checkpoints
+
+MARKER = "init-student.json"
+INFLUENCE_DOCUMENTS = 32  # healing documents the block-influence scores are measured on
+
+
+# ----------------------------------------------------------------------------- choosing layers
+
+
+def resolve_rule(rule: str, have_text: bool) -> str:
+    """auto: block-influence when there is text to measure it on, else uniform."""
+    if rule not in LAYER_RULES:
+        raise DeltakdError(f"unknown layer rule '{rule}' (choose from {', '.join(LAYER_RULES)})")
+    if rule == "auto":
+        return "block-influence" if have_text else "uniform"
+    if rule == "block-influence" and not have_text:
+        raise DeltakdError("--layer-rule block-influence needs text to measure it on (--heal-data)")
+    return rule
+
+
+def choose_layers(
+    num_layers: int, keep: int, rule: str = "uniform", scores: list[float] | None = None
+) -> list[int]:
+    """Indices of the source layers to keep, ascending.
+
+    uniform: evenly spaced from the first layer to the last, both included.
+    block-influence: the `keep` layers that change their input most (ShortGPT, Men et al. 2024:
+    a layer whose output is nearly its input can go); `scores` from block_influence()."""
+    if not 1 <= keep <= num_layers:
+        raise DeltakdError(f"--layers must be between 1 and {num_layers}, got {keep}")
+    if rule == "block-influence":
+        if scores is None or len(scores) != num_layers:
+            raise DeltakdError("block-influence needs one score per source layer")
+        ranked = sorted(range(num_layers), key=lambda index: (-scores[index], index))
+        return sorted(ranked[:keep])
+    if rule != "uniform":
+        raise DeltakdError(f"unknown layer rule '{rule}' (choose from {', '.join(LAYER_RULES)})")
+    if keep == 1:
+        return [num_layers - 1]
+    return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
+
+
+def influence_from_hidden(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Block influence of one layer on one sequence: 1 - mean over tokens of
+    cos(hidden state in, hidden state out); [T, H], [T, H] -> scalar."""
+    cosine = torch.nn.functional.cosine_similarity(inputs.float(), outputs.float(), dim=-1)
+    return 1.0 - cosine.mean()
+
+
+@torch.inference_mode()
+def block_influence(model: nn.Module, sequences: list[list[int]]) -> list[float]:
+    """Per decoder layer, its block influence averaged over `sequences` (one at a time, so no
+    padding enters the average). Hooks read each layer's input and output hidden states."""
+    _, layers = models.decoder_layers(model)
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(index: int):
+        def record(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            captured[index] = (hidden_in[0], hidden_out[0])
+
+        return record
+
+    handles = [
+        layer.register_forward_hook(hook(index), with_kwargs=True)
+        for index, layer in enumerate(layers)
+    ]
+    totals = torch.zeros(len(layers), dtype=torch.float64)
+    device = next(model.parameters()).device
+    try:
+        for ids in sequences:
+            model(input_ids=torch.tensor([ids], device=device))
+            for index, (hidden_in, hidden_out) in captured.items():
+                totals[index] += float(influence_from_hidden(hidden_in, hidden_out))
+            captured.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (totals / max(len(sequences), 1)).tolist()
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """'0,3,6-9,29' -> [0, 3, 6, 7, 8, 9, 29]: distinct, ascending, within the source."""
+    chosen: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            if "-" in part:
+                low, high = (int(v) for v in part.split("-", 1))
+                chosen.extend(range(low, high + 1))
+            else:
+                chosen.append(int(part))
+        except ValueError:
+            raise DeltakdError(
+                f"--keep-layers: '{part}' is not a layer number or range (like 0,3,6-9)"
+            ) from None
+    if not chosen:
+        raise DeltakdError("--keep-layers is empty")
+    if len(set(chosen)) != len(chosen):
+        raise DeltakdError(f"--keep-layers names a layer twice: {text}")
+    outside = [i for i in chosen if not 0 <= i < num_layers]
+    if outside:
+        raise DeltakdError(f"--keep-layers: layer {outside[0]} is outside 0..{num_layers - 1}")
+    return sorted(chosen)
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+def pruned_config(config: Any, keep: list[int]) -> Any:
+    """The source config with `keep` layers; per-layer lists (e.g. layer_types) follow."""
+    config = config.__class__.from_dict(config.to_dict())
+    count = int(config.num_hidden_layers)
+    for name, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == count and name != "architectures":
+            setattr(config, name, [value[i] for i in keep])
+    config.num_hidden_layers = len(keep)
+    return config
+
+
+def pruned_state_dict(
+    state: dict[str, torch.Tensor], prefix: str, keep: list[int]
+) -> dict[str, torch.Tensor]:
+    """Layer `keep[j]` of the source becomes layer j; everything outside the layers is kept."""
+    new_index = {old: new for new, old in enumerate(keep)}
+    result = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            result[key] = value
+            continue
+        index, rest = key[len(prefix) :].split(".", 1)
+        if int(index) in new_index:
+            result[f"{prefix}{new_index[int(index)]}.{rest}"] = value
+    return result
+
+
+def prune(source: str, keep: list[int], out_dir: Path) -> Path:
+    """Write a Hugging Face directory holding the source with only the `keep` layers."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = models.stored_dtype(source)
+    tokenizer = models.load_tokenizer(source)
+    model = models.load_model(source, dtype=dtype, device=torch.device("cpu"))
+    prefix, _ = models.decoder_layers(model)
+    config = pruned_config(model.config, keep)
+    state = pruned_state_dict(model.state_dict(), prefix, keep)
+    pruned = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = pruned.load_state_dict(state, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        pruned.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise DeltakdError(
+            f"cannot prune {type(model).__name__}: the copy's weights do not line up "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    pruned.generation_config = model.generation_config
+    pruned.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- healing data
+
+
+def heal_rows_file(path: str, out_path: Path, write: bool = True) -> tuple[Path, str]:
+    """The healing text as rows cache-teachers reads, and the template to read them with.
+
+    JSONL rows with a `text` field (unlabelled documents) become prompt/response rows whose
+    prompt is the first words (`data.text_row`), read with the plain template; a .txt file is one
+    document per non-empty line. Files in the task formats (prompt/response, Alpaca, chat...) are
+    used as they are, with their own template (alpaca)."""
+    source = Path(path)
+    if not source.is_file():
+        raise DeltakdError(f"--heal-data not found: {path}")
+    if source.suffix == ".txt":
+        try:
+            texts = [
+                line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
+        except UnicodeDecodeError:
+            raise DeltakdError(f"{path}: not UTF-8 text") from None
+    else:
+        entries = list(data.read_jsonl(source, "--heal-data"))
+        if not entries:
+            raise DeltakdError(f"{path}: no text (the file is empty)")
+        probe = entries[0][1]
+        if not (isinstance(probe, dict) and "text" in probe):
+            data.load_examples(source)  # fails with a clear line if the rows are not usable
+            return source, "alpaca" if "prompt" not in probe else "plain"
+        texts = []
+        for where, row in entries:
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DeltakdError(f"{where}: expected a 'text' string")
+            texts.append(row["text"])
+    rows = [row for number, text in enumerate(texts) if (row := data.text_row(str(number), text))]
+    if not rows:
+        raise DeltakdError(f"{path}: no document longer than {data.HEAL_PROMPT_WORDS} words")
+    if write:  # (under torchrun only rank 0 writes; the others read the same file)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return out_path, "plain"
+
+
+# ----------------------------------------------------------------------------- work dirs
+
+
+def keyed_dir(path: Path, key: dict[str, Any]) -> bool:
+    """Make `path` belong to `key`. A sidecar file `<path>.key.json` records the key of what is
+    in `path`; when it differs, `path` is cleared (it holds work of other settings). Returns
+    True when `path` already belonged to `key` (its content may be complete or resumable)."""
+    sidecar = path.with_name(path.name + ".key.json")
+    try:
+        if json.loads(sidecar.read_text()) == key:
+            return True
+    except (OSError, json.JSONDecodeError):
+        pass
+    if path.exists():
+        shutil.rmtree(path)
+    sidecar.parent.mkdir(parents=True, exist_ok=True)
+    sidecar.write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
+    return False
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+# Options that do not change the student (where and how fast it is made).
+_NOT_IN_KEY = ("out", "work_dir", "overwrite", "device", "num_workers", "heal_data", "save_every")
+
+
+def settings_key(options: InitStudentOptions, source_sha: str, heal_sha: str | None) -> str:
+    """Equal keys mean a rerun would make the same student (the kept layers are a function of
+    the source, the rule and the healing text, all in the key)."""
+    settings = {k: v for k, v in options_record(options).items() if k not in _NOT_IN_KEY}
+    settings.update(source_sha256=source_sha, heal_sha256=heal_sha)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def read_marker(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def init_student(options: InitStudentOptions) -> dict[str, Any]:
+    """Prune and (with heal data) heal; returns the record written to OUT/init-student.json.
+    A rerun with the same settings finds OUT complete and does nothing; an interrupted one
+    reuses the pruned copy and the healing cache, and resumes healing from its checkpoint.
+    Under torchrun the cache and the healing run are data-parallel; rank 0 does the files."""
+    from deltakd_cli import distributed
+
+    _validate(options)
+    distributed.init(distributed.device_for(options.device))
+    main = distributed.is_main_process()
+    out, work = Path(options.out), options.work_path
+    tokenizer = models.load_tokenizer(options.source)
+    num_layers = _source_layers(options.source)
+    rule = (
+        "explicit"
+        if options.keep_layers
+        else resolve_rule(options.layer_rule, bool(options.heal_data))
+    )
+    source_identity = distributed.broadcast_object(
+        models.model_identity(options.source, tokenizer) if main else None
+    )
+    heal_sha = data.file_sha256(options.heal_data) if options.heal_data else None
+    key = settings_key(options, source_identity["weights_sha256"], heal_sha)
+    marker = read_marker(out)
+    if marker and marker.get("settings_key") == key:
+        info(f"[green]{out} is already complete[/green] for these settings; nothing to do")
+        return marker
+    locks: list[outputs.OutputLock] = []
+
+    def claim() -> None:
+        if out.exists() and not out.is_dir():
+            raise DeltakdError(f"--out {out} exists and is not a directory")
+        locks.append(outputs.directory_lock(out, f"student {out}").acquire())
+        locks.append(outputs.directory_lock(work, f"work directory {work}").acquire())
+        _claim_out(out, bool(marker), options.overwrite)
+
+    try:
+        distributed.on_main_first(claim)
+        return _init_student(options, tokenizer, num_layers, rule, source_identity, heal_sha, key)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _claim_out(out: Path, has_record: bool, overwrite: bool) -> None:
+    """OUT may be empty, an unfinished init-student output, or anything with --overwrite."""
+    entries = [name for name in outputs.visible_entries(out) if name != outputs.MARKER]
+    unfinished = (outputs.read_marker(out) or {}).get("kind") == "student" and not has_record
+    if entries and not overwrite and not unfinished:
+        what = "a student made with other settings" if has_record else "other files"
+        raise DeltakdError(
+            f"{out} already exists and holds {what}; pass --overwrite to replace it (only the "
+            "files deltakd wrote are removed), or choose another --out"
+        )
+
+
+def _init_student(
+    options: InitStudentOptions,
+    tokenizer: Any,
+    num_layers: int,
+    rule: str,
+    source_identity: dict[str, Any],
+    heal_sha: str | None,
+    key: str,
+) -> dict[str, Any]:
+    from deltakd_cli import distributed
+    from deltakd_cli.cache.build import cache_teachers
+    from deltakd_cli.cache.options import CacheOptions
+    from deltakd_cli.train.loop import distill
+    from deltakd_cli.train.options import DistillOptions
+
+    main = distributed.is_main_process()
+    out, work = Path(options.out), options.work_path
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
+    heal_file, template = None, "plain"
+    if options.heal_data:
+        heal_file, template = heal_rows_file(
+            options.heal_data, work / "heal-rows.jsonl", write=main
+        )
+    scores = None
+    if rule == "explicit":
+        keep = parse_layers(options.keep_layers, num_layers)
+    else:
+        count = options.layers or max(1, num_layers // 3)
+        if rule == "block-influence":
+            scores = distributed.broadcast_object(
+                measure_influence(options.source, heal_file, template, options.max_length)
+                if main
+                else None
+            )
+        keep = choose_layers(num_layers, count, rule, scores)
+
+    pruned_dir = work / "pruned"
+    prune_key = {"source_sha256": source_identity["weights_sha256"], "keep": keep}
+    if main:
+        if keyed_dir(pruned_dir, prune_key) and (pruned_dir / "config.json").is_file():
+            info(f"reusing the pruned copy in {pruned_dir}")
+        else:
+            info(f"pruning {options.source}: keeping {len(keep)} of {num_layers} layers {keep}")
+            prune(options.source, keep, pruned_dir)
+    distributed.barrier()
+
+    record: dict[str, Any] = {
+        "tool": "deltakd",
+        "version": __version__,
+        "settings_key": key,
+        "source": source_identity,
+        "source_layers": num_layers,
+        "kept_layers": keep,
+        "layer_rule": rule,
+        "layer_scores": scores,
+        "pruned_copy": str(pruned_dir.resolve()),
+        "options": options_record(options),
+        "healed": bool(options.heal_data),
+    }
+    healed_dir = work / "healed"
+    if options.heal_data:
+        cache_dir = work / "heal-cache"
+        cache_key = {  # what decides the cache's content (it is reused across healing runs)
+            "source_sha256": source_identity["weights_sha256"],
+            "heal_sha256": heal_sha,
+            "top_k": options.top_k,
+            "max_length": options.max_length,
+            "batch_size": options.cache_batch_size,
+            "dtype": options.dtype,
+        }
+        if main:
+            keyed_dir(cache_dir, cache_key)
+        distributed.barrier()
+        info("healing 1/2: the source's distribution over the healing text (Delta = 0: KD)")
+        manifest = cache_teachers(
+            CacheOptions(
+                teacher_base=options.source,
+                teacher_tuned=options.source,
+                data=str(heal_file),
+                out=str(cache_dir),
+                top_k=options.top_k,
+                max_length=options.max_length,
+                template=template,
+                batch_size=options.cache_batch_size,
+                dtype=options.dtype,
+                device=options.device,
+            )
+        )
+        resume = False
+        if main:
+            resume = keyed_dir(healed_dir, {"settings_key": key}) and bool(
+                complete_checkpoints(healed_dir)
+            )
+            if resume:
+                info(f"healing: resuming from {healed_dir}/checkpoints")
+            elif (healed_dir / "run.json").exists():
+                shutil.rmtree(healed_dir)  # a finished run never recorded in OUT: redo it
+        resume = bool(distributed.broadcast_object(resume))
+        distributed.barrier()
+        info("healing 2/2: distilling the source into the pruned copy (objective kd)")
+        summary = distill(
+            DistillOptions(
+                cache=str(cache_dir),
+                out=str(healed_dir),
+                student=str(pruned_dir),
+                objective="kd",
+                sft_weight=options.sft_weight,
+                epochs=options.heal_epochs,
+                max_steps=options.heal_steps,
+                lr=options.lr,
+                warmup=options.warmup,
+                batch_size=options.batch_size,
+                save_every=options.save_every,
+                resume=resume,
+                seed=options.seed,
+                dtype=options.dtype,
+                device=options.device,
+                num_workers=options.num_workers,
+            )
+        )
+        record["heal"] = {
+            "data": {"path": str(Path(options.heal_data).resolve()), "sha256": heal_sha},
+            "cache": str(cache_dir.resolve()),
+            "response_tokens": (manifest.get("counts") or {}).get("response_tokens"),
+            "final_metrics": summary.get("final_metrics"),
+        }
+    else:
+        info(
+            "[yellow]not healed[/yellow] (no --heal-data): a pruned copy used as is makes a poor "
+            "base student for Delta-KD; heal it on unlabelled text"
+        )
+    if main:
+        _finish(out, pruned_dir, healed_dir if options.heal_data else None, record)
+        info(f"[green]wrote {out}[/green]: {len(keep)} of {num_layers} layers of {options.source}")
+    distributed.barrier()
+    return record
+
+
+def measure_influence(source: str, rows_file: Path, template: str, max_length: int) -> list:
+    """Block influence of every source layer over the first healing documents."""
+    tokenizer = models.load_tokenizer(source)
+    examples = data.load_examples(rows_file)[:INFLUENCE_DOCUMENTS]
+    tokenized = data.tokenize_all(examples, template, tokenizer, max_length)
+    model = models.load_model(source, dtype=models.stored_dtype(source), device=torch.device("cpu"))
+    info(f"measuring the block influence of each layer on {len(tokenized)} documents")
+    return block_influence(model, [t.input_ids for t in tokenized])
+
+
+def _finish(out: Path, pruned_dir: Path, healed_dir: Path | None, record: dict) -> None:
+    """OUT gets the student's files (checkpoints stay in the work dir) and the record, last.
+    Files a previous init-student put there go first; anything else in OUT stays."""
+    source = healed_dir or pruned_dir
+    names = [p.name for p in source.iterdir() if p.is_file() and p.name != MARKER]
+    previous = outputs.read_marker(out) or {}
+    with outputs.writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).unlink(missing_ok=True)  # nothing looks complete while files change
+        outputs.remove_own_files(out, previous.get("files", []))
+        outputs.write_marker(out, "student", [*names, MARKER])
+        for name in names:
+            faults.point(f"student {name}")
+            staged = out / (name + outputs.PARTIAL_SUFFIX)
+            shutil.copy2(source / name, staged)
+            os.replace(staged, out / name)
+    outputs.atomic_write_text(out / MARKER, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _validate(options: InitStudentOptions) -> None:
+    check(options)
+    if options.layers is not None and options.keep_layers:
+        raise DeltakdError("give either --layers or --keep-layers, not both")
+    resolve_rule(options.layer_rule, bool(options.heal_data))
+    if options.heal_data and not Path(options.heal_data).is_file():
+        raise DeltakdError(f"--heal-data not found: {options.heal_data}")
+    models.resolve_source(options.source)
+    inputs = {"--source": options.source, "--heal-data": options.heal_data}
+    outputs.check_not_input(options.out, inputs)
+    outputs.check_not_input(options.work_path, inputs, option="--work-dir")
+
+
+def _source_layers(spec: str) -> int:
+    from transformers import AutoConfig
+
+    source = models.resolve_source(spec)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        options = AutoConfig.from_pretrained(source.path, **kwargs)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DeltakdError(f"cannot read the options of '{spec}': {first}") from None
+    count = getattr(options, "num_hidden_layers", None)
+    if not isinstance(count, int):
+        raise DeltakdError(f"'{spec}': its options gives no number of layers")
+    return count

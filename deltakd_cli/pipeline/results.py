@@ -1,0 +1,141 @@
+"""The pipeline's answer: ROUGE-L per role (a student's training seeds folded into one line)
+and the paired differences that answer "does Delta-KD help?", taken from the eval report
+(eval computes every number; this module only labels and prints them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from deltakd_cli.console import console
+from deltakd_cli.pipeline.plan import ROLE_LABELS
+
+
+def results_table(report: dict[str, Any]) -> dict[str, Any]:
+    """The table's rows (one per role, from the report's groups) and comparisons (from its group
+    differences). A role trained with several seeds shows the mean of its models and their
+    standard deviation over training seeds; a single model its eval seeds' std, or none for one
+    deterministic run."""
+    lines = {line["name"]: line for line in report["groups"]}
+    rows = []
+    for role, label in ROLE_LABELS.items():
+        line = lines[role]
+        spread = {"models": "training seeds"}.get(line["spread"], line["spread"])
+        rows.append(
+            {
+                "role": role,
+                "label": label,
+                "models": line["models"],
+                "rougeL": line["mean"],
+                "rougeL_std": line["std"],
+                "spread": spread,
+                "per_model": line["per_model"],
+                "runs": line["runs"],
+                "rows": line["rows"],
+            }
+        )
+    comparisons = []
+    for difference in report["group_differences"]:
+        entry = {key: value for key, value in difference.items() if key != "excludes_zero"}
+        entry["beyond_noise"] = difference["excludes_zero"]
+        if "per_model_differences" in entry:
+            entry["per_seed_differences"] = entry.pop("per_model_differences")
+        comparisons.append(entry)
+    return {"rows": rows, "comparisons": comparisons}
+
+
+def protocol_line(protocol: dict[str, Any] | None, rows: int) -> str:
+    if not protocol:
+        return "scored from predictions"
+    seeds = protocol.get("seeds") or []
+    if protocol["do_sample"]:
+        how = (
+            f"sampling T={protocol['temperature']}, top_p {protocol['top_p']}, no top-k, "
+            f"seeds {','.join(map(str, seeds))}"
+        )
+    else:
+        how = "greedy decoding (one deterministic run)"
+    published = (
+        "the published MiniLLM/DistiLLM protocol"
+        if protocol.get("matches_published_protocol")
+        else "NOT the published protocol (a smaller, quicker setting)"
+    )
+    return (
+        f"protocol {protocol['name']}: {how}, {rows} rows, Alpaca prompt cut to "
+        f"{protocol['max_prompt_length']} tokens, up to {protocol['max_new_tokens']} new tokens; "
+        f"ROUGE-L F x100 (rouge_score, stemmed) - {published}"
+    )
+
+
+def _directories(models: list[str], root: Path) -> str:
+    """Models as paths relative to `root` (the run's models/) when inside it; a role's seeds
+    folded into one (student-kd-seed{0,1,2})."""
+    names = []
+    for model in models:
+        try:
+            names.append(str(Path(model).relative_to(root)))
+        except ValueError:
+            names.append(model)
+    if len(names) == 1:
+        return names[0]
+    prefix = os.path.commonprefix(names)
+    return prefix + "{" + ",".join(name[len(prefix) :] for name in names) + "}"
+
+
+def print_results(summary: dict[str, Any], summary_path: Path) -> None:
+    from rich.table import Table
+
+    results = summary["results"]
+    rows = results["rows"]
+    table = Table(title="Does Delta-KD help here? ROUGE-L on the held-out split")
+    table.add_column("model")
+    table.add_column("ROUGE-L", justify="right")
+    table.add_column("± std over")
+    out = Path(summary["settings"]["out"])
+    table.add_column("directory", overflow="fold")
+    table.caption = f"relative directories are in {out / 'models'}/"
+    for row in rows:
+        std = row["rougeL_std"]
+        cell = f"{row['rougeL']:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+        spread = row.get("spread")
+        if spread == "training seeds":
+            spread = f"{len(row['models'])} training seeds"
+        elif spread == "eval seeds":
+            spread = f"{row['runs']} eval seeds"
+        where = _directories(row["models"], out / "models")
+        table.add_row(row["label"], cell, spread or "-", where)
+    console.print(table)
+    console.print(protocol_line(summary.get("protocol"), rows[0]["rows"]))
+    labels = {row["role"]: row["label"] for row in rows}
+    for entry in results["comparisons"]:
+        verdict = "beyond noise" if entry["beyond_noise"] else "within noise"
+        console.print(
+            f"  {labels[entry['model']]} - {labels[entry['minus']]}: "
+            f"{entry['difference']:+.2f} ROUGE-L, 95% CI [{entry['ci_low']:+.2f}, "
+            f"{entry['ci_high']:+.2f}] (paired bootstrap over rows): {verdict}"
+        )
+        if entry.get("per_seed_differences"):
+            per_seed = ", ".join(f"{d:+.2f}" for d in entry["per_seed_differences"])
+            console.print(f"    per training seed: {per_seed}")
+    console.print(f"\n[bold]written under {out}/[/bold]")
+    made = (
+        sorted(p.name for p in (out / "models").iterdir() if p.is_dir())
+        if (out / "models").is_dir()
+        else []
+    )
+    lines = []
+    if made:
+        lines.append(f"models/       {', '.join(made)} (Hugging Face directories)")
+    if (out / "init-student").is_dir():
+        lines.append("init-student/ the pruned copy as copied, the healing cache and run")
+    lines += [
+        "cache/        the teachers' cache (deltakd inspect cache)",
+        "eval/         report.json and report.generations.jsonl (every generation)",
+        f"{summary_path.name}  this table, every stage's command and time, the settings",
+    ]
+    for line in lines:
+        console.print(f"  {line}")
+    skipped = [name for name, record in summary["stages"].items() if record.get("skipped")]
+    if skipped:
+        console.print(f"  (reused from an earlier run: {', '.join(skipped)})")

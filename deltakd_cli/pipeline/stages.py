@@ -1,0 +1,147 @@
+"""A pipeline stage: one deltakd command with its typed options and what it writes, run unless
+its output is already complete for the same inputs.
+
+A stage skips when its output is complete and was made from the same inputs: a sidecar
+`<output>.stage.json` records the stage's key (its command and options, plus the keys of the
+stages and hashes of the files it reads); a changed key clears the output and reruns the stage;
+an interrupted stage resumes (cache-teachers by itself, training from its last checkpoint).
+
+Stages run in this process through the runner the CLI hands in (`Runner`: a command name and its
+options), or under torchrun as `python -m deltakd_cli COMMAND ARGS` for the data-parallel ones
+when --nproc > 1; nothing here imports the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deltakd_cli.console import console, info
+from deltakd_cli.data import file_sha256
+from deltakd_cli.errors import DeltakdError
+from deltakd_cli.options import record, to_argv
+from deltakd_cli.train.checkpoint import complete_checkpoints
+
+Runner = Callable[[str, Any], Any]  # (command name, its options) -> runs it in this process
+
+
+@dataclass
+class Stage:
+    """One `deltakd` command of the pipeline and what it writes."""
+
+    name: str
+    command: str  # the deltakd command, e.g. "distill"
+    options: Any  # that command's options dataclass
+    out: Path  # the directory it writes
+    complete_file: str  # its presence in `out` means the stage finished
+    distributed: bool = False  # may run under torchrun
+    resumable: bool = False  # training: pass --resume when a checkpoint exists
+    inputs: dict[str, Any] = field(default_factory=dict)  # upstream keys and file hashes
+
+    @property
+    def key(self) -> str:
+        payload = json.dumps(
+            {"command": self.command, "options": record(self.options), "inputs": self.inputs},
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    @property
+    def argv(self) -> list[str]:
+        return [self.command, *to_argv(self.options)]
+
+    @property
+    def shown(self) -> str:
+        return "deltakd " + shlex.join(self.argv)
+
+    @property
+    def sidecar(self) -> Path:
+        return self.out.with_name(self.out.name + ".stage.json")
+
+    def is_complete(self) -> bool:
+        return (self.out / self.complete_file).is_file()
+
+    def recorded(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.sidecar.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+
+def file_key(path: str | Path) -> str | None:
+    """The sha256 of a local file (None for a hub id or a directory)."""
+    path = Path(path)
+    return file_sha256(path) if path.is_file() else None
+
+
+def run_torchrun(argv: list[str], nproc: int) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "deltakd_cli",
+        *argv,
+    ]
+    completed = subprocess.run(command, check=False)
+    if completed.returncode == 130:
+        raise KeyboardInterrupt
+    if completed.returncode != 0:
+        raise DeltakdError(
+            f"stage `deltakd {argv[0]}` failed under torchrun (exit {completed.returncode})"
+        )
+
+
+def run_stage(stage: Stage, runner: Runner, nproc: int = 1) -> dict[str, Any]:
+    """Run one stage unless its output is complete for the same key; returns its record."""
+    key = stage.key
+    recorded = stage.recorded()
+    same = recorded.get("key") == key
+    if same and stage.is_complete():
+        info(f"[green]✓ {stage.name}[/green]: done earlier ({stage.out})")
+        return {**recorded, "skipped": True}
+    if not same:
+        if stage.out.exists():
+            info(f"{stage.name}: its inputs changed since {stage.out} was made; redoing it")
+            shutil.rmtree(stage.out)
+        stage.sidecar.parent.mkdir(parents=True, exist_ok=True)
+        stage.sidecar.write_text(json.dumps({"key": key, "done": False}, indent=2) + "\n")
+    options = stage.options
+    if stage.resumable and same and complete_checkpoints(stage.out):
+        options = dataclasses.replace(options, resume=True)
+    argv = [stage.command, *to_argv(options)]
+    launch_torchrun = stage.distributed and nproc > 1
+    prefix = f"torchrun --nproc_per_node {nproc} -m deltakd_cli " if launch_torchrun else ""
+    console.rule(f"[bold]{stage.name}")
+    info(f"[dim]$ {prefix or 'deltakd '}{shlex.join(argv)}[/dim]")
+    started = time.perf_counter()
+    if launch_torchrun:
+        run_torchrun(argv, nproc)
+    else:
+        runner(stage.command, options)
+    seconds = time.perf_counter() - started
+    if not stage.is_complete():
+        raise DeltakdError(
+            f"stage {stage.name} ended without writing {stage.out / stage.complete_file}"
+        )
+    done = {
+        "key": key,
+        "done": True,
+        "command": stage.shown,
+        "seconds": round(seconds, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    stage.sidecar.write_text(json.dumps(done, indent=2) + "\n")
+    return {**done, "skipped": False}

@@ -1,0 +1,244 @@
+"""The checkpoint layout, owned here (docs/training.md): tensors and plain data only.
+
+    OUT/checkpoints/step-N/
+      model.pt        the student's full state dict (tensors; gathered under FSDP2)
+      optimizer.pt    AdamW state (full, unsharded; tensors and numbers)
+      trainer.json    the LR scheduler state
+      rng-rankR.pt    every RNG's state of rank R, as tensors
+      state.json      step, epoch, step within the epoch, total steps, the options that matter
+
+A checkpoint is written under `.step-N.partial/` and renamed to `step-N/` when complete, so a
+partial one never matches `complete_checkpoints`. The .pt files are read back with
+`torch.load(weights_only=True)`: a checkpoint is data, never code."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deltakd_cli import __version__, distributed, faults, outputs
+from deltakd_cli.errors import DeltakdError
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+
+
+def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint, oldest first. Partial ones live under a dotted
+    temp name until renamed, so they never match."""
+    directory = out / "checkpoints"
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and (path / "state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors and numbers only (a checkpoint holds no Python objects)."""
+    _, numpy_key, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    python_version, python_state, python_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_key": torch.from_numpy(numpy_key.astype(np.int64)),
+        "numpy_pos": int(numpy_pos),
+        "numpy_has_gauss": int(numpy_has_gauss),
+        "numpy_gauss": float(numpy_gauss),
+        "python_version": int(python_version),
+        "python_state": torch.tensor(python_state, dtype=torch.int64),
+        "python_gauss": python_gauss,
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_key = state["numpy_key"].numpy().astype(np.uint32)
+    np.random.set_state(
+        ("MT19937", numpy_key, state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"])
+    )
+    python_state = tuple(int(v) for v in state["python_state"].tolist())
+    random.setstate((state["python_version"], python_state, state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_tensors(path: Path) -> Any:
+    """A checkpoint file as data: torch.load with weights_only=True, which refuses anything but
+    tensors, numbers, strings and containers of them (a pickle that would run code is refused,
+    never run)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DeltakdError(f"checkpoint file missing: {path}") from None
+    except Exception as error:  # UnpicklingError and friends: not plain data
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DeltakdError(
+            f"{path}: not a plain-data checkpoint (refused, nothing in it was run): {first}"
+        ) from None
+
+
+def save_tensors(value: Any, path: Path) -> None:
+    faults.point(f"checkpoint {path.name}")
+    torch.save(value, path)
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: what a checkpoint file needs on disk."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+# ----------------------------------------------------------------------------- full state
+
+
+def model_state(module: nn.Module, student: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The student's full state dict on CPU (gathered from the shards under FSDP2)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(
+            module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return {k[len("student.") :]: v for k, v in full.items() if k.startswith("student.")}
+    return {k: v.detach().cpu() for k, v in student.state_dict().items()}
+
+
+def load_model_state(
+    module: nn.Module, student: nn.Module, fsdp: bool, state: dict[str, torch.Tensor]
+) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(
+            module,
+            {f"student.{k}": v for k, v in state.items()},
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
+    else:
+        student.load_state_dict(state)
+
+
+def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        return get_optimizer_state_dict(
+            module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool, state: dict
+) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(
+            module, optimizer, state, options=StateDictOptions(full_state_dict=True)
+        )
+    else:
+        optimizer.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- write, read
+
+
+def write_checkpoint(
+    out: Path,
+    step: int,
+    model: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    scheduler: dict[str, Any],
+    position: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write OUT/checkpoints/step-N (every rank calls it: each writes its RNG state, rank 0 the
+    rest) and keep the last `keep` checkpoints (0: all)."""
+    rank = distributed.rank()
+    final = out / "checkpoints" / f"step-{step}"
+    partial = out / "checkpoints" / f".step-{step}.partial"
+    needed = 2 * state_bytes(model) + state_bytes(optimizer)
+    with outputs.writing(partial, needed):
+        if rank == 0:
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+        distributed.barrier()
+        save_tensors(_rng_state(), partial / f"rng-rank{rank}.pt")
+        if rank == 0:
+            save_tensors(model, partial / "model.pt")
+            save_tensors(optimizer, partial / "optimizer.pt")
+            outputs.atomic_write_text(
+                partial / "trainer.json", json.dumps({"scheduler": scheduler})
+            )
+        distributed.barrier()
+        if rank == 0:
+            state = {"step": step, **position, "version": __version__}
+            outputs.atomic_write_text(partial / "state.json", json.dumps(state, indent=2))
+            faults.point("checkpoint rename")
+            partial.rename(final)
+            if keep:
+                for _, old in complete_checkpoints(out)[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return final
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint's states (this rank's RNG state is restored on the way)."""
+    state = json.loads((path / "state.json").read_text())
+    trainer_file = path / "trainer.json"
+    if not trainer_file.is_file():
+        raise DeltakdError(
+            f"{path} was written by an older deltakd (no trainer.json) and cannot be "
+            "resumed; start a new --out"
+        )
+    checkpoint = Checkpoint(
+        step=int(state["step"]),
+        model=load_tensors(path / "model.pt"),
+        optimizer=load_tensors(path / "optimizer.pt"),
+        scheduler=json.loads(trainer_file.read_text())["scheduler"],
+    )
+    rng_file = path / f"rng-rank{distributed.rank()}.pt"
+    if rng_file.exists():
+        _set_rng_state(load_tensors(rng_file))
+    return checkpoint
+
+
+def saved_options(path: Path) -> dict[str, Any]:
+    """The options that matter, as the checkpoint recorded them."""
+    return json.loads((path / "state.json").read_text())["options"]

@@ -1,0 +1,464 @@
+"""The one training loop for `deltakd distill` and `deltakd finetune`, torchtune-recipe style:
+set-up in `_setup_model`, `_setup_data`, `_setup_optimizer`, one loop written out, no HF
+Trainer. The pieces it calls have a module each: inputs.py (what it trains on), objective.py
+(the student and its loss), step.py (one optimizer step), checkpoint.py (the checkpoint layout),
+export.py (the Hugging Face directory and the run record)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import TextColumn
+from torch import nn
+
+from deltakd_cli import distributed, faults, models, outputs
+from deltakd_cli.console import console, info, progress
+from deltakd_cli.errors import DeltakdError, Interrupted
+from deltakd_cli.train import batching, checkpoint
+from deltakd_cli.train import step as step_math
+from deltakd_cli.train.export import RUN_FILES, export
+from deltakd_cli.train.inputs import TrainingData, distill_data, finetune_data
+from deltakd_cli.train.objective import ObjectiveModule, enable_activation_checkpointing
+from deltakd_cli.train.options import (
+    OPTION_NAMES,
+    OPTIONS_THAT_MATTER,
+    DistillOptions,
+    FinetuneOptions,
+    TrainOptions,
+    validate,
+)
+
+
+def _resume_mismatch(name: str, path: Path, was: Any, identity: dict[str, Any]) -> str:
+    now = identity[name]
+    if name == "source" and isinstance(was, dict) and isinstance(now, dict):
+        if "manifest_sha256" in now and was.get("cache") == now.get("cache"):
+            return (
+                f"--resume: the cache {now['cache']} changed since {path.name} (its manifest "
+                "checksum differs: it was rebuilt); resume needs the same cache, or start a new "
+                "--out"
+            )
+        if "data_sha256" in now and was.get("data") == now.get("data"):
+            if was.get("data_sha256") != now.get("data_sha256"):
+                return (
+                    f"--resume: the data file {now['data']} changed since {path.name} (its "
+                    "sha256 differs); resume needs the same data, or start a new --out"
+                )
+    flag = OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+    return (
+        f"--resume: {flag} changed since {path.name} (was {was!r}, now {now!r}); resume with "
+        "the same options or start a new --out"
+    )
+
+
+class Trainer:
+    """One training run: claim OUT, set up, optionally resume, loop, export."""
+
+    def __init__(self, options: TrainOptions, training_data: TrainingData, tokenizer: Any):
+        self.options = options
+        self.data = training_data
+        self.tokenizer = tokenizer
+        self.out = Path(options.out)
+        self.rank = distributed.rank()
+        self.world_size = distributed.world_size()
+        self.device = distributed.device_for(options.device)
+        self.compute_dtype = models.resolve_dtype(options.dtype, self.device)
+        self.identity = self._identity()
+        self.lock: outputs.OutputLock | None = None
+
+    def _identity(self) -> dict[str, Any]:
+        """The options that matter for a resume, as a checkpoint records them."""
+        values = {name: getattr(self.options, name, None) for name in OPTIONS_THAT_MATTER}
+        values["command"] = self.options.command
+        values["compute_dtype"] = str(self.compute_dtype).replace("torch.", "")
+        values["world_size"] = self.world_size
+        return values
+
+    # -- OUT ----------------------------------------------------------------------------------
+
+    def _claim_output(self) -> tuple[int, Path] | None:
+        """(rank 0) Lock OUT for the whole run, then decide fresh start or resume."""
+        if self.out.exists() and not self.out.is_dir():
+            raise DeltakdError(f"--out {self.out} exists and is not a directory")
+        self.lock = outputs.directory_lock(self.out, f"training output {self.out}").acquire()
+        return self.check_output()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def check_output(self) -> tuple[int, Path] | None:
+        """(rank 0, lock held) The checkpoint to resume from, or None for a fresh start; refuse
+        what cannot work: a directory that is not a training run, a finished run, checkpoints
+        without --resume (each unless --overwrite)."""
+        options = self.options
+        claim = outputs.claim_directory(
+            self.out,
+            "training-run",
+            "training run",
+            options.overwrite,
+            legacy=("run.json", "checkpoints"),
+        )
+        if claim == "ours" and options.overwrite:
+            marker = outputs.read_marker(self.out) or {}
+            outputs.remove_own_files(self.out, [*RUN_FILES, *marker.get("files", [])])
+            outputs.write_marker(self.out, "training-run")
+            return None
+        if (self.out / "run.json").exists():
+            raise DeltakdError(
+                f"{self.out} already holds a finished run (run.json); choose another --out, or "
+                "pass --overwrite to replace it"
+            )
+        found = checkpoint.complete_checkpoints(self.out)
+        if options.resume:
+            if not found:
+                raise DeltakdError(
+                    f"--resume: no complete checkpoint under {self.out}/checkpoints; "
+                    "drop --resume to start the run"
+                )
+            step, path = found[-1]
+            saved = checkpoint.saved_options(path)
+            for name in OPTIONS_THAT_MATTER:
+                if saved.get(name) != self.identity[name]:
+                    raise DeltakdError(_resume_mismatch(name, path, saved.get(name), self.identity))
+            return step, path
+        if found:
+            raise DeltakdError(
+                f"{self.out} has checkpoints of an earlier run: pass --resume to continue it, "
+                "--overwrite to start again, or choose another --out"
+            )
+        return None
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _setup_model(self) -> None:
+        """The student (float32 master weights), a frozen S0 when the objective needs one, the
+        loss module, and its DDP/FSDP2 wrapper."""
+        options = self.options
+        torch.manual_seed(options.seed)
+        np.random.seed(options.seed)
+        random.seed(options.seed)
+        load_device = torch.device("cpu") if options.fsdp else self.device
+        student = models.load_model(options.student, torch.float32, load_device)
+        self.vocab_size = models.check_model_vocab(student, self.tokenizer, "student")
+        self.export_dtype = models.stored_dtype(options.student)
+        frozen = None
+        if self.data.needs_frozen_student:
+            frozen = copy.deepcopy(student)
+            frozen.requires_grad_(False)
+            frozen.eval()
+            if not options.fsdp:  # FSDP2 keeps one dtype per group; it casts via its policy
+                frozen.to(self.compute_dtype)
+        if options.gradient_checkpointing:
+            enable_activation_checkpointing(student)
+        student.config.use_cache = False
+        student.train()
+        self.student = student
+        self.module = ObjectiveModule(
+            student, options, self.vocab_size, self.compute_dtype, frozen, self.data.cache_alpha
+        )
+        if options.fsdp:
+            self.wrapped = self._fully_shard(self.module)
+        elif self.world_size > 1:
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
+        else:
+            self.wrapped = self.module
+
+    def _fully_shard(self, module: ObjectiveModule) -> nn.Module:
+        """FSDP2: every decoder layer is its own unit; the root unit (module) holds embeddings,
+        final norm and output layer, which stay gathered for the whole forward."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        for model in (module.student, module.frozen_student):
+            if model is None:
+                continue
+            _, layers = models.decoder_layers(model)
+            for layer in layers:
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+        return module
+
+    def _setup_data(self) -> None:
+        """The batch plan of the whole run (a function of the seed and the epoch)."""
+        options = self.options
+        self.plan = batching.RunPlan(
+            [self.data.store.shard_lengths(s) for s in range(self.data.store.num_shards)],
+            seed=options.seed,
+            batch_size=options.batch_size,
+            max_tokens=options.max_tokens_per_batch,
+            world_size=self.world_size,
+            grad_accum=options.grad_accum,
+            epochs=options.epochs,
+            max_steps=options.max_steps or None,
+        )
+        self.total_steps = self.plan.total_steps
+
+    def _setup_optimizer(self) -> None:
+        """AdamW and the warmup-cosine schedule."""
+        self.warmup_steps = step_math.warmup_steps_of(self.options.warmup, self.total_steps)
+        self.optimizer = step_math.make_optimizer(self.module, self.options)
+        total, warmup = self.total_steps, self.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: step_math.lr_factor(step, warmup, total)
+        )
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        return checkpoint.model_state(self.module, self.student, self.options.fsdp)
+
+    def _save_checkpoint(self, step: int) -> Path:
+        epoch, within = self.plan.locate(step)
+        position = {
+            "epoch": epoch,
+            "step_in_epoch": within,
+            "total_steps": self.total_steps,
+            "options": self.identity,
+        }
+        return checkpoint.write_checkpoint(
+            self.out,
+            step,
+            self._model_state(),
+            checkpoint.optimizer_state(self.module, self.optimizer, self.options.fsdp),
+            self.scheduler.state_dict(),
+            position,
+            self.options.keep_checkpoints,
+        )
+
+    def _load_checkpoint(self, path: Path) -> int:
+        saved = checkpoint.read_checkpoint(path)
+        fsdp = self.options.fsdp
+        checkpoint.load_model_state(self.module, self.student, fsdp, saved.model)
+        checkpoint.load_optimizer_state(self.module, self.optimizer, fsdp, saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        return saved.step
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        resume_from = distributed.on_main_first(self._claim_output)
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        start_step = 0
+        if resume_from is not None:
+            start_step = self._load_checkpoint(resume_from[1])
+            info(f"resuming from {resume_from[1]} (step {start_step} of {self.total_steps})")
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(self.out / "metrics.jsonl", start_step)
+        distributed.barrier()
+        metrics = self._loop(start_step)
+        return export(self, metrics)
+
+    def _loop(self, start_step: int) -> dict[str, Any]:
+        options = self.options
+        dataset = batching.MicroBatchDataset(
+            self.data.store,
+            self.plan,
+            self.rank,
+            start_step,
+            self.total_steps,
+            self.tokenizer.pad_token_id,
+            with_student=self.data.use_cached_student,
+        )
+        loader = batching.micro_batch_loader(
+            dataset, options.num_workers, pin_memory=self.device.type == "cuda"
+        )
+        batches = iter(loader)
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        max_norm = options.max_grad_norm or float("inf")
+        history: list[dict[str, Any]] = []
+        tokens_done = 0
+        started = time.perf_counter()
+        metrics_file = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
+        columns = TextColumn("{task.fields[status]}")
+        try:
+            with progress(columns) as bar:
+                task = bar.add_task(
+                    options.command, total=self.total_steps, completed=start_step, status=""
+                )
+                for step in range(start_step, self.total_steps):
+                    step_started = time.perf_counter()
+                    micro = [next(batches) for _ in range(self.plan.grad_accum)]
+                    global_targets = self.plan.step_targets(step)
+                    totals = step_math.accumulate_gradients(
+                        self.wrapped, micro, global_targets, self.world_size, self.device
+                    )
+                    totals = distributed.all_reduce_sum(totals) / global_targets
+                    loss, sft, distill = (float(v) for v in totals.tolist())
+                    grad_norm = step_math.clip_grad_norm(trainable, max_norm)
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                        self._stop_on_non_finite(step + 1, loss, grad_norm)
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    seconds = time.perf_counter() - step_started
+                    tokens_done += global_targets
+                    epoch, _ = self.plan.locate(step)
+                    record = {
+                        "step": step + 1,
+                        "epoch": epoch,
+                        "loss": loss,
+                        "sft": sft,
+                        "distill": distill,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "target_tokens": global_targets,
+                        "tokens_per_s": global_targets / max(seconds, 1e-9),
+                        "elapsed_s": time.perf_counter() - started,
+                    }
+                    history.append(record)
+                    history = history[-50:]
+                    if metrics_file is not None and (
+                        (step + 1) % options.log_every == 0 or step + 1 == self.total_steps
+                    ):
+                        with outputs.writing(self.out / "metrics.jsonl"):
+                            faults.point("metrics")
+                            metrics_file.write(json.dumps(record) + "\n")
+                            metrics_file.flush()
+                    bar.update(task, completed=step + 1, status=_status(record, options.objective))
+                    if (
+                        options.save_every
+                        and (step + 1) % options.save_every == 0
+                        and step + 1 < self.total_steps
+                    ):
+                        self._save_checkpoint(step + 1)
+        finally:
+            if metrics_file is not None:
+                metrics_file.close()
+        elapsed = time.perf_counter() - started
+        last = history[-10:]
+        return {
+            "steps": self.total_steps,
+            "resumed_at_step": start_step,
+            "final_loss": history[-1]["loss"] if history else None,
+            "final_sft": history[-1]["sft"] if history else None,
+            "final_distill": history[-1]["distill"] if history else None,
+            "mean_loss_last_10": sum(r["loss"] for r in last) / len(last) if last else None,
+            "target_tokens": tokens_done,
+            "seconds": elapsed,
+            "tokens_per_s": tokens_done / elapsed if elapsed > 0 else None,
+        }
+
+    def _stop_on_non_finite(self, step: int, loss: float, grad_norm: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        found = checkpoint.complete_checkpoints(self.out)
+        kept = (
+            f"the last good checkpoint is {found[-1][1]}"
+            if found
+            else "no checkpoint was written before it"
+        )
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        raise DeltakdError(f"non-finite {what} at step {step}: training stopped; {kept}")
+
+
+def _truncate_metrics(path: Path, keep_through_step: int) -> None:
+    """On resume, drop metric lines the interrupted run wrote after its last checkpoint."""
+    if not path.exists():
+        return
+    if keep_through_step == 0:
+        path.unlink()
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= keep_through_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut by the kill
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _status(record: dict[str, Any], objective: str) -> str:
+    parts = [f"loss {record['loss']:.4f}"]
+    if objective != "sft":
+        parts += [f"sft {record['sft']:.4f}", f"distill {record['distill']:.4f}"]
+    parts += [f"lr {record['lr']:.2e}", f"{record['tokens_per_s']:,.0f} tok/s"]
+    return " · ".join(parts)
+
+
+def print_summary(summary: dict[str, Any], out: str) -> None:
+    """The closing lines (rank 0)."""
+    if not distributed.is_main_process():
+        return
+    metrics = summary["final_metrics"]
+    loss = metrics.get("final_loss")
+    console.print(
+        f"[green]done[/green]: {metrics['steps']} steps, "
+        f"{metrics['target_tokens']:,} target tokens in {metrics['seconds']:.1f}s "
+        f"({(metrics['tokens_per_s'] or 0):,.0f} tok/s)"
+        + (f", final loss {loss:.4f}" if loss is not None else "")
+    )
+    console.print(f"model: {out}  (run.json, metrics.jsonl)")
+
+
+def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[str, Any]:
+    validate(options)
+    device = distributed.device_for(options.device)
+    models.check_device(device)
+    distributed.init(device)
+    if options.fsdp and not distributed.is_distributed():
+        raise DeltakdError(
+            "--fsdp shards the student over processes: launch with torchrun "
+            "(torchrun --nproc_per_node N -m deltakd_cli ...)"
+        )
+    trainer = None
+    try:
+        tokenizer = models.load_tokenizer(options.student)
+        training_data = prepare(tokenizer)
+        options = dataclasses.replace(options, source=training_data.source)
+        trainer = Trainer(options, training_data, tokenizer)
+        summary = trainer.run()
+        print_summary(summary, options.out)
+        return summary
+    except KeyboardInterrupt:
+        raise Interrupted(_resume_hint(options)) from None
+    finally:
+        if trainer is not None:
+            trainer.release()
+        distributed.shutdown()
+
+
+def _resume_hint(options: TrainOptions) -> str:
+    """What to type after Ctrl-C: --resume when a checkpoint exists, else the same command."""
+    found = checkpoint.complete_checkpoints(Path(options.out))
+    if found:
+        step, path = found[-1]
+        how = "the same command" if options.resume else "the same command with --resume"
+        return f"{options.command} stopped; rerun {how} to continue from {path} (step {step})"
+    return (
+        f"{options.command} stopped before its first checkpoint (--save-every "
+        f"{options.save_every}); rerun the same command to start again"
+    )
+
+
+def distill(options: DistillOptions) -> dict[str, Any]:
+    """`deltakd distill`: train the student on a teachers' cache."""
+    outputs.check_not_input(options.out, {"--cache": options.cache, "--student": options.student})
+    return _run(options, lambda tokenizer: distill_data(options, tokenizer))
+
+
+def finetune(options: FinetuneOptions) -> dict[str, Any]:
+    """`deltakd finetune`: supervised finetuning on a JSONL file (objective sft)."""
+    outputs.check_not_input(options.out, {"--model": options.model, "--data": options.data})
+    max_length = models.resolve_max_length(options.max_length, {"--model": options.model})
+    options = dataclasses.replace(options, max_length=max_length)
+    return _run(options, lambda tokenizer: finetune_data(options, tokenizer))

@@ -1,0 +1,189 @@
+"""The options of `deltakd distill` and `deltakd finetune`, written once: the training loop's
+own options (TrainOptions), then what each command adds. options.py derives the command line,
+the checks and the record from them; `validate` adds the checks that involve several options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from deltakd_cli.data import TEMPLATES
+from deltakd_cli.errors import DeltakdError
+from deltakd_cli.losses import OBJECTIVES
+from deltakd_cli.models import DTYPES
+from deltakd_cli.options import check, opt
+
+# Options whose change would make a resumed run differ from the interrupted one.
+OPTIONS_THAT_MATTER = (
+    "command",
+    "student",
+    "source",
+    "objective",
+    "alpha",
+    "temperature",
+    "sft_weight",
+    "mix",
+    "frozen_student",
+    "epochs",
+    "max_steps",
+    "lr",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "warmup",
+    "batch_size",
+    "grad_accum",
+    "max_tokens_per_batch",
+    "max_grad_norm",
+    "seed",
+    "compute_dtype",
+    "world_size",
+    "fsdp",
+)
+
+# How the resume check names an option that is not a flag of its own.
+OPTION_NAMES = {
+    "command": "the command",
+    "student": "--student/--model",
+    "source": "--cache/--data/--template/--max-length",
+    "compute_dtype": "--dtype",
+    "world_size": "the number of processes",
+}
+
+
+@dataclass(kw_only=True)
+class TrainOptions:
+    """The training loop's options (distill and finetune share them)."""
+
+    command: ClassVar[str] = "train"
+
+    out: str = opt(help="Output: a Hugging Face model directory.")
+    epochs: int = opt(1, help="Passes over the data (ignored when --max-steps > 0).", at_least=1)
+    max_steps: int = opt(0, help="Optimizer steps; > 0 overrides --epochs.", at_least=0)
+    lr: float = opt(2e-5, help="Peak learning rate (AdamW).", above=0, finite=True)
+    weight_decay: float = opt(0.0, help="AdamW weight decay (not on biases and norms).", at_least=0)
+    beta1: float = opt(0.9, help="AdamW beta1.", at_least=0, below=1)
+    beta2: float = opt(0.999, help="AdamW beta2.", at_least=0, below=1)
+    warmup: float = opt(
+        0.03, help="Linear warmup: steps (>= 1) or a fraction of all steps (< 1).", at_least=0
+    )
+    batch_size: int | None = opt(
+        None, help="Examples per micro-batch (default 8 unless --max-tokens-per-batch is set).",
+        at_least=1,
+    )  # fmt: skip
+    grad_accum: int = opt(1, help="Micro-batches per optimizer step on each process.", at_least=1)
+    max_tokens_per_batch: int | None = opt(
+        None, help="Padded tokens (rows x longest) per micro-batch; batches by length budget.",
+        at_least=1,
+    )  # fmt: skip
+    max_grad_norm: float = opt(
+        1.0, help="Gradient clipping norm; 0 turns clipping off.", at_least=0
+    )
+    save_every: int = opt(
+        500, help="Checkpoint every N steps under OUT/checkpoints (0: never).", at_least=0
+    )
+    keep_checkpoints: int = opt(2, help="Checkpoints to keep (0: all).", at_least=0)
+    resume: bool = opt(
+        False, help="Continue from the latest complete checkpoint in OUT.", flags=("--resume",)
+    )
+    seed: int = opt(0, help="Seed of the batch plan and of torch/numpy/python.")
+    dtype: str = opt(
+        "auto", help="Compute dtype: auto (bf16 autocast on GPU), float32, bfloat16.",
+        choices=DTYPES,
+    )  # fmt: skip
+    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
+    gradient_checkpointing: bool = opt(
+        False, help="Recompute decoder activations in backward.",
+        flags=("--gradient-checkpointing",),
+    )  # fmt: skip
+    fsdp: bool = opt(
+        False, help="Shard the student with FSDP2 (under torchrun).", flags=("--fsdp",)
+    )
+    logit_chunk_size: int = opt(
+        0, help="Target positions per logits chunk (0: about 128 MiB of float32 logits).",
+        at_least=0,
+    )  # fmt: skip
+    log_every: int = opt(1, help="Write a metrics.jsonl line every N steps.", at_least=1)
+    overwrite: bool = opt(
+        False, help="Replace a finished run or checkpoints in OUT (only the files deltakd wrote)."
+    )
+    # Set by the program, recorded with the rest: what the run trains on, by content.
+    source: dict[str, Any] = opt(default_factory=dict, cli=False)
+
+    def __post_init__(self) -> None:
+        if self.batch_size is None and self.max_tokens_per_batch is None:
+            self.batch_size = 8
+
+
+@dataclass(kw_only=True)
+class DistillOptions(TrainOptions):
+    """Train the student from the teachers' cache (Delta-KD, KD or SFT); no teacher is loaded."""
+
+    command: ClassVar[str] = "distill"
+
+    cache: str = opt(help="Teachers' cache written by cache-teachers.")
+    student: str = opt(help="Student S0: HF dir, hub id, or .gguf file.")
+    objective: str = opt(
+        "delta", help="delta, kd, sft, delta-mse or delta-mix.", choices=tuple(OBJECTIVES)
+    )
+    alpha: float = opt(1.0, help="Scale of the teachers' shift in the delta target.", finite=True)
+    sft_weight: float = opt(
+        0.0, help="Weight of cross-entropy on the reference, 0..1.", at_least=0, at_most=1
+    )
+    temperature: float = opt(
+        1.0, help="Softmax temperature of target and student.", above=0, finite=True
+    )
+    mix: float = opt(
+        0.5, help="delta-mix: weight of the delta target vs the teacher.", at_least=0, at_most=1
+    )
+    frozen_student: bool = opt(
+        False,
+        help="Run a frozen copy of the student instead of the cache's S0 log-probs.",
+        flags=("--frozen-student",),
+    )
+    verify_cache: bool = opt(True, help="Check the cache's shard checksums first.")
+    num_workers: int = opt(2, help="DataLoader workers reading the cache (0: inline).", at_least=0)
+
+
+@dataclass(kw_only=True)
+class FinetuneOptions(TrainOptions):
+    """Supervised finetuning on a JSONL file (e.g. to make the tuned teacher or an SFT
+    baseline)."""
+
+    command: ClassVar[str] = "finetune"
+
+    model: str = opt(help="Model to finetune: HF dir, hub id, or .gguf file.")
+    data: str = opt(help="JSONL: prompt/response, Dolly, Alpaca, or chat rows.")
+    template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
+    max_length: int | None = opt(
+        None, help="Tokens per training example (default 1024, or the model's limit).", at_least=2
+    )
+    num_workers: int = opt(0, help="DataLoader workers (0: collate inline).", at_least=0)
+
+    # The training loop reads these of every run; finetuning is cross-entropy only.
+    objective: ClassVar[str] = "sft"
+    alpha: ClassVar[float] = 1.0
+    temperature: ClassVar[float] = 1.0
+    sft_weight: ClassVar[float] = 0.0
+    mix: ClassVar[float] = 0.5
+    frozen_student: ClassVar[bool] = False
+
+    @property
+    def student(self) -> str:
+        return self.model
+
+
+def validate(options: TrainOptions) -> None:
+    """Refuse bad numbers before anything is loaded."""
+    check(options)
+    if options.warmup >= 1 and not float(options.warmup).is_integer():
+        raise DeltakdError(
+            f"--warmup is a fraction (< 1) or a whole number of steps, got {options.warmup}"
+        )
+    if options.dtype == "float16":
+        raise DeltakdError(
+            "--dtype float16 is not supported for training (use bfloat16 or float32)"
+        )
+    objective = OBJECTIVES[options.objective]
+    if not objective.takes_temperature and options.temperature != 1.0:
+        raise DeltakdError(f"--objective {objective.name} takes no --temperature (use 1)")

@@ -1,0 +1,175 @@
+"""cache-teachers end to end on the tiny models, against an independent full-vocabulary forward."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers import cache_args, flat, run_cli
+from transformers import AutoModelForCausalLM
+
+from deltakd_cli import data, models
+from deltakd_cli.cache.store import CacheReader
+
+
+def reference_logprobs(model_dir, input_ids: np.ndarray) -> torch.Tensor:
+    """log_softmax of a plain forward of one unpadded example: [L, V]."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor(input_ids)[None]).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def exact_cache(tiny, tmp_path_factory):
+    """k = |V|, float32 storage: the cache must be the full distributions."""
+    out = tmp_path_factory.mktemp("exact") / "cache"
+    args = cache_args(tiny, out, "--top-k", tiny.vocab_size, "--precision", "float32",
+                      "--batch-size", 5)  # fmt: skip
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    return CacheReader(str(out))
+
+
+@pytest.fixture(scope="module")
+def sparse_cache(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sparse") / "cache"
+    result = run_cli(cache_args(tiny, out, "--top-k", 8, "--batch-size", 3))
+    assert result.exit_code == 0, result.output
+    return CacheReader(str(out))
+
+
+def all_examples(reader: CacheReader):
+    for shard in range(reader.num_shards):
+        yield from reader.read_examples(shard, 0, len(reader.shard_lengths(shard)))
+
+
+def test_tokens_and_targets_match_the_data(tiny, sparse_cache):
+    tokenizer = models.load_tokenizer(str(tiny.teacher_base))
+    expected = data.tokenize_all(data.load_examples(tiny.train), "alpaca", tokenizer, 1024)
+    seen = set()
+    for example in all_examples(sparse_cache):
+        reference = expected[example.example_index]
+        assert example.input_ids.tolist() == reference.input_ids
+        assert example.prompt_length == reference.prompt_length
+        assert len(example.targets.ids) == reference.num_targets
+        seen.add(example.example_index)
+    assert seen == set(range(len(expected)))
+    assert sparse_cache.manifest["counts"]["response_tokens"] == sum(
+        e.num_targets for e in expected
+    )
+
+
+def test_stored_logprobs_match_independent_forward(tiny, sparse_cache):
+    for example in list(all_examples(sparse_cache))[:6]:
+        positions = torch.tensor(example.target_positions)
+        ids = torch.tensor(example.targets.ids)
+        for model_dir, stored, tail in (
+            (tiny.teacher_tuned, example.targets.tuned_logprobs, example.targets.tuned_tail),
+            (tiny.teacher_base, example.targets.base_logprobs, example.targets.base_tail),
+            (tiny.student, example.targets.student_logprobs, example.targets.student_tail),
+        ):
+            full = reference_logprobs(model_dir, example.input_ids)[positions]
+            at_ids = full.gather(1, ids)
+            # float16 storage: log-probs to ~1e-2 absolute at these magnitudes
+            np.testing.assert_allclose(stored, at_ids.numpy(), atol=2e-2, rtol=1e-3)
+            expected_tail = 1.0 - at_ids.exp().sum(dim=1)
+            np.testing.assert_allclose(tail, expected_tail.numpy(), atol=1e-5)
+
+
+def test_kept_ids_are_the_top_of_the_exact_target(tiny, sparse_cache):
+    """Default with --student: K = top-k of p* = softmax(l0 + alpha (lT - lB))."""
+    example = next(all_examples(sparse_cache))
+    positions = torch.tensor(example.target_positions)
+    tuned = reference_logprobs(tiny.teacher_tuned, example.input_ids)[positions]
+    base = reference_logprobs(tiny.teacher_base, example.input_ids)[positions]
+    student = reference_logprobs(tiny.student, example.input_ids)[positions]
+    target = torch.log_softmax(student + tuned - base, dim=-1)
+    top = target.topk(sparse_cache.k, dim=-1).indices.sort(dim=-1).values
+    assert (torch.tensor(example.targets.ids) == top).float().mean() > 0.99  # near-ties may swap
+    assert sparse_cache.manifest["selection"] == "target"
+    assert sparse_cache.manifest["tail_rule"] == "mass-matched"
+    # the mass-matched shift makes the cached target's tail mass equal the exact one
+    ids = torch.tensor(example.targets.ids)
+    kept = torch.zeros_like(target, dtype=torch.bool).scatter(1, ids, True)
+    exact_tail_mass = target.exp().masked_fill(kept, 0).sum(1)
+    shift = torch.tensor(example.targets.target_tail_shift)
+    logits_k = student.gather(1, ids) + (tuned - base).gather(1, ids)
+    tail_logit = torch.log(torch.tensor(example.targets.student_tail)) + shift
+    cached = torch.log_softmax(torch.cat([logits_k, tail_logit[:, None]], 1), dim=1)
+    np.testing.assert_allclose(cached[:, -1].exp(), exact_tail_mass, atol=1e-3)
+
+
+def test_full_vocabulary_cache_is_exact(tiny, exact_cache):
+    assert exact_cache.k == tiny.vocab_size
+    for example in list(all_examples(exact_cache))[:4]:
+        positions = torch.tensor(example.target_positions)
+        ids = torch.tensor(example.targets.ids)
+        assert (ids == torch.arange(tiny.vocab_size)).all()  # every id, sorted
+        for model_dir, stored, tail in (
+            (tiny.teacher_tuned, example.targets.tuned_logprobs, example.targets.tuned_tail),
+            (tiny.teacher_base, example.targets.base_logprobs, example.targets.base_tail),
+            (tiny.student, example.targets.student_logprobs, example.targets.student_tail),
+        ):
+            full = reference_logprobs(model_dir, example.input_ids)[positions]
+            np.testing.assert_allclose(stored, full.numpy(), atol=2e-5, rtol=1e-5)
+            assert (tail == 0).all()
+
+
+def test_teacher_only_cache_keeps_the_tuned_top_k(tiny, tmp_path):
+    out = tmp_path / "teacher-only"
+    result = run_cli(cache_args(tiny, out, "--top-k", 4, student=False))
+    assert result.exit_code == 0, result.output
+    reader = CacheReader(str(out))
+    assert not reader.has_student and reader.manifest["selection"] == "tuned"
+    assert "student" not in reader.manifest["provenance"]
+    example = next(all_examples(reader))
+    assert example.targets.student_logprobs is None and example.targets.target_tail_shift is None
+    tuned = reference_logprobs(tiny.teacher_tuned, example.input_ids)
+    top = tuned[torch.tensor(example.target_positions)].topk(4).indices.sort(-1).values
+    assert (torch.tensor(example.targets.ids) == top).all()
+
+
+def test_manifest_records_provenance(tiny, sparse_cache):
+    manifest = sparse_cache.manifest
+    provenance = manifest["provenance"]
+    tokenizer = models.load_tokenizer(str(tiny.student))
+    assert provenance["student"]["weights_sha256"] == models.weights_fingerprint(str(tiny.student))
+    assert provenance["teacher_base"]["tokenizer_sha256"] == models.tokenizer_fingerprint(tokenizer)
+    assert provenance["data"]["sha256"] == data.file_sha256(tiny.train)
+    assert manifest["alpha"] == 1.0 and manifest["has_student"]
+    assert manifest["bytes_per_response_token"] > 0
+    assert sparse_cache.verify() == []
+
+
+def test_one_model_named_twice_is_loaded_and_run_once(tiny, tmp_path, monkeypatch):
+    """init-student's healing cache names the source as both teachers: it must be loaded once
+    and store exactly what two separate copies of the model store."""
+    copy = tmp_path / "base-copy"
+    shutil.copytree(tiny.teacher_base, copy)
+    twice, copied = tmp_path / "twice", tmp_path / "copied"
+    common = ["--top-k", 4, "--teacher-base", tiny.teacher_base]
+    result = run_cli(cache_args(tiny, copied, *common, "--teacher-tuned", copy, student=False))
+    assert result.exit_code == 0, result.output
+
+    loads = []
+    real_load = models.load_model
+    monkeypatch.setattr(
+        models, "load_model", lambda spec, *a: loads.append(spec) or real_load(spec, *a)
+    )
+    args = cache_args(tiny, twice, *common, "--teacher-tuned", tiny.teacher_base, student=False)
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert loads == [str(tiny.teacher_base)]
+    assert "teacher_tuned is teacher_base: run once" in flat(result.output)
+
+    for once, separate in zip(
+        all_examples(CacheReader(str(twice))), all_examples(CacheReader(str(copied))), strict=True
+    ):
+        assert once.example_index == separate.example_index
+        assert np.array_equal(once.targets.ids, separate.targets.ids)
+        assert np.array_equal(once.targets.tuned_logprobs, once.targets.base_logprobs)  # Delta = 0
+        assert np.allclose(once.targets.tuned_logprobs, separate.targets.tuned_logprobs, atol=1e-6)
+        assert np.allclose(once.targets.base_tail, separate.targets.base_tail, atol=1e-6)

@@ -1,0 +1,191 @@
+"""cache-teachers and inspect from the command line: bad input gets one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import build_model, write_jsonl
+from helpers import assert_one_line_error, cache_args, run_cli, run_module
+
+
+@pytest.fixture(scope="module")
+def good_cache(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("good") / "cache"
+    result = run_cli(cache_args(tiny, out, "--top-k", 4))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_malformed_jsonl_names_the_line(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "resp\n')
+    result = run_cli(cache_args(tiny, tmp_path / "c", "--top-k", 4) + ["--data", str(bad)])
+    assert_one_line_error(result, "bad.jsonl:2", "not valid JSON")
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "hello"}, "no response"),
+        ({"prompt": "hello", "response": "   "}, "response is empty"),
+        ({"question": "x"}, "unrecognised row"),
+        ({"instruction": 3, "output": "x"}, "must be a string"),
+    ],
+)
+def test_bad_rows(tiny, tmp_path, row, message):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a b", "response": "c"}, row])
+    result = run_cli(cache_args(tiny, tmp_path / "c", "--top-k", 4) + ["--data", str(path)])
+    assert_one_line_error(result, "rows.jsonl:2", message)
+
+
+def test_missing_data_file(tiny, tmp_path):
+    result = run_cli(cache_args(tiny, tmp_path / "c") + ["--data", str(tmp_path / "none.jsonl")])
+    assert_one_line_error(result, "data file not found")
+
+
+def test_missing_model_path(tiny, tmp_path):
+    args = cache_args(tiny, tmp_path / "c")
+    args[args.index("--teacher-tuned") + 1] = str(tmp_path / "no-such-model")
+    assert_one_line_error(run_cli(args), "model not found", "no-such-model")
+
+
+def test_k_larger_than_vocabulary(tiny, tmp_path):
+    result = run_cli(cache_args(tiny, tmp_path / "c", "--top-k", tiny.vocab_size + 1))
+    assert_one_line_error(result, "larger than the vocabulary", str(tiny.vocab_size))
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_bad_numbers_and_choices(tiny, tmp_path):
+    assert_one_line_error(run_cli(cache_args(tiny, tmp_path / "c", "--top-k", 0)), "--top-k")
+    assert_one_line_error(
+        run_cli(cache_args(tiny, tmp_path / "c", "--template", "nope")), "--template"
+    )
+    assert_one_line_error(
+        run_cli(cache_args(tiny, tmp_path / "c", "--selection", "target", student=False)),
+        "need --student",
+    )
+
+
+def test_tokenizer_mismatch(tiny, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    other = Tokenizer(models.BPE(unk_token="<unk>"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    other.train_from_iterator(
+        ["completely different words here"] * 10,
+        trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<|im_end|>"]),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=other, eos_token="<|im_end|>", unk_token="<unk>"
+    )
+    alien = build_model(tmp_path / "alien", fast, 1, 32, seed=5)
+    args = cache_args(tiny, tmp_path / "c")
+    args[args.index("--student") + 1] = str(alien)
+    assert_one_line_error(run_cli(args), "tokenizer mismatch", "student")
+
+
+def test_padded_vocabulary_is_accepted(tiny, tmp_path):
+    """An output layer with more rows than the tokenizer has tokens (e.g. 152,064 over 151,936)."""
+    padded = build_model(tmp_path / "padded", tiny.tokenizer, 1, 32, seed=6,
+                         vocab_rows=tiny.vocab_size + 64)  # fmt: skip
+    args = cache_args(tiny, tmp_path / "c", "--top-k", 4)
+    args[args.index("--student") + 1] = str(padded)
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["vocab_size"] == tiny.vocab_size
+
+
+def test_existing_cache_with_other_settings_is_refused(tiny, good_cache, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(good_cache, copy)
+    result = run_cli(cache_args(tiny, copy, "--top-k", 6))
+    assert_one_line_error(result, "other settings", "top_k differs", "--overwrite")
+    assert (copy / "manifest.json").exists()  # nothing lost
+    result = run_cli(cache_args(tiny, copy, "--top-k", 6, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((copy / "manifest.json").read_text())["k"] == 6
+
+
+def test_same_settings_on_a_complete_cache_is_a_no_op(tiny, good_cache):
+    before = (good_cache / "manifest.json").read_text()
+    result = run_cli(cache_args(tiny, good_cache, "--top-k", 4))
+    assert result.exit_code == 0 and "already complete" in result.output
+    assert (good_cache / "manifest.json").read_text() == before
+
+
+def test_refuses_a_directory_that_is_not_a_cache(tiny, tmp_path):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    result = run_cli(cache_args(tiny, tmp_path / "precious", "--top-k", 4))
+    assert_one_line_error(result, "is not empty", "not a cache", "--overwrite")
+    assert sorted(p.name for p in (tmp_path / "precious").iterdir()) == ["notes.txt"]
+    # --overwrite writes the cache there and removes only what deltakd wrote: nothing of theirs
+    result = run_cli(cache_args(tiny, tmp_path / "precious", "--top-k", 4, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "precious" / "manifest.json").is_file()
+
+
+def test_inspect_summary_json_and_example(good_cache):
+    result = run_cli(["inspect", str(good_cache), "--json", "--verify"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["verified"] is True and summary["k"] == 4
+    assert summary["bytes_per_response_token"] > 0
+    result = run_cli(["inspect", str(good_cache), "--example", "2", "--json"])
+    decoded = json.loads(result.output)
+    assert decoded["example_index"] == 2
+    first = decoded["positions"][0]
+    assert first["position"] == decoded["prompt_length"] - 1
+    assert set(first) >= {"ids", "tuned_logprobs", "base_logprobs", "tuned_tail", "base_tail",
+                          "student_logprobs", "student_tail"}  # fmt: skip
+    assert len(first["ids"]) == 4
+    assert len(decoded["positions"]) == len(decoded["input_ids"]) - decoded["prompt_length"]
+
+
+def test_inspect_verify_names_a_damaged_shard(good_cache, tmp_path):
+    copy = tmp_path / "damaged"
+    shutil.copytree(good_cache, copy)
+    chunk = next(
+        p for p in sorted((copy / "shards").rglob("*")) if p.is_file() and "/ids/c" in str(p)
+    )
+    chunk.write_bytes(chunk.read_bytes()[:-3] + b"xyz")
+    result = run_cli(["inspect", str(copy), "--verify"])
+    assert_one_line_error(result, "damaged shards", "shard-00000-of-00001")
+
+
+def test_inspect_refuses_unfinished_and_missing(tiny, tmp_path):
+    assert_one_line_error(run_cli(["inspect", str(tmp_path / "nothing")]), "cache not found")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "settings.json").write_text("{}")
+    assert_one_line_error(run_cli(["inspect", str(tmp_path / "half")]), "unfinished cache")
+
+
+def test_python_dash_m_entry_point(good_cache):
+    result = run_module(["inspect", str(good_cache), "--json"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["k"] == 4
+    result = run_module(["inspect", str(good_cache) + "-nope"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_fsspec_url_output_round_trips(tiny, good_cache):
+    """--out takes an fsspec URL (here the in-memory filesystem) and the reader reads it back."""
+    from deltakd_cli.cache.store import CacheReader
+
+    url = "memory://deltakd-test/cache"
+    result = run_cli(cache_args(tiny, url, "--top-k", 4))
+    assert result.exit_code == 0, result.output
+    remote, local = CacheReader(url), CacheReader(str(good_cache))
+    assert remote.verify() == []
+    assert remote.manifest["counts"] == local.manifest["counts"]
+    first_remote = remote.read_examples(0, 0, 3)
+    first_local = local.read_examples(0, 0, 3)
+    for a, b in zip(first_remote, first_local, strict=True):
+        assert (a.targets.ids == b.targets.ids).all()
+        assert (a.targets.tuned_logprobs == b.targets.tuned_logprobs).all()

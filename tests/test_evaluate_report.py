@@ -1,0 +1,132 @@
+"""evaluate/report.py and run.py: the report's numbers follow from its records; the files have
+the documented fields; scoring the generations file again reproduces the report."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from helpers import greedy_protocol
+
+from deltakd_cli import data
+from deltakd_cli.evaluate import protocol as protocols
+from deltakd_cli.evaluate import report as report_files
+from deltakd_cli.evaluate import rouge, run
+
+RECORD_FIELDS = {
+    "id",
+    "row",
+    "model",
+    "seed",
+    "prompt",
+    "prediction",
+    "references",
+    "rougeL",
+    "rouge1",
+    "rouge2",
+    "exact_match",
+}
+
+
+@pytest.fixture(scope="module")
+def two_model_run(tiny, tmp_path_factory):
+    protocol = protocols.make_protocol(
+        "minillm", seeds="3,4", max_new_tokens=6, batch_size=3, template="plain"
+    )
+    specs = [str(tiny.student), str(tiny.teacher_base)]
+    report, records = run.evaluate_models(specs, tiny.test, protocol, limit=4, device="cpu")
+    out = tmp_path_factory.mktemp("eval") / "run" / "report.json"
+    paths = report_files.write_outputs(report, records, out)
+    return specs, report, records, paths
+
+
+def test_report_numbers_follow_from_the_records(two_model_run):
+    specs, report, records, _ = two_model_run
+    assert len(records) == 2 * 2 * 4
+    assert [m["name"] for m in report["models"]] == specs
+    for summary in report["models"]:
+        assert summary["n_rows"] == 4 and summary["n_seeds"] == 2
+        per_seed = []
+        for entry in summary["per_seed"]:
+            rows = [
+                r for r in records if r["model"] == summary["name"] and r["seed"] == entry["seed"]
+            ]
+            assert [r["row"] for r in rows] == [0, 1, 2, 3]
+            expected = rouge.corpus_rouge_l(
+                [r["prediction"] for r in rows], [r["references"] for r in rows]
+            )
+            assert entry["rougeL"] == pytest.approx(expected)
+            per_seed.append(entry["rougeL"])
+        assert summary["mean"]["rougeL"] == pytest.approx(statistics.mean(per_seed))
+        assert summary["std"]["rougeL"] == pytest.approx(statistics.stdev(per_seed))
+        assert summary["identity"]["weights_sha256"]
+    (difference,) = [d for d in report["differences"] if d["metric"] == "rougeL"]
+    assert difference["model"] == specs[1] and difference["baseline"] == specs[0]
+    mean_of = {m["name"]: m["mean"]["rougeL"] for m in report["models"]}
+    assert difference["difference"] == pytest.approx(mean_of[specs[1]] - mean_of[specs[0]])
+
+
+def test_report_and_generations_files_have_the_documented_fields(two_model_run, tiny):
+    _, report, records, (report_path, records_path) = two_model_run
+    assert records_path.name == "report.generations.jsonl"
+    assert records_path.parent == report_path.parent
+    written = json.loads(report_path.read_text())
+    for key in (
+        "tool",
+        "created",
+        "mode",
+        "data",
+        "metrics",
+        "protocol",
+        "models",
+        "baseline",
+        "bootstrap",
+        "differences",
+        "generations_file",
+    ):
+        assert key in written
+    assert written["tool"]["name"] == "deltakd" and written["tool"]["version"]
+    assert written["data"]["sha256"] == data.file_sha256(tiny.test)
+    assert written["data"]["rows"] == 4 and written["data"]["limit"] == 4
+    protocol = written["protocol"]
+    assert protocol["seeds"] == [3, 4] and protocol["top_k"] == 0 and protocol["device"] == "cpu"
+    assert protocol["max_new_tokens"] == 6 and protocol["matches_published_protocol"] is False
+    model = written["models"][0]
+    for key in (
+        "name",
+        "n_rows",
+        "n_seeds",
+        "per_seed",
+        "mean",
+        "std",
+        "identity",
+        "prompts_truncated",
+    ):
+        assert key in model
+    assert set(model["mean"]) == set(rouge.METRICS)
+    for key in ("difference", "ci_low", "ci_high", "confidence", "n_resamples", "excludes_zero"):
+        assert key in written["differences"][0]
+    lines = [json.loads(line) for line in records_path.read_text().splitlines()]
+    assert len(lines) == len(records)
+    assert all(set(line) == RECORD_FIELDS for line in lines)
+
+
+def test_scoring_the_generations_file_reproduces_the_report(two_model_run, tiny):
+    specs, report, _, (_, records_path) = two_model_run
+    rescored, records = run.evaluate_predictions(records_path, tiny.test, limit=4)
+    assert rescored["predictions"]["matched_by"] == "id"
+    assert [m["name"] for m in rescored["models"]] == specs
+    for before, after in zip(report["models"], rescored["models"], strict=True):
+        assert after["per_seed"] == before["per_seed"] and after["mean"] == before["mean"]
+    assert rescored["differences"] == report["differences"]
+
+
+def test_greedy_report_has_one_run_and_no_std(tiny):
+    report, records = run.evaluate_models(
+        [str(tiny.student)], tiny.test, greedy_protocol(max_new_tokens=4), limit=2, device="cpu"
+    )
+    (summary,) = report["models"]
+    assert summary["n_seeds"] == 1 and summary["per_seed"][0]["seed"] is None
+    assert summary["std"]["rougeL"] is None and report["differences"] == []
+    assert [r["seed"] for r in records] == [None, None]
