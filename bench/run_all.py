@@ -1,7 +1,7 @@
 """`make bench`: run every benchmark, merge into docs/benchmarks.json, render docs/benchmarks.md.
 
 Each benchmark is a script in this folder that records its figures through common.record().
-`python tests/bench/run_all.py --only cache` runs one; `--render` only rewrites the markdown."""
+`python bench/run_all.py --only cache` runs one; `--render` only rewrites the markdown."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def render(results: dict) -> str:
     lines = [
         "# Benchmarks",
         "",
-        "Regenerate with `make bench` (all) or `python tests/bench/run_all.py --only NAME`.",
+        "Regenerate with `make bench` (all) or `python bench/run_all.py --only NAME`.",
         "Figures are ratios measured inside one run (A vs B on the same data), because these",
         "machines are noisy; absolute rates are in the settings below for context only.",
         "",

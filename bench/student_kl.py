@@ -7,7 +7,7 @@ plain text, its first --tokens tokens), and reports per predicted token
   kl_teacher_student: KL(p_teacher || p_student), nats
   student_ce / teacher_ce: cross-entropy of the next token, nats
 
-    python tests/bench/student_kl.py runs/demo runs/demo-full [--documents 32] [--tokens 128]
+    python bench/student_kl.py runs/demo runs/demo-full [--documents 32] [--tokens 128]
 
 Not part of the tests or of `make bench` (it needs demo runs); docs/demo.md quotes its output.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from deltakd_cli import models  # noqa: E402

@@ -13,7 +13,7 @@ student, it reports the mean over positions of
 (targets.target_fidelity). A configuration is "with student" when the cache needs S0's log-probs
 (selection target or tuned+student, or the mass-matched tail); the others are teacher-only caches.
 
-    python tests/bench/target_fidelity.py OUT.json [--work-dir runs/demo] [--positions 800]
+    python bench/target_fidelity.py OUT.json [--work-dir runs/demo] [--positions 800]
 
 Run without arguments (as `make bench` does) it writes docs/target_fidelity.json and merges the
 headline figures into docs/benchmarks.json; it skips, with a message, when the demo has not run.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from deltakd_cli import data, models, targets  # noqa: E402
@@ -159,7 +159,7 @@ def main() -> int:
     )
     print(f"wrote {out}")
     if not options.out:
-        from common import record  # tests/bench/common.py (run from this folder by run_all)
+        from common import record  # bench/common.py (run from this folder by run_all)
 
         headline = {
             f"target_grad_cosine_{f['student']}_k{f['k']}": f["target_grad_cosine"]

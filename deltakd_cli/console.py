@@ -73,10 +73,19 @@ def as_deltakd_error(error: BaseException) -> DeltakdError | None:
     return None
 
 
+def _quiet_broken_pipe() -> None:
+    """The reader of our output went away (`deltakd ... | head`): stop quietly, as cat does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(141)
+
+
 def run_guarded(fn: Callable[[], Any]) -> Any:
     """Call `fn`; a user-facing error becomes one line and its exit code (2, or 130 for Ctrl-C)."""
     try:
         return fn()
+    except BrokenPipeError:
+        _quiet_broken_pipe()
     except (DeltakdError, KeyboardInterrupt, OSError) as raised:
         error = as_deltakd_error(raised)
         if error is None:
@@ -92,6 +101,8 @@ class GuardedGroup(TyperGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
         except (DeltakdError, KeyboardInterrupt, OSError) as raised:
             error = as_deltakd_error(raised)
             if error is None:

@@ -21,12 +21,13 @@ import torch
 from rich.progress import TextColumn
 from torch import nn
 
-from deltakd_cli import distributed, faults, models, outputs
+from deltakd_cli import __version__, distributed, faults, models, outputs
 from deltakd_cli.console import console, info, progress
 from deltakd_cli.errors import DeltakdError, Interrupted
+from deltakd_cli.options import record
 from deltakd_cli.train import batching, checkpoint
 from deltakd_cli.train import step as step_math
-from deltakd_cli.train.export import RUN_FILES, export
+from deltakd_cli.train.export import RUN_FILES, export_model, write_record
 from deltakd_cli.train.inputs import TrainingData, distill_data, finetune_data
 from deltakd_cli.train.objective import ObjectiveModule, enable_activation_checkpointing
 from deltakd_cli.train.options import (
@@ -265,7 +266,39 @@ class Trainer:
             _truncate_metrics(self.out / "metrics.jsonl", start_step)
         distributed.barrier()
         metrics = self._loop(start_step)
-        return export(self, metrics)
+        return self._export(metrics)
+
+    def _export(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The model directory and the run's record (every rank gathers the state; rank 0
+        writes)."""
+        model_state = self._model_state()
+        summary = {
+            "tool": "deltakd",
+            "version": __version__,
+            "command": self.options.command,
+            "options": record(self.options),
+            "resolved": {
+                "objective": self.options.objective,
+                "world_size": self.world_size,
+                "device": str(self.device),
+                "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
+                "export_dtype": str(self.export_dtype).replace("torch.", ""),
+                "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps,
+                "vocab_size": self.vocab_size,
+                "use_cached_student": self.data.use_cached_student,
+                "frozen_student": self.data.needs_frozen_student,
+            },
+            "provenance": self.data.provenance,
+            "student": None,
+            "final_metrics": metrics,
+        }
+        if self.rank == 0:
+            summary["student"] = models.model_identity(self.options.student, self.tokenizer)
+            export_model(self.out, self.student, self.tokenizer, model_state, self.export_dtype)
+            write_record(self.out, summary)
+        distributed.barrier()
+        return summary
 
     def _loop(self, start_step: int) -> dict[str, Any]:
         options = self.options

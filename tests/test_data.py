@@ -1,0 +1,133 @@
+"""data.py: the row formats, the templates, the truncation rule, the target positions, the JSONL
+reader and unlabelled text as rows, each against values written out by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from deltakd_cli import data, models
+from deltakd_cli.errors import DeltakdError
+
+
+def test_every_row_format_becomes_one_example():
+    rows = {
+        "prompt": {"prompt": "p", "response": "r"},
+        "dolly": {"instruction": "i", "context": "c", "response": "r"},
+        "alpaca": {"instruction": "i", "input": "x", "output": "r"},
+        "chat": {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "r"},
+            ]
+        },
+        "evals": {"input": [{"role": "user", "content": "u"}], "ideal": ["r", "r2"]},
+    }
+    parsed = {name: data.parse_row(row, name, "0") for name, row in rows.items()}
+    assert parsed["prompt"].raw_prompt == "p" and parsed["prompt"].response == "r"
+    assert (parsed["dolly"].instruction, parsed["dolly"].input) == ("i", "c")
+    assert (parsed["alpaca"].instruction, parsed["alpaca"].input) == ("i", "x")
+    assert parsed["chat"].messages == rows["chat"]["messages"][:2]
+    assert (parsed["chat"].instruction, parsed["chat"].input) == ("s", "u")
+    assert parsed["evals"].references == ["r", "r2"] and parsed["evals"].instruction == "u"
+    with pytest.raises(DeltakdError, match="unrecognised row"):
+        data.parse_row({"question": "q"}, "x:1", "0")
+    with pytest.raises(DeltakdError, match="x:1: the response is empty"):
+        data.parse_row({"prompt": "p", "response": " "}, "x:1", "0")
+
+
+def test_templates():
+    example = data.Example("0", "Do it.", "With this.")
+    alpaca = data.render_prompt(example, "alpaca")
+    assert alpaca.endswith("### Instruction:\nDo it.\n\n### Input:\nWith this.\n\n### Response:\n")
+    assert "paired with an input" in alpaca
+    bare = data.render_prompt(data.Example("0", "Do it."), "alpaca")
+    assert "### Input" not in bare and "paired with" not in bare
+    assert data.render_prompt(example, "plain") == "Do it.\n\nWith this.\n\n"
+    with pytest.raises(DeltakdError, match="needs a tokenizer with a chat template"):
+        data.render_prompt(example, "chat")
+
+
+@pytest.mark.parametrize(
+    "prompt, response, max_length, kept_prompt, kept_response",
+    [
+        (5, 3, 10, 5, 3),  # fits: unchanged
+        (5, 8, 10, 5, 5),  # the response is cut from its end; the prompt keeps min(5, 10 // 2)
+        (12, 3, 10, 7, 3),  # the prompt gives up its start
+        (12, 20, 10, 5, 5),  # both long: the prompt keeps half, the response the rest
+        (3, 20, 10, 3, 7),  # a short prompt keeps all of itself
+    ],
+)
+def test_the_truncation_rule(prompt, response, max_length, kept_prompt, kept_response):
+    prompt_ids = list(range(100, 100 + prompt))
+    response_ids = list(range(200, 200 + response))
+    new_prompt, new_response = data.truncate(prompt_ids, response_ids, max_length)
+    assert new_prompt == prompt_ids[prompt - kept_prompt :]  # the prompt's end survives
+    assert new_response == response_ids[:kept_response]  # the response's start survives
+    assert len(new_prompt) + len(new_response) <= max_length
+
+
+def test_tokenising_keeps_the_response_boundary_and_adds_eos(tiny):
+    tokenizer = models.load_tokenizer(str(tiny.student))
+    example = data.Example("0", "the quick fox", raw_prompt="the quick fox", references=[" jumps"])
+    tokenized = data.tokenize_example(example, "plain", tokenizer, 64)
+    prompt_ids = tokenizer("the quick fox")["input_ids"]
+    response_ids = tokenizer(" jumps", add_special_tokens=False)["input_ids"]
+    assert tokenized.input_ids == prompt_ids + response_ids + [tokenizer.eos_token_id]
+    assert tokenized.prompt_length == len(prompt_ids) and not tokenized.truncated
+    assert tokenized.num_targets == len(response_ids) + 1
+    short = data.tokenize_example(example, "plain", tokenizer, 4)  # the rule, as above
+    assert short.truncated and short.input_ids == prompt_ids[-2:] + response_ids[:2]
+    assert short.prompt_length == 2 and short.num_targets == 2
+
+
+def test_target_positions_predict_the_response():
+    # 6 tokens, the response starts at 4: the logits after tokens 0..3 and 0..4 predict 4 and 5
+    assert data.target_positions(4, 6).tolist() == [3, 4]
+    assert data.target_positions(1, 2).dtype == np.int64
+
+
+def test_the_jsonl_reader_names_the_file_and_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert [(where.rsplit(":", 1)[1], value) for where, value in data.read_jsonl(good)] == [
+        ("1", {"a": 1}),
+        ("3", {"a": 2}),
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(DeltakdError, match=r"bad.jsonl:2: not valid JSON"):
+        list(data.read_jsonl(bad))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"a": "\xe9"}\n')
+    with pytest.raises(DeltakdError, match="not UTF-8"):
+        list(data.read_jsonl(latin))
+    with pytest.raises(DeltakdError, match="predictions file not found"):
+        list(data.read_jsonl(tmp_path / "none.jsonl", "predictions file"))
+
+
+def test_unlabelled_text_becomes_a_row():
+    assert data.text_row("7", "one two three four") is None  # nothing left to predict
+    row = data.text_row("7", "one two three four five six seven", max_words=6)
+    assert row == {"id": "7", "prompt": "one two three four", "response": " five six"}
+    assert json.dumps(row)  # plain data
+
+
+def test_file_hash_is_the_sha256_of_the_bytes(tmp_path):
+    import hashlib
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 3_000_000)
+    assert data.file_sha256(path) == hashlib.sha256(b"x" * 3_000_000).hexdigest()
+
+
+def test_the_fixture_models_share_a_tokenizer(tiny):
+    base = models.load_tokenizer(str(tiny.teacher_base))
+    student = models.load_tokenizer(str(tiny.student))
+    models.check_same_tokenizer(base, student, "base", "student")
+    tokenized = data.tokenize_all(data.load_examples(tiny.train), "alpaca", base, 64)
+    assert all(t.num_targets > 0 for t in tokenized)
+    assert tokenized[0].input_ids[-1] == base.eos_token_id

@@ -1,0 +1,101 @@
+"""The layout's rules (docs/architecture.md), read from the source: nothing imports the CLI, no
+import cycle, and no stage imports one that comes after it on the data path."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "deltakd_cli"
+
+# Each module's place on the data path: a module may import only from its own level or lower.
+LEVELS = {
+    "errors": 0, "faults": 0, "options": 1, "outputs": 1, "distributed": 1, "console": 2,
+    "data": 2, "models": 2, "targets": 2, "losses": 3,
+    "cache": 4, "train": 5, "evaluate": 5, "pipeline": 6, "commands": 7, "cli": 8,
+    "__init__": 0, "__main__": 9,
+}  # fmt: skip
+
+
+def module_name(path: Path) -> str:
+    relative = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(relative.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every deltakd_cli module a file imports, at any depth (functions included), except under
+    `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("deltakd_cli"))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("deltakd_cli"):
+            found.add(node.module)
+            for alias in node.names:  # `from deltakd_cli.cache import store` imports a module
+                candidate = f"{node.module}.{alias.name}"
+                if (PACKAGE.parent / candidate.replace(".", "/")).with_suffix(".py").exists():
+                    found.add(candidate)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    edges = {}
+    for path in PACKAGE.rglob("*.py"):
+        edges[module_name(path)] = {m for m in imports_of(path) if m != module_name(path)}
+    return edges
+
+
+def level(module: str) -> int:
+    parts = module.split(".")
+    return LEVELS[parts[1] if len(parts) > 1 else "__init__"]
+
+
+def test_nothing_imports_the_cli():
+    importers = [m for m, targets in graph().items() if "deltakd_cli.cli" in targets]
+    assert importers == ["deltakd_cli.__main__"]
+
+
+def test_imports_go_down_the_data_path():
+    upward = [
+        (module, target)
+        for module, targets in graph().items()
+        for target in targets
+        if target != "deltakd_cli" and level(target) > level(module)
+    ]
+    assert upward == []
+
+
+def test_no_import_cycle():
+    edges = graph()
+    # packages import their own modules' names only through the full path: drop pkg -> pkg.mod
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def walk(node: str, trail: list[str]) -> bool:
+        state[node] = 1
+        for target in sorted(edges.get(node, ())):
+            if target not in edges:
+                continue
+            if state.get(target) == 1:
+                cycle.extend(trail[trail.index(target) :] + [target])
+                return True
+            if state.get(target) is None and walk(target, [*trail, target]):
+                return True
+        state[node] = 2
+        return False
+
+    for start in sorted(edges):
+        if state.get(start) is None and walk(start, [start]):
+            break
+    assert cycle == []
