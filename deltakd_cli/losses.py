@@ -87,17 +87,6 @@ def _check_objective(objective: str) -> Objective:
     return OBJECTIVES[objective]
 
 
-def objective_needs_cache(objective: str) -> bool:
-    """Whether the objective needs the teachers' cache (every objective but plain SFT)."""
-    return _check_objective(objective).needs_cache
-
-
-def objective_needs_frozen_student(objective: str, cached_has_student: bool) -> bool:
-    """Whether training must run the frozen base student S0: only for objectives whose target
-    is built from S0, and only when the cache does not hold S0's log-probs and tail mass."""
-    return _check_objective(objective).needs_student and not cached_has_student
-
-
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------

@@ -90,10 +90,6 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
-
-
 # ----------------------------------------------------------------------------- typer
 
 

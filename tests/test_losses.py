@@ -15,8 +15,6 @@ from deltakd_cli.losses import (
     kd_loss,
     kl_divergence,
     objective_loss,
-    objective_needs_cache,
-    objective_needs_frozen_student,
     sft_loss,
 )
 from deltakd_cli.targets import CachedTargets, build_cached_targets, delta_target_full, tail_shift
@@ -306,16 +304,18 @@ def test_bfloat16_student_logits_compute_in_float32():
     assert_close(out["distill"], delta_loss(low.float(), cached, 1.0, 1.0, None))
 
 
-def test_objective_requirements():
-    assert not objective_needs_cache("sft")
-    assert all(objective_needs_cache(name) for name in OBJECTIVES if name != "sft")
-    for name in ("delta", "delta-mse", "delta-mix"):
-        assert objective_needs_frozen_student(name, cached_has_student=False)
-        assert not objective_needs_frozen_student(name, cached_has_student=True)
-    for name in ("sft", "kd"):
-        assert not objective_needs_frozen_student(name, cached_has_student=False)
-    with pytest.raises(DeltakdError):
-        objective_needs_cache("ce")
+def test_the_objective_registry():
+    assert not OBJECTIVES["sft"].needs_cache and OBJECTIVES["sft"].distill is None
+    assert all(OBJECTIVES[name].needs_cache for name in OBJECTIVES if name != "sft")
+    assert {n for n, o in OBJECTIVES.items() if o.needs_student} == {
+        "delta", "delta-mse", "delta-mix",
+    }  # fmt: skip
+    assert [o.label for o in OBJECTIVES.values()][:3] == [
+        "SFT student", "KD student", "Delta-KD student",
+    ]  # fmt: skip
+    assert not OBJECTIVES["delta-mse"].takes_temperature
+    with pytest.raises(DeltakdError, match="unknown objective 'ce'"):
+        objective_loss("ce", torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), None)
 
 
 def test_objective_loss_rejects_bad_input():
