@@ -1,30 +1,33 @@
-"""Reading JSONL rows into examples, prompt templates, and tokenisation with the response mask.
+"""Rows into examples, prompt templates, and tokenisation with the target mask.
 
-Supported row formats (one JSON object per line):
+Supported row formats (from any source of sources.py: JSONL, JSON, parquet, CSV, datasets):
   - prompt/response:  {"prompt": ..., "response": ...}
   - Dolly:            {"instruction": ..., "context": ..., "response": ...}
   - Alpaca:           {"instruction": ..., "input": ..., "output": ...}
   - chat:             {"messages": [{"role": ..., "content": ...}, ...]}
-                      (the last assistant turn is the response)
+                      (every assistant turn is a target with the chat template, or only the
+                      last one: --train-turns; the last assistant turn is the reference)
   - evals registry:   {"input": [chat messages], "ideal": str | [str, ...]}
-Any row may carry "id"; otherwise the 0-based row number is its id. For evaluation, a row's
-references are its response, or all of `references`/`ideal` when those hold a list.
+  - plain text:       {"text": ...} (training only: language-model loss on every token)
+Other column names map onto these with `Columns` (--prompt-field, --response-field,
+--messages-field, --text-field). Any row may carry "id"; otherwise the 0-based row number is its
+id. For evaluation, a row's references are its response, or all of `references`/`ideal` when
+those hold a list.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.options import opt
+from deltakd_cli.sources import DataSource, read_rows
 
 TEMPLATES = ("alpaca", "chat", "plain")
+TRAIN_TURNS = ("all", "last")
 HEAL_PROMPT_WORDS = 4  # unlabelled text: the first words are the prompt, the rest the response
 
 ALPACA_WITH_INPUT = (
@@ -38,6 +41,58 @@ ALPACA_NO_INPUT = (
 )
 
 
+@dataclass(kw_only=True)
+class DataOptions:
+    """The options of every command that reads rows (a mixin of its options dataclass): how a
+    `datasets` source is read and which columns hold what."""
+
+    split: str | None = opt(None, help="Split of a Hub dataset or a saved datasets directory.")
+    data_config: str | None = opt(None, help="Configuration (subset) of a Hub dataset.")
+    prompt_field: str | None = opt(None, help="Column holding the prompt (prompt/response rows).")
+    response_field: str | None = opt(None, help="Column holding the response.")
+    messages_field: str | None = opt(None, help="Column holding a chat conversation.")
+    text_field: str | None = opt(None, help="Column holding plain text (training only).")
+
+    def columns(self) -> Columns:
+        return Columns(self.prompt_field, self.response_field, self.messages_field, self.text_field)
+
+    def data_source(self, spec: str, split: str | None = None) -> Any:
+        """A data option's value as a sources.DataSource (`split` overrides --split)."""
+        return DataSource(spec, split if split is not None else self.split, self.data_config)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns hold the prompt, the response, a chat conversation or plain text, when a
+    dataset does not use the names of the supported formats."""
+
+    prompt: str | None = None
+    response: str | None = None
+    messages: str | None = None
+    text: str | None = None
+
+    def apply(self, row: dict[str, Any], where: str) -> dict[str, Any]:
+        """The row with the mapped columns under the names parse_row knows."""
+        if not any((self.prompt, self.response, self.messages, self.text)):
+            return row
+        mapped: dict[str, Any] = {"id": row["id"]} if "id" in row else {}
+        for name, column in (
+            ("prompt", self.prompt),
+            ("response", self.response),
+            ("messages", self.messages),
+            ("text", self.text),
+        ):
+            if column is None:
+                continue
+            if column not in row:
+                have = ", ".join(sorted(row)) or "none"
+                raise DeltakdError(
+                    f"{where}: no column '{column}' (--{name}-field); the columns are: {have}"
+                )
+            mapped[name] = row[column]
+        return mapped
+
+
 @dataclass
 class Example:
     """One row: what the model is asked, and the reference answer(s)."""
@@ -48,6 +103,8 @@ class Example:
     messages: list[dict[str, str]] | None = None  # the conversation before the response (chat rows)
     raw_prompt: str | None = None  # prompt/response rows: the prompt as written
     references: list[str] = field(default_factory=list)  # first one is the training response
+    conversation: list[dict[str, str]] | None = None  # chat rows: every turn, assistant's included
+    text: str | None = None  # plain-text rows: no prompt, every token is a target
 
     @property
     def response(self) -> str:
@@ -56,24 +113,23 @@ class Example:
 
 @dataclass
 class TokenizedExample:
-    """Token ids of prompt + response (+ EOS); tokens from `prompt_length` on are the response."""
+    """Token ids, and which of them are targets (predicted from the tokens before them): the
+    response (EOS included) of a prompt/response row, every assistant turn of a conversation,
+    every token but the first of plain text."""
 
     input_ids: list[int]
-    prompt_length: int
+    target_mask: list[bool]
     truncated: bool = False
 
     @property
     def num_targets(self) -> int:
-        """Response tokens (EOS included) = positions that carry a target."""
-        return len(target_positions(self.prompt_length, len(self.input_ids)))
+        """Positions that carry a target."""
+        return len(target_positions(self.target_mask))
 
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    @property
+    def prompt_length(self) -> int:
+        """Tokens before the first target (all of the prompt, for a single-turn row)."""
+        return self.target_mask.index(True) if True in self.target_mask else len(self.input_ids)
 
 
 def _text(value: Any, where: str, name: str) -> str:
@@ -112,21 +168,53 @@ def _chat_to_instruction(messages: list[dict[str, str]]) -> tuple[str, str]:
     return "\n\n".join(m["content"] for m in messages), ""
 
 
-def parse_row(row: Any, where: str, default_id: str, need_response: bool = True) -> Example:
-    """One JSON object in any supported format -> Example. `where` names the line in errors."""
+def parse_row(
+    row: Any,
+    where: str,
+    default_id: str,
+    need_response: bool = True,
+    columns: Columns | None = None,
+    train_turns: str | None = None,
+) -> Example:
+    """One row in any supported format -> Example. `where` names the row in errors. With
+    `train_turns` (training), a plain-text row is accepted, and with "all" a conversation needs
+    an assistant turn anywhere rather than a final one."""
     if not isinstance(row, dict):
         raise DeltakdError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if columns is not None:
+        row = columns.apply(row, where)
     row_id = str(row.get("id", default_id))
+    if "text" in row and not any(key in row for key in ("messages", "prompt", "instruction")):
+        if train_turns is None:
+            raise DeltakdError(f"{where}: a plain-text row has no reference to evaluate against")
+        text = _text(row["text"], where, "text")
+        if not text.strip():
+            raise DeltakdError(f"{where}: the text is empty")
+        return Example(row_id, "", text=text)
     if "messages" in row:
         messages = _messages(row["messages"], where)
         if messages[-1]["role"] == "assistant":
             context, references = messages[:-1], [messages[-1]["content"]]
         else:
             context, references = messages, []
+            if train_turns == "all" and any(m["role"] == "assistant" for m in messages):
+                need_response = False  # its earlier assistant turns are the targets
+            elif train_turns == "last":
+                raise DeltakdError(
+                    f"{where}: the last turn is not the assistant's (--train-turns last trains "
+                    "the final assistant turn)"
+                )
         if "references" in row:
             references = _references(row["references"], where, "references")
         instruction, extra = _chat_to_instruction(context)
-        example = Example(row_id, instruction, extra, messages=context, references=references)
+        example = Example(
+            row_id,
+            instruction,
+            extra,
+            messages=context,
+            references=references,
+            conversation=messages,
+        )
     elif "input" in row and isinstance(row["input"], list):  # evals registry rows
         context = _messages(row["input"], where)
         instruction, extra = _chat_to_instruction(context)
@@ -158,7 +246,8 @@ def parse_row(row: Any, where: str, default_id: str, need_response: bool = True)
         keys = ", ".join(sorted(row)) or "none"
         raise DeltakdError(
             f"{where}: unrecognised row (keys: {keys}); expected prompt/response, "
-            "instruction/context/response, instruction/input/output, or messages"
+            "instruction/context/response, instruction/input/output, messages or text "
+            "(or name the columns with --prompt-field/--response-field/--messages-field)"
         )
     if need_response:
         if not example.references:
@@ -168,38 +257,22 @@ def parse_row(row: Any, where: str, default_id: str, need_response: bool = True)
     return example
 
 
-def read_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str, Any]]:
-    """(where, value) for every non-blank line of a JSONL file, `where` being PATH:LINE. A
-    missing or unreadable file, a line that is not JSON or text that is not UTF-8 raises one
-    DeltakdError naming the file (and the line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DeltakdError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DeltakdError(f"{where}: not valid JSON ({error.msg})") from None
-                yield where, value
-    except UnicodeDecodeError:
-        raise DeltakdError(f"{path}: not UTF-8 text") from None
-    except OSError as error:
-        raise DeltakdError(f"cannot read {what} {path}: {error.strerror}") from None
-
-
-def load_examples(path: str | Path, need_response: bool = True) -> list[Example]:
-    """Read a JSONL file; the first bad line raises one DeltakdError naming the file and line."""
+def load_examples(
+    source: Any,
+    need_response: bool = True,
+    columns: Columns | None = None,
+    train_turns: str | None = None,
+) -> list[Example]:
+    """Every row of a source (a path, or a sources.DataSource) as an Example; the first bad row
+    raises one DeltakdError naming the file and row. `train_turns` as in parse_row."""
+    if not isinstance(source, DataSource):
+        source = DataSource(str(source))
     examples = [
-        parse_row(row, where, str(index), need_response)
-        for index, (where, row) in enumerate(read_jsonl(path))
+        parse_row(row, where, str(index), need_response, columns, train_turns)
+        for index, (where, row) in enumerate(read_rows(source))
     ]
     if not examples:
-        raise DeltakdError(f"{path}: no examples (the file is empty)")
+        raise DeltakdError(f"{source.spec}: no examples (the file is empty)")
     return examples
 
 
@@ -219,11 +292,12 @@ def text_row(identifier: str, text: str, max_words: int | None = None) -> dict[s
     }
 
 
-def target_positions(prompt_length: int, num_tokens: int) -> np.ndarray:
+def target_positions(target_mask: Any) -> np.ndarray:
     """The positions that carry a target: the logits after reading tokens[..p] predict token
-    p + 1, so an example of `num_tokens` tokens whose response starts at `prompt_length` has
-    its targets at prompt_length - 1 .. num_tokens - 2 (one per response token, EOS included)."""
-    return np.arange(prompt_length - 1, num_tokens - 1, dtype=np.int64)
+    p + 1, so position p carries a target when token p + 1 is one. A single-turn example whose
+    response starts at P has them at P-1 .. L-2 (one per response token, EOS included)."""
+    mask = np.asarray(target_mask, dtype=bool)
+    return np.flatnonzero(mask[1:]).astype(np.int64)
 
 
 def render_prompt(example: Example, template: str, tokenizer: Any = None) -> str:
@@ -255,10 +329,58 @@ def encode_prompt(example: Example, template: str, tokenizer: Any) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
 
+def _eos(tokenizer: Any) -> list[int]:
+    return [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_segments(
+    example: Example, tokenizer: Any, train_turns: str
+) -> list[tuple[list[int], bool]]:
+    """A conversation as (token ids, is target) segments under the tokenizer's chat template:
+    the text before each trained assistant turn (system, user and untrained turns; never a
+    target), then the turn's content and EOS (a target). Each piece is the difference between
+    renderings of the conversation cut before and after the turn, so the template's own markers
+    land where it writes them; nothing after the last trained turn is kept."""
+    messages = example.conversation or []
+    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    trained = assistant_turns if train_turns == "all" else assistant_turns[-1:]
+    if not trained:
+        raise DeltakdError(f"example {example.id}: no assistant turn to train on")
+    segments: list[tuple[list[int], bool]] = []
+    consumed = ""  # the rendered text the segments so far stand for
+    eos_text = tokenizer.eos_token or ""
+    for turn in trained:
+        prefix = tokenizer.apply_chat_template(
+            messages[:turn], tokenize=False, add_generation_prompt=True
+        )
+        if not prefix.startswith(consumed):
+            raise DeltakdError(
+                f"example {example.id}: the chat template renders the turns before assistant "
+                f"turn {turn} differently once later turns exist; use --train-turns last"
+            )
+        segments.append((_encode(tokenizer, prefix[len(consumed) :]), False))
+        full = tokenizer.apply_chat_template(
+            messages[: turn + 1], tokenize=False, add_generation_prompt=False
+        )
+        content = messages[turn]["content"]
+        if eos_text and full.startswith(prefix + content + eos_text):
+            segments.append((_encode(tokenizer, content) + _eos(tokenizer), True))
+            consumed = prefix + content + eos_text
+        else:  # the template ends a turn with its own marker: that text is the target's end
+            segments.append((_encode(tokenizer, full[len(prefix) :]), True))
+            consumed = full
+    return segments
+
+
 def truncate(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tuple[list, list]:
-    """The truncation rule. When prompt + response exceed `max_length`, the prompt keeps at least
-    min(len(prompt), max_length // 2) tokens, the response fills what is left (cut from its end,
-    so it may lose its EOS), and the prompt gives up tokens from its start as far as needed."""
+    """The truncation rule of a single-turn row. When prompt + response exceed `max_length`, the
+    prompt keeps at least min(len(prompt), max_length // 2) tokens, the response fills what is
+    left (cut from its end, so it may lose its EOS), and the prompt gives up tokens from its
+    start as far as needed. (Conversations and plain text are cut from their end instead.)"""
     if len(prompt_ids) + len(response_ids) <= max_length:
         return prompt_ids, response_ids
     prompt_floor = min(len(prompt_ids), max_length // 2)
@@ -267,26 +389,59 @@ def truncate(prompt_ids: list[int], response_ids: list[int], max_length: int) ->
     return prompt_ids[len(prompt_ids) - prompt_budget :], response_ids
 
 
-def tokenize_example(
-    example: Example, template: str, tokenizer: Any, max_length: int
+def _from_segments(
+    example: Example, segments: list[tuple[list[int], bool]], max_length: int
 ) -> TokenizedExample:
-    """Prompt + response + EOS as ids; prompt and response are tokenised separately so the
-    response boundary is exact."""
+    """Concatenated segments, cut from the end to `max_length` tokens."""
+    ids = [token for tokens, _ in segments for token in tokens]
+    mask = [is_target for tokens, is_target in segments for _ in tokens]
+    truncated = len(ids) > max_length
+    ids, mask = ids[:max_length], mask[:max_length]
+    if mask:
+        mask[0] = False  # nothing predicts the first token
+    if not any(mask):
+        raise DeltakdError(
+            f"example {example.id}: no target token is left within --max-length {max_length}"
+        )
+    return TokenizedExample(ids, mask, truncated)
+
+
+def tokenize_example(
+    example: Example, template: str, tokenizer: Any, max_length: int, train_turns: str = "all"
+) -> TokenizedExample:
+    """Token ids and target mask of one example. A single-turn row is prompt + response + EOS,
+    tokenised separately so the response boundary is exact; a conversation with several
+    assistant turns under the chat template follows `chat_segments`; plain text is every
+    token (BOS as the tokenizer adds it, EOS appended) with every token but the first a
+    target."""
+    if example.text is not None:
+        ids = list(tokenizer(example.text)["input_ids"]) + _eos(tokenizer)
+        return _from_segments(example, [(ids[:1], False), (ids[1:], True)], max_length)
+    conversation = example.conversation or []
+    assistant_turns = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+    single_turn = assistant_turns == [len(conversation) - 1] or train_turns == "last"
+    if template == "chat" and conversation and not (single_turn and example.references):
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DeltakdError("--template chat needs a tokenizer with a chat template")
+        return _from_segments(example, chat_segments(example, tokenizer, train_turns), max_length)
     prompt_ids = encode_prompt(example, template, tokenizer)
-    response_ids = list(tokenizer(example.response, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        response_ids.append(int(tokenizer.eos_token_id))
+    response_ids = _encode(tokenizer, example.response) + _eos(tokenizer)
     kept_prompt, kept_response = truncate(prompt_ids, response_ids, max_length)
     truncated = len(kept_prompt) + len(kept_response) < len(prompt_ids) + len(response_ids)
     if not kept_prompt:
         # A target at position p predicts token p+1, so at least one prompt token must remain.
         raise DeltakdError(f"example {example.id}: the prompt is empty after tokenisation")
-    return TokenizedExample(kept_prompt + kept_response, len(kept_prompt), truncated)
+    mask = [False] * len(kept_prompt) + [True] * len(kept_response)
+    return TokenizedExample(kept_prompt + kept_response, mask, truncated)
 
 
 def tokenize_all(
-    examples: list[Example], template: str, tokenizer: Any, max_length: int
+    examples: list[Example],
+    template: str,
+    tokenizer: Any,
+    max_length: int,
+    train_turns: str = "all",
 ) -> list[TokenizedExample]:
     if max_length < 2:
         raise DeltakdError(f"--max-length must be at least 2, got {max_length}")
-    return [tokenize_example(e, template, tokenizer, max_length) for e in examples]
+    return [tokenize_example(e, template, tokenizer, max_length, train_turns) for e in examples]

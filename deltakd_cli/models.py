@@ -14,10 +14,72 @@ from typing import Any
 
 import torch
 
+from deltakd_cli import vocab
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.options import opt
 from deltakd_cli.outputs import local_path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How models are fetched and built: the Hub revision of a Hub id, whether the repository's
+    own code may run (off unless asked: a model repository is code then), the attention kernel."""
+
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+
+    def hub_kwargs(self, source: ModelSource) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        if self.revision and not source.is_local:
+            kwargs["revision"] = self.revision
+        if self.trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        return kwargs
+
+    def check(self, device: torch.device | None = None) -> None:
+        if self.attn_implementation not in ATTENTION:
+            raise DeltakdError(
+                f"unknown --attn-implementation '{self.attn_implementation}' "
+                f"(choose from {', '.join(ATTENTION)})"
+            )
+        if self.attn_implementation == "flash_attention_2":
+            import importlib.util
+
+            if importlib.util.find_spec("flash_attn") is None:
+                raise DeltakdError(
+                    "--attn-implementation flash_attention_2 needs the flash-attn package "
+                    "(pip install flash-attn) and a CUDA GPU"
+                )
+            if device is not None and device.type != "cuda":
+                raise DeltakdError("--attn-implementation flash_attention_2 runs on CUDA only")
+
+
+DEFAULT_LOAD = LoadSettings()
+
+
+@dataclass(kw_only=True)
+class ModelLoadOptions:
+    """The options of every command that loads a model (a mixin of its options dataclass)."""
+
+    revision: str | None = opt(
+        None, help="Hub revision (branch, tag or commit) of the Hub models named by id."
+    )
+    trust_remote_code: bool = opt(
+        False, help="Let Hub models run their repository's own code (off: never silently)."
+    )
+    attn_implementation: str = opt(
+        "sdpa", help="Attention kernel: sdpa, eager, or flash_attention_2 (CUDA, flash-attn).",
+        choices=ATTENTION,
+    )  # fmt: skip
+
+    def load_settings(self) -> LoadSettings:
+        return LoadSettings(self.revision, self.trust_remote_code, self.attn_implementation)
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
@@ -125,13 +187,14 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load_tokenizer(spec: str) -> Any:
+def load_tokenizer(spec: str, settings: LoadSettings = DEFAULT_LOAD) -> Any:
     """The tokenizer of a model; a missing pad token falls back to EOS."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
     source = resolve_source(spec)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    kwargs.update(settings.hub_kwargs(source))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     except Exception as error:  # transformers raises OSError/ValueError/etc. for bad sources
@@ -146,13 +209,16 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
     device_map: str | None = None,
+    settings: LoadSettings = DEFAULT_LOAD,
 ) -> Any:
     """A causal LM in eval mode. `device_map="auto"` splits a large model over local GPUs."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     source = resolve_source(spec)
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, **settings.hub_kwargs(source)}
+    if settings.attn_implementation != "sdpa":
+        kwargs["attn_implementation"] = settings.attn_implementation
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     if device_map:
@@ -213,12 +279,13 @@ def check_loading_report(spec: str, model: Any, loading: dict[str, Any]) -> None
         )
 
 
-def max_positions(spec: str) -> int | None:
+def max_positions(spec: str, settings: LoadSettings = DEFAULT_LOAD) -> int | None:
     """The longest sequence a model was made for (its config's position limit), if it says."""
     from transformers import AutoConfig
 
     source = resolve_source(spec)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    kwargs.update(settings.hub_kwargs(source))
     try:
         config = AutoConfig.from_pretrained(source.path, **kwargs)
     except Exception as error:
@@ -233,10 +300,12 @@ def max_positions(spec: str) -> int | None:
 DEFAULT_MAX_LENGTH = 1024
 
 
-def resolve_max_length(requested: int | None, specs: dict[str, str]) -> int:
+def resolve_max_length(
+    requested: int | None, specs: dict[str, str], settings: LoadSettings = DEFAULT_LOAD
+) -> int:
     """The tokens per example: `requested` when every model can read that many (else refused),
     or by default 1024, or fewer when a model's positions end sooner."""
-    limits = {role: max_positions(spec) for role, spec in specs.items()}
+    limits = {role: max_positions(spec, settings) for role, spec in specs.items()}
     if requested is None:
         return min([DEFAULT_MAX_LENGTH, *(limit for limit in limits.values() if limit)])
     for role, limit in limits.items():
@@ -248,15 +317,26 @@ def resolve_max_length(requested: int | None, specs: dict[str, str]) -> int:
     return requested
 
 
-def stored_dtype(spec: str) -> torch.dtype:
+def stored_dtype(spec: str, settings: LoadSettings = DEFAULT_LOAD) -> torch.dtype:
     """The dtype a model's weights are stored in (float32 for GGUF and when unknown)."""
     source = resolve_source(spec)
+    if source.gguf_file:
+        return torch.float32
     config_path = Path(source.path) / "config.json"
-    if not source.gguf_file and config_path.is_file():
+    if config_path.is_file():
         config = json.loads(config_path.read_text())
         name = config.get("dtype") or config.get("torch_dtype")
-        if name in ("float32", "bfloat16", "float16"):
-            return getattr(torch, name)
+    else:  # a Hub model: its config (from the local Hugging Face cache when offline)
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(source.path, **settings.hub_kwargs(source))
+        except Exception as error:
+            raise _hub_error(source, error) from None
+        name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        name = str(name).removeprefix("torch.") if name is not None else None
+    if name in ("float32", "bfloat16", "float16"):
+        return getattr(torch, name)
     return torch.float32
 
 
@@ -321,42 +401,24 @@ def model_vocab_size(model: Any) -> int:
     return int(model.config.vocab_size)
 
 
-def check_model_vocab(model: Any, tokenizer: Any, name: str) -> int:
-    """The working vocabulary size |V| (the tokenizer's); refuse a model whose head is smaller."""
-    vocab = tokenizer_vocab_size(tokenizer)
+def check_model_vocab(model: Any, vocab_size: int, name: str) -> int:
+    """Refuse a model whose output layer is smaller than the working vocabulary (the ids the run
+    uses); a padded layer's extra rows are cut off the logits."""
     rows = model_vocab_size(model)
-    if rows < vocab:
+    if rows < vocab_size:
         raise DeltakdError(
-            f"{name}: its output layer has {rows} rows but the tokenizer has {vocab} tokens"
+            f"{name}: its output layer has {rows} rows but the run uses {vocab_size} token ids"
         )
-    return vocab
+    return vocab_size
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of the token -> id map and the special tokens: equal fingerprints mean equal ids."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    special = {
-        "bos": tokenizer.bos_token_id,
-        "eos": tokenizer.eos_token_id,
-        "pad": tokenizer.pad_token_id,
-    }
-    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """A hash of the token -> id map (which token plays eos or pad is not part of it: see
+    vocab.py for what makes tokenizers compatible)."""
+    return vocab.vocabulary_sha256(vocab.tokens_by_id(tokenizer))
 
 
-def check_same_tokenizer(reference: Any, other: Any, reference_name: str, other_name: str) -> None:
-    """Refuse two tokenizers that map tokens to ids differently."""
-    if tokenizer_fingerprint(reference) == tokenizer_fingerprint(other):
-        return
-    size_a, size_b = len(reference), len(other)
-    detail = f"{size_a} vs {size_b} tokens" if size_a != size_b else "same size, different ids"
-    raise DeltakdError(
-        f"tokenizer mismatch: {reference_name} and {other_name} "
-        f"do not share a vocabulary ({detail})"
-    )
-
-
-def _weight_files(source: ModelSource) -> list[Path]:
+def _weight_files(source: ModelSource, settings: LoadSettings = DEFAULT_LOAD) -> list[Path]:
     if source.gguf_file:
         return [Path(source.path) / source.gguf_file]
     directory = Path(source.path)
@@ -364,17 +426,19 @@ def _weight_files(source: ModelSource) -> list[Path]:
         try:
             from huggingface_hub import snapshot_download
 
-            directory = Path(snapshot_download(source.path, local_files_only=True))
+            directory = Path(
+                snapshot_download(source.path, revision=settings.revision, local_files_only=True)
+            )
         except Exception:
             return []
     return sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
 
 
-def weights_fingerprint(spec: str) -> str:
+def weights_fingerprint(spec: str, settings: LoadSettings = DEFAULT_LOAD) -> str:
     """sha256 over the model's weight files (names and contents): what provenance compares.
     Independent of the dtype the model is later loaded in."""
     source = resolve_source(spec)
-    files = _weight_files(source)
+    files = _weight_files(source, settings)
     if not files:
         raise DeltakdError(f"cannot find the weight files of '{spec}' to fingerprint them")
     digest = hashlib.sha256()
@@ -386,20 +450,25 @@ def weights_fingerprint(spec: str) -> str:
     return digest.hexdigest()
 
 
-def model_identity(spec: str, tokenizer: Any) -> dict[str, Any]:
-    """Provenance record of one model: how it was named, its revision, and its hashes."""
+def model_identity(
+    spec: str, tokenizer: Any, settings: LoadSettings = DEFAULT_LOAD
+) -> dict[str, Any]:
+    """Provenance record of one model: how it was named, its revision, its hashes, and its
+    tokenizer's special-token roles and chat template."""
     source = resolve_source(spec)
-    revision = None
+    revision = None if source.is_local else settings.revision
     config_path = Path(source.path) / "config.json"
     if config_path.exists():
-        revision = json.loads(config_path.read_text()).get("_commit_hash")
+        revision = json.loads(config_path.read_text()).get("_commit_hash") or revision
     return {
         "spec": spec,
         "path": str(Path(source.path).resolve()) if source.is_local else source.path,
         "gguf_file": source.gguf_file,
         "revision": revision,
-        "weights_sha256": weights_fingerprint(spec),
+        "weights_sha256": weights_fingerprint(spec, settings),
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        "tokenizer_roles": vocab.roles_of(tokenizer),
+        "trust_remote_code": settings.trust_remote_code,
     }
 
 

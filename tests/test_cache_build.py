@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from helpers import cache_args, flat, run_cli
+from conftest import write_jsonl
+from helpers import assert_one_line_error, cache_args, flat, run_cli
 from transformers import AutoModelForCausalLM
 
-from deltakd_cli import data, models
+from deltakd_cli import data, models, sources
 from deltakd_cli.cache.store import CacheReader
 
 
@@ -53,7 +55,7 @@ def test_tokens_and_targets_match_the_data(tiny, sparse_cache):
     for example in all_examples(sparse_cache):
         reference = expected[example.example_index]
         assert example.input_ids.tolist() == reference.input_ids
-        assert example.prompt_length == reference.prompt_length
+        assert example.target_mask.tolist() == reference.target_mask
         assert len(example.targets.ids) == reference.num_targets
         seen.add(example.example_index)
     assert seen == set(range(len(expected)))
@@ -138,7 +140,7 @@ def test_manifest_records_provenance(tiny, sparse_cache):
     tokenizer = models.load_tokenizer(str(tiny.student))
     assert provenance["student"]["weights_sha256"] == models.weights_fingerprint(str(tiny.student))
     assert provenance["teacher_base"]["tokenizer_sha256"] == models.tokenizer_fingerprint(tokenizer)
-    assert provenance["data"]["sha256"] == data.file_sha256(tiny.train)
+    assert provenance["data"]["sha256"] == sources.file_sha256(tiny.train)
     assert manifest["alpha"] == 1.0 and manifest["has_student"]
     assert manifest["bytes_per_response_token"] > 0
     assert sparse_cache.verify() == []
@@ -173,3 +175,60 @@ def test_one_model_named_twice_is_loaded_and_run_once(tiny, tmp_path, monkeypatc
         assert np.array_equal(once.targets.tuned_logprobs, once.targets.base_logprobs)  # Delta = 0
         assert np.allclose(once.targets.tuned_logprobs, separate.targets.tuned_logprobs, atol=1e-6)
         assert np.allclose(once.targets.base_tail, separate.targets.base_tail, atol=1e-6)
+
+
+def test_conversations_and_text_rows_keep_their_target_masks(tiny, tmp_path):
+    """Every assistant turn of a conversation is a target in the cache (none of the user's
+    tokens), and distill and finetune train on the same rows."""
+    rows = [
+        {"messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "quick fox"},
+            {"role": "assistant", "content": "brown dog"},
+            {"role": "user", "content": "lazy river"},
+            {"role": "assistant", "content": "night star day"},
+        ]},
+        {"messages": [
+            {"role": "user", "content": "sun moon"},
+            {"role": "assistant", "content": "star cloud rain"},
+        ]},
+    ] * 4  # fmt: skip
+    chats = write_jsonl(tmp_path / "chats.jsonl", rows)
+    out = tmp_path / "chat-cache"
+    result = run_cli(cache_args(tiny, out, "--top-k", 8, "--template", "chat", "--data", chats))
+    assert result.exit_code == 0, result.output
+    tokenizer = models.load_tokenizer(str(tiny.teacher_tuned))
+    examples = data.load_examples(chats, train_turns="all")
+    expected = data.tokenize_all(examples, "chat", tokenizer, 256, "all")
+    reader = CacheReader(str(out))
+    for example in all_examples(reader):
+        reference = expected[example.example_index]
+        assert example.target_mask.tolist() == reference.target_mask
+        assert len(example.targets.ids) == reference.num_targets
+        said = tokenizer.decode(example.input_ids[example.target_mask])
+        assert "fox" not in said and "river" not in said and "brief" not in said
+    result = run_cli(["distill", "--cache", out, "--student", tiny.student, "--out",
+                      tmp_path / "student", "--max-steps", 2, "--batch-size", 4,
+                      "--num-workers", 0, "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": "the quick brown fox jumps"}] * 8)
+    result = run_cli(["finetune", "--model", tiny.student, "--data", texts, "--out",
+                      tmp_path / "lm", "--max-steps", 2, "--batch-size", 4,
+                      "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "lm" / "run.json").read_text())
+    assert record["final_metrics"]["target_tokens"] > 0
+
+
+def test_model_loading_options(tiny, tmp_path):
+    result = run_cli(cache_args(tiny, tmp_path / "eager", "--top-k", 4,
+                                "--attn-implementation", "eager"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "eager" / "manifest.json").read_text())
+    assert manifest["settings"]["attn_implementation"] == "eager"
+    assert manifest["provenance"]["teacher_base"]["trust_remote_code"] is False
+    result = run_cli(cache_args(tiny, tmp_path / "flash", "--top-k", 4,
+                                "--attn-implementation", "flash_attention_2"))  # fmt: skip
+    assert_one_line_error(result, "flash_attention_2")
+    result = run_cli(cache_args(tiny, tmp_path / "x", "--attn-implementation", "fast"))
+    assert_one_line_error(result, "unknown --attn-implementation 'fast'")

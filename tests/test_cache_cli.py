@@ -141,11 +141,12 @@ def test_inspect_summary_json_and_example(good_cache):
     decoded = json.loads(result.output)
     assert decoded["example_index"] == 2
     first = decoded["positions"][0]
-    assert first["position"] == decoded["prompt_length"] - 1
+    prompt_length = decoded["target_mask"].index(1)
+    assert first["position"] == prompt_length - 1
     assert set(first) >= {"ids", "tuned_logprobs", "base_logprobs", "tuned_tail", "base_tail",
                           "student_logprobs", "student_tail"}  # fmt: skip
     assert len(first["ids"]) == 4
-    assert len(decoded["positions"]) == len(decoded["input_ids"]) - decoded["prompt_length"]
+    assert len(decoded["positions"]) == len(decoded["input_ids"]) - prompt_length
 
 
 def test_inspect_verify_names_a_damaged_shard(good_cache, tmp_path):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from deltakd_cli import data, models
+from deltakd_cli import data, models, sources, vocab
 from deltakd_cli.errors import DeltakdError
 
 
@@ -78,35 +78,38 @@ def test_tokenising_keeps_the_response_boundary_and_adds_eos(tiny):
     response_ids = tokenizer(" jumps", add_special_tokens=False)["input_ids"]
     assert tokenized.input_ids == prompt_ids + response_ids + [tokenizer.eos_token_id]
     assert tokenized.prompt_length == len(prompt_ids) and not tokenized.truncated
+    assert tokenized.target_mask == [False] * len(prompt_ids) + [True] * (len(response_ids) + 1)
     assert tokenized.num_targets == len(response_ids) + 1
     short = data.tokenize_example(example, "plain", tokenizer, 4)  # the rule, as above
     assert short.truncated and short.input_ids == prompt_ids[-2:] + response_ids[:2]
     assert short.prompt_length == 2 and short.num_targets == 2
 
 
-def test_target_positions_predict_the_response():
+def test_target_positions_predict_the_targets():
     # 6 tokens, the response starts at 4: the logits after tokens 0..3 and 0..4 predict 4 and 5
-    assert data.target_positions(4, 6).tolist() == [3, 4]
-    assert data.target_positions(1, 2).dtype == np.int64
+    assert data.target_positions([0, 0, 0, 0, 1, 1]).tolist() == [3, 4]
+    # two assistant turns: tokens 2 and 5-6 are targets
+    assert data.target_positions([0, 0, 1, 0, 0, 1, 1]).tolist() == [1, 4, 5]
+    assert data.target_positions([0, 1]).dtype == np.int64
 
 
 def test_the_jsonl_reader_names_the_file_and_line(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"a": 1}\n\n{"a": 2}\n')
-    assert [(where.rsplit(":", 1)[1], value) for where, value in data.read_jsonl(good)] == [
+    assert [(where.rsplit(":", 1)[1], value) for where, value in sources.read_jsonl(good)] == [
         ("1", {"a": 1}),
         ("3", {"a": 2}),
     ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"a": 1}\n{"a": \n')
     with pytest.raises(DeltakdError, match=r"bad.jsonl:2: not valid JSON"):
-        list(data.read_jsonl(bad))
+        list(sources.read_jsonl(bad))
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"a": "\xe9"}\n')
     with pytest.raises(DeltakdError, match="not UTF-8"):
-        list(data.read_jsonl(latin))
+        list(sources.read_jsonl(latin))
     with pytest.raises(DeltakdError, match="predictions file not found"):
-        list(data.read_jsonl(tmp_path / "none.jsonl", "predictions file"))
+        list(sources.read_jsonl(tmp_path / "none.jsonl", "predictions file"))
 
 
 def test_unlabelled_text_becomes_a_row():
@@ -121,13 +124,67 @@ def test_file_hash_is_the_sha256_of_the_bytes(tmp_path):
 
     path = tmp_path / "f"
     path.write_bytes(b"x" * 3_000_000)
-    assert data.file_sha256(path) == hashlib.sha256(b"x" * 3_000_000).hexdigest()
+    assert sources.file_sha256(path) == hashlib.sha256(b"x" * 3_000_000).hexdigest()
 
 
 def test_the_fixture_models_share_a_tokenizer(tiny):
     base = models.load_tokenizer(str(tiny.teacher_base))
     student = models.load_tokenizer(str(tiny.student))
-    models.check_same_tokenizer(base, student, "base", "student")
+    assert vocab.compare({"base": base, "student": student}).notes == []
     tokenized = data.tokenize_all(data.load_examples(tiny.train), "alpaca", base, 64)
     assert all(t.num_targets > 0 for t in tokenized)
     assert tokenized[0].input_ids[-1] == base.eos_token_id
+
+
+def test_a_two_turn_conversation_has_targets_on_both_assistant_turns(tiny):
+    tokenizer = models.load_tokenizer(str(tiny.student))
+    row = {"messages": [
+        {"role": "user", "content": "quick fox"},
+        {"role": "assistant", "content": "brown dog"},
+        {"role": "user", "content": "lazy river"},
+        {"role": "assistant", "content": "night star"},
+    ]}  # fmt: skip
+    example = data.parse_row(row, "x:1", "0", train_turns="all")
+    tokenized = data.tokenize_example(example, "chat", tokenizer, 256, "all")
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    eos = tokenizer.eos_token_id  # <|im_end|>: the template ends each turn with it
+    expected = [
+        (encode("<|im_start|>user\nquick fox<|im_end|>\n<|im_start|>assistant\n"), False),
+        (encode("brown dog") + [eos], True),
+        (encode("\n<|im_start|>user\nlazy river<|im_end|>\n<|im_start|>assistant\n"), False),
+        (encode("night star") + [eos], True),
+    ]
+    assert tokenized.input_ids == [t for tokens, _ in expected for t in tokens]
+    assert tokenized.target_mask == [flag for tokens, flag in expected for _ in tokens]
+    targets = [
+        t for t, flag in zip(tokenized.input_ids, tokenized.target_mask, strict=True) if flag
+    ]
+    assert tokenizer.decode(targets) == "brown dog<|im_end|>night star<|im_end|>"
+    # --train-turns last: only the final turn, the rest is prompt
+    last = data.tokenize_example(example, "chat", tokenizer, 256, "last")
+    last_targets = [t for t, flag in zip(last.input_ids, last.target_mask, strict=True) if flag]
+    assert tokenizer.decode(last_targets) == "night star<|im_end|>"
+    assert last.input_ids == tokenized.input_ids  # the same text, fewer targets
+    # a conversation that ends with the user: its earlier assistant turns are still targets
+    open_row = {"messages": row["messages"][:3]}
+    example = data.parse_row(open_row, "x:2", "1", train_turns="all")
+    opened = data.tokenize_example(example, "chat", tokenizer, 256, "all")
+    assert opened.num_targets == len(encode("brown dog")) + 1
+    with pytest.raises(DeltakdError, match="x:2: the last turn is not the assistant's"):
+        data.parse_row(open_row, "x:2", "1", train_turns="last")
+
+
+def test_plain_text_rows_are_targets_on_every_token(tiny):
+    tokenizer = models.load_tokenizer(str(tiny.student))
+    example = data.parse_row({"text": "the quick brown fox"}, "x:1", "0", train_turns="all")
+    tokenized = data.tokenize_example(example, "alpaca", tokenizer, 256)
+    ids = tokenizer("the quick brown fox")["input_ids"] + [tokenizer.eos_token_id]
+    assert tokenized.input_ids == ids
+    assert tokenized.target_mask == [False] + [True] * (len(ids) - 1)
+    cut = data.tokenize_example(example, "alpaca", tokenizer, 3)
+    assert cut.input_ids == ids[:3] and cut.truncated
+    with pytest.raises(DeltakdError, match="no reference to evaluate against"):
+        data.parse_row({"text": "t"}, "x:1", "0")  # evaluation needs a reference

@@ -9,7 +9,7 @@ import statistics
 import pytest
 from helpers import greedy_protocol
 
-from deltakd_cli import data
+from deltakd_cli import sources
 from deltakd_cli.evaluate import protocol as protocols
 from deltakd_cli.evaluate import report as report_files
 from deltakd_cli.evaluate import rouge, run
@@ -87,7 +87,7 @@ def test_report_and_generations_files_have_the_documented_fields(two_model_run, 
     ):
         assert key in written
     assert written["tool"]["name"] == "deltakd" and written["tool"]["version"]
-    assert written["data"]["sha256"] == data.file_sha256(tiny.test)
+    assert written["data"]["sha256"] == sources.file_sha256(tiny.test)
     assert written["data"]["rows"] == 4 and written["data"]["limit"] == 4
     protocol = written["protocol"]
     assert protocol["seeds"] == [3, 4] and protocol["top_k"] == 0 and protocol["device"] == "cpu"

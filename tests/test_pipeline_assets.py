@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from deltakd_cli.data import file_sha256
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.pipeline import assets
+from deltakd_cli.sources import file_sha256
 
 FAKE = assets.PackagedFile("fake-pkg", "1.0", "fake_pkg/data/samples.jsonl", "MIT")
 

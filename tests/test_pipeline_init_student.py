@@ -14,6 +14,7 @@ from helpers import assert_one_line_error, run_cli
 from deltakd_cli import models
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.pipeline import init_student as student
+from deltakd_cli.pipeline.options import InitStudentOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,29 +141,38 @@ def test_per_layer_config_lists_follow_the_kept_layers():
 
 
 def test_heal_rows_from_text_txt_and_task_files(tmp_path):
+    def options(heal_data, **extra):
+        return InitStudentOptions(source="s", out=str(tmp_path / "o"), heal_data=str(heal_data),
+                                  **extra)  # fmt: skip
+
     text = tmp_path / "docs.jsonl"
     text.write_text(
         json.dumps({"text": "one two three four five six"}) + "\n"
-        + json.dumps({"text": "too short"}) + "\n"
+        + json.dumps({"text": "short"}) + "\n"
     )  # fmt: skip
-    path, template = student.heal_rows_file(str(text), tmp_path / "rows.jsonl")
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert template == "plain"
-    assert rows == [{"id": "0", "prompt": "one two three four", "response": " five six"}]
+    # text rows are used as they are: every token is a target (language-model loss)
+    assert student.heal_rows(options(text), tmp_path / "w") == (str(text), "plain")
 
     plain = tmp_path / "docs.txt"
     plain.write_text("a b c d e f\n\nalpha beta gamma delta epsilon\n")
-    path, _ = student.heal_rows_file(str(plain), tmp_path / "rows2.jsonl")
-    assert len(path.read_text().splitlines()) == 2
+    path, template = student.heal_rows(options(plain), tmp_path / "w")
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    assert template == "plain"
+    assert rows == [{"id": "0", "text": "a b c d e f"},
+                    {"id": "2", "text": "alpha beta gamma delta epsilon"}]  # fmt: skip
 
     task = tmp_path / "task.jsonl"
     task.write_text(json.dumps({"instruction": "say hi", "output": "hi"}) + "\n")
-    assert student.heal_rows_file(str(task), tmp_path / "rows3.jsonl") == (task, "alpaca")
+    assert student.heal_rows(options(task), tmp_path / "w") == (str(task), "alpaca")
+
+    named = tmp_path / "named.jsonl"
+    named.write_text(json.dumps({"body": "some document text"}) + "\n")
+    assert student.heal_rows(options(named, text_field="body"), tmp_path / "w")[1] == "plain"
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({"text": "a b c d e"}) + "\n{oops\n")
     with pytest.raises(DeltakdError, match="broken.jsonl:2"):
-        student.heal_rows_file(str(broken), tmp_path / "rows4.jsonl")
+        student.heal_rows(options(broken), tmp_path / "w")
 
 
 # ----------------------------------------------------------------------------- the command

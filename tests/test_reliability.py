@@ -575,19 +575,21 @@ def test_a_leftover_partial_record_does_not_block_later_runs(tiny, tmp_path):
 # ----------------------------------------------------------------------------- 10: smaller
 
 
-def interrupt(args: list, pause_at: int, out: Path, ready: Path) -> subprocess.CompletedProcess:
-    """Start the command, wait until it has written `ready` (it then pauses at a point soon
-    after), and press Ctrl-C (SIGINT)."""
+def interrupt(args: list, pause_at: int, trace: Path) -> subprocess.CompletedProcess:
+    """Start the command, wait until it pauses at the `pause_at`-th fault point (its trace
+    then has that many lines), and press Ctrl-C (SIGINT)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "DELTAKD_FLUSH_SECONDS": "0", faults.FAULT_ENV: f"pause@{pause_at}"}  # fmt: skip
+           "DELTAKD_FLUSH_SECONDS": "0", faults.FAULT_ENV: f"pause@{pause_at}",
+           faults.TRACE_ENV: str(trace)}  # fmt: skip
     process = subprocess.Popen([sys.executable, "-m", "deltakd_cli", *map(str, args)], cwd=REPO,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)  # fmt: skip
-    wait_for_lock(out, process)
     deadline = time.monotonic() + 120
-    while not ready.exists() and time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
+        if trace.exists() and len(trace.read_text().splitlines()) >= pause_at:
+            break
         time.sleep(0.05)
-    time.sleep(0.5)
+    time.sleep(0.3)  # inside the pause
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
@@ -597,7 +599,7 @@ def test_ctrl_c_exits_130_with_a_hint_that_works(tiny, world, zygote, tmp_path):
     out = tmp_path / "run"
     args = distill_args(world["cache"], tiny.student, out, "--epochs", 2, "--num-workers", 2)
     pause_at = point_index(world["distill_points"], "metrics", occurrence=5)  # after step-4
-    stopped = interrupt(args, pause_at, out, out / "checkpoints" / "step-4" / "state.json")
+    stopped = interrupt(args, pause_at, tmp_path / "distill.trace")
     assert stopped.returncode == 130, stopped.stderr
     assert "Traceback" not in stopped.stderr
     lines = [line for line in stopped.stderr.splitlines() if line.strip()]
@@ -611,7 +613,7 @@ def test_ctrl_c_exits_130_with_a_hint_that_works(tiny, world, zygote, tmp_path):
     cache = tmp_path / "cache"
     cache_run = cache_args(tiny, cache, *CACHE_OPTIONS, "--data", world["data"])
     pause_at = point_index(world["cache_points"], "append input_ids", 3)
-    stopped = interrupt(cache_run, pause_at, cache, cache / "settings.json")
+    stopped = interrupt(cache_run, pause_at, tmp_path / "cache.trace")
     assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
     assert "rerun the same command to resume" in flat(stopped.stderr)
     assert launch(zygote, cache_run).returncode == 0

@@ -124,6 +124,10 @@ def test_too_little_data_for_one_step_is_refused():
         )
 
 
+def mask(length: int, prompt_length: int) -> np.ndarray:
+    return np.arange(length) >= prompt_length
+
+
 def cached_example(index: int, input_ids: list[int], prompt_length: int, k: int = 3, rows=None):
     targets = len(input_ids) - prompt_length if rows is None else rows
     base = np.arange(targets * k, dtype=np.float32).reshape(targets, k) + 100 * index
@@ -137,13 +141,13 @@ def cached_example(index: int, input_ids: list[int], prompt_length: int, k: int 
         student_logprobs=-base - 2,
         student_tail=base[:, 2],
     )
-    return CachedExample(index, np.array(input_ids), prompt_length, entries)
+    return CachedExample(index, np.array(input_ids), mask(len(input_ids), prompt_length), entries)
 
 
 def test_collate_pads_and_places_targets():
     examples = [
-        CachedExample(7, np.array([5, 6, 7, 8]), 2),
-        CachedExample(3, np.array([9, 10, 11, 12, 13, 14]), 3),
+        CachedExample(7, np.array([5, 6, 7, 8]), mask(4, 2)),
+        CachedExample(3, np.array([9, 10, 11, 12, 13, 14]), mask(6, 3)),
     ]
     batch = batching.collate(examples, pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]]
@@ -182,7 +186,7 @@ def test_collate_refuses_entries_that_do_not_match_the_tokens():
 
 
 def test_tokenized_store_is_one_length_sorted_shard():
-    tokenized = [TokenizedExample(list(range(n)), 2) for n in (9, 4, 7, 4, 12)]
+    tokenized = [TokenizedExample(list(range(n)), mask(n, 2).tolist()) for n in (9, 4, 7, 4, 12)]
     store = batching.TokenizedStore(tokenized)
     lengths = store.shard_lengths(0)
     assert lengths[:, 0].tolist() == [4, 4, 7, 9, 12]
@@ -212,7 +216,7 @@ class RecordingStore:
 def test_dataset_reads_one_batch_per_item_and_workers_give_the_same_batches():
     rng = np.random.default_rng(0)
     tokenized = [
-        TokenizedExample(rng.integers(1, 50, size=int(n)).tolist(), 3)
+        TokenizedExample(rng.integers(1, 50, size=int(n)).tolist(), mask(int(n), 3).tolist())
         for n in rng.integers(5, 30, size=26)
     ]
     store = RecordingStore(batching.TokenizedStore(tokenized))

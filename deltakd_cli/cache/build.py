@@ -5,6 +5,7 @@ Read top to bottom: options -> checks -> plan -> the batch loop -> manifest."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deltakd_cli import __version__, data, distributed, models, outputs, targets
+from deltakd_cli import __version__, data, distributed, models, outputs, sources, targets, vocab
 from deltakd_cli.cache import schema, store
 from deltakd_cli.cache.options import CacheOptions
 from deltakd_cli.console import info, progress
@@ -38,6 +39,9 @@ def validate(options: CacheOptions) -> None:
         raise DeltakdError(
             "--device-map splits one model over this host's GPUs; not under torchrun"
         )
+    if options.template_from == "student" and not options.student:
+        raise DeltakdError("--template-from student needs --student")
+    options.load_settings().check(distributed.device_for(options.device))
     for spec in filter(None, (options.teacher_base, options.teacher_tuned, options.student)):
         models.resolve_source(spec)  # a missing local path fails here, before any loading
     outputs.check_not_input(
@@ -49,6 +53,39 @@ def validate(options: CacheOptions) -> None:
             "--data": options.data,
         },
     )
+
+
+TEMPLATE_ROLE = {"tuned": "teacher_tuned", "base": "teacher_base", "student": "student"}
+
+
+def template_record(options: CacheOptions, tokenizer: Any, role: str) -> dict[str, Any]:
+    """How prompts were rendered and responses ended (the cache's provenance; distill's export
+    gives the student the same chat template and EOS, so it stops where the teacher does)."""
+    chat_template = getattr(tokenizer, "chat_template", None)
+    return {
+        "name": options.template,
+        "from": role,
+        "eos_token": tokenizer.eos_token,
+        "eos_token_id": tokenizer.eos_token_id,
+        "chat_template": chat_template if options.template == "chat" else None,
+        "train_turns": options.train_turns,
+    }
+
+
+def check_ids_shared(
+    tokenized: list[data.TokenizedExample], examples: list[data.Example], tokenizer: Any, size: int
+) -> None:
+    """Every token id of the data must be one all models share (a token only the template's
+    tokenizer has would index past another model's embeddings)."""
+    for example, item in zip(examples, tokenized, strict=True):
+        outside = [token for token in item.input_ids if token >= size]
+        if outside:
+            name = tokenizer.convert_ids_to_tokens(outside[0])
+            raise DeltakdError(
+                f"example {example.id}: token id {outside[0]} ({name!r}) is not shared by every "
+                f"model (ids up to {size - 1} are); render the prompts with another "
+                "--template-from or --template"
+            )
 
 
 # ----------------------------------------------------------------------------- model forward
@@ -119,7 +156,7 @@ def pad_batch(
     for row, example in enumerate(tokenized):
         input_ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
         attention_mask[row, : len(example.input_ids)] = 1
-        span = data.target_positions(example.prompt_length, len(example.input_ids))
+        span = data.target_positions(example.target_mask)
         rows.extend([row] * len(span))
         positions.extend(span.tolist())
     return (
@@ -131,12 +168,26 @@ def pad_batch(
 
 
 def settings_of(
-    options: CacheOptions, identities: dict[str, Any], data_sha: str, world: int
+    options: CacheOptions,
+    identities: dict[str, Any],
+    data_sha: str,
+    world: int,
+    vocabulary_sha: str,
 ) -> dict:
     """Everything that decides the cache's bytes: a resume must match it exactly."""
     return {
         "models": {role: identity["weights_sha256"] for role, identity in identities.items()},
         "data_sha256": data_sha,
+        "columns": [
+            options.prompt_field,
+            options.response_field,
+            options.messages_field,
+            options.text_field,
+        ],
+        "template_from": options.template_from,
+        "train_turns": options.train_turns,
+        "vocabulary_sha256": vocabulary_sha,
+        "attn_implementation": options.attn_implementation,
         "top_k": options.top_k,
         "selection": options.resolved_selection(),
         "tail_rule": options.resolved_tail_rule(),
@@ -184,18 +235,29 @@ def _cache_teachers(
     roles = {"teacher_base": options.teacher_base, "teacher_tuned": options.teacher_tuned}
     if options.student:
         roles["student"] = options.student
-    tokenizers = {role: models.load_tokenizer(spec) for role, spec in roles.items()}
-    tokenizer = tokenizers["teacher_base"]
-    for role in list(roles)[1:]:
-        models.check_same_tokenizer(tokenizer, tokenizers[role], "teacher_base", role)
-    vocab_size = models.tokenizer_vocab_size(tokenizer)
+    load = options.load_settings()
+    tokenizers = {role: models.load_tokenizer(spec, load) for role, spec in roles.items()}
+    template_role = TEMPLATE_ROLE[options.template_from]
+    tokenizer = tokenizers[template_role]  # renders the prompts and ends the responses
+    ordered = {template_role: tokenizer, **tokenizers}
+    compatibility = vocab.compare(ordered)
+    for note in compatibility.notes:
+        info(f"[yellow]note:[/yellow] {note}")
+    vocab_size = compatibility.size
     if options.top_k > vocab_size:
         raise DeltakdError(f"--top-k {options.top_k} is larger than the vocabulary ({vocab_size})")
-    options = replace(options, max_length=models.resolve_max_length(options.max_length, roles))
+    max_length = models.resolve_max_length(options.max_length, roles, load)
+    options = replace(options, max_length=max_length)
 
-    examples = data.load_examples(options.data)
-    tokenized = data.tokenize_all(examples, options.template, tokenizer, options.max_length)
-    data_sha = data.file_sha256(options.data)
+    source = options.data_source(options.data)
+    examples = data.load_examples(
+        source, columns=options.columns(), train_turns=options.train_turns
+    )
+    tokenized = data.tokenize_all(
+        examples, options.template, tokenizer, options.max_length, options.train_turns
+    )
+    check_ids_shared(tokenized, examples, tokenizer, vocab_size)
+    data_sha = sources.fingerprint(source)["sha256"]
     truncated = sum(t.truncated for t in tokenized)
     if truncated:
         info(
@@ -208,10 +270,14 @@ def _cache_teachers(
     identities = None
     if rank == 0:
         identities = {
-            role: models.model_identity(spec, tokenizers[role]) for role, spec in roles.items()
+            role: models.model_identity(spec, tokenizers[role], load)
+            for role, spec in roles.items()
         }
     identities = distributed.broadcast_object(identities)
-    settings = settings_of(options, identities, data_sha, world)
+    vocabulary = vocab.tokens_by_id(tokenizer)[:vocab_size]
+    vocabulary_sha = vocab.vocabulary_sha256(vocabulary)
+    settings = settings_of(options, identities, data_sha, world, vocabulary_sha)
+    template = template_record(options, tokenizer, template_role)
 
     def claim() -> str:
         if not location.url and Path(location.root).exists():
@@ -222,6 +288,8 @@ def _cache_teachers(
         return store.prepare_output(location, settings, options.overwrite)
 
     state = on_main_first(claim)
+    if state != "complete" and rank == 0:
+        location.write_text(store.VOCABULARY_FILE, json.dumps(vocabulary, ensure_ascii=False))
     if state == "complete":
         info(f"[green]{options.out} is already complete[/green] for these settings; nothing to do")
         return store.read_manifest(location) or {}
@@ -236,8 +304,8 @@ def _cache_teachers(
         if twin is not None:
             shared[role] = twin
             continue
-        model = models.load_model(spec, dtype, device, options.device_map)
-        models.check_model_vocab(model, tokenizer, role)
+        model = models.load_model(spec, dtype, device, options.device_map, load)
+        models.check_model_vocab(model, vocab_size, role)
         loaded[role] = PositionLogprobs(model, vocab_size)
     if shared:
         info(", ".join(f"{role} is {twin}: run once" for role, twin in shared.items()))
@@ -276,7 +344,7 @@ def _cache_teachers(
                 schema.BatchRecord(
                     example_index=np.array(batch, dtype=np.int64),
                     input_ids=[np.array(t.input_ids) for t in items],
-                    prompt_length=np.array([t.prompt_length for t in items], dtype=np.int32),
+                    target_mask=[np.array(t.target_mask, dtype=np.uint8) for t in items],
                     positions=schema.encode_positions(stored, vocab_size, options.precision),
                 )
             )
@@ -295,7 +363,10 @@ def _cache_teachers(
     shards = distributed.all_gather_objects(shard_summary)
     manifest: dict[str, Any] = {}
     if rank == 0:
-        manifest = build_manifest(options, settings, identities, vocab_size, tokenized, shards)
+        manifest = build_manifest(
+            options, settings, identities, vocab_size, tokenized, shards, template, source
+        )
+        manifest["provenance"]["tokenizer_notes"] = compatibility.notes
         # Rank 0's compute loop, stores included (what `make bench` compares to a bare forward).
         manifest["timing"] = {
             "loop_seconds": loop_seconds,
@@ -374,6 +445,8 @@ def build_manifest(
     vocab_size: int,
     tokenized: list[data.TokenizedExample],
     shards: list[dict[str, Any]],
+    template: dict[str, Any],
+    source: sources.DataSource,
 ) -> dict[str, Any]:
     positions = sum(shard["positions"] for shard in shards)
     stored_bytes = sum(shard["bytes"] for shard in shards)
@@ -410,10 +483,20 @@ def build_manifest(
         "bytes_per_response_token_by_array": {
             name: size / max(positions, 1) for name, size in sorted(array_bytes.items())
         },
+        "vocabulary_sha256": settings["vocabulary_sha256"],
         "provenance": {
             **identities,
-            "data": {"path": str(Path(options.data).resolve()), "sha256": settings["data_sha256"]},
-            "template": options.template,
+            "data": {
+                **sources.fingerprint(source),
+                "spec": options.data,
+                "columns": {
+                    "prompt": options.prompt_field,
+                    "response": options.response_field,
+                    "messages": options.messages_field,
+                    "text": options.text_field,
+                },
+            },
+            "template": template,
             "max_length": options.max_length,
             "model_dtype": options.dtype,
         },

@@ -55,7 +55,7 @@ def example_json(example: CachedExample) -> dict[str, Any]:
     return {
         "example_index": example.example_index,
         "input_ids": example.input_ids.tolist(),
-        "prompt_length": example.prompt_length,
+        "target_mask": example.target_mask.astype(int).tolist(),
         "positions": positions,
     }
 
@@ -112,8 +112,15 @@ def _print_table(report: dict[str, Any]) -> None:
         if identity:
             rows.append((role, f"{identity['spec']} (weights {identity['weights_sha256'][:12]})"))
     data = report["provenance"]["data"]
-    rows.append(("data", f"{data['path']} (sha256 {data['sha256'][:12]})"))
-    rows.append(("template", report["provenance"]["template"]))
+    rows.append(("data", f"{data.get('spec')} (sha256 {data['sha256'][:12]})"))
+    template = report["provenance"]["template"]
+    rows.append(
+        (
+            "template",
+            f"{template['name']} from {template['from']} (responses end with "
+            f"{template['eos_token']}; chat turns: {template['train_turns']})",
+        )
+    )
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deltakd_cli.data import TEMPLATES
-from deltakd_cli.models import DTYPES
+from deltakd_cli.data import TEMPLATES, TRAIN_TURNS, DataOptions
+from deltakd_cli.models import DTYPES, ModelLoadOptions
 from deltakd_cli.options import opt
 from deltakd_cli.targets import SELECTION_RULES, TAIL_RULES, default_rules
 
+TEMPLATE_ROLES = ("tuned", "base", "student")
+
 
 @dataclass(kw_only=True)
-class CacheOptions:
+class CacheOptions(DataOptions, ModelLoadOptions):
     """Run both teachers once over the data and store a sparse view of their distributions."""
 
     teacher_base: str = opt(help="Base teacher: HF dir, hub id, or .gguf file.")
     teacher_tuned: str = opt(help="Tuned teacher (same tokenizer as the base).")
-    data: str = opt(help="JSONL: prompt/response, Dolly, Alpaca, or chat rows.")
+    data: str = opt(
+        help="Rows: JSONL, JSON, parquet, CSV, a datasets directory or a Hub dataset name."
+    )
     out: str = opt(help="Cache directory or fsspec URL (s3://...).")
     student: str | None = opt(
         None, help="Base student S0: store its log-probs and choose ids by the exact target."
@@ -29,6 +33,15 @@ class CacheOptions:
         at_least=2,
     )
     template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
+    template_from: str = opt(
+        "tuned",
+        help="Whose tokenizer renders the prompt and ends the response (its chat template and "
+        "EOS): tuned, base or student.",
+        choices=TEMPLATE_ROLES,
+    )
+    train_turns: str = opt(
+        "all", help="Chat rows: targets on every assistant turn, or the last.", choices=TRAIN_TURNS
+    )
     batch_size: int = opt(8, help="Examples per forward pass (grouped by length).", at_least=1)
     dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16, float16.", choices=DTYPES)
     device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")

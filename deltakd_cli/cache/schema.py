@@ -13,7 +13,9 @@ from zarr.codecs import BloscCodec
 
 from deltakd_cli.targets import FIELD_KIND, NEEDS_STUDENT, PER_POSITION_FIELDS, CachedTargets
 
-FORMAT_VERSION = 2  # 2: the manifest carries its own checksum; every chunk is written
+# 2: the manifest carries its own checksum; every chunk is written. 3: a target mask per token
+# (every assistant turn of a conversation, every token of plain text) instead of a prompt length.
+FORMAT_VERSION = 3
 POSITION_CHUNK = 2048  # positions per zarr chunk: one chunk is ~256 KiB of ids at k=64
 TOKEN_CHUNK = 65536
 EXAMPLE_CHUNK = 16384
@@ -33,7 +35,7 @@ def array_specs(k: int, vocab_size: int, precision: str, has_student: bool) -> d
     specs: dict[str, tuple] = {
         "input_ids": (ids_dtype(vocab_size), (), TOKEN_CHUNK, "bitshuffle"),
         "token_offsets": ("int64", (), EXAMPLE_CHUNK, "bitshuffle"),
-        "prompt_length": ("int32", (), EXAMPLE_CHUNK, "bitshuffle"),
+        "target_mask": ("uint8", (), TOKEN_CHUNK, "bitshuffle"),
         "example_index": ("int64", (), EXAMPLE_CHUNK, "bitshuffle"),
         "target_offsets": ("int64", (), EXAMPLE_CHUNK, "bitshuffle"),
     }
@@ -98,11 +100,11 @@ def shard_name(rank: int, world: int) -> str:
 
 def expected_rows(name: str, counts: dict[str, int]) -> int:
     """Rows of one array of a shard holding `counts` (examples, tokens, positions)."""
-    if name == "input_ids":
+    if name in ("input_ids", "target_mask"):
         return counts["tokens"]
     if name in ("token_offsets", "target_offsets"):
         return counts["examples"] + 1
-    if name in ("prompt_length", "example_index"):
+    if name == "example_index":
         return counts["examples"]
     return counts["positions"]
 
@@ -113,5 +115,5 @@ class BatchRecord:
 
     example_index: np.ndarray  # [B] int64
     input_ids: list[np.ndarray]  # B arrays of token ids
-    prompt_length: np.ndarray  # [B] int32
+    target_mask: list[np.ndarray]  # B arrays of uint8: 1 where the token is a target
     positions: dict[str, np.ndarray]  # per-position arrays, rows of all B examples concatenated

@@ -56,6 +56,7 @@ from deltakd_cli.targets import FIELD_KIND, PER_POSITION_FIELDS, CachedTargets
 FLUSH_SECONDS = float(os.environ.get("DELTAKD_FLUSH_SECONDS", "60"))
 
 SETTINGS_FILE = "settings.json"  # the settings of the run writing the cache (resume compares)
+VOCABULARY_FILE = "vocabulary.json"  # the token string of every id the cache uses
 
 
 # ----------------------------------------------------------------------------- locations
@@ -182,7 +183,8 @@ class ShardWriter:
         self.group_path = f"shards/{self.name}.zarr"
         self.progress_path = f"shards/{self.name}.progress.json"
         self.specs = specs
-        self.committed = self._open_or_create()
+        with writing(self.location.join(self.group_path)):
+            self.committed = self._open_or_create()
         self.pending: list[BatchRecord] = []
         self.pending_positions = 0
         self.last_flush = time.monotonic()
@@ -313,20 +315,21 @@ class ShardWriter:
         )
         committed = dict(self.committed)
         input_ids = [ids for record in records for ids in record.input_ids]
+        masks = [mask for record in records for mask in record.target_mask]
         lengths = np.array([len(ids) for ids in input_ids], dtype=np.int64)
-        prompt_length = np.concatenate([r.prompt_length for r in records]).astype(np.int64)
+        targets = np.array([len(data.target_positions(mask)) for mask in masks], dtype=np.int64)
         self._append("input_ids", np.concatenate(input_ids))
+        self._append("target_mask", np.concatenate(masks).astype(np.uint8))
         self._append("token_offsets", committed["tokens"] + np.cumsum(lengths))
-        self._append("prompt_length", prompt_length.astype(np.int32))
         self._append("example_index", np.concatenate([r.example_index for r in records]))
-        self._append("target_offsets", committed["positions"] + np.cumsum(lengths - prompt_length))
+        self._append("target_offsets", committed["positions"] + np.cumsum(targets))
         for name in self.specs:
             if name in records[0].positions:
                 self._append(name, np.concatenate([r.positions[name] for r in records]))
         committed["batches"] += len(records)
         committed["examples"] += len(input_ids)
         committed["tokens"] += int(lengths.sum())
-        committed["positions"] += int((lengths - prompt_length).sum())
+        committed["positions"] += int(targets.sum())
         # The arrays may hold more rows than the progress file says (a kill right here):
         # resume truncates them back to the committed counts.
         self.location.write_text(self.progress_path, json.dumps(committed))
@@ -409,7 +412,7 @@ def read_run_state(location: Location) -> dict[str, Any] | None:
 
 
 # What cache-teachers writes at the top of a cache: all that --overwrite removes.
-OWN_NAMES = ("manifest.json", SETTINGS_FILE, "shards", MARKER)
+OWN_NAMES = ("manifest.json", SETTINGS_FILE, VOCABULARY_FILE, "shards", MARKER)
 
 
 def _read_marker_kind(location: Location) -> str | None:
@@ -483,12 +486,12 @@ class CachedExample:
 
     example_index: int
     input_ids: np.ndarray
-    prompt_length: int
+    target_mask: np.ndarray  # bool per token: the token is a target
     targets: CachedTargets | None = None  # numpy arrays, one row per target position
 
     @property
     def target_positions(self) -> np.ndarray:
-        return data.target_positions(self.prompt_length, len(self.input_ids))
+        return data.target_positions(self.target_mask)
 
 
 class CacheReader:
@@ -507,7 +510,7 @@ class CacheReader:
         self.path = str(path)
         self.shard_names = [shard["name"] for shard in manifest["shards"]]
         self._groups: dict[int, Any] = {}
-        self._offsets: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._offsets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def num_shards(self) -> int:
@@ -525,6 +528,18 @@ class CacheReader:
     def has_student(self) -> bool:
         return bool(self.manifest["has_student"])
 
+    def vocabulary(self) -> list[str | None]:
+        """The token string of every id the cache uses (checked against the manifest)."""
+        try:
+            tokens = json.loads(self.location.read_text(VOCABULARY_FILE))
+        except (FileNotFoundError, json.JSONDecodeError):
+            raise DeltakdError(f"{self.path}: {VOCABULARY_FILE} is missing or damaged") from None
+        from deltakd_cli.vocab import vocabulary_sha256
+
+        if vocabulary_sha256(tokens) != self.manifest.get("vocabulary_sha256"):
+            raise DeltakdError(f"{self.path}: {VOCABULARY_FILE} does not match the manifest")
+        return tokens
+
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen zarr groups lazily
         state = dict(self.__dict__)
         state["_groups"] = {}
@@ -541,20 +556,16 @@ class CacheReader:
                 ) from None
         return self._groups[shard]
 
-    def offsets(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(token_offsets [E+1], target_offsets [E+1], prompt_length [E]) of a shard."""
+    def offsets(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token_offsets [E+1], target_offsets [E+1]) of a shard."""
         if shard not in self._offsets:
             group = self.group(shard)
-            self._offsets[shard] = (
-                group["token_offsets"][:],
-                group["target_offsets"][:],
-                group["prompt_length"][:].astype(np.int64),
-            )
+            self._offsets[shard] = (group["token_offsets"][:], group["target_offsets"][:])
         return self._offsets[shard]
 
     def shard_lengths(self, shard: int) -> np.ndarray:
         """[E, 2] int64: (num_tokens, num_targets) of each example in stored order."""
-        token_offsets, target_offsets, _ = self.offsets(shard)
+        token_offsets, target_offsets = self.offsets(shard)
         return np.stack([np.diff(token_offsets), np.diff(target_offsets)], axis=1)
 
     def check_structure(self) -> None:
@@ -580,17 +591,18 @@ class CacheReader:
                         f"manifest says {(rows, *trailing)} and {dtype}; rebuild the cache"
                     )
                 self._check_chunks(shard, name, array)
-            token_offsets, target_offsets, prompt_length = self.offsets(shard)
-            lengths = np.diff(token_offsets)
+            token_offsets, target_offsets = self.offsets(shard)
+            mask = group["target_mask"][:].astype(np.int64)
+            running = np.concatenate([[0], np.cumsum(mask)])
+            starts, ends = token_offsets[:-1], token_offsets[1:]
             consistent = (
                 token_offsets[0] == 0
                 and target_offsets[0] == 0
-                and (lengths >= 2).all()
-                and (prompt_length >= 1).all()
-                and (prompt_length < lengths).all()
-                and (np.diff(target_offsets) == lengths - prompt_length).all()
-                and token_offsets[-1] == entry["tokens"]
+                and (ends - starts >= 2).all()
+                and token_offsets[-1] == entry["tokens"] == len(mask)
                 and target_offsets[-1] == entry["positions"]
+                and (mask[starts] == 0).all()  # nothing predicts an example's first token
+                and (np.diff(target_offsets) == running[ends] - running[starts + 1]).all()
             )
             if not consistent:
                 raise DeltakdError(f"{where}: its offsets do not add up; rebuild the cache")
@@ -617,10 +629,11 @@ class CacheReader:
     def read_examples(self, shard: int, start: int, stop: int) -> list[CachedExample]:
         """Examples [start, stop) of a shard, with one contiguous read per array."""
         group = self.group(shard)
-        token_offsets, target_offsets, prompt_length = self.offsets(shard)
+        token_offsets, target_offsets = self.offsets(shard)
         token_lo, token_hi = int(token_offsets[start]), int(token_offsets[stop])
         target_lo, target_hi = int(target_offsets[start]), int(target_offsets[stop])
         tokens = group["input_ids"][token_lo:token_hi].astype(np.int64)
+        masks = group["target_mask"][token_lo:token_hi].astype(bool)
         example_index = group["example_index"][start:stop]
         per_position: dict[str, np.ndarray] = {}
         for name in PER_POSITION_FIELDS:
@@ -645,7 +658,7 @@ class CacheReader:
                 CachedExample(
                     example_index=int(example_index[offset]),
                     input_ids=tokens[tokens_at],
-                    prompt_length=int(prompt_length[row]),
+                    target_mask=masks[tokens_at],
                     targets=CachedTargets(**entries),
                 )
             )

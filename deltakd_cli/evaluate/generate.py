@@ -117,15 +117,18 @@ def generate_texts(
     seed: int | None,
     on_batch: Callable[[int], None] | None = None,
     shard: tuple[int, int] = (0, 1),
+    stop_ids: Sequence[int] = (),
 ) -> list[str | None]:
     """Generate one response per prompt, in batches; returns decoded texts in prompt order
     (new tokens only, up to the first EOS, special tokens skipped, stripped). Sampling is
     reproducible under `seed`; the caller's RNG state is left as it was.
 
     `shard = (rank, world)` generates only this rank's batches (`batches_of_rank`) and leaves the
-    other rows None: the ranks' texts together are exactly the one-process texts."""
+    other rows None: the ranks' texts together are exactly the one-process texts. `stop_ids`
+    end a response too (the EOS of the template the prompts were rendered with)."""
     device = _model_device(model)
     eos_ids = eos_token_ids(model, tokenizer)
+    eos_ids += [int(token) for token in stop_ids if int(token) not in eos_ids]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     if protocol.do_sample and seed is None:
         raise ValueError("sampling needs a seed")

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deltakd_cli.data import TEMPLATES
+from deltakd_cli.data import TEMPLATES, DataOptions
 from deltakd_cli.evaluate.protocol import PROTOCOLS
-from deltakd_cli.models import DTYPES
+from deltakd_cli.models import DTYPES, ModelLoadOptions
 from deltakd_cli.options import opt
 
 
 @dataclass(kw_only=True)
-class EvalOptions:
+class EvalOptions(DataOptions, ModelLoadOptions):
     """Generate on a held-out set and score ROUGE-L the way the field reports it (data parallel
     under torchrun: each rank generates a share of the batches)."""
 
-    data: str = opt(help="Held-out JSONL with references (any supported format).")
+    data: str = opt(
+        help="Held-out rows with references: JSONL, JSON, parquet, CSV, a datasets directory or "
+        "a Hub dataset name."
+    )
     model: list[str] = opt(
         default_factory=list,
         flags=("--model",),
@@ -40,6 +43,11 @@ class EvalOptions:
     )
     batch_size: int = opt(8, help="Prompts per generate call (grouped by length).", at_least=1)
     template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
+    template_from: str | None = opt(
+        None,
+        help="A model whose tokenizer renders every prompt and whose EOS stops every model "
+        "(e.g. the instruct teacher, for a base model under --template chat).",
+    )
     limit: int | None = opt(None, help="Evaluate the first N rows only.", at_least=1)
     baseline: str | None = opt(None, help="Model the others are compared to (default: the first).")
     group: list[str] = opt(

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deltakd_cli.data import Example, read_jsonl
+from deltakd_cli.data import Example
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.sources import read_jsonl
 
 
 def _seed_value(value: Any, where: str) -> int | None:

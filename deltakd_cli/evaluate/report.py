@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from deltakd_cli import __version__, outputs
-from deltakd_cli.data import Example, file_sha256
+from deltakd_cli import __version__, outputs, sources
+from deltakd_cli.data import Example
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.evaluate import rouge, stats
 from deltakd_cli.outputs import local_path
@@ -36,7 +36,7 @@ def make_record(
 
 def assemble(
     mode: str,
-    data_path: str | Path,
+    data_path: Any,
     examples: Sequence[Example],
     limit: int | None,
     records: list[dict[str, Any]],
@@ -65,8 +65,12 @@ def assemble(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mode": mode,
         "data": {
-            "path": str(Path(data_path).resolve()),
-            "sha256": file_sha256(data_path),
+            "spec": getattr(data_path, "spec", str(data_path)),
+            **sources.fingerprint(
+                data_path
+                if isinstance(data_path, sources.DataSource)
+                else sources.DataSource(str(data_path))
+            ),
             "rows": len(examples),
             "limit": limit,
         },
@@ -189,7 +193,8 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
         else f"scored from {Path(report['predictions']['path']).name}"
     )
     scores = Table(
-        title=f"{Path(report['data']['path']).name}: {report['data']['rows']} rows", caption=caption
+        title=f"{Path(report['data']['spec']).name}: {report['data']['rows']} rows",
+        caption=caption,
     )
     scores.add_column("model", overflow="fold")
     for metric in rouge.METRICS:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from deltakd_cli.data import Example, file_sha256, load_examples, render_prompt
+from deltakd_cli.data import Columns, Example, load_examples, render_prompt
 from deltakd_cli.errors import DeltakdError, Interrupted
 from deltakd_cli.evaluate.generate import (
     PreparedPrompt,
@@ -25,11 +25,15 @@ from deltakd_cli.evaluate.predictions import load_predictions
 from deltakd_cli.evaluate.protocol import Protocol, make_protocol
 from deltakd_cli.evaluate.report import assemble, make_record
 from deltakd_cli.options import check
+from deltakd_cli.sources import file_sha256
 
 
-def load_eval_examples(data_path: str | Path, limit: int | None) -> list[Example]:
-    """The held-out rows (each needs a reference), the first `limit` of them when given."""
-    examples = load_examples(data_path, need_response=True)
+def load_eval_examples(
+    data_path: Any, limit: int | None, columns: Columns | None = None
+) -> list[Example]:
+    """The held-out rows (each needs a reference), the first `limit` of them when given.
+    `data_path` is a path or a sources.DataSource."""
+    examples = load_examples(data_path, need_response=True, columns=columns)
     return examples[:limit] if limit is not None else examples
 
 
@@ -127,14 +131,20 @@ def evaluate_models(
     dtype: str = "auto",
     groups: dict[str, list[str]] | None = None,
     comparisons: Sequence[tuple[str, str]] = (),
+    columns: Columns | None = None,
+    load: Any = None,
+    template_from: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Generate with every model under `protocol`, score, and build the report.
+    """Generate with every model under `protocol`, score, and build the report. With
+    `template_from`, that model's tokenizer renders every prompt (its chat template) and its
+    EOS stops every model too (models sharing its token ids, as a base/instruct pair does).
     Returns (report, generation records)."""
-    from deltakd_cli import distributed, models
+    from deltakd_cli import distributed, models, vocab
     from deltakd_cli.console import info, progress
 
+    load = load or models.DEFAULT_LOAD
     baseline = _check_models(model_specs, baseline)
-    examples = load_eval_examples(data_path, limit)
+    examples = load_eval_examples(data_path, limit, columns)
     torch_device = distributed.device_for(device)
     models.check_device(torch_device)
     # Under torchrun every rank generates its share of the batches (data parallel).
@@ -147,19 +157,29 @@ def evaluate_models(
     runs = len(protocol.seeds)
     # Every tokenizer and prompt first: an unreadable model or a template it cannot render
     # fails before any generation.
+    template_tokenizer = models.load_tokenizer(template_from, load) if template_from else None
+    stop_ids = [template_tokenizer.eos_token_id] if template_tokenizer is not None else []
     tokenizers, prompts_of = {}, {}
     for spec in model_specs:
-        tokenizers[spec] = models.load_tokenizer(spec)
+        tokenizers[spec] = models.load_tokenizer(spec, load)
+        renderer = tokenizers[spec]
+        if template_tokenizer is not None:
+            compatibility = vocab.compare(
+                {f"--template-from {template_from}": template_tokenizer, spec: renderer}
+            )
+            for note in compatibility.notes:
+                info(f"[yellow]note:[/yellow] {note}")
+            renderer = template_tokenizer
         prompts_of[spec] = prepare_prompts(
-            examples, protocol.template, tokenizers[spec], protocol.max_prompt_length
+            examples, protocol.template, renderer, protocol.max_prompt_length
         )
         truncated_counts[spec] = sum(p.truncated for p in prompts_of[spec])
     with progress() as bar:
         for spec in model_specs:
             tokenizer, prompts = tokenizers[spec], prompts_of[spec]
-            model = models.load_model(spec, dtype=torch_dtype, device=torch_device)
+            model = models.load_model(spec, torch_dtype, torch_device, settings=load)
             if rank == 0:
-                identities[spec] = models.model_identity(spec, tokenizer)
+                identities[spec] = models.model_identity(spec, tokenizer, load)
             _warn_if_too_long(spec, model, prompts, protocol, info)
             mine = sum(
                 len(rows)
@@ -179,6 +199,7 @@ def evaluate_models(
                     seed,
                     on_batch=lambda n, task=task: bar.advance(task, n),
                     shard=(rank, world),
+                    stop_ids=stop_ids,
                 )
                 texts = merge_shards(distributed.all_gather_objects(texts))
                 for row, (example, prompt, text) in enumerate(
@@ -231,10 +252,11 @@ def evaluate_predictions(
     template: str = "alpaca",
     groups_text: Sequence[str] = (),
     compare_text: Sequence[str] = (),
+    columns: Columns | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score an existing JSONL of generations against the data without loading a model
     (groups and comparisons as --group/--compare give them, over the file's model names)."""
-    all_examples = load_examples(data_path, need_response=True)
+    all_examples = load_examples(data_path, need_response=True, columns=columns)
     examples = all_examples[:limit] if limit is not None else all_examples
     entries, matched_by = load_predictions(predictions_path, all_examples, len(examples))
     model_order: list[str] = []
@@ -306,12 +328,13 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
         if options.predictions is not None:
             report, records = evaluate_predictions(
                 options.predictions,
-                options.data,
+                options.data_source(options.data),
                 limit=options.limit,
                 baseline=options.baseline,
                 template=options.template,
                 groups_text=options.group,
                 compare_text=options.compare,
+                columns=options.columns(),
             )
         else:
             groups = parse_groups(options.group, options.model)
@@ -324,9 +347,10 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
                 batch_size=options.batch_size,
                 template=options.template,
             )
+            options.load_settings().check()
             report, records = evaluate_models(
                 options.model,
-                options.data,
+                options.data_source(options.data),
                 protocol,
                 limit=options.limit,
                 baseline=options.baseline,
@@ -334,6 +358,9 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
                 dtype=options.dtype,
                 groups=groups,
                 comparisons=comparisons,
+                columns=options.columns(),
+                load=options.load_settings(),
+                template_from=options.template_from,
             )
         if distributed.is_main_process():  # under torchrun, rank 0 reports and writes
             for table in report_files.report_tables(report):

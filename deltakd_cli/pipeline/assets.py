@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from deltakd_cli import __version__
-from deltakd_cli.data import HEAL_PROMPT_WORDS, file_sha256, text_row
+from deltakd_cli.data import HEAL_PROMPT_WORDS, text_row
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.outputs import atomic_write_text
+from deltakd_cli.sources import file_sha256
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltakd_cli import __version__, data, faults, models, outputs
+from deltakd_cli import __version__, data, faults, models, outputs, sources
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import check
 from deltakd_cli.options import record as options_record
 from deltakd_cli.pipeline.options import LAYER_RULES, InitStudentOptions
+from deltakd_cli.sources import DataSource
 from deltakd_cli.train.checkpoint import complete_checkpoints
 
 MARKER = "init-student.json"
@@ -165,13 +166,15 @@ def pruned_state_dict(
     return result
 
 
-def prune(source: str, keep: list[int], out_dir: Path) -> Path:
+def prune(
+    source: str, keep: list[int], out_dir: Path, load: models.LoadSettings = models.DEFAULT_LOAD
+) -> Path:
     """Write a Hugging Face directory holding the source with only the `keep` layers."""
     from transformers import AutoModelForCausalLM
 
-    dtype = models.stored_dtype(source)
-    tokenizer = models.load_tokenizer(source)
-    model = models.load_model(source, dtype=dtype, device=torch.device("cpu"))
+    dtype = models.stored_dtype(source, load)
+    tokenizer = models.load_tokenizer(source, load)
+    model = models.load_model(source, dtype, torch.device("cpu"), settings=load)
     prefix, _ = models.decoder_layers(model)
     config = pruned_config(model.config, keep)
     state = pruned_state_dict(model.state_dict(), prefix, keep)
@@ -200,43 +203,39 @@ def prune(source: str, keep: list[int], out_dir: Path) -> Path:
 # ----------------------------------------------------------------------------- healing data
 
 
-def heal_rows_file(path: str, out_path: Path, write: bool = True) -> tuple[Path, str]:
-    """The healing text as rows cache-teachers reads, and the template to read them with.
+def heal_source(options: InitStudentOptions, rows: str) -> tuple[DataSource, data.Columns | None]:
+    """The healing rows as a source: the user's own (with --split and the column options), or
+    the text rows written from a .txt file (as they are)."""
+    if rows == options.heal_data:
+        return options.data_source(rows), options.columns()
+    return DataSource(rows), None
 
-    JSONL rows with a `text` field (unlabelled documents) become prompt/response rows whose
-    prompt is the first words (`data.text_row`), read with the plain template; a .txt file is one
-    document per non-empty line. Files in the task formats (prompt/response, Alpaca, chat...) are
-    used as they are, with their own template (alpaca)."""
-    source = Path(path)
-    if not source.is_file():
-        raise DeltakdError(f"--heal-data not found: {path}")
-    if source.suffix == ".txt":
+
+def heal_rows(options: InitStudentOptions, work: Path, write: bool = True) -> tuple[str, str]:
+    """The healing rows cache-teachers reads (a data spec) and the template to read them with.
+
+    Rows of plain text (`text`, or --text-field) are used as they are: every token is a target
+    (language-model loss). A .txt file is one document per non-empty line, written as text rows
+    under the work dir. Rows in the task formats (prompt/response, Alpaca, chat...) are used as
+    they are too, with the plain template for prompt/response rows, else alpaca."""
+    source = options.data_source(str(options.heal_data))
+    if source.path.suffix == ".txt" and source.path.is_file():
         try:
-            texts = [
-                line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()
-            ]
+            lines = source.path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
-            raise DeltakdError(f"{path}: not UTF-8 text") from None
-    else:
-        entries = list(data.read_jsonl(source, "--heal-data"))
-        if not entries:
-            raise DeltakdError(f"{path}: no text (the file is empty)")
-        probe = entries[0][1]
-        if not (isinstance(probe, dict) and "text" in probe):
-            data.load_examples(source)  # fails with a clear line if the rows are not usable
-            return source, "alpaca" if "prompt" not in probe else "plain"
-        texts = []
-        for where, row in entries:
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DeltakdError(f"{where}: expected a 'text' string")
-            texts.append(row["text"])
-    rows = [row for number, text in enumerate(texts) if (row := data.text_row(str(number), text))]
-    if not rows:
-        raise DeltakdError(f"{path}: no document longer than {data.HEAL_PROMPT_WORDS} words")
-    if write:  # (under torchrun only rank 0 writes; the others read the same file)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return out_path, "plain"
+            raise DeltakdError(f"{options.heal_data}: not UTF-8 text") from None
+        rows = [{"id": str(n), "text": line} for n, line in enumerate(lines) if line.strip()]
+        if not rows:
+            raise DeltakdError(f"{options.heal_data}: no text (the file is empty)")
+        rows_file = work / "heal-rows.jsonl"
+        if write:  # (under torchrun only rank 0 writes; the others read the same file)
+            rows_file.parent.mkdir(parents=True, exist_ok=True)
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            outputs.atomic_write_text(rows_file, text)
+        return str(rows_file), "plain"
+    examples = data.load_examples(source, columns=options.columns(), train_turns="all")
+    first = examples[0]
+    return str(options.heal_data), "plain" if first.text or first.raw_prompt else "alpaca"
 
 
 # ----------------------------------------------------------------------------- work dirs
@@ -292,17 +291,20 @@ def init_student(options: InitStudentOptions) -> dict[str, Any]:
     distributed.init(distributed.device_for(options.device))
     main = distributed.is_main_process()
     out, work = Path(options.out), options.work_path
-    tokenizer = models.load_tokenizer(options.source)
-    num_layers = _source_layers(options.source)
+    load = options.load_settings()
+    tokenizer = models.load_tokenizer(options.source, load)
+    num_layers = _source_layers(options.source, load)
     rule = (
         "explicit"
         if options.keep_layers
         else resolve_rule(options.layer_rule, bool(options.heal_data))
     )
     source_identity = distributed.broadcast_object(
-        models.model_identity(options.source, tokenizer) if main else None
+        models.model_identity(options.source, tokenizer, load) if main else None
     )
-    heal_sha = data.file_sha256(options.heal_data) if options.heal_data else None
+    heal_sha = None
+    if options.heal_data:
+        heal_sha = sources.fingerprint(options.data_source(options.heal_data))["sha256"]
     key = settings_key(options, source_identity["weights_sha256"], heal_sha)
     marker = read_marker(out)
     if marker and marker.get("settings_key") == key:
@@ -358,9 +360,8 @@ def _init_student(
         work.mkdir(parents=True, exist_ok=True)
     heal_file, template = None, "plain"
     if options.heal_data:
-        heal_file, template = heal_rows_file(
-            options.heal_data, work / "heal-rows.jsonl", write=main
-        )
+        heal_file, template = heal_rows(options, work, write=main)
+        distributed.barrier()
     scores = None
     if rule == "explicit":
         keep = parse_layers(options.keep_layers, num_layers)
@@ -368,9 +369,7 @@ def _init_student(
         count = options.layers or max(1, num_layers // 3)
         if rule == "block-influence":
             scores = distributed.broadcast_object(
-                measure_influence(options.source, heal_file, template, options.max_length)
-                if main
-                else None
+                measure_influence(options, heal_file, template) if main else None
             )
         keep = choose_layers(num_layers, count, rule, scores)
 
@@ -381,7 +380,7 @@ def _init_student(
             info(f"reusing the pruned copy in {pruned_dir}")
         else:
             info(f"pruning {options.source}: keeping {len(keep)} of {num_layers} layers {keep}")
-            prune(options.source, keep, pruned_dir)
+            prune(options.source, keep, pruned_dir, options.load_settings())
     distributed.barrier()
 
     record: dict[str, Any] = {
@@ -416,7 +415,11 @@ def _init_student(
             CacheOptions(
                 teacher_base=options.source,
                 teacher_tuned=options.source,
-                data=str(heal_file),
+                data=heal_file,
+                **(_data_fields(options) if heal_file == options.heal_data else {}),
+                revision=options.revision,
+                trust_remote_code=options.trust_remote_code,
+                attn_implementation=options.attn_implementation,
                 out=str(cache_dir),
                 top_k=options.top_k,
                 max_length=options.max_length,
@@ -456,10 +459,11 @@ def _init_student(
                 dtype=options.dtype,
                 device=options.device,
                 num_workers=options.num_workers,
+                attn_implementation=options.attn_implementation,
             )
         )
         record["heal"] = {
-            "data": {"path": str(Path(options.heal_data).resolve()), "sha256": heal_sha},
+            "data": {"spec": options.heal_data, "sha256": heal_sha},
             "cache": str(cache_dir.resolve()),
             "response_tokens": (manifest.get("counts") or {}).get("response_tokens"),
             "final_metrics": summary.get("final_metrics"),
@@ -476,12 +480,22 @@ def _init_student(
     return record
 
 
-def measure_influence(source: str, rows_file: Path, template: str, max_length: int) -> list:
+def _data_fields(options: InitStudentOptions) -> dict[str, Any]:
+    """The reading options of the user's healing data, for the healing cache."""
+    names = ("split", "data_config", "prompt_field", "response_field", "messages_field")
+    return {name: getattr(options, name) for name in (*names, "text_field")}
+
+
+def measure_influence(options: InitStudentOptions, rows: str, template: str) -> list:
     """Block influence of every source layer over the first healing documents."""
-    tokenizer = models.load_tokenizer(source)
-    examples = data.load_examples(rows_file)[:INFLUENCE_DOCUMENTS]
-    tokenized = data.tokenize_all(examples, template, tokenizer, max_length)
-    model = models.load_model(source, dtype=models.stored_dtype(source), device=torch.device("cpu"))
+    load = options.load_settings()
+    tokenizer = models.load_tokenizer(options.source, load)
+    source, columns = heal_source(options, rows)
+    examples = data.load_examples(source, columns=columns, train_turns="all")
+    examples = examples[:INFLUENCE_DOCUMENTS]
+    tokenized = data.tokenize_all(examples, template, tokenizer, options.max_length)
+    dtype = models.stored_dtype(options.source, load)
+    model = models.load_model(options.source, dtype, torch.device("cpu"), settings=load)
     info(f"measuring the block influence of each layer on {len(tokenized)} documents")
     return block_influence(model, [t.input_ids for t in tokenized])
 
@@ -510,19 +524,22 @@ def _validate(options: InitStudentOptions) -> None:
     if options.layers is not None and options.keep_layers:
         raise DeltakdError("give either --layers or --keep-layers, not both")
     resolve_rule(options.layer_rule, bool(options.heal_data))
-    if options.heal_data and not Path(options.heal_data).is_file():
-        raise DeltakdError(f"--heal-data not found: {options.heal_data}")
+    if options.heal_data and options.data_source(options.heal_data).kind == "jsonl":
+        if not Path(options.heal_data).is_file():
+            raise DeltakdError(f"--heal-data not found: {options.heal_data}")
+    options.load_settings().check()
     models.resolve_source(options.source)
     inputs = {"--source": options.source, "--heal-data": options.heal_data}
     outputs.check_not_input(options.out, inputs)
     outputs.check_not_input(options.work_path, inputs, option="--work-dir")
 
 
-def _source_layers(spec: str) -> int:
+def _source_layers(spec: str, load: models.LoadSettings) -> int:
     from transformers import AutoConfig
 
     source = models.resolve_source(spec)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    kwargs.update(load.hub_kwargs(source))
     try:
         options = AutoConfig.from_pretrained(source.path, **kwargs)
     except Exception as error:

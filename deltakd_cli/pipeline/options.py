@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltakd_cli.data import TEMPLATES
+from deltakd_cli.cache.options import TEMPLATE_ROLES
+from deltakd_cli.data import TEMPLATES, TRAIN_TURNS, DataOptions
 from deltakd_cli.evaluate.protocol import PROTOCOLS
-from deltakd_cli.models import DTYPES
+from deltakd_cli.models import DTYPES, ModelLoadOptions
 from deltakd_cli.options import opt
 
 LAYER_RULES = ("auto", "block-influence", "uniform")
@@ -16,7 +17,7 @@ TRAIN_DTYPES = tuple(name for name in DTYPES if name != "float16")
 
 
 @dataclass(kw_only=True)
-class InitStudentOptions:
+class InitStudentOptions(DataOptions, ModelLoadOptions):
     """Make a base student: keep some layers of a model, then heal the copy by KD from it."""
 
     source: str = opt(help="Model to take layers from: HF dir, hub id, or .gguf.")
@@ -35,8 +36,9 @@ class InitStudentOptions:
     )
     heal_data: str | None = opt(
         None,
-        help="Unlabelled text to heal on by KD from the source: JSONL with 'text', a .txt file "
-        "(one document per line), or task rows. Without it the copy is not healed.",
+        help="Unlabelled text to heal on by KD from the source: rows with 'text' (JSONL, "
+        "parquet, CSV, datasets), a .txt file (one document per line), or task rows. Without it "
+        "the copy is not healed.",
     )
     work_dir: str | None = opt(
         None, help="Pruned copy, healing cache and checkpoints (default: OUT.init)."
@@ -68,13 +70,14 @@ class InitStudentOptions:
 
 
 @dataclass(kw_only=True)
-class PipelineOptions:
+class PipelineOptions(DataOptions, ModelLoadOptions):
     """Every stage on your models and data, from cache-teachers to the eval table
     (resumable)."""
 
     teacher_base: str = opt(help="Base teacher: HF dir, hub id, or .gguf.")
-    train: str = opt(help="Training JSONL (any supported format).")
-    test: str = opt(help="Held-out JSONL with references.")
+    train: str = opt(help="Training rows (JSONL, JSON, parquet, CSV, datasets dir, Hub name).")
+    test: str = opt(help="Held-out rows with references (same formats).")
+    test_split: str | None = opt(None, help="Split of --test when it is a datasets source.")
     out: str = opt("runs/pipeline", help="Where every stage writes.")
     teacher_tuned: str | None = opt(
         None, help="Tuned teacher (default: finetune the base teacher on --train)."
@@ -91,6 +94,14 @@ class PipelineOptions:
     heal_batch_size: int = opt(8, help="init-student: documents per healing step.", at_least=1)
     heal_max_length: int = opt(256, help="init-student: tokens per healing document.", at_least=2)
     template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
+    template_from: str = opt(
+        "tuned",
+        help="Whose tokenizer renders prompts and ends responses: tuned, base or student.",
+        choices=TEMPLATE_ROLES,
+    )
+    train_turns: str = opt(
+        "all", help="Chat rows: targets on every assistant turn, or the last.", choices=TRAIN_TURNS
+    )
     max_length: int | None = opt(
         None, help="Tokens per training example (default 1024, or the models' limit).", at_least=2
     )

@@ -7,7 +7,6 @@ models each role of the final table stands for.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from deltakd_cli.cache.options import CacheOptions
@@ -16,7 +15,8 @@ from deltakd_cli.evaluate.options import EvalOptions
 from deltakd_cli.evaluate.protocol import parse_seeds
 from deltakd_cli.losses import OBJECTIVES
 from deltakd_cli.pipeline.options import InitStudentOptions, PipelineOptions
-from deltakd_cli.pipeline.stages import Stage, file_key
+from deltakd_cli.pipeline.stages import Stage, data_key, file_key
+from deltakd_cli.sources import DataSource
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
 STUDENT_OBJECTIVES = ("sft", "kd", "delta")
@@ -57,12 +57,27 @@ def _training(options: PipelineOptions) -> dict[str, Any]:
     }
 
 
+def _load(options: PipelineOptions) -> dict[str, Any]:
+    """The model-loading options every stage shares."""
+    return {
+        "revision": options.revision,
+        "trust_remote_code": options.trust_remote_code,
+        "attn_implementation": options.attn_implementation,
+    }
+
+
+def _columns(options: PipelineOptions) -> dict[str, Any]:
+    """How the training and test rows are read."""
+    names = ("data_config", "prompt_field", "response_field", "messages_field", "text_field")
+    return {name: getattr(options, name) for name in names}
+
+
 def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[str]]]:
     """The stages in order, and the models of each role (what the table shows): one model per
     role, except the students when they are trained with several seeds."""
     out = options.out_path
     models_dir = out / "models"
-    train_sha = file_key(options.train)
+    train_sha = data_key(DataSource(options.train, options.split, options.data_config))
     stages: list[Stage] = []
     roles = {"teacher-base": options.teacher_base}
     base_key = options.input_keys.get(options.teacher_base, options.teacher_base)
@@ -94,13 +109,14 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
                 device=options.device,
                 save_every=options.save_every,
                 overwrite=True,
+                **_load(options),
             ),
             student_dir,
             "init-student.json",
             distributed=True,
             inputs={
                 "source": file_key(options.student_from),
-                "heal": options.heal_data and file_key(options.heal_data),
+                "heal": options.heal_data and data_key(DataSource(options.heal_data)),
             },
         )
         stages.append(init)
@@ -126,7 +142,11 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
                 data=options.train,
                 out=str(tuned_dir),
                 template=options.template,
+                train_turns=options.train_turns,
                 max_length=options.max_length,
+                split=options.split,
+                **_columns(options),
+                **_load(options),
                 **training,
             ),
             tuned_dir,
@@ -152,9 +172,14 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
             top_k=options.top_k,
             max_length=options.max_length,
             template=options.template,
+            template_from=options.template_from,
+            train_turns=options.train_turns,
+            split=options.split,
+            **_columns(options),
             alpha=options.alpha,
             dtype=options.dtype,
             device=options.device,
+            **_load(options),
         ),
         cache_dir,
         "manifest.json",
@@ -178,6 +203,7 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
                 out=str(student_out),
                 objective=objective,
                 **{**_training(options), "seed": seed},
+                **_load(options),
             )
             if OBJECTIVES[objective].needs_cache:  # cross-entropy alone takes no alpha, no lambda
                 distill.alpha, distill.sft_weight = options.alpha, options.sft_weight
@@ -197,9 +223,14 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
 
     eval_dir = out / "eval"
     ordered = [model for role in ROLE_LABELS for model in role_models[role]]
+    template_role = {"tuned": "teacher-tuned", "base": "teacher-base", "student": "student-base"}
     evaluation = EvalOptions(
         model=ordered,
         data=options.test,
+        split=options.test_split,
+        **_columns(options),
+        **_load(options),
+        template_from=roles[template_role[options.template_from]],
         out=str(eval_dir / "report.json"),
         protocol=options.protocol,
         template=options.template,
@@ -222,7 +253,10 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
             eval_dir,
             "report.json",
             distributed=True,
-            inputs={"test": file_key(options.test), "models": [base_key, *[s.key for s in stages]]},
+            inputs={
+                "test": data_key(DataSource(options.test, options.test_split, options.data_config)),
+                "models": [base_key, *[s.key for s in stages]],
+            },
         )
     )
     return stages, role_models
@@ -237,7 +271,8 @@ def check_inputs(options: PipelineOptions) -> None:
         raise DeltakdError("give exactly one of --student and --student-from")
     if options.student_from is not None and options.student_layers is None:
         raise DeltakdError("--student-from needs --student-layers")
-    for name, path in (("--train", options.train), ("--test", options.test)):
-        if not Path(path).is_file():
-            raise DeltakdError(f"{name} not found: {path}")
+    for name, spec in (("--train", options.train), ("--test", options.test)):
+        source = DataSource(spec)
+        if source.kind not in ("hub", "saved") and not source.path.is_file():
+            raise DeltakdError(f"{name} not found: {spec}")
     student_seeds(options)

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from deltakd_cli.console import console, info
-from deltakd_cli.data import file_sha256
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import record, to_argv
+from deltakd_cli.sources import DataSource, file_sha256, fingerprint
 from deltakd_cli.train.checkpoint import complete_checkpoints
 
 Runner = Callable[[str, Any], Any]  # (command name, its options) -> runs it in this process
@@ -82,6 +82,16 @@ def file_key(path: str | Path) -> str | None:
     """The sha256 of a local file (None for a hub id or a directory)."""
     path = Path(path)
     return file_sha256(path) if path.is_file() else None
+
+
+def data_key(source: DataSource) -> str | None:
+    """What identifies a data source's content for a stage key: a local file's or saved
+    dataset's sha256; a Hub dataset's name, configuration and split (not downloaded here)."""
+    if source.kind == "hub":
+        return f"hub:{source.spec}:{source.config}:{source.split}"
+    if not source.path.exists():
+        return None
+    return fingerprint(source)["sha256"]
 
 
 def run_torchrun(argv: list[str], nproc: int) -> None:

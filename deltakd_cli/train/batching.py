@@ -50,12 +50,12 @@ class TokenizedStore:
             CachedExample(
                 int(index),
                 np.asarray(tokenized[index].input_ids, dtype=np.int64),
-                int(tokenized[index].prompt_length),
+                np.asarray(tokenized[index].target_mask, dtype=bool),
             )
             for index in self.order
         ]
         self._lengths = np.array(
-            [[len(e.input_ids), len(e.input_ids) - e.prompt_length] for e in self.examples],
+            [[len(e.input_ids), len(e.target_positions)] for e in self.examples],
             dtype=np.int64,
         ).reshape(-1, 2)
 
@@ -231,7 +231,7 @@ def collate(
     for row, example in enumerate(examples):
         input_ids[row, : lengths[row]] = example.input_ids
         attention_mask[row, : lengths[row]] = 1
-        positions = target_positions(example.prompt_length, lengths[row])
+        positions = target_positions(example.target_mask)
         target_pos.append(positions)
         target_batch.append(np.full(len(positions), row, dtype=np.int64))
     target_batch_np = np.concatenate(target_batch)

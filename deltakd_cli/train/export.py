@@ -21,15 +21,38 @@ EXPORT_FILE_ORDER_LAST = ("config.json",)  # moved last: before it arrives, OUT 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "run.json", ".export.partial")
 
 
+def stop_tokens(student: Any, tokenizer: Any, template: dict[str, Any] | None) -> list[int]:
+    """The ids generation stops on: the EOS the training responses ended with (the cache's
+    template tokenizer's, e.g. an instruct teacher's <|im_end|>), then the student's own."""
+    ids: list[int] = []
+    configured = getattr(getattr(student, "generation_config", None), "eos_token_id", None)
+    for candidate in (
+        (template or {}).get("eos_token_id"),
+        configured,
+        tokenizer.eos_token_id,
+    ):
+        for value in candidate if isinstance(candidate, (list, tuple)) else [candidate]:
+            if value is not None and int(value) not in ids:
+                ids.append(int(value))
+    return ids
+
+
 def export_model(
     out: Path,
     student: Any,
     tokenizer: Any,
     model_state: dict[str, torch.Tensor],
     export_dtype: torch.dtype,
+    template: dict[str, Any] | None = None,
 ) -> list[str]:
     """(rank 0) OUT as a Hugging Face model dir: written to a staging dir and moved in file by
-    file, config.json last, so a partial OUT does not load. Returns the names it wrote."""
+    file, config.json last, so a partial OUT does not load. Returns the names it wrote.
+
+    A student trained from a cache behaves like the teacher whose template rendered the data:
+    its tokenizer gets that chat template and EOS, and generation_config.json stops on that EOS
+    as well as its own."""
+    from transformers import GenerationConfig
+
     staging = out / ".export.partial"
     export_state = {k: v.to(export_dtype) for k, v in model_state.items()}
     with outputs.writing(staging, state_bytes(export_state)):
@@ -38,10 +61,16 @@ def export_model(
         student.config.use_cache = True
         faults.point("export save")
         student.save_pretrained(staging, state_dict=export_state)
+        if template and template.get("chat_template"):
+            tokenizer.chat_template = template["chat_template"]
+        if template and template.get("eos_token") and tokenizer.eos_token != template["eos_token"]:
+            tokenizer.eos_token = template["eos_token"]
         tokenizer.save_pretrained(staging)
-        generation_config = getattr(student, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(staging)
+        generation_config = getattr(student, "generation_config", None) or GenerationConfig()
+        stops = stop_tokens(student, tokenizer, template)
+        if stops:
+            generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+        generation_config.save_pretrained(staging)
         names = sorted(p.name for p in staging.iterdir())
         names = [n for n in names if n not in EXPORT_FILE_ORDER_LAST] + [
             n for n in EXPORT_FILE_ORDER_LAST if n in names

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltakd_cli import data, models
+from deltakd_cli import data, models, sources, vocab
 from deltakd_cli.cache.store import CacheReader
+from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.losses import OBJECTIVES
 from deltakd_cli.train import batching
@@ -23,32 +24,40 @@ class TrainingData:
     store: batching.ExampleStore
     provenance: dict[str, Any]
     source: dict[str, Any] = field(default_factory=dict)  # what a resume must find unchanged
+    vocab_size: int = 0  # the working vocabulary: the student's logits are cut to it
     cache_alpha: float | None = None
     use_cached_student: bool = False  # read and use the cache's S0 log-probs
     needs_frozen_student: bool = False  # run a frozen copy of the initial student
+    template: dict[str, Any] | None = None  # how prompts were rendered (the cache's record)
 
 
 def finetune_data(options: FinetuneOptions, tokenizer: Any) -> TrainingData:
-    """JSONL rows -> tokenised examples in memory, grouped by length like a cache shard."""
-    path, template, max_length = options.data, options.template, options.max_length
-    examples = data.load_examples(path)
-    tokenized = data.tokenize_all(examples, template, tokenizer, max_length)
-    data_sha = data.file_sha256(path)
+    """Rows -> tokenised examples in memory, grouped by length like a cache shard."""
+    template, max_length = options.template, options.max_length
+    source = options.data_source(options.data)
+    examples = data.load_examples(
+        source, columns=options.columns(), train_turns=options.train_turns
+    )
+    tokenized = data.tokenize_all(examples, template, tokenizer, max_length, options.train_turns)
+    fingerprint = sources.fingerprint(source)
     return TrainingData(
         store=batching.TokenizedStore(tokenized),
         source={
-            "data": str(path),
-            "data_sha256": data_sha,
+            "data": str(options.data),
+            "data_sha256": fingerprint["sha256"],
             "template": template,
             "max_length": max_length,
+            "train_turns": options.train_turns,
         },
         provenance={
-            "data": {"path": str(Path(path).resolve()), "sha256": data_sha},
+            "data": {**fingerprint, "spec": options.data},
             "template": template,
             "max_length": max_length,
+            "train_turns": options.train_turns,
             "examples": len(tokenized),
             "truncated": sum(t.truncated for t in tokenized),
         },
+        vocab_size=models.tokenizer_vocab_size(tokenizer),
     )
 
 
@@ -66,19 +75,20 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
             )
     manifest = reader.manifest
     provenance = manifest.get("provenance", {})
-    teacher = provenance.get("teacher_tuned") or {}
-    cache_tokenizer = teacher.get("tokenizer_sha256")
-    if cache_tokenizer != models.tokenizer_fingerprint(tokenizer):
-        raise DeltakdError(
-            f"tokenizer mismatch: the student {student} does not share the tokenizer the cache "
-            f"{cache_path} was built with (teacher {teacher.get('spec', '?')}); the student must "
-            "use the teachers' vocabulary"
-        )
-    if int(manifest["vocab_size"]) != models.tokenizer_vocab_size(tokenizer):
-        raise DeltakdError(
-            f"vocabulary mismatch: the cache has {manifest['vocab_size']} tokens, the student's "
-            f"tokenizer {models.tokenizer_vocab_size(tokenizer)}"
-        )
+    compatibility = vocab.compare_with_tokens(
+        reader.vocabulary(), tokenizer, f"the cache {cache_path}", f"the student {student}"
+    )
+    template = provenance.get("template") or {}
+    if isinstance(template, dict) and template.get("eos_token"):
+        roles = vocab.roles_of(tokenizer)
+        if roles["eos"] != template["eos_token"]:
+            compatibility.notes.append(
+                f"the cache's responses end with {template['eos_token']} (its template "
+                f"tokenizer's EOS); the student's own EOS is {roles['eos']}: the exported "
+                "student ends on the cache's"
+            )
+    for note in compatibility.notes:
+        info(f"[yellow]note:[/yellow] {note}")
     objective = OBJECTIVES[options.objective]
     use_cached_student = (
         objective.needs_student and reader.has_student and not options.frozen_student
@@ -112,7 +122,9 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
             },
             "cache_provenance": provenance,
         },
+        vocab_size=int(manifest["vocab_size"]),
         cache_alpha=None if alpha is None else float(alpha),
         use_cached_student=use_cached_student,
         needs_frozen_student=needs_frozen,
+        template=template if isinstance(template, dict) else None,
     )

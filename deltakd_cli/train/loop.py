@@ -151,9 +151,10 @@ class Trainer:
         np.random.seed(options.seed)
         random.seed(options.seed)
         load_device = torch.device("cpu") if options.fsdp else self.device
-        student = models.load_model(options.student, torch.float32, load_device)
-        self.vocab_size = models.check_model_vocab(student, self.tokenizer, "student")
-        self.export_dtype = models.stored_dtype(options.student)
+        load = options.load_settings()
+        student = models.load_model(options.student, torch.float32, load_device, settings=load)
+        self.vocab_size = models.check_model_vocab(student, self.data.vocab_size, "student")
+        self.export_dtype = models.stored_dtype(options.student, load)
         frozen = None
         if self.data.needs_frozen_student:
             frozen = copy.deepcopy(student)
@@ -294,8 +295,16 @@ class Trainer:
             "final_metrics": metrics,
         }
         if self.rank == 0:
-            summary["student"] = models.model_identity(self.options.student, self.tokenizer)
-            export_model(self.out, self.student, self.tokenizer, model_state, self.export_dtype)
+            load = self.options.load_settings()
+            summary["student"] = models.model_identity(self.options.student, self.tokenizer, load)
+            export_model(
+                self.out,
+                self.student,
+                self.tokenizer,
+                model_state,
+                self.export_dtype,
+                self.data.template,
+            )
             write_record(self.out, summary)
         distributed.barrier()
         return summary
@@ -455,7 +464,8 @@ def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[
         )
     trainer = None
     try:
-        tokenizer = models.load_tokenizer(options.student)
+        options.load_settings().check(device)
+        tokenizer = models.load_tokenizer(options.student, options.load_settings())
         training_data = prepare(tokenizer)
         options = dataclasses.replace(options, source=training_data.source)
         trainer = Trainer(options, training_data, tokenizer)
@@ -492,6 +502,8 @@ def distill(options: DistillOptions) -> dict[str, Any]:
 def finetune(options: FinetuneOptions) -> dict[str, Any]:
     """`deltakd finetune`: supervised finetuning on a JSONL file (objective sft)."""
     outputs.check_not_input(options.out, {"--model": options.model, "--data": options.data})
-    max_length = models.resolve_max_length(options.max_length, {"--model": options.model})
+    max_length = models.resolve_max_length(
+        options.max_length, {"--model": options.model}, options.load_settings()
+    )
     options = dataclasses.replace(options, max_length=max_length)
     return _run(options, lambda tokenizer: finetune_data(options, tokenizer))

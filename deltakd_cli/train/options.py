@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from deltakd_cli.data import TEMPLATES
+from deltakd_cli.data import TEMPLATES, TRAIN_TURNS, DataOptions
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.losses import OBJECTIVES
-from deltakd_cli.models import DTYPES
+from deltakd_cli.models import DTYPES, ModelLoadOptions
 from deltakd_cli.options import check, opt
 
 # Options whose change would make a resumed run differ from the interrupted one.
@@ -52,7 +52,7 @@ OPTION_NAMES = {
 
 
 @dataclass(kw_only=True)
-class TrainOptions:
+class TrainOptions(ModelLoadOptions):
     """The training loop's options (distill and finetune share them)."""
 
     command: ClassVar[str] = "train"
@@ -146,15 +146,20 @@ class DistillOptions(TrainOptions):
 
 
 @dataclass(kw_only=True)
-class FinetuneOptions(TrainOptions):
+class FinetuneOptions(TrainOptions, DataOptions):
     """Supervised finetuning on a JSONL file (e.g. to make the tuned teacher or an SFT
     baseline)."""
 
     command: ClassVar[str] = "finetune"
 
     model: str = opt(help="Model to finetune: HF dir, hub id, or .gguf file.")
-    data: str = opt(help="JSONL: prompt/response, Dolly, Alpaca, or chat rows.")
+    data: str = opt(
+        help="Rows: JSONL, JSON, parquet, CSV, a datasets directory or a Hub dataset name."
+    )
     template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
+    train_turns: str = opt(
+        "all", help="Chat rows: targets on every assistant turn, or the last.", choices=TRAIN_TURNS
+    )
     max_length: int | None = opt(
         None, help="Tokens per training example (default 1024, or the model's limit).", at_least=2
     )

@@ -1,0 +1,235 @@
+"""Where rows come from: a JSONL file (read here, with line-numbered errors), a JSON array, a
+parquet or CSV file, a directory saved with `datasets.save_to_disk`, or a dataset on the
+Hugging Face Hub (the last four through the `datasets` library, an optional extra). Every
+source yields plain dicts with a `where` that names the file and row in errors, and a
+fingerprint of its content for provenance and resume checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltakd_cli.errors import DeltakdError
+
+DATASETS_HINT = "pip install 'deltakd[data]'"
+TABULAR = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A data option as given: a path or Hub dataset name, and for `datasets` sources the split
+    and configuration to read."""
+
+    spec: str
+    split: str | None = None
+    config: str | None = None
+
+    @property
+    def path(self) -> Path:
+        text = self.spec[len("file://") :] if self.spec.startswith("file://") else self.spec
+        return Path(os.path.expanduser(text))
+
+    @property
+    def kind(self) -> str:
+        """jsonl, json, parquet, csv, saved (a save_to_disk directory), or hub."""
+        path = self.path
+        if path.is_dir():
+            if any((path / name).is_file() for name in SAVED_DATASET_FILES):
+                return "saved"
+            raise DeltakdError(
+                f"{self.spec}: a directory, but not one saved with datasets.save_to_disk "
+                f"(no {' / '.join(SAVED_DATASET_FILES)})"
+            )
+        if path.suffix.lower() in TABULAR:
+            return TABULAR[path.suffix.lower()]
+        if path.suffix.lower() == ".json":
+            return "json"
+        if path.exists() or looks_like_path(self.spec):
+            return "jsonl"
+        return "hub"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str, Any]]:
+    """(where, value) for every non-blank line of a JSONL file, `where` being PATH:LINE. A
+    missing or unreadable file, a line that is not JSON or text that is not UTF-8 raises one
+    DeltakdError naming the file (and the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeltakdError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DeltakdError(f"{where}: not valid JSON ({error.msg})") from None
+                yield where, value
+    except UnicodeDecodeError:
+        raise DeltakdError(f"{path}: not UTF-8 text") from None
+    except OSError as error:
+        raise DeltakdError(f"cannot read {what} {path}: {error.strerror}") from None
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec written like a path (it then never goes to the Hub)."""
+    if spec.startswith(("./", "../", "/", "~", "file://")):
+        return True
+    path = Path(spec)
+    if path.suffix.lower() in (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt"):
+        return True
+    return len(path.parts) > 1 and Path(path.parts[0]).exists() or spec.count("/") > 1
+
+
+def _datasets() -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise DeltakdError(
+            f"reading this data needs the datasets library: {DATASETS_HINT}"
+        ) from None
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DeltakdError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # JSON Lines under a .json name
+            yield from read_jsonl(path)
+            return
+        raise DeltakdError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        value = value["data"]
+    if not isinstance(value, list):
+        raise DeltakdError(f"{path}: expected a JSON array of rows (or JSON Lines)")
+    for index, row in enumerate(value):
+        yield f"{path}[{index}]", row
+
+
+def _pick_split(found: Any, source: DataSource) -> Any:
+    """A Dataset from what `datasets` returned (a DatasetDict needs a split, or has one)."""
+    datasets = _datasets()
+    if isinstance(found, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        splits = sorted(found.keys())
+        if source.split is None:
+            if len(splits) == 1:
+                return found[splits[0]]
+            raise DeltakdError(f"{source.spec} has the splits {', '.join(splits)}: give --split")
+        if source.split not in found:
+            raise DeltakdError(
+                f"{source.spec} has no split '{source.split}' (it has {', '.join(splits)})"
+            )
+        return found[source.split]
+    return found
+
+
+def _load_with_datasets(source: DataSource) -> Any:
+    datasets = _datasets()
+    kind = source.kind
+    try:
+        if kind == "saved":
+            found = datasets.load_from_disk(str(source.path))
+        elif kind in ("parquet", "csv"):
+            options = {"delimiter": "\t"} if source.path.suffix.lower() == ".tsv" else {}
+            found = datasets.load_dataset(
+                kind, data_files=str(source.path), split="train", **options
+            )
+        else:
+            found = datasets.load_dataset(source.spec, source.config, split=source.split)
+    except DeltakdError:
+        raise
+    except (FileNotFoundError, ConnectionError, OSError) as error:
+        if kind != "hub":
+            raise DeltakdError(f"cannot read {source.spec}: {error}") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is unreachable"
+        raise DeltakdError(
+            f"dataset '{source.spec}' is not a local file, so it names a Hub dataset, and {why}; "
+            "download it first, or point at local files (JSONL, JSON, parquet, CSV or a "
+            "save_to_disk directory)"
+        ) from None
+    except ValueError as error:  # unknown split or config, unreadable file, no rows
+        first = str(error).strip().splitlines()[0]
+        if "corresponds to no data" in first:
+            raise DeltakdError(f"{source.spec}: no rows") from None
+        raise DeltakdError(f"cannot read {source.spec}: {first}") from None
+    return _pick_split(found, source)
+
+
+def read_rows(source: DataSource, what: str = "data file") -> Iterator[tuple[str, Any]]:
+    """(where, row) for every row of the source, in order."""
+    kind = source.kind
+    if kind == "jsonl":
+        yield from read_jsonl(source.path, what)
+        return
+    if source.split is not None and kind not in ("saved", "hub"):
+        raise DeltakdError(f"--split {source.split}: {source.spec} is one file, it has no splits")
+    if kind == "json":
+        if not source.path.is_file():
+            raise DeltakdError(f"{what} not found: {source.spec}")
+        yield from _read_json_array(source.path)
+        return
+    if kind in ("parquet", "csv") and not source.path.is_file():
+        raise DeltakdError(f"{what} not found: {source.spec}")
+    dataset = _load_with_datasets(source)
+    if len(dataset) == 0:
+        raise DeltakdError(f"{source.spec}: no rows")
+    name = source.spec + (f" split {source.split}" if source.split else "")
+    for index, row in enumerate(dataset):
+        yield f"{name}[row {index}]", dict(row)
+
+
+def columns_of(source: DataSource) -> list[str]:
+    """The column names of a tabular or `datasets` source (for error messages)."""
+    if source.kind in ("jsonl", "json"):
+        return []
+    return list(_load_with_datasets(source).column_names)
+
+
+def fingerprint(source: DataSource) -> dict[str, Any]:
+    """What identifies the source's content: a file's sha256, the sha256 of a saved dataset's
+    files, or a Hub dataset's name, configuration, split and `datasets` fingerprint."""
+    kind = source.kind
+    if kind == "hub":
+        dataset = _load_with_datasets(source)
+        return {
+            "hub": source.spec,
+            "config": source.config,
+            "split": source.split,
+            "fingerprint": getattr(dataset, "_fingerprint", None),
+            "sha256": hashlib.sha256(
+                json.dumps([source.spec, source.config, source.split,
+                            getattr(dataset, "_fingerprint", None)]).encode()
+            ).hexdigest(),
+        }  # fmt: skip
+    if kind == "saved":
+        digest = hashlib.sha256()
+        for path in sorted(p for p in source.path.rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(source.path)).encode() + b"\0")
+            digest.update(bytes.fromhex(file_sha256(path)))
+        return {"path": str(source.path.resolve()), "split": source.split,
+                "sha256": digest.hexdigest()}  # fmt: skip
+    if not source.path.is_file():
+        raise DeltakdError(f"data file not found: {source.spec}")
+    return {"path": str(source.path.resolve()), "sha256": file_sha256(source.path)}
