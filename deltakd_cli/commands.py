@@ -11,6 +11,7 @@ from typing import Any
 from deltakd_cli.cache.options import CacheOptions, InspectOptions
 from deltakd_cli.evaluate.options import EvalOptions
 from deltakd_cli.pipeline.options import DemoOptions, InitStudentOptions, PipelineOptions
+from deltakd_cli.report.options import ReportOptions
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
 
@@ -31,6 +32,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("init-student", InitStudentOptions, "deltakd_cli.pipeline.init_student:init_student"),
     Command("pipeline", PipelineOptions, "deltakd_cli.pipeline.run:pipeline", takes_runner=True),
     Command("demo", DemoOptions, "deltakd_cli.pipeline.demo:run_demo", takes_runner=True),
+    Command("report", ReportOptions, "deltakd_cli.report.run:make_report"),
 )
 BY_NAME = {command.name: command for command in COMMANDS}
 

@@ -40,7 +40,8 @@ def opt(
     """A dataclass field that is also a command-line option.
 
     `flags` replace the derived `--field-name` (e.g. a one-way `--resume`); `choices`, `at_least`,
-    `above`, `at_most`, `below` and `finite` are checked by `check`; `argument` makes it positional;
+    `above`, `at_most`, `below` and `finite` are checked by `check`; `argument` makes it positional
+    (a `list[str]` argument without a default takes one or more values, e.g. `report DIR...`);
     `cli=False` keeps a field off the command line (set by the program, recorded all the same)."""
     metadata = {
         "help": help,
@@ -197,7 +198,8 @@ def to_argv(options: Any, *, skip_defaults: bool = True) -> list[str]:
         if skip_defaults and default is not REQUIRED and value == default:
             continue
         if field.metadata.get("argument"):
-            positional.append(str(value))
+            items = value if isinstance(value, (list, tuple)) else [value]
+            positional += [str(item) for item in items]  # a list argument takes one or more
             continue
         name = flag_of(field)
         if isinstance(value, bool):

@@ -12,6 +12,7 @@ from deltakd_cli import commands
 from deltakd_cli.commands import COMMANDS
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import check, flag_of, option_fields, record, to_argv, typer_parameters
+from deltakd_cli.report.options import ReportOptions
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
 
@@ -75,6 +76,22 @@ def test_the_command_line_of_a_stage_gives_back_its_options(monkeypatch):
     assert to_argv(DistillOptions(cache="c", student="s", out="o")) == [
         "--cache", "c", "--student", "s", "--out", "o", "--batch-size", "8",
     ]  # fmt: skip
+
+
+def test_a_list_argument_takes_one_or_more_values(monkeypatch):
+    """A positional `list[str]` field (`report DIR...`): every value given, in order, and back
+    through to_argv; none given is typer's usage error."""
+    seen = []
+    monkeypatch.setattr("deltakd_cli.cli.run_command", lambda name, options: seen.append(options))
+    for dirs in (["a"], ["runs/a", "runs/b c", "report.json"]):
+        options = ReportOptions(dirs=dirs, out="r")
+        argv = to_argv(options)
+        assert argv == [*dirs, "--out", "r"]
+        result = run_cli(["report", *argv])
+        assert result.exit_code == 0, result.output
+        assert seen[-1] == options and isinstance(seen[-1].dirs, list)
+    result = run_cli(["report", "--out", "r"])
+    assert result.exit_code == 2 and "Missing argument 'DIR'" in result.output
 
 
 def test_a_bad_choice_on_the_command_line_is_one_line(tiny, tmp_path):

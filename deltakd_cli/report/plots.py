@@ -1,0 +1,202 @@
+"""The report's figures, drawn with matplotlib from collect.py's plain data (Agg, no window, no
+global pyplot state): loss curves, ROUGE-L per model or role, paired differences. Every number
+drawn is one the CSV next to the PNG holds (run.py writes both from the same data)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from deltakd_cli import outputs
+from deltakd_cli.errors import DeltakdError
+from deltakd_cli.report.collect import Evaluation, Run
+
+MISSING = "deltakd report needs matplotlib: pip install 'deltakd[report]'"
+LOG_SCALE_RATIO = 20.0  # log-y when the largest loss is this many times the smallest
+LABEL_CHARS = 48  # longer labels are cut from the left in a figure (the tables keep them whole)
+
+
+def require_matplotlib() -> None:
+    """Import matplotlib with the Agg backend, or stop with one line saying how to install it.
+    The figures are drawn without pyplot; a process that already runs pyplot (a notebook calling
+    `write_report`) keeps its backend, as switching would close its figures."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise DeltakdError(MISSING) from None
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _short(label: str) -> str:
+    return label if len(label) <= LABEL_CHARS else "…" + label[-(LABEL_CHARS - 1) :]
+
+
+def save_png(figure: Any, path: Path) -> None:
+    """Write the figure whole or not at all (a temp name, then a rename); no software version or
+    time in the file, so the same data gives the same bytes."""
+    partial = path.with_name(path.name + outputs.PARTIAL_SUFFIX)
+    with outputs.writing(path):
+        try:
+            figure.savefig(partial, format="png", metadata={"Software": None})
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+
+def uses_log_scale(runs: list[Run]) -> bool:
+    """Log-y helps when the losses span more than LOG_SCALE_RATIO (and all are positive)."""
+    values = [v for run in runs for _, v in (*run.training, *run.held_out)]
+    if not values or min(values) <= 0:
+        return False
+    return max(values) / min(values) > LOG_SCALE_RATIO
+
+
+def loss_figure(runs: list[Run]) -> Any | None:
+    """Training loss (solid) and held-out loss (dashed, same colour) against the step, one line
+    per run; None when no run has a logged step."""
+    drawn = [run for run in runs if run.points]
+    if not drawn:
+        return None
+    figure = _figure(8.0, 4.8)
+    axes = figure.add_subplot()
+    colours = [f"C{index % 10}" for index in range(len(drawn))]
+    any_held_out = False
+    for run, colour in zip(drawn, colours, strict=True):
+        training, held_out = run.training, run.held_out
+        if training:
+            steps, values = zip(*training, strict=True)
+            marker = "o" if len(training) <= 25 else None
+            axes.plot(
+                steps, values, "-", color=colour, marker=marker, markersize=3,
+                label=_short(run.label),
+            )  # fmt: skip
+        if held_out:
+            any_held_out = True
+            steps, values = zip(*held_out, strict=True)
+            axes.plot(
+                steps, values, "--", color=colour, marker="s", markersize=4,
+                label=_short(f"{run.label} (held-out)"),
+            )  # fmt: skip
+    log = uses_log_scale(drawn)
+    if log:
+        axes.set_yscale("log")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (log scale)" if log else "loss")
+    title = "Training loss (solid)"
+    title += " and held-out loss (dashed)" if any_held_out else ""
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    return figure
+
+
+def _rows_height(count: int) -> float:
+    return 1.5 + 0.45 * max(count, 1)
+
+
+def rouge_figure(evaluations: list[Evaluation]) -> Any | None:
+    """ROUGE-L per model (or group/role) of each report, one panel per report: the mean as a
+    dot, ± the std as a bar where there is one (a spread over seeds or models, NOT a confidence
+    interval: the report has no interval for a single model's score), each seed's or model's
+    score as a small hollow dot."""
+    panels = [evaluation for evaluation in evaluations if evaluation.scores]
+    if not panels:
+        return None
+    heights = [_rows_height(len(e.scores)) for e in panels]
+    figure = _figure(8.0, sum(heights) + 0.3)
+    grid = figure.add_gridspec(len(panels), 1, height_ratios=heights)
+    for index, evaluation in enumerate(panels):
+        axes = figure.add_subplot(grid[index])
+        scores = evaluation.scores
+        ys = list(range(len(scores)))[::-1]
+        spread_shown = points_shown = False
+        for y, score in zip(ys, scores, strict=True):
+            if score.std is not None:
+                axes.errorbar(
+                    score.mean, y, xerr=score.std, fmt="none", ecolor="C0", capsize=4,
+                    label=None if spread_shown else "± std (a spread over seeds/models, not a CI)",
+                )  # fmt: skip
+                spread_shown = True
+            if score.points:
+                axes.plot(
+                    score.points, [y] * len(score.points), "o", markerfacecolor="none",
+                    markeredgecolor="0.45", markersize=5,
+                    label=None if points_shown else "each seed / model",
+                )  # fmt: skip
+                points_shown = True
+        axes.plot(
+            [s.mean for s in scores], ys, "o", color="C0", markersize=7, label="mean", zorder=3
+        )
+        axes.set_yticks(ys, [_short(score.label) for score in scores])
+        axes.set_ylim(-0.7, len(scores) - 0.3)
+        axes.set_xlabel("ROUGE-L (F x 100)")
+        axes.set_title(f"ROUGE-L\n{_short(evaluation.source)}", fontsize="medium")
+        axes.grid(True, axis="x", alpha=0.3)
+        axes.legend(fontsize="small", loc="best")
+    return figure
+
+
+def differences_figure(evaluations: list[Evaluation]) -> Any | None:
+    """Each paired difference with its bootstrap interval (a bar), a line at zero, the ones
+    whose interval excludes zero marked "beyond noise" (filled, dark), and the per-seed or
+    per-model differences as small dots on the same row."""
+    panels = [evaluation for evaluation in evaluations if evaluation.differences]
+    if not panels:
+        return None
+    heights = [_rows_height(len(e.differences)) for e in panels]
+    figure = _figure(8.0, sum(heights) + 0.3)
+    grid = figure.add_gridspec(len(panels), 1, height_ratios=heights)
+    for index, evaluation in enumerate(panels):
+        axes = figure.add_subplot(grid[index])
+        rows = evaluation.differences
+        ys = list(range(len(rows)))[::-1]
+        confidence = round(100 * evaluation.confidence)
+        shown: set[str] = set()
+
+        def once(name: str, shown: set[str] = shown) -> str | None:
+            if name in shown:
+                return None
+            shown.add(name)
+            return name
+
+        axes.axvline(0.0, color="0.3", linewidth=1)
+        for y, entry in zip(ys, rows, strict=True):
+            beyond = entry.beyond_noise
+            colour = "C3" if beyond else "0.55"
+            axes.errorbar(
+                entry.difference, y,
+                xerr=[[entry.difference - entry.ci_low], [entry.ci_high - entry.difference]],
+                fmt="o", color=colour, ecolor=colour, capsize=4, markersize=7,
+                markerfacecolor=colour if beyond else "white",
+                label=once(f"{confidence}% CI, beyond noise" if beyond else
+                           f"{confidence}% CI, within noise"),
+            )  # fmt: skip
+            if entry.points:
+                axes.plot(
+                    entry.points, [y] * len(entry.points), "x", color="0.2", markersize=5,
+                    label=once(f"per {(entry.points_are or 'seed').rstrip('s')}"),
+                )  # fmt: skip
+        labels = [
+            _short(entry.label) + ("  [beyond noise]" if entry.beyond_noise else "")
+            for entry in rows
+        ]
+        axes.set_yticks(ys, labels)
+        axes.set_ylim(-0.7, len(rows) - 0.3)
+        axes.set_xlabel(f"ROUGE-L difference ({confidence}% paired bootstrap interval)")
+        what = "group comparisons" if evaluation.differences_are == "groups" else "vs the baseline"
+        axes.set_title(
+            f"Paired differences, {what}\n{_short(evaluation.source)}", fontsize="medium"
+        )
+        axes.grid(True, axis="x", alpha=0.3)
+        axes.legend(fontsize="small", loc="best")
+    return figure
