@@ -177,6 +177,29 @@ def write_outputs(
     return report_path, records_path
 
 
+def protocol_line(protocol: dict[str, Any] | None, rows: int) -> str:
+    if not protocol:
+        return "scored from predictions"
+    seeds = protocol.get("seeds") or []
+    if protocol["do_sample"]:
+        how = (
+            f"sampling T={protocol['temperature']}, top_p {protocol['top_p']}, no top-k, "
+            f"seeds {','.join(map(str, seeds))}"
+        )
+    else:
+        how = "greedy decoding (one deterministic run)"
+    published = (
+        "the published MiniLLM/DistiLLM protocol"
+        if protocol.get("matches_published_protocol")
+        else "NOT the published protocol (a smaller, quicker setting)"
+    )
+    return (
+        f"protocol {protocol['name']}: {how}, {rows} rows, Alpaca prompt cut to "
+        f"{protocol['max_prompt_length']} tokens, up to {protocol['max_new_tokens']} new tokens; "
+        f"ROUGE-L F x100 (rouge_score, stemmed) - {published}"
+    )
+
+
 def _cell(mean: float, std: float | None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 

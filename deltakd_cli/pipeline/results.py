@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from deltakd_cli.console import console
+from deltakd_cli.evaluate.report import protocol_line
 from deltakd_cli.pipeline.plan import ROLE_LABELS
 
 
@@ -43,29 +44,6 @@ def results_table(report: dict[str, Any]) -> dict[str, Any]:
             entry["per_seed_differences"] = entry.pop("per_model_differences")
         comparisons.append(entry)
     return {"rows": rows, "comparisons": comparisons}
-
-
-def protocol_line(protocol: dict[str, Any] | None, rows: int) -> str:
-    if not protocol:
-        return "scored from predictions"
-    seeds = protocol.get("seeds") or []
-    if protocol["do_sample"]:
-        how = (
-            f"sampling T={protocol['temperature']}, top_p {protocol['top_p']}, no top-k, "
-            f"seeds {','.join(map(str, seeds))}"
-        )
-    else:
-        how = "greedy decoding (one deterministic run)"
-    published = (
-        "the published MiniLLM/DistiLLM protocol"
-        if protocol.get("matches_published_protocol")
-        else "NOT the published protocol (a smaller, quicker setting)"
-    )
-    return (
-        f"protocol {protocol['name']}: {how}, {rows} rows, Alpaca prompt cut to "
-        f"{protocol['max_prompt_length']} tokens, up to {protocol['max_new_tokens']} new tokens; "
-        f"ROUGE-L F x100 (rouge_score, stemmed) - {published}"
-    )
 
 
 def _directories(models: list[str], root: Path) -> str:

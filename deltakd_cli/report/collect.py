@@ -22,14 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltakd_cli.cache.options import CacheOptions, InspectOptions
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.evaluate.options import EvalOptions
+from deltakd_cli.evaluate.report import protocol_line
 from deltakd_cli.options import to_argv
 from deltakd_cli.outputs import MARKER, read_marker
-from deltakd_cli.pipeline.options import DemoOptions, InitStudentOptions, PipelineOptions
-from deltakd_cli.pipeline.plan import ROLE_LABELS
-from deltakd_cli.pipeline.results import protocol_line
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
 METRIC = "rougeL"
@@ -37,17 +33,8 @@ LOOKED_FOR = (
     "run.json or metrics.jsonl (a training run), a REPORT.json eval report (the file, or "
     "report.json in the directory) or summary.json (a pipeline directory)"
 )
-# The options class of each command a run.json may name (to give its command line back).
-OPTIONS_OF = {
-    "cache-teachers": CacheOptions,
-    "inspect": InspectOptions,
-    "distill": DistillOptions,
-    "finetune": FinetuneOptions,
-    "eval": EvalOptions,
-    "init-student": InitStudentOptions,
-    "pipeline": PipelineOptions,
-    "demo": DemoOptions,
-}
+# The options class of each command whose run writes a run.json (to give its command line back).
+OPTIONS_OF = {"distill": DistillOptions, "finetune": FinetuneOptions}
 
 
 @dataclass
@@ -351,8 +338,9 @@ def _difference(
 
 
 def role_labels(summary: dict[str, Any] | None) -> dict[str, str]:
-    """Each role's label as the pipeline's table shows it ("KD student")."""
-    labels = dict(ROLE_LABELS)
+    """Each role's label as the pipeline's table shows it ("KD student"); a pipeline still
+    running (no summary.json yet) shows its roles by name."""
+    labels: dict[str, str] = {}
     rows = ((summary or {}).get("results") or {}).get("rows") or []
     labels.update({row["role"]: row["label"] for row in rows})
     return labels
