@@ -32,7 +32,7 @@ def run_inputs(work: Path) -> tuple[Path, Path]:
     summary = json.loads((work / "summary.json").read_text())
     teacher = summary["roles"]["teacher-base"]
     teacher = teacher[0] if isinstance(teacher, list) else teacher  # older summaries: a string
-    return Path(teacher), Path(summary["settings"]["test"])
+    return Path(teacher), Path(summary["options"]["test"])
 
 
 def held_out_sequences(test: Path, tokenizer, documents: int, tokens: int) -> list[list[int]]:

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
 
-from deltakd_cli import __version__
-from deltakd_cli.commands import COMMANDS, Command, run_command
+from deltakd_cli import __version__, config
+from deltakd_cli.commands import BY_NAME, COMMANDS, Command, run_command
 from deltakd_cli.console import GuardedGroup, run_guarded
-from deltakd_cli.options import from_values, typer_parameters
+from deltakd_cli.errors import DeltakdError
+from deltakd_cli.options import check, from_values, typer_parameters
+
+OPTIONS_BY_COMMAND = {command.name: command.options for command in COMMANDS}
 
 app = typer.Typer(
     name="deltakd",
@@ -40,13 +44,48 @@ def _root(
     """deltakd: Delta-KD for language models."""
 
 
+def options_of(
+    command: Command, values: dict[str, Any], ctx: typer.Context, config_file: Path | None
+) -> Any:
+    """The command's options object: the flags given on the command line, then the config
+    file's values, then the defaults."""
+    given = {
+        name
+        for name in values
+        # by name: typer vendors its own click, whose enum is not click's
+        if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+    }
+    from_config = {}
+    if config_file is not None:
+        from_config = config.load(config_file, command.name, command.options, OPTIONS_BY_COMMAND)
+    return from_values(command.options, config.merge(command.options, values, given, from_config))
+
+
+CONFIG_OPTION = typer.Option(
+    None,
+    "--config",
+    help="YAML (or JSON) file of options, keys as the option names; a run's run.json works "
+    "too. Flags given here win. See: deltakd config show COMMAND.",
+    metavar="FILE",
+)
+
+
 def _callback(command: Command) -> Callable[..., Any]:
-    """A typer callback whose parameters are the options dataclass's fields."""
+    """A typer callback whose parameters are the options dataclass's fields (and --config)."""
 
-    def callback(**values: Any) -> None:
-        run_command(command.name, from_values(command.options, values))
+    def callback(ctx: typer.Context, config_file: Path | None = None, **values: Any) -> None:
+        run_command(command.name, options_of(command, values, ctx, config_file))
 
-    callback.__signature__ = inspect.Signature(typer_parameters(command.options))
+    context = inspect.Parameter(
+        "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+    )
+    config_parameter = inspect.Parameter(
+        "config_file", inspect.Parameter.KEYWORD_ONLY, default=CONFIG_OPTION,
+        annotation=Path | None,
+    )  # fmt: skip
+    callback.__signature__ = inspect.Signature(
+        [context, *typer_parameters(command.options), config_parameter]
+    )
     callback.__name__ = command.name.replace("-", "_")
     callback.__doc__ = " ".join((command.options.__doc__ or "").split())
     return callback
@@ -54,6 +93,45 @@ def _callback(command: Command) -> Callable[..., Any]:
 
 for _command in COMMANDS:
     app.command(_command.name)(_callback(_command))
+
+
+config_app = typer.Typer(
+    help="Config files: print a command's options as YAML to start one from.",
+    no_args_is_help=True,
+)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def _config_show(
+    command: str = typer.Argument(..., help="The command: " + ", ".join(BY_NAME) + "."),
+    config_file: Path | None = typer.Option(
+        None,
+        "--config",
+        help="Show the values this file gives instead of the defaults.",
+        metavar="FILE",
+    ),
+) -> None:
+    """Print COMMAND's options as commented YAML (its defaults, or what --config FILE sets):
+    save it, edit it, run with --config."""
+    if command not in BY_NAME:
+        raise DeltakdError(f"unknown command '{command}' (choose from {', '.join(BY_NAME)})")
+    options = OPTIONS_BY_COMMAND[command]
+    values = {}
+    if config_file is not None:
+        values = config.load(config_file, command, options, OPTIONS_BY_COMMAND)
+        check(from_values(options, {**_all_defaults(options), **values}))
+    typer.echo(config.show(command, options, values), nl=False)
+
+
+def _all_defaults(cls: type) -> dict[str, Any]:
+    import dataclasses
+
+    return {
+        f.name: (f.default if f.default is not dataclasses.MISSING else None)
+        for f in dataclasses.fields(cls)
+        if f.default_factory is dataclasses.MISSING
+    }
 
 
 def main() -> None:

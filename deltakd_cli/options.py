@@ -36,13 +36,17 @@ def opt(
     metavar: str | None = None,
     cli: bool = True,
     default_factory: Any = None,
+    section: str | None = None,
+    key: str | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
     `flags` replace the derived `--field-name` (e.g. a one-way `--resume`); `choices`, `at_least`,
     `above`, `at_most`, `below` and `finite` are checked by `check`; `argument` makes it positional
     (a `list[str]` argument without a default takes one or more values, e.g. `report DIR...`);
-    `cli=False` keeps a field off the command line (set by the program, recorded all the same)."""
+    `cli=False` keeps a field off the command line (set by the program, recorded all the same);
+    `section` and `key` place it in a nested config file (`eval: {limit: 5}` for a pipeline's
+    `eval_limit`; config.py)."""
     metadata = {
         "help": help,
         "flags": tuple(flags) if flags else None,
@@ -55,6 +59,8 @@ def opt(
         "argument": argument,
         "metavar": metavar,
         "cli": cli,
+        "section": section,
+        "key": key,
     }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -96,23 +102,27 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def typer_parameters(cls: type) -> list[inspect.Parameter]:
     """The parameters of a typer command for the options dataclass `cls`, in field order,
-    required ones first (as typer shows them in --help)."""
+    required ones first (as typer shows them in --help). A required option may come from
+    --config instead, so the command line leaves it unset (None) and config.merge names it
+    when it is given nowhere."""
     import typer
 
     hints = _hints(cls)
     parameters = []
     for field in option_fields(cls):
         meta = field.metadata
-        default = field.default if field.default is not REQUIRED else ...
+        required = field.default is REQUIRED and field.default_factory is REQUIRED
+        default = None if required else field.default
+        help_text = meta["help"] + (" (required)" if required else "")
         if field.default_factory is not REQUIRED:
             default = None
         if meta.get("argument"):
-            info = typer.Argument(default, help=meta["help"], metavar=meta.get("metavar"))
+            info = typer.Argument(default, help=help_text, metavar=meta.get("metavar"))
         else:
             names = list(meta["flags"]) if meta.get("flags") else []
-            info = typer.Option(default, *names, help=meta["help"], metavar=meta.get("metavar"))
+            info = typer.Option(default, *names, help=help_text, metavar=meta.get("metavar"))
         annotation = hints[field.name]
-        if field.default_factory is not REQUIRED:
+        if required or field.default_factory is not REQUIRED:
             annotation = annotation | None
         parameters.append(
             inspect.Parameter(

@@ -21,6 +21,7 @@ from deltakd_cli.console import info, progress
 from deltakd_cli.distributed import on_main_first
 from deltakd_cli.errors import DeltakdError, Interrupted
 from deltakd_cli.options import check
+from deltakd_cli.options import record as options_record
 from deltakd_cli.targets import RULES_NEEDING_STUDENT, TAIL_RULES_NEEDING_STUDENT
 
 POSITION_CHUNK = 1024  # positions whose full-vocabulary log-probs are held at once
@@ -501,5 +502,8 @@ def build_manifest(
             "model_dtype": options.dtype,
         },
         "settings": settings,
+        # The run's options: the manifest reads back as a config (--config CACHE/manifest.json).
+        "command": "cache-teachers",
+        "options": options_record(options),
         "shards": shards,
     }

@@ -25,6 +25,7 @@ from deltakd_cli.evaluate.predictions import load_predictions
 from deltakd_cli.evaluate.protocol import Protocol, make_protocol
 from deltakd_cli.evaluate.report import assemble, make_record
 from deltakd_cli.options import check
+from deltakd_cli.options import record as options_record
 from deltakd_cli.sources import file_sha256
 
 
@@ -362,6 +363,8 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
                 load=options.load_settings(),
                 template_from=options.template_from,
             )
+        # The options the eval ran with: the report reads back as a config (--config REPORT.json).
+        report = {**report, "command": "eval", "options": options_record(options)}
         if distributed.is_main_process():  # under torchrun, rank 0 reports and writes
             for table in report_files.report_tables(report):
                 Console().print(table)

@@ -386,6 +386,7 @@ def _init_student(
     record: dict[str, Any] = {
         "tool": "deltakd",
         "version": __version__,
+        "command": "init-student",
         "settings_key": key,
         "source": source_identity,
         "source_layers": num_layers,

@@ -49,6 +49,15 @@ class InitStudentOptions(DataOptions, ModelLoadOptions):
     warmup: float = opt(0.05, help="Warmup: steps (>= 1) or a fraction (< 1).", at_least=0)
     batch_size: int = opt(8, help="Healing examples per optimizer step.", at_least=1)
     max_length: int = opt(256, help="Tokens per healing document.", at_least=2)
+    finetune_epochs: int = opt(
+        3, help="Epochs of the tuned teacher, if made here.", at_least=1, section="finetune"
+    )
+    finetune_lr: float = opt(
+        2e-5, help="Learning rate of the tuned teacher.", above=0, section="finetune"
+    )
+    finetune_batch_size: int = opt(
+        8, help="Batch size of the tuned teacher.", at_least=1, section="finetune"
+    )
     top_k: int = opt(64, help="Ids of the source's distribution kept per position.", at_least=1)
     sft_weight: float = opt(
         0.0, help="Weight of cross-entropy on the text, 0..1.", at_least=0, at_most=1
@@ -84,15 +93,36 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
     )
     student: str | None = opt(None, help="Base student S0 (same tokenizer).")
     student_from: str | None = opt(
-        None, help="Instead of --student: make S0 with init-student from this model."
+        None, help="Instead of --student: make S0 with init-student from this model.",
+        section="init_student", key="source",
+    )  # fmt: skip
+    student_layers: int | None = opt(
+        None, help="init-student: layers to keep.", at_least=1, section="init_student",
+        key="layers",
+    )  # fmt: skip
+    heal_data: str | None = opt(
+        None, help="init-student: unlabelled healing text.", section="init_student"
     )
-    student_layers: int | None = opt(None, help="init-student: layers to keep.", at_least=1)
-    heal_data: str | None = opt(None, help="init-student: unlabelled healing text.")
-    heal_epochs: int = opt(1, help="init-student: passes over the healing text.", at_least=1)
-    heal_steps: int = opt(0, help="init-student: healing steps; > 0 overrides epochs.", at_least=0)
-    heal_lr: float = opt(1e-4, help="init-student: healing learning rate.", above=0)
-    heal_batch_size: int = opt(8, help="init-student: documents per healing step.", at_least=1)
-    heal_max_length: int = opt(256, help="init-student: tokens per healing document.", at_least=2)
+    heal_epochs: int = opt(
+        1, help="init-student: passes over the healing text.", at_least=1,
+        section="init_student",
+    )  # fmt: skip
+    heal_steps: int = opt(
+        0, help="init-student: healing steps; > 0 overrides epochs.", at_least=0,
+        section="init_student",
+    )  # fmt: skip
+    heal_lr: float = opt(
+        1e-4, help="init-student: healing learning rate.", above=0, section="init_student",
+        key="lr",
+    )  # fmt: skip
+    heal_batch_size: int = opt(
+        8, help="init-student: documents per healing step.", at_least=1,
+        section="init_student", key="batch_size",
+    )  # fmt: skip
+    heal_max_length: int = opt(
+        256, help="init-student: tokens per healing document.", at_least=2,
+        section="init_student", key="max_length",
+    )  # fmt: skip
     template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
     template_from: str = opt(
         "tuned",
@@ -105,34 +135,59 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
     max_length: int | None = opt(
         None, help="Tokens per training example (default 1024, or the models' limit).", at_least=2
     )
-    top_k: int = opt(64, help="Ids kept per position in the cache.", at_least=1)
-    alpha: float = opt(1.0, help="Scale of the teachers' shift.", finite=True)
-    epochs: int = opt(3, help="Student epochs (each of sft, kd, delta).", at_least=1)
-    lr: float = opt(2e-5, help="Student peak learning rate.", above=0)
-    batch_size: int = opt(8, help="Examples per micro-batch per process.", at_least=1)
-    grad_accum: int = opt(1, help="Micro-batches per step per process.", at_least=1)
-    warmup: float = opt(0.03, help="Student warmup: steps (>= 1) or a fraction (< 1).", at_least=0)
-    sft_weight: float = opt(
-        0.5, help="lambda: weight of cross-entropy in kd/delta.", at_least=0, at_most=1
+    finetune_epochs: int = opt(
+        3, help="Epochs of the tuned teacher, if made here.", at_least=1, section="finetune"
     )
-    finetune_epochs: int = opt(3, help="Epochs of the tuned teacher, if made here.", at_least=1)
-    finetune_lr: float = opt(2e-5, help="Learning rate of the tuned teacher.", above=0)
-    finetune_batch_size: int = opt(8, help="Batch size of the tuned teacher.", at_least=1)
+    finetune_lr: float = opt(
+        2e-5, help="Learning rate of the tuned teacher.", above=0, section="finetune"
+    )
+    finetune_batch_size: int = opt(
+        8, help="Batch size of the tuned teacher.", at_least=1, section="finetune"
+    )
+    top_k: int = opt(64, help="Ids kept per position in the cache.", at_least=1, section="cache")
+    alpha: float = opt(1.0, help="Scale of the teachers' shift.", finite=True, section="distill")
+    epochs: int = opt(
+        3, help="Student epochs (each of sft, kd, delta).", at_least=1, section="distill"
+    )
+    lr: float = opt(2e-5, help="Student peak learning rate.", above=0, section="distill")
+    batch_size: int = opt(
+        8, help="Examples per micro-batch per process.", at_least=1, section="distill"
+    )
+    grad_accum: int = opt(
+        1, help="Micro-batches per step per process.", at_least=1, section="distill"
+    )
+    warmup: float = opt(
+        0.03, help="Student warmup: steps (>= 1) or a fraction (< 1).", at_least=0,
+        section="distill",
+    )  # fmt: skip
+    sft_weight: float = opt(
+        0.5, help="lambda: weight of cross-entropy in kd/delta.", at_least=0, at_most=1,
+        section="distill",
+    )  # fmt: skip
     seed: int = opt(0, help="Training seed.")
     student_seeds: str | None = opt(
-        None, help="Train each student once per seed, e.g. 0,1,2: the table gives their spread."
-    )
+        None, help="Train each student once per seed, e.g. 0,1,2: the table gives their spread.",
+        section="distill", key="seeds",
+    )  # fmt: skip
     save_every: int = opt(500, help="Checkpoint every N steps (resume on rerun).", at_least=0)
     protocol: str = opt(
-        "minillm", help="Eval protocol: minillm (the field's) or greedy.", choices=PROTOCOLS
+        "minillm", help="Eval protocol: minillm (the field's) or greedy.", choices=PROTOCOLS,
+        section="eval",
+    )  # fmt: skip
+    seeds: str | None = opt(None, help="Eval seeds (default 10,20,30,40,50).", section="eval")
+    max_new_tokens: int | None = opt(
+        None, help="Eval: new tokens (default 256).", at_least=1, section="eval"
     )
-    seeds: str | None = opt(None, help="Eval seeds (default 10,20,30,40,50).")
-    max_new_tokens: int | None = opt(None, help="Eval: new tokens (default 256).", at_least=1)
     max_prompt_length: int | None = opt(
-        None, help="Eval: prompt tokens kept (default 256).", at_least=1
+        None, help="Eval: prompt tokens kept (default 256).", at_least=1, section="eval"
     )
-    eval_limit: int | None = opt(None, help="Eval: first N test rows only.", at_least=1)
-    eval_batch_size: int = opt(8, help="Eval: prompts per generate call.", at_least=1)
+    eval_limit: int | None = opt(
+        None, help="Eval: first N test rows only.", at_least=1, section="eval", key="limit"
+    )
+    eval_batch_size: int = opt(
+        8, help="Eval: prompts per generate call.", at_least=1, section="eval",
+        key="batch_size",
+    )  # fmt: skip
     dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16.", choices=TRAIN_DTYPES)
     device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
     nproc: int = opt(1, help="Processes (GPUs) for the data-parallel stages.", at_least=1)

@@ -70,7 +70,7 @@ def print_results(summary: dict[str, Any], summary_path: Path) -> None:
     table.add_column("model")
     table.add_column("ROUGE-L", justify="right")
     table.add_column("± std over")
-    out = Path(summary["settings"]["out"])
+    out = Path(summary["options"]["out"])
     table.add_column("directory", overflow="fold")
     table.caption = f"relative directories are in {out / 'models'}/"
     for row in rows:

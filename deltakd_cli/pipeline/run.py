@@ -59,7 +59,8 @@ def run_pipeline(
     summary = {
         "tool": "deltakd",
         "version": __version__,
-        "settings": record(options),
+        "command": "pipeline",
+        "options": record(options),  # summary.json reads back as a config
         "roles": roles,
         "stages": records,
         "pipeline_seconds": round(time.perf_counter() - started, 1),
