@@ -154,7 +154,7 @@ def pipeline_dir(tiny, tmp_path_factory, distill_run, held_out_run) -> Path:
         "eval": {"command": "deltakd eval --model a --group 'x=a,b' --compare x:y"},
     }
     summary = {
-        "tool": "deltakd", "settings": {"out": str(out)}, "roles": roles, "stages": stages,
+        "tool": "deltakd", "options": {"out": str(out)}, "roles": roles, "stages": stages,
         "protocol": report["protocol"], "results": results_table(report),
         "report": str(out / "eval" / "report.json"),
     }  # fmt: skip
