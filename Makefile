@@ -16,7 +16,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# What only the tests need: the trackers of --report-to (read back for real, offline).
+$(VENV)/.test-extras: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[tracking]"
+	touch $@
+
+test: install $(VENV)/.test-extras
 	$(PY) -m pytest tests
 
 lint: install

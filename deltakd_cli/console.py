@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import click
@@ -14,16 +18,22 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
+from rich.text import Text
 from typer.core import TyperGroup
 
 from deltakd_cli import distributed
 from deltakd_cli.errors import DeltakdError, Interrupted
 
 DEBUG_ENV = "DELTAKD_DEBUG"  # set: OS errors keep their traceback
+LOG_SECONDS_ENV = "DELTAKD_LOG_SECONDS"  # plain progress lines: at most one every N seconds
+DEFAULT_LOG_SECONDS = 30.0
 
 console = Console(stderr=True, highlight=False)
 
@@ -34,20 +44,193 @@ def info(message: str) -> None:
         console.print(message)
 
 
-def progress(*extra_columns: Any) -> Progress:
-    """A progress display with a bar, counts, elapsed time and ETA; silent on ranks other than 0."""
+class StatusColumn(ProgressColumn):
+    """A task's free text (its `status` field): the column that gives way first, cut with an
+    ellipsis to the width the other columns leave, so the bar's count and ETA always show."""
+
+    def __init__(self) -> None:
+        super().__init__(table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"))
+
+    def render(self, task: Task) -> Text:
+        return Text(str(task.fields.get("status", "")), no_wrap=True, overflow="ellipsis")
+
+
+def progress(unit: str = "step") -> Progress | PlainProgress:
+    """The progress of a stage, silent on ranks other than 0. Tasks take a `status` field (free
+    text: losses, rates, which model).
+
+    In a terminal: a rich bar whose columns fit 80 columns (description, bar, count, elapsed,
+    ETA, then the status, which is cut first). Elsewhere (a file, a pipe, a batch job's log):
+    plain lines (`PlainProgress`), `unit` naming what is counted (`step 12/300`)."""
+    disabled = not distributed.is_main_process()
+    if not disabled and not console.is_terminal and not console.is_jupyter:
+        return PlainProgress(unit, log_seconds())
     return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        TextColumn(
+            "[bold]{task.description}",
+            table_column=Column(max_width=24, no_wrap=True, overflow="ellipsis"),
+        ),
+        BarColumn(bar_width=16),
         MofNCompleteColumn(),
-        *extra_columns,
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
+        StatusColumn(),
         console=console,
-        disable=not distributed.is_main_process(),
+        disable=disabled,
         transient=False,
+        expand=True,
     )
+
+
+def log_seconds() -> float:
+    """DELTAKD_LOG_SECONDS: the least time between two plain progress lines of a task (0: every
+    update); default 30."""
+    raw = os.environ.get(LOG_SECONDS_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_LOG_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        info(
+            f"[yellow]note:[/yellow] {LOG_SECONDS_ENV}={escape(raw)} is not a number of seconds "
+            f">= 0; using {DEFAULT_LOG_SECONDS:g}"
+        )
+        return DEFAULT_LOG_SECONDS
+    return value
+
+
+def clock(seconds: float | None) -> str:
+    """H:MM:SS (as rich shows times), or -:--:-- when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-:--:--"
+    return str(timedelta(seconds=int(max(seconds, 0))))
+
+
+@dataclass
+class _PlainTask:
+    description: str
+    total: float | None
+    completed: float
+    fields: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
+    start_completed: float = 0.0
+    last_line: float = -math.inf
+    shown: tuple | None = None  # the state the last line showed
+    ended: bool = False
+
+    def state(self) -> tuple:
+        return (self.description, self.total, self.completed, str(self.fields.get("status", "")))
+
+    @property
+    def finished(self) -> bool:
+        return self.total is not None and self.completed >= self.total
+
+
+class PlainProgress:
+    """Progress as plain, complete lines on stderr, for output that is not a terminal: a line
+    when a task starts, then at most one every `every` seconds, and one when it ends (or when the
+    stage stops), each flushed at once:
+
+        distill step 12/300 (4%) loss 1.2345 sft 1.1 ... elapsed 0:01:02 eta 0:24:10
+
+    The ETA comes from the rate since the task started. Same calls as rich's Progress
+    (`add_task`, `update`, `advance`, a context manager)."""
+
+    def __init__(self, unit: str = "step", every: float = DEFAULT_LOG_SECONDS) -> None:
+        self.unit = unit
+        self.every = every
+        self.tasks: dict[int, _PlainTask] = {}
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for task in self.tasks.values():  # the end of the stage: where every task stands
+            if task.shown != task.state():
+                self._line(task)
+
+    def add_task(
+        self, description: str, total: float | None = None, completed: float = 0, **fields: Any
+    ) -> int:
+        task_id = len(self.tasks)
+        task = _PlainTask(str(description), total, completed, dict(fields))
+        task.start_completed = completed
+        self.tasks[task_id] = task
+        self._line(task)
+        return task_id
+
+    def update(
+        self,
+        task_id: int,
+        *,
+        total: float | None = None,
+        completed: float | None = None,
+        advance: float | None = None,
+        description: str | None = None,
+        **fields: Any,
+    ) -> None:
+        task = self.tasks[task_id]
+        fields.pop("visible", None)
+        fields.pop("refresh", None)
+        if total is not None:
+            task.total = total
+        if completed is not None:
+            task.completed = completed
+        if advance is not None:
+            task.completed += advance
+        if description is not None:
+            task.description = str(description)
+        task.fields.update(fields)
+        if task.finished and not task.ended:
+            task.ended = True
+            self._line(task)
+        elif time.monotonic() - task.last_line >= self.every and task.shown != task.state():
+            self._line(task)
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def line(self, task_id: int) -> str:
+        """A task's progress line as it stands."""
+        task = self.tasks[task_id]
+        completed = _number(task.completed)
+        parts = [task.description, self.unit]
+        if task.total:
+            percent = math.floor(100 * task.completed / task.total)
+            parts.append(f"{completed}/{_number(task.total)} ({percent}%)")
+        else:
+            parts.append(completed)
+        status = " ".join(str(task.fields.get("status", "")).split())
+        if status:
+            parts.append(status)
+        elapsed = time.monotonic() - task.started
+        parts += [f"elapsed {clock(elapsed)}", f"eta {clock(self._eta(task, elapsed))}"]
+        return " ".join(part for part in parts if part)
+
+    def _eta(self, task: _PlainTask, elapsed: float) -> float | None:
+        if task.total is None:
+            return None
+        if task.finished:
+            return 0.0
+        done = task.completed - task.start_completed
+        if done <= 0 or elapsed <= 0:
+            return None
+        return (task.total - task.completed) * elapsed / done
+
+    def _line(self, task: _PlainTask) -> None:
+        task_id = next(key for key, value in self.tasks.items() if value is task)
+        out = console.file
+        out.write(self.line(task_id) + "\n")
+        out.flush()
+        task.last_line = time.monotonic()
+        task.shown = task.state()
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def report_error(error: DeltakdError) -> None:

@@ -332,8 +332,8 @@ def _cache_teachers(
     )
     pad_id = tokenizer.pad_token_id
     started, tokens_done = time.perf_counter(), 0
-    with progress() as bar:
-        task = bar.add_task("cache-teachers", total=sum(len(b) for b in batches))
+    with progress("example") as bar:
+        task = bar.add_task("cache-teachers", total=sum(len(b) for b in batches), status="")
         bar.update(task, completed=sum(len(b) for b in batches[:done]))
         for batch in batches[done:]:
             items = [tokenized[i] for i in batch]
@@ -351,7 +351,7 @@ def _cache_teachers(
             )
             tokens_done += len(rows)
             rate = tokens_done / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=len(batch), description=f"cache-teachers {rate:,.0f} tok/s")
+            bar.update(task, advance=len(batch), status=f"{rate:,.0f} tok/s")
     committed = writer.close()
     loop_seconds = time.perf_counter() - started
     if committed["positions"] != my_targets:

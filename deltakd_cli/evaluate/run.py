@@ -175,7 +175,7 @@ def evaluate_models(
             examples, protocol.template, renderer, protocol.max_prompt_length
         )
         truncated_counts[spec] = sum(p.truncated for p in prompts_of[spec])
-    with progress() as bar:
+    with progress("generation") as bar:
         for spec in model_specs:
             tokenizer, prompts = tokenizers[spec], prompts_of[spec]
             model = models.load_model(spec, torch_dtype, torch_device, settings=load)
@@ -189,9 +189,9 @@ def evaluate_models(
                 )
             )
             shown = spec + (f" (rank 0 of {world})" if world > 1 else "")
-            task = bar.add_task(shown, total=mine * runs)
+            task = bar.add_task("eval", total=mine * runs, status=shown)
             for seed in protocol.seeds:
-                bar.update(task, description=shown + (f" seed {seed}" if seed is not None else ""))
+                bar.update(task, status=shown + (f" seed {seed}" if seed is not None else ""))
                 texts = generate_texts(
                     model,
                     tokenizer,

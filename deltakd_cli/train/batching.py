@@ -217,6 +217,31 @@ class RunPlan:
         return sum(spec.num_targets for spec in self.step_batches(step))
 
 
+def evaluation_batches(
+    store: ExampleStore, batch_size: int | None, max_tokens: int | None
+) -> list[BatchSpec]:
+    """Every example of `store` once, in store order, in micro-batches of the training sizes:
+    the fixed batches of a held-out evaluation."""
+    specs = []
+    for shard in range(store.num_shards):
+        lengths = store.shard_lengths(shard)
+        if len(lengths) == 0:
+            continue
+        num_tokens, num_targets = lengths[:, 0], lengths[:, 1]
+        target_sums = np.concatenate([[0], np.cumsum(num_targets)])
+        for start, stop in shard_boundaries(num_tokens, batch_size, max_tokens):
+            specs.append(
+                BatchSpec(
+                    shard=shard,
+                    start=start,
+                    stop=stop,
+                    num_targets=int(target_sums[stop] - target_sums[start]),
+                    padded_tokens=int((stop - start) * num_tokens[start:stop].max()),
+                )
+            )
+    return specs
+
+
 def collate(
     examples: list[CachedExample], pad_id: int, with_student: bool = True
 ) -> dict[str, Any]:

@@ -210,6 +210,45 @@ def write_checkpoint(
     return final
 
 
+BEST_DIR = "best"  # OUT/checkpoints/best: the weights of the lowest held-out loss (--keep-best)
+
+
+def write_best(out: Path, step: int, model: dict[str, torch.Tensor], eval_loss: float) -> None:
+    """(rank 0) Replace OUT/checkpoints/best with these weights; the new one is complete before
+    the old one goes."""
+    final = out / "checkpoints" / BEST_DIR
+    partial = out / "checkpoints" / f".{BEST_DIR}.partial"
+    with outputs.writing(partial, 2 * state_bytes(model)):
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        save_tensors(model, partial / "model.pt")
+        record = {"step": step, "eval_loss": eval_loss, "version": __version__}
+        outputs.atomic_write_text(partial / "best.json", json.dumps(record, indent=2))
+        old = out / "checkpoints" / f".{BEST_DIR}.old"
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        partial.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_best(out: Path, through_step: int | None = None) -> dict[str, Any] | None:
+    """The best weights' record ({"step", "eval_loss"}), or None when there are none (or, with
+    `through_step`, when they come from a step after it: a resume goes back to its checkpoint)."""
+    found = out / "checkpoints" / BEST_DIR / "best.json"
+    if not found.is_file():
+        return None
+    record = json.loads(found.read_text())
+    if through_step is not None and record["step"] > through_step:
+        return None
+    return record
+
+
+def best_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_tensors(out / "checkpoints" / BEST_DIR / "model.pt")
+
+
 @dataclass
 class Checkpoint:
     step: int

@@ -16,9 +16,11 @@ from deltakd_cli import faults, outputs
 from deltakd_cli.train.checkpoint import state_bytes
 
 EXPORT_FILE_ORDER_LAST = ("config.json",)  # moved last: before it arrives, OUT does not load
+# What --report-to writes into OUT (tracking.py): TensorBoard, W&B, a local MLflow store.
+TRACKER_DIRS = ("runs", "wandb", "mlruns")
 # What a training run writes into OUT besides the exported model files (recorded in the
 # output marker as they are written): what --overwrite removes, and nothing else.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "run.json", ".export.partial")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "run.json", ".export.partial", *TRACKER_DIRS)
 
 
 def stop_tokens(student: Any, tokenizer: Any, template: dict[str, Any] | None) -> list[int]:

@@ -29,6 +29,28 @@ class TrainingData:
     use_cached_student: bool = False  # read and use the cache's S0 log-probs
     needs_frozen_student: bool = False  # run a frozen copy of the initial student
     template: dict[str, Any] | None = None  # how prompts were rendered (the cache's record)
+    eval_store: batching.ExampleStore | None = None  # --eval-data: the held-out examples
+
+
+def with_eval_data(training: TrainingData, held_out: TrainingData, eval_data: str) -> TrainingData:
+    """`training` with the held-out examples of `held_out` (read from --eval-data), which must
+    give the same target: same vocabulary, same cached-student use, same alpha."""
+    pairs = (
+        ("vocabulary size", training.vocab_size, held_out.vocab_size),
+        ("cached base-student log-probs", training.use_cached_student, held_out.use_cached_student),
+        ("alpha", training.cache_alpha, held_out.cache_alpha),
+    )
+    for what, trained, held in pairs:
+        if trained != held:
+            raise DeltakdError(
+                f"--eval-data {eval_data} does not match the training data: its {what} is {held}, "
+                f"the training data's {trained} (build it the same way, on the held-out rows)"
+            )
+    training.eval_store = held_out.store
+    training.provenance["eval_data"] = {
+        key: held_out.provenance[key] for key in ("cache", "data") if key in held_out.provenance
+    }
+    return training
 
 
 def finetune_data(options: FinetuneOptions, tokenizer: Any) -> TrainingData:

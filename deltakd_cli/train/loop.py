@@ -18,17 +18,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import TextColumn
 from torch import nn
 
 from deltakd_cli import __version__, distributed, faults, models, outputs
 from deltakd_cli.console import console, info, progress
 from deltakd_cli.errors import DeltakdError, Interrupted
 from deltakd_cli.options import record
+from deltakd_cli.tracking import Trackers, log_record, open_trackers
 from deltakd_cli.train import batching, checkpoint
 from deltakd_cli.train import step as step_math
 from deltakd_cli.train.export import RUN_FILES, export_model, write_record
-from deltakd_cli.train.inputs import TrainingData, distill_data, finetune_data
+from deltakd_cli.train.inputs import TrainingData, distill_data, finetune_data, with_eval_data
 from deltakd_cli.train.objective import ObjectiveModule, enable_activation_checkpointing
 from deltakd_cli.train.options import (
     OPTION_NAMES,
@@ -76,6 +76,7 @@ class Trainer:
         self.compute_dtype = models.resolve_dtype(options.dtype, self.device)
         self.identity = self._identity()
         self.lock: outputs.OutputLock | None = None
+        self.trackers_used: dict[str, Any] = {}
 
     def _identity(self) -> dict[str, Any]:
         """The options that matter for a resume, as a checkpoint records them."""
@@ -273,6 +274,11 @@ class Trainer:
         """The model directory and the run's record (every rank gathers the state; rank 0
         writes)."""
         model_state = self._model_state()
+        best = checkpoint.read_best(self.out) if self.options.keep_best else None
+        if best is not None and self.rank == 0:
+            model_state = checkpoint.best_weights(self.out)
+            info(f"exporting the best held-out weights: step {best['step']}, "
+                 f"held-out loss {best['eval_loss']:.4f}")  # fmt: skip
         summary = {
             "tool": "deltakd",
             "version": __version__,
@@ -289,6 +295,8 @@ class Trainer:
                 "vocab_size": self.vocab_size,
                 "use_cached_student": self.data.use_cached_student,
                 "frozen_student": self.data.needs_frozen_student,
+                "trackers": self.trackers_used,
+                "exported_step": best["step"] if best is not None else self.total_steps,
             },
             "provenance": self.data.provenance,
             "student": None,
@@ -328,11 +336,17 @@ class Trainer:
         max_norm = options.max_grad_norm or float("inf")
         history: list[dict[str, Any]] = []
         tokens_done = 0
+        # cumulative over the whole run, a resumed one included (the plan knows every step)
+        tokens_seen = sum(self.plan.step_targets(s) for s in range(start_step))
         started = time.perf_counter()
         metrics_file = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
-        columns = TextColumn("{task.fields[status]}")
+        best = checkpoint.read_best(self.out, through_step=start_step) if start_step else None
+        best_loss = best["eval_loss"] if best is not None else math.inf
+        last_eval: dict[str, float] = {}
+        trackers, failed = Trackers(), True
         try:
-            with progress(columns) as bar:
+            trackers = self._open_trackers()
+            with progress() as bar:
                 task = bar.add_task(
                     options.command, total=self.total_steps, completed=start_step, status=""
                 )
@@ -354,6 +368,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     seconds = time.perf_counter() - step_started
                     tokens_done += global_targets
+                    tokens_seen += global_targets
                     epoch, _ = self.plan.locate(step)
                     record = {
                         "step": step + 1,
@@ -364,18 +379,29 @@ class Trainer:
                         "lr": lr,
                         "grad_norm": grad_norm,
                         "target_tokens": global_targets,
+                        "target_tokens_seen": tokens_seen,
                         "tokens_per_s": global_targets / max(seconds, 1e-9),
                         "elapsed_s": time.perf_counter() - started,
                     }
+                    evaluated = self._evaluate_now(step + 1)
+                    if evaluated:
+                        last_eval = self._held_out_loss()
+                        record.update(last_eval)
+                        if options.keep_best and last_eval["eval_loss"] < best_loss:
+                            best_loss = last_eval["eval_loss"]
+                            self._save_best(step + 1, best_loss)
                     history.append(record)
                     history = history[-50:]
                     if metrics_file is not None and (
-                        (step + 1) % options.log_every == 0 or step + 1 == self.total_steps
+                        (step + 1) % options.log_every == 0
+                        or step + 1 == self.total_steps
+                        or evaluated
                     ):
                         with outputs.writing(self.out / "metrics.jsonl"):
                             faults.point("metrics")
                             metrics_file.write(json.dumps(record) + "\n")
                             metrics_file.flush()
+                        log_record(trackers, record)
                     bar.update(task, completed=step + 1, status=_status(record, options.objective))
                     if (
                         options.save_every
@@ -383,9 +409,11 @@ class Trainer:
                         and step + 1 < self.total_steps
                     ):
                         self._save_checkpoint(step + 1)
+            failed = False
         finally:
             if metrics_file is not None:
                 metrics_file.close()
+            trackers.close(failed=failed)
         elapsed = time.perf_counter() - started
         last = history[-10:]
         return {
@@ -398,7 +426,86 @@ class Trainer:
             "target_tokens": tokens_done,
             "seconds": elapsed,
             "tokens_per_s": tokens_done / elapsed if elapsed > 0 else None,
+            **last_eval,
+            **(
+                {"best_eval_loss": best_loss}
+                if options.keep_best and math.isfinite(best_loss)
+                else {}
+            ),
         }
+
+    # -- held-out loss ------------------------------------------------------------------------
+
+    def _evaluate_now(self, step: int) -> bool:
+        if self.data.eval_store is None:
+            return False
+        every = self.options.eval_every
+        return step == self.total_steps or (every > 0 and step % every == 0)
+
+    def _held_out_loss(self) -> dict[str, float]:
+        """The objective and its parts over every held-out example, per target token (each rank
+        takes every world_size-th batch; the sums are all-reduced). Dropout is off; nothing here
+        draws random numbers, so training goes on exactly as without it."""
+        store = self.data.eval_store
+        specs = batching.evaluation_batches(
+            store, self.options.batch_size, self.options.max_tokens_per_batch
+        )
+        targets = sum(spec.num_targets for spec in specs)
+        mine = specs[self.rank :: self.world_size]
+        rounds = -(-len(specs) // self.world_size)
+        # DDP's forward syncs buffers, so it is skipped; FSDP2 gathers shards collectively, so
+        # every rank runs the same number of forwards (a rank short of batches repeats one).
+        forward = self.wrapped if self.options.fsdp else self.module
+        totals = torch.zeros(3, device=self.device)
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                for index in range(rounds):
+                    if index >= len(mine) and not self.options.fsdp:
+                        break
+                    spec = mine[index] if index < len(mine) else specs[0]
+                    examples = store.read_examples(spec.shard, spec.start, spec.stop)
+                    batch = batching.collate(
+                        examples, self.tokenizer.pad_token_id, self.data.use_cached_student
+                    )
+                    sums = forward(step_math.batch_to(batch, self.device))
+                    if index < len(mine):
+                        totals += sums.float()
+        finally:
+            self.student.train()
+        loss, sft, distill = (float(v) for v in (distributed.all_reduce_sum(totals) / targets))
+        return {
+            "eval_loss": loss,
+            "eval_sft": sft,
+            "eval_distill": distill,
+            "eval_target_tokens": targets,
+        }
+
+    def _save_best(self, step: int, eval_loss: float) -> None:
+        state = self._model_state()  # every rank (FSDP2 gathers); rank 0 writes
+        if self.rank == 0:
+            checkpoint.write_best(self.out, step, state, eval_loss)
+        distributed.barrier()
+
+    def _open_trackers(self) -> Trackers:
+        """(rank 0) The --report-to trackers, with the run's options as parameters; a tracker
+        that cannot start stops every rank with its one line."""
+        opened = Trackers()
+
+        def start() -> None:
+            nonlocal opened
+            name = self.out.resolve().name
+            opened = open_trackers(
+                self.options.report_to,
+                self.out,
+                name,
+                record(self.options),
+                job_type=self.options.command,
+            )
+            self.trackers_used = opened.describe()
+
+        distributed.on_main_first(start)
+        return opened
 
     def _stop_on_non_finite(self, step: int, loss: float, grad_norm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -434,7 +541,9 @@ def _status(record: dict[str, Any], objective: str) -> str:
     if objective != "sft":
         parts += [f"sft {record['sft']:.4f}", f"distill {record['distill']:.4f}"]
     parts += [f"lr {record['lr']:.2e}", f"{record['tokens_per_s']:,.0f} tok/s"]
-    return " · ".join(parts)
+    if "eval_loss" in record:
+        parts.append(f"held-out {record['eval_loss']:.4f}")
+    return " ".join(parts)
 
 
 def print_summary(summary: dict[str, Any], out: str) -> None:
@@ -495,15 +604,37 @@ def _resume_hint(options: TrainOptions) -> str:
 
 def distill(options: DistillOptions) -> dict[str, Any]:
     """`deltakd distill`: train the student on a teachers' cache."""
-    outputs.check_not_input(options.out, {"--cache": options.cache, "--student": options.student})
-    return _run(options, lambda tokenizer: distill_data(options, tokenizer))
+    outputs.check_not_input(
+        options.out,
+        {"--cache": options.cache, "--student": options.student, "--eval-data": options.eval_data},
+    )
+
+    def prepare(tokenizer: Any) -> TrainingData:
+        training = distill_data(options, tokenizer)
+        if options.eval_data is None:
+            return training
+        held_out = distill_data(dataclasses.replace(options, cache=options.eval_data), tokenizer)
+        return with_eval_data(training, held_out, options.eval_data)
+
+    return _run(options, prepare)
 
 
 def finetune(options: FinetuneOptions) -> dict[str, Any]:
     """`deltakd finetune`: supervised finetuning on a JSONL file (objective sft)."""
-    outputs.check_not_input(options.out, {"--model": options.model, "--data": options.data})
+    outputs.check_not_input(
+        options.out,
+        {"--model": options.model, "--data": options.data, "--eval-data": options.eval_data},
+    )
     max_length = models.resolve_max_length(
         options.max_length, {"--model": options.model}, options.load_settings()
     )
     options = dataclasses.replace(options, max_length=max_length)
-    return _run(options, lambda tokenizer: finetune_data(options, tokenizer))
+
+    def prepare(tokenizer: Any) -> TrainingData:
+        training = finetune_data(options, tokenizer)
+        if options.eval_data is None:
+            return training
+        held_out = finetune_data(dataclasses.replace(options, data=options.eval_data), tokenizer)
+        return with_eval_data(training, held_out, options.eval_data)
+
+    return _run(options, prepare)

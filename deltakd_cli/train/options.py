@@ -12,6 +12,7 @@ from deltakd_cli.errors import DeltakdError
 from deltakd_cli.losses import OBJECTIVES
 from deltakd_cli.models import DTYPES, ModelLoadOptions
 from deltakd_cli.options import check, opt
+from deltakd_cli.tracking import parse_report_to
 
 # Options whose change would make a resumed run differ from the interrupted one.
 OPTIONS_THAT_MATTER = (
@@ -36,6 +37,8 @@ OPTIONS_THAT_MATTER = (
     "max_tokens_per_batch",
     "max_grad_norm",
     "seed",
+    "eval_every",
+    "keep_best",
     "compute_dtype",
     "world_size",
     "fsdp",
@@ -104,6 +107,24 @@ class TrainOptions(ModelLoadOptions):
         at_least=0,
     )  # fmt: skip
     log_every: int = opt(1, help="Write a metrics.jsonl line every N steps.", at_least=1)
+    eval_data: str | None = opt(
+        None,
+        help="Held-out data for a held-out loss. distill: a cache of held-out rows (cache-teachers "
+        "with the same teachers and student); finetune: held-out rows (the formats of --data).",
+    )
+    eval_every: int = opt(
+        0, help="Held-out loss every N steps and at the end (0: at the end only).", at_least=0
+    )
+    keep_best: bool = opt(
+        False,
+        help="Export the weights of the lowest held-out loss instead of the last.",
+        flags=("--keep-best",),
+    )
+    report_to: str = opt(
+        "none",
+        help="Also log the metrics.jsonl lines and the options to trackers: tensorboard, wandb, "
+        "mlflow (comma-separated) or none. Needs pip install 'deltakd[tracking]'.",
+    )
     overwrite: bool = opt(
         False, help="Replace a finished run or checkpoints in OUT (only the files deltakd wrote)."
     )
@@ -181,6 +202,14 @@ class FinetuneOptions(TrainOptions, DataOptions):
 def validate(options: TrainOptions) -> None:
     """Refuse bad numbers before anything is loaded."""
     check(options)
+    parse_report_to(options.report_to)
+    if options.eval_data is None:
+        for flag, given in (
+            ("--eval-every", options.eval_every),
+            ("--keep-best", options.keep_best),
+        ):
+            if given:
+                raise DeltakdError(f"{flag} needs --eval-data (the held-out data)")
     if options.warmup >= 1 and not float(options.warmup).is_integer():
         raise DeltakdError(
             f"--warmup is a fraction (< 1) or a whole number of steps, got {options.warmup}"
