@@ -144,7 +144,11 @@ def test_the_demo_config_is_the_demo(captured):
         "base_model": "runs/demo/models/teacher-base",
         "model_source": {"sha256": "0" * 64},
         "data": assets.DemoData(
-            data / "train.jsonl", data / "test.jsonl", data / "heal.jsonl", data / "sources.json"
+            data / "train.jsonl",
+            data / "test.jsonl",
+            data / "heal.jsonl",
+            data / "sources.json",
+            validation=data / "validation.jsonl",
         ),
     }
     demo = demo_settings(DemoOptions(), DEFAULT_PROFILE, prepared)

@@ -88,6 +88,7 @@ def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
     assert ("student-delta", "student-kd") in pairs and ("student-delta", "student-sft") in pairs
     assert all(not record["skipped"] for record in summary["stages"].values())
     assert summary["stages"]["distill delta"]["command"].startswith("deltakd distill --cache")
+    check_held_out_and_outputs(tiny, out, summary)
 
     again = run_cli(args)
     assert again.exit_code == 0, again.output
@@ -100,6 +101,7 @@ def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
         "init-student",
         "finetune the tuned teacher",
         "cache-teachers",
+        "cache-teachers (held-out rows)",
         "distill sft",
     }
     run = json.loads((out / "models" / "student-kd" / "run.json").read_text())
@@ -113,6 +115,7 @@ def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
         "init-student",
         "finetune the tuned teacher",
         "cache-teachers",
+        "cache-teachers (held-out rows)",
     }
     summary = json.loads((out / "summary.json").read_text())
     for objective in plan.STUDENT_OBJECTIVES:
@@ -135,6 +138,39 @@ def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
     assert len(delta_vs_kd["per_seed_differences"]) == 2
     assert "per training seed:" in seeded.output
     assert "student-kd-seed{3,4}" in flat(seeded.output)  # the table folds a role's seeds
+
+
+def check_held_out_and_outputs(tiny, out: Path, summary: dict) -> None:
+    """The held-out split is train rows only (never test), every training stage logged a
+    held-out loss on it, each trained model has a card with its eval result, and the report."""
+    train_rows = Path(tiny.train).read_text().splitlines()
+    test_rows = set(Path(tiny.test).read_text().splitlines())
+    kept = (out / "data" / "train.jsonl").read_text().splitlines()
+    held = (out / "data" / "validation.jsonl").read_text().splitlines()
+    split = json.loads((out / "data" / "split.json").read_text())
+    assert len(held) == len(split["validation_rows"]) == round(0.05 * len(train_rows)) == 1
+    assert [json.loads(r) for r in held] == [
+        json.loads(train_rows[i]) for i in split["validation_rows"]
+    ]
+    assert len(kept) + len(held) == len(train_rows)
+    assert not (
+        {json.dumps(json.loads(r)) for r in held} & {json.dumps(json.loads(r)) for r in test_rows}
+    )
+    assert summary["held_out"]["validation"] == str(out / "data" / "validation.jsonl")
+    held_out_cache = json.loads((out / "cache-validation" / "manifest.json").read_text())
+    assert held_out_cache["counts"]["examples"] == 1
+    for name in ("student-sft", "student-kd", "student-delta", "teacher-tuned"):
+        lines = [
+            json.loads(x)
+            for x in (out / "models" / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert "eval_loss" in lines[-1], name
+        card = (out / "models" / name / "README.md").read_text()
+        assert "## Evaluation" in card and "ROUGE-L" in card, name
+    card = (out / "models" / "student-delta" / "README.md").read_text()
+    assert "Delta-KD" in card and "held-out loss" in card
+    assert (out / "report" / "index.html").is_file() and (out / "report" / "rougeL.png").is_file()
+    assert summary["report_html"] == str(out / "report" / "index.html")
 
 
 # ----------------------------------------------------------------------------- the demo path

@@ -153,6 +153,8 @@ def test_split_is_disjoint_deterministic_and_recorded(tmp_path):
         "extra_texts": 10,
     }
     assert all(len((r["prompt"] + r["response"]).split()) <= 30 for r in heal)
+    # all 12 unused abstracts went to healing: none is left to hold out
+    assert made.validation is None and record["files"]["validation"] is None
     assert sorted(record["split"]["test_rows"]) == sorted(int(i) for i in test_ids)
     assert record["files"]["train"]["sha256"] == file_sha256(made.train)
 
@@ -167,6 +169,23 @@ def test_split_is_disjoint_deterministic_and_recorded(tmp_path):
     key = lambda rows: sorted(r["input"] for r in rows)  # noqa: E731
     assert key(read_jsonl(other.test)) == key(test)
     assert key(read_jsonl(other.train)) == key(train)
+
+
+def test_validation_rows_are_task_rows_in_no_split_and_not_healed_on(tmp_path):
+    task = task_file(tmp_path / "task.jsonl", 40)
+    settings = assets.SplitSettings(
+        train_rows=20, test_rows=8, max_abstract_words=10, heal_rows=24, validation_rows=5
+    )
+    made = assets.prepare_data(task, {}, None, None, tmp_path / "a", settings)
+    train, test = read_jsonl(made.train), read_jsonl(made.test)
+    validation, heal = read_jsonl(made.validation), read_jsonl(made.heal)
+    abstracts = lambda rows: {r["input"] for r in rows}  # noqa: E731
+    assert len(validation) == 5
+    assert not abstracts(validation) & (abstracts(train) | abstracts(test))
+    record = json.loads(made.sources.read_text())
+    healed = {int(r["id"].split("-")[1]) for r in heal if r["id"].startswith("abstract")}
+    assert not healed & set(record["split"]["validation_rows"])
+    assert record["files"]["validation"]["sha256"] == file_sha256(made.validation)
 
 
 def test_split_refuses_more_rows_than_the_file_has(tmp_path):

@@ -131,6 +131,8 @@ def test_distill_exports_a_loadable_model_with_provenance(tiny, cache, tmp_path)
     assert run["resolved"]["use_cached_student"] is True
     assert run["resolved"]["frozen_student"] is False
     assert run["options"]["objective"] == "delta"
+    card = (out / "README.md").read_text()  # the model card
+    assert "Delta-KD" in card and run["student"]["weights_sha256"][:12] in card
 
 
 def test_kill_9_then_resume_ends_with_identical_weights(tiny, cache, tmp_path, monkeypatch):

@@ -184,6 +184,9 @@ class SplitSettings:
     max_abstract_words: int = 64  # prompts of ~160 tokens; the instruction is never cut
     heal_rows: int = 120  # unlabelled documents for healing (0: none)
     heal_max_words: int = 160
+    # Held-out rows for the held-out loss while training: task rows in neither split whose
+    # abstracts the healing text did not take, from the end of the order (0: none).
+    validation_rows: int = 20
 
 
 @dataclass
@@ -276,6 +279,7 @@ class DemoData:
     heal: Path | None
     sources: Path
     record: dict[str, Any] = field(default_factory=dict)
+    validation: Path | None = None  # held-out task rows for the held-out loss
 
 
 def prepare_data(
@@ -325,6 +329,12 @@ def prepare_data(
     heal_path = out_dir / "heal.jsonl" if heal_rows else None
     if heal_path is not None:
         _write_jsonl(heal_path, heal_rows)
+    healed = {row["id"] for row in heal_rows if "id" in row}
+    left = [r for r in unused if f"abstract-{r.row}" not in healed]
+    validation = left[len(left) - min(settings.validation_rows, len(left)) :]
+    validation_path = out_dir / "validation.jsonl" if validation else None
+    if validation_path is not None:
+        _write_jsonl(validation_path, [task_row_json(r, words) for r in validation])
 
     record = {
         "deltakd_version": __version__,
@@ -339,11 +349,15 @@ def prepare_data(
             "distinct_rows": len(rows),
             "test_rows": [r.row for r in test],
             "train_rows": [r.row for r in train],
+            "validation_rows": [r.row for r in validation],
             "abstract_truncation": f"first {words} words of the abstract (instruction kept)",
         },
         "files": {
             "train": {"path": "train.jsonl", "rows": len(train)},
             "test": {"path": "test.jsonl", "rows": len(test)},
+            "validation": (
+                {"path": "validation.jsonl", "rows": len(validation)} if validation_path else None
+            ),
             "heal": (
                 {
                     "path": "heal.jsonl",
@@ -360,10 +374,13 @@ def prepare_data(
             ),
         },
     }
-    for name in ("train", "test", "heal"):
+    for name in ("train", "test", "validation", "heal"):
         entry = record["files"][name]
         if entry:
             entry["sha256"] = file_sha256(out_dir / entry["path"])
     sources = out_dir / SOURCES_FILE
     sources.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    return DemoData(out_dir / "train.jsonl", out_dir / "test.jsonl", heal_path, sources, record)
+    return DemoData(
+        out_dir / "train.jsonl", out_dir / "test.jsonl", heal_path, sources, record,
+        validation=validation_path,
+    )  # fmt: skip

@@ -160,6 +160,10 @@ def demo_settings(options: DemoOptions, profile: DemoProfile, prepared: dict) ->
         teacher_base=base,
         train=str(demo_data.train),
         test=str(demo_data.test),
+        # held-out task rows (never test rows); without them nothing is split off train, so
+        # every student trains on exactly the demo's train rows
+        validation=str(demo_data.validation) if demo_data.validation else None,
+        validation_fraction=0.0,
         student_from=base,
         student_layers=profile.student_layers,
         heal_data=str(demo_data.heal) if demo_data.heal else None,
@@ -253,4 +257,7 @@ def _run_demo(options: DemoOptions, runner: Runner, profile: DemoProfile | None)
     summary_path = settings.out_path / "summary.json"
     outputs.atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str) + "\n")
     info(f"demo finished in {wall / 60:.1f} minutes (estimate {total / 60:.0f})")
+    if summary.get("report_html"):
+        info(f"[bold]report[/bold] (loss curves, ROUGE-L, paired differences): "
+             f"{summary['report_html']}")  # fmt: skip
     return summary

@@ -87,6 +87,18 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
     train: str = opt(help="Training rows (JSONL, JSON, parquet, CSV, datasets dir, Hub name).")
     test: str = opt(help="Held-out rows with references (same formats).")
     test_split: str | None = opt(None, help="Split of --test when it is a datasets source.")
+    validation: str | None = opt(
+        None,
+        help="Held-out rows for the held-out loss while training (same formats as --train; "
+        "default: a split of --train, never --test).",
+    )
+    validation_fraction: float = opt(
+        0.05,
+        help="Without --validation: the share of --train held out for the held-out loss "
+        "(at most 1,000 rows; 0: none).",
+        at_least=0,
+        below=0.5,
+    )
     out: str = opt("runs/pipeline", help="Where every stage writes.")
     teacher_tuned: str | None = opt(
         None, help="Tuned teacher (default: finetune the base teacher on --train)."
@@ -164,6 +176,14 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
         0.5, help="lambda: weight of cross-entropy in kd/delta.", at_least=0, at_most=1,
         section="distill",
     )  # fmt: skip
+    eval_every: int = opt(
+        0, help="Held-out loss every N steps (0: about ten times a run).", at_least=0,
+        section="distill",
+    )  # fmt: skip
+    keep_best: bool = opt(
+        False, help="Export each student at its lowest held-out loss.", flags=("--keep-best",),
+        section="distill",
+    )  # fmt: skip
     seed: int = opt(0, help="Training seed.")
     student_seeds: str | None = opt(
         None, help="Train each student once per seed, e.g. 0,1,2: the table gives their spread.",
@@ -191,6 +211,13 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
     dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16.", choices=TRAIN_DTYPES)
     device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
     nproc: int = opt(1, help="Processes (GPUs) for the data-parallel stages.", at_least=1)
+    report_to: str = opt(
+        "none",
+        help="Log every training stage, and the eval's ROUGE-L, to trackers: tensorboard, "
+        "wandb, mlflow (comma-separated) or none. Needs pip install 'deltakd[tracking]'.",
+    )
+    # The held-out split the run made of --train (train and validation files), if any.
+    held_out: dict[str, str] = opt(default_factory=dict, cli=False)
     # Fingerprints the caller knows for model specs (e.g. the demo's converted GGUF hash).
     input_keys: dict[str, str] = opt(default_factory=dict, cli=False)
 

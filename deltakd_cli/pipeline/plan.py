@@ -2,11 +2,13 @@
 models each role of the final table stands for.
 
     [init-student] -> [finetune the tuned teacher] -> cache-teachers --student
+        [-> cache-teachers of the held-out rows, for the held-out loss]
         -> distill sft, kd, delta (one cache; each once per training seed)
         -> one eval over every model -> the table"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from deltakd_cli.cache.options import CacheOptions
@@ -72,12 +74,35 @@ def _columns(options: PipelineOptions) -> dict[str, Any]:
     return {name: getattr(options, name) for name in names}
 
 
+def training_rows(options: PipelineOptions) -> dict[str, Any]:
+    """Where the training stages read their rows: --train, or the part of it the run kept when
+    it held out a validation split (a JSONL file of the same rows: no split, no config)."""
+    if options.held_out.get("train"):
+        return {"data": options.held_out["train"], "split": None, "data_config": None}
+    return {"data": options.train, "split": options.split, "data_config": options.data_config}
+
+
+def validation_rows(options: PipelineOptions) -> str | None:
+    """The held-out rows of the held-out loss: --validation, or the split the run made."""
+    return options.validation or options.held_out.get("validation")
+
+
+def _held_out_training(options: PipelineOptions, eval_data: str | None) -> dict[str, Any]:
+    """The held-out loss options of a training stage (none without held-out data)."""
+    if eval_data is None:
+        return {}
+    return {"eval_data": eval_data, "eval_every": options.eval_every}
+
+
 def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[str]]]:
     """The stages in order, and the models of each role (what the table shows): one model per
     role, except the students when they are trained with several seeds."""
     out = options.out_path
     models_dir = out / "models"
-    train_sha = data_key(DataSource(options.train, options.split, options.data_config))
+    train = training_rows(options)
+    train_sha = data_key(DataSource(train["data"], train["split"], train["data_config"]))
+    validation = validation_rows(options)
+    validation_sha = validation and data_key(DataSource(validation, None, options.data_config))
     stages: list[Stage] = []
     roles = {"teacher-base": options.teacher_base}
     base_key = options.input_keys.get(options.teacher_base, options.teacher_base)
@@ -139,54 +164,62 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
             "finetune",
             FinetuneOptions(
                 model=options.teacher_base,
-                data=options.train,
                 out=str(tuned_dir),
                 template=options.template,
                 train_turns=options.train_turns,
                 max_length=options.max_length,
-                split=options.split,
-                **_columns(options),
+                **{**_columns(options), **train},
                 **_load(options),
                 **training,
+                **_held_out_training(options, validation),
+                report_to=options.report_to,
             ),
             tuned_dir,
             "run.json",
             distributed=True,
             resumable=True,
-            inputs={"train": train_sha, "base": base_key},
+            inputs={"train": train_sha, "base": base_key, "validation": validation_sha},
         )
         stages.append(finetune)
         roles["teacher-tuned"] = str(tuned_dir)
         tuned_key = finetune.key
 
-    cache_dir = out / "cache"
-    cache = Stage(
-        "cache-teachers",
-        "cache-teachers",
-        CacheOptions(
-            teacher_base=roles["teacher-base"],
-            teacher_tuned=roles["teacher-tuned"],
-            student=roles["student-base"],
-            data=options.train,
-            out=str(cache_dir),
-            top_k=options.top_k,
-            max_length=options.max_length,
-            template=options.template,
-            template_from=options.template_from,
-            train_turns=options.train_turns,
-            split=options.split,
-            **_columns(options),
-            alpha=options.alpha,
-            dtype=options.dtype,
-            device=options.device,
-            **_load(options),
-        ),
-        cache_dir,
-        "manifest.json",
-        distributed=True,
-        inputs={"train": train_sha, "base": base_key, "tuned": tuned_key, "student": student_key},
-    )
+    def cache_stage(name: str, rows: dict[str, Any], cache_dir: Path, rows_key: Any) -> Stage:
+        return Stage(
+            name,
+            "cache-teachers",
+            CacheOptions(
+                teacher_base=roles["teacher-base"],
+                teacher_tuned=roles["teacher-tuned"],
+                student=roles["student-base"],
+                out=str(cache_dir),
+                top_k=options.top_k,
+                max_length=options.max_length,
+                template=options.template,
+                template_from=options.template_from,
+                train_turns=options.train_turns,
+                **{**_columns(options), **rows},
+                alpha=options.alpha,
+                dtype=options.dtype,
+                device=options.device,
+                **_load(options),
+            ),
+            cache_dir,
+            "manifest.json",
+            distributed=True,
+            inputs={"rows": rows_key, "base": base_key, "tuned": tuned_key, "student": student_key},
+        )
+
+    cache = cache_stage("cache-teachers", train, out / "cache", train_sha)
     stages.append(cache)
+    cache_dir = cache.out
+    held_out_cache = None
+    if validation is not None:
+        rows = {"data": validation, "split": None, "data_config": options.data_config}
+        held_out_cache = cache_stage(
+            "cache-teachers (held-out rows)", rows, out / "cache-validation", validation_sha
+        )
+        stages.append(held_out_cache)
 
     role_models = {role: [model] for role, model in roles.items()}
     seeds = student_seeds(options)
@@ -204,6 +237,9 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
                 objective=objective,
                 **{**_training(options), "seed": seed},
                 **_load(options),
+                **_held_out_training(options, held_out_cache and str(held_out_cache.out)),
+                keep_best=options.keep_best and held_out_cache is not None,
+                report_to=options.report_to,
             )
             if OBJECTIVES[objective].needs_cache:  # cross-entropy alone takes no alpha, no lambda
                 distill.alpha, distill.sft_weight = options.alpha, options.sft_weight
@@ -216,7 +252,11 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
                     "run.json",
                     distributed=True,
                     resumable=True,
-                    inputs={"cache": cache.key, "student": student_key},
+                    inputs={
+                        "cache": cache.key,
+                        "student": student_key,
+                        "held_out": held_out_cache and held_out_cache.key,
+                    },
                 )
             )
             role_models[role].append(str(student_out))
@@ -271,7 +311,10 @@ def check_inputs(options: PipelineOptions) -> None:
         raise DeltakdError("give exactly one of --student and --student-from")
     if options.student_from is not None and options.student_layers is None:
         raise DeltakdError("--student-from needs --student-layers")
-    for name, spec in (("--train", options.train), ("--test", options.test)):
+    named = [("--train", options.train), ("--test", options.test)]
+    if options.validation is not None:
+        named.append(("--validation", options.validation))
+    for name, spec in named:
         source = DataSource(spec)
         if source.kind not in ("hub", "saved") and not source.path.is_file():
             raise DeltakdError(f"{name} not found: {spec}")

@@ -3,6 +3,7 @@ the table. OUT is held for the whole run (a lock, and it must be a pipeline's di
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -12,14 +13,22 @@ from pathlib import Path
 from typing import Any
 
 from deltakd_cli import __version__, outputs
+from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.evaluate.report import protocol_line
 from deltakd_cli.options import record
+from deltakd_cli.pipeline.heldout import hold_out, resolve_eval_every
 from deltakd_cli.pipeline.options import PipelineOptions
-from deltakd_cli.pipeline.plan import check_inputs, plan_stages
+from deltakd_cli.pipeline.plan import check_inputs, plan_stages, validation_rows
 from deltakd_cli.pipeline.results import print_results, results_table
-from deltakd_cli.pipeline.stages import Runner, run_stage
+from deltakd_cli.pipeline.stages import Runner, Stage, run_stage
+from deltakd_cli.tracking import open_trackers, parse_report_to
+from deltakd_cli.train.export import write_card
 
-PIPELINE_NAMES = ("summary.json", "models", "cache", "eval", "init-student")
+PIPELINE_NAMES = (
+    "summary.json", "models", "cache", "eval", "init-student", "data", "cache-validation",
+    "report", "runs", "wandb", "mlruns",
+)  # fmt: skip
 
 
 @contextmanager
@@ -50,26 +59,90 @@ def run_pipeline(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_inputs(options)
-    stages, roles = plan_stages(options)
     options.out_path.mkdir(parents=True, exist_ok=True)
+    held_out = hold_out(options)
+    if held_out:
+        options = dataclasses.replace(options, held_out=held_out)
+    options = dataclasses.replace(options, eval_every=resolve_eval_every(options))
+    stages, roles = plan_stages(options)
     started = time.perf_counter()
     records = {stage.name: run_stage(stage, runner, options.nproc) for stage in stages}
     report_path = stages[-1].out / "report.json"
     report = json.loads(report_path.read_text())
+    results = results_table(report)
     summary = {
         "tool": "deltakd",
         "version": __version__,
         "command": "pipeline",
         "options": record(options),  # summary.json reads back as a config
         "roles": roles,
+        "held_out": {
+            "validation": validation_rows(options),
+            "split": held_out or None,
+            "eval_every": options.eval_every,
+        },
         "stages": records,
         "pipeline_seconds": round(time.perf_counter() - started, 1),
         "protocol": report.get("protocol"),
-        "results": results_table(report),
+        "results": results,
         "report": str(report_path),
         **(extra or {}),
     }
+    write_model_cards(stages, report, report_path)
+    log_results(options, results)
     summary_path = options.out_path / "summary.json"
+    outputs.atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str) + "\n")
+    summary["report_html"] = write_pipeline_report(options.out_path)
     outputs.atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str) + "\n")
     print_results(summary, summary_path)
     return summary
+
+
+def write_model_cards(stages: list[Stage], report: dict[str, Any], report_path: Path) -> None:
+    """Every model the pipeline trained gets its eval result in its model card."""
+    by_name = {model["name"]: model for model in report.get("models", [])}
+    for stage in stages:
+        model = by_name.get(str(stage.out))
+        if stage.command not in ("distill", "finetune") or model is None:
+            continue
+        run_record = json.loads((stage.out / "run.json").read_text())
+        evaluation = {
+            "rouge_l": model["mean"]["rougeL"],
+            "std": model["std"].get("rougeL"),
+            "rows": model["n_rows"],
+            "protocol": protocol_line(report.get("protocol"), model["n_rows"]),
+            "report": str(report_path),
+        }
+        write_card(stage.out, run_record, evaluation)
+
+
+def log_results(options: PipelineOptions, results: dict[str, Any]) -> None:
+    """The table's ROUGE-L per role (and the paired differences) to the --report-to trackers,
+    as one run of their own next to the training runs."""
+    if parse_report_to(options.report_to) == []:
+        return
+    trackers = open_trackers(
+        options.report_to,
+        options.out_path,
+        f"{options.out_path.resolve().name}-eval",
+        record(options),
+        job_type="eval",
+    )
+    metrics = {f"eval/rougeL/{row['role']}": row["rougeL"] for row in results["rows"]}
+    for entry in results["comparisons"]:
+        name = f"{entry['model']}-minus-{entry['minus']}"
+        metrics[f"eval/rougeL_difference/{name}"] = entry["difference"]
+    trackers.log_metrics(metrics, step=0)
+    trackers.close()
+
+
+def write_pipeline_report(out: Path) -> str | None:
+    """OUT/report/index.html (loss curves, ROUGE-L, paired differences), or a note when the
+    `report` extra is missing: the pipeline's results stand without it."""
+    from deltakd_cli.report.run import write_report
+
+    try:
+        return str(write_report([out], out / "report", own_subdirectory=True))
+    except DeltakdError as error:
+        info(f"[yellow]note:[/yellow] no report written: {error}")
+        return None

@@ -133,14 +133,20 @@ def _write(collected: Collected, out: Path) -> set[str]:
     return names
 
 
-def write_report(dirs: list[Path], out: Path, overwrite: bool = False) -> Path:
+def write_report(
+    dirs: list[Path], out: Path, overwrite: bool = False, own_subdirectory: bool = False
+) -> Path:
     """Read `dirs`, write the report into `out` (see the module's docstring); returns the path
-    of index.html. The pipeline may call this at its end."""
+    of index.html. The pipeline calls this at its end with `own_subdirectory`: OUT/report is
+    inside the pipeline directory it reads, which is allowed there because nothing the report
+    reads lives under report/."""
     plots.require_matplotlib()
     out = Path(outputs.local_path(out))
     sources = [str(directory) for directory in dirs]
     dirs = [Path(outputs.local_path(directory)) for directory in dirs]
     for directory in dirs:
+        if own_subdirectory and out.parent.resolve() == directory.resolve():
+            continue
         outputs.check_not_input(out, {"DIR": directory})
     collected = collect.collect(dirs, sources)
     if out.exists() and not out.is_dir():

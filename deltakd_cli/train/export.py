@@ -20,7 +20,10 @@ EXPORT_FILE_ORDER_LAST = ("config.json",)  # moved last: before it arrives, OUT 
 TRACKER_DIRS = ("runs", "wandb", "mlruns")
 # What a training run writes into OUT besides the exported model files (recorded in the
 # output marker as they are written): what --overwrite removes, and nothing else.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "run.json", ".export.partial", *TRACKER_DIRS)
+RUN_FILES = (
+    "checkpoints", "metrics.jsonl", "run.json", "README.md", ".export.partial", *TRACKER_DIRS
+)  # fmt: skip
+CARD = "README.md"  # the model card (card.py)
 
 
 def stop_tokens(student: Any, tokenizer: Any, template: dict[str, Any] | None) -> list[int]:
@@ -84,6 +87,14 @@ def export_model(
             os.replace(staging / name, out / name)
         staging.rmdir()
     return names
+
+
+def write_card(out: Path, record: dict[str, Any], evaluation: dict[str, Any] | None = None) -> None:
+    """(rank 0) OUT/README.md, the model card of the run's record (and its eval result)."""
+    from deltakd_cli.train.card import model_card
+
+    outputs.add_marker_files(out, [CARD])
+    outputs.atomic_write_text(out / CARD, model_card(record, evaluation))
 
 
 def write_record(out: Path, record: dict[str, Any]) -> None:

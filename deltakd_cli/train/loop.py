@@ -27,7 +27,7 @@ from deltakd_cli.options import record
 from deltakd_cli.tracking import Trackers, log_record, open_trackers
 from deltakd_cli.train import batching, checkpoint
 from deltakd_cli.train import step as step_math
-from deltakd_cli.train.export import RUN_FILES, export_model, write_record
+from deltakd_cli.train.export import RUN_FILES, export_model, write_card, write_record
 from deltakd_cli.train.inputs import TrainingData, distill_data, finetune_data, with_eval_data
 from deltakd_cli.train.objective import ObjectiveModule, enable_activation_checkpointing
 from deltakd_cli.train.options import (
@@ -313,6 +313,7 @@ class Trainer:
                 self.export_dtype,
                 self.data.template,
             )
+            write_card(self.out, summary)
             write_record(self.out, summary)
         distributed.barrier()
         return summary
