@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 BENCHES = {
     "cache": "cache_bench.py",
     "fidelity": "target_fidelity.py",
@@ -97,7 +98,7 @@ def render(results: dict) -> str:
     lines += ["", "## Settings", ""]
     for section, settings in sorted(results.get("settings", {}).items()):
         lines.append(f"- **{section}**: `{json.dumps(settings)}`")
-    notes = HERE.parent.parent / "docs" / "benchmarks-notes.md"
+    notes = REPO / "docs" / "benchmarks-notes.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]
     return "\n".join(lines) + "\n"
@@ -116,9 +117,9 @@ def main() -> None:
                 continue
             print(f"== bench {name}", flush=True)
             subprocess.run([sys.executable, str(script)], cwd=HERE, check=True)
-    results_path = HERE.parent.parent / "docs" / "benchmarks.json"
+    results_path = REPO / "docs" / "benchmarks.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    (HERE.parent.parent / "docs" / "benchmarks.md").write_text(render(results))
+    (REPO / "docs" / "benchmarks.md").write_text(render(results))
     print("wrote docs/benchmarks.md")
 
 
