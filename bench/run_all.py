@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 BENCHES = {
     "cache": "cache_bench.py",
     "fidelity": "target_fidelity.py",
     "distill": "distill_bench.py",
+    "trl": "trl_bench.py",
 }
 
 # figure -> (goal text, predicate on the value or None, what it measures)
@@ -71,7 +73,112 @@ GOALS = {
         lambda v: v < 1.1,
         "peak RSS with a 10x larger cache / the smaller one",
     ),
+    "trl_kd_tokens_per_s_ratio_3_epochs": (
+        ">= 1",
+        lambda v: v >= 1.0,
+        "KD end to end (cache-teachers + distill kd) response tokens/s / TRL GKDTrainer "
+        "(lmbda 0, beta 0: forward KL), 3 epochs",
+    ),
+    "trl_kd_tokens_per_s_ratio_1_epoch": (
+        ">= 0.95",
+        lambda v: v >= 0.95,
+        "the same at 1 epoch (no worse, within timing noise)",
+    ),
+    **{
+        f"trl_kd_peak_rss_ratio_{e}": (
+            "report",
+            None,
+            "peak RSS, deltakd (the larger of its two processes) / TRL (teacher + student)",
+        )
+        for e in ("1_epoch", "3_epochs")
+    },
+    **{
+        f"trl_kd_heldout_kl_trl_minus_deltakd_{e}": (
+            "report",
+            None,
+            "held-out KL(teacher || student) nats/token, TRL's student - deltakd's",
+        )
+        for e in ("1_epoch", "3_epochs")
+    },
+    **{
+        f"trl_kd_heldout_kl_equal_within_noise_{e}": (
+            "True",
+            lambda v: v is True,
+            "the 95% paired-bootstrap interval of that difference contains 0",
+        )
+        for e in ("1_epoch", "3_epochs")
+    },
+    "trl_sft_tokens_per_s_ratio": (
+        "report",
+        None,
+        "deltakd finetune tokens/s / TRL SFTTrainer, same rows, steps and schedule",
+    ),
+    "trl_sft_peak_rss_ratio": ("report", None, "peak RSS, deltakd finetune / TRL SFTTrainer"),
+    "trl_sft_heldout_ce_trl_minus_deltakd": (
+        "report",
+        None,
+        "held-out cross-entropy of the reference, nats/token, TRL's SFT student - deltakd's",
+    ),
+    "trl_sft_heldout_ce_equal_within_noise": (
+        "True",
+        lambda v: v is True,
+        "the 95% paired-bootstrap interval of that difference contains 0",
+    ),
 }
+
+TRL_TABLE = "<!-- trl_comparison table -->"
+
+
+def render_trl(settings: dict | None) -> str:
+    """The TRL comparison's run as a table (bench/trl_bench.py's settings), for the notes."""
+    if not settings:
+        return "(not measured yet: `python bench/run_all.py --only trl`)"
+    lines = [
+        f"Measured with {settings['models']} models, {settings['train_rows']} rows "
+        f"({settings['target_tokens_per_epoch']} target tokens per epoch), batch "
+        f"{settings['batch_size']}, TRL {settings['trl']}, "
+        f"transformers {settings['transformers']}:",
+        "",
+        "| run | system | wall s | response tokens/s | deltakd / TRL | peak RSS MiB "
+        "| held-out (nats/token) | TRL - deltakd [95% CI] |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def rows(label: str, run: dict, metric: str, deltakd_wall: str) -> None:
+        ratio = run["tokens_per_s"]["deltakd"] / run["tokens_per_s"]["trl"]
+        quality = run[metric]
+        low, high = quality["ci95"]
+        interval = f"{quality['trl_minus_deltakd']:+.4f} [{low:+.4f}, {high:+.4f}]"
+        for system, wall in (
+            ("deltakd", deltakd_wall),
+            ("TRL", f"{run['wall_seconds']['trl']:.0f}"),
+        ):
+            key = system.lower()
+            lines.append(
+                f"| {label} | {system} | {wall} | {run['tokens_per_s'][key]:.1f} | "
+                f"{f'{ratio:.2f}' if key == 'deltakd' else ''} | "
+                f"{run['peak_rss_mib'][key]:.0f} | {metric.replace('heldout_', '')} "
+                f"{quality[key]:.4f} | {interval if key == 'trl' else ''} |"
+            )
+
+    for epochs, run in sorted(settings["kd"].items()):
+        stages = run["deltakd_seconds_by_stage"]
+        wall = (
+            f"{run['wall_seconds']['deltakd']:.0f} "
+            f"({stages['cache_teachers']:.0f} + {stages['distill']:.0f})"
+        )
+        rows(f"KD, {epochs.replace('_', ' ')}", run, "heldout_kl", wall)
+    sft = settings["sft"]
+    label = f"SFT, {sft['epochs']} epoch{'s' if sft['epochs'] > 1 else ''}"
+    rows(label, sft, "heldout_ce", f"{sft['wall_seconds']['deltakd']:.0f}")
+    base = settings["heldout_per_token"]
+    lines += [
+        "",
+        f"For scale: the untrained student S0 has held-out KL {base['s0']['kl']:.4f} and "
+        f"cross-entropy {base['s0']['ce']:.4f}; the teacher's cross-entropy is "
+        f"{base['teacher']['ce']:.4f} nats/token.",
+    ]
+    return "\n".join(lines)
 
 
 def render(results: dict) -> str:
@@ -97,9 +204,13 @@ def render(results: dict) -> str:
     lines += ["", "## Settings", ""]
     for section, settings in sorted(results.get("settings", {}).items()):
         lines.append(f"- **{section}**: `{json.dumps(settings)}`")
-    notes = HERE.parent.parent / "docs" / "benchmarks-notes.md"
+    notes = REPO / "docs" / "benchmarks-notes.md"
     if notes.exists():
-        lines += ["", notes.read_text().strip()]
+        text = notes.read_text().strip()
+        text = text.replace(
+            TRL_TABLE, render_trl(results.get("settings", {}).get("trl_comparison"))
+        )
+        lines += ["", text]
     return "\n".join(lines) + "\n"
 
 
@@ -116,9 +227,9 @@ def main() -> None:
                 continue
             print(f"== bench {name}", flush=True)
             subprocess.run([sys.executable, str(script)], cwd=HERE, check=True)
-    results_path = HERE.parent.parent / "docs" / "benchmarks.json"
+    results_path = REPO / "docs" / "benchmarks.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    (HERE.parent.parent / "docs" / "benchmarks.md").write_text(render(results))
+    (REPO / "docs" / "benchmarks.md").write_text(render(results))
     print("wrote docs/benchmarks.md")
 
 

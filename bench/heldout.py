@@ -1,0 +1,119 @@
+"""Held-out quality of trained students, computed one way for every system (bench/trl_bench.py).
+
+Teacher forced on the reference response of held-out rows, at the response positions only (the
+positions `data.target_positions` names: one per response token, EOS included), over the full
+vocabulary:
+
+  kl(teacher || student) per response token, nats  (how close a distilled student is)
+  cross-entropy of the reference token, nats         (how well an SFT student fits the data)
+
+Per-token figures are sums over all held-out positions divided by their count. Noise is a paired
+bootstrap over rows: the same resampled rows for both models, the per-token mean of each taken on
+the resample (ratio of sums), and the percentile interval of their difference."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from deltakd_cli.data import TokenizedExample, target_positions
+
+
+def kl_per_position(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per row [N] from full-vocabulary log-probs [N, V]; terms where the
+    teacher has zero probability count 0 (0 log 0 = 0), whatever the student's log-prob."""
+    if teacher_logprobs.shape != student_logprobs.shape or teacher_logprobs.dim() != 2:
+        raise ValueError(
+            f"log-probs must be two [N, V] tensors of one shape: "
+            f"{tuple(teacher_logprobs.shape)}, {tuple(student_logprobs.shape)}"
+        )
+    teacher = teacher_logprobs.double()
+    student = student_logprobs.double()
+    probs = teacher.exp()
+    support = probs > 0
+    terms = torch.where(support, probs * (teacher - student), torch.zeros_like(teacher))
+    return terms.sum(dim=-1)
+
+
+def cross_entropy_per_position(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """-log p(label) per row [N] from log-probs [N, V]."""
+    return -logprobs.double().gather(1, labels[:, None].long()).squeeze(1)
+
+
+@torch.inference_mode()
+def response_logprobs(
+    model: Any, examples: Sequence[TokenizedExample], vocab_size: int
+) -> list[torch.Tensor]:
+    """Per example, the model's log-probs [n_targets, vocab] at its response positions (one
+    example at a time: no padding, so nothing depends on how rows are batched)."""
+    model.eval()
+    out = []
+    for example in examples:
+        ids = torch.tensor([example.input_ids])
+        positions = target_positions(example.target_mask)
+        positions = torch.from_numpy(positions)
+        logits = model(input_ids=ids).logits[0, positions, :vocab_size]
+        out.append(torch.log_softmax(logits.float(), dim=-1))
+    return out
+
+
+def response_labels(examples: Sequence[TokenizedExample]) -> list[torch.Tensor]:
+    """The reference token each response position predicts."""
+    labels = []
+    for example in examples:
+        positions = target_positions(example.target_mask)
+        labels.append(torch.tensor(example.input_ids)[torch.from_numpy(positions) + 1])
+    return labels
+
+
+def per_row_sums(values: Iterable[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """(sum over each row's positions, positions per row) from per-position values per row."""
+    values = list(values)
+    sums = np.array([float(v.sum()) for v in values], dtype=np.float64)
+    counts = np.array([v.numel() for v in values], dtype=np.float64)
+    return sums, counts
+
+
+def paired_token_bootstrap(
+    a_sums: Sequence[float],
+    b_sums: Sequence[float],
+    counts: Sequence[float],
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, float]:
+    """Per-token means of two models on the same rows (sum / positions), the difference b - a,
+    and its percentile bootstrap interval over rows (rows resampled with replacement, the same
+    rows for both; each resample's per-token means are ratios of sums). `within_noise`: the
+    interval contains 0."""
+    a = np.asarray(a_sums, dtype=np.float64)
+    b = np.asarray(b_sums, dtype=np.float64)
+    n = np.asarray(counts, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or a.shape != n.shape or a.size == 0:
+        raise ValueError(
+            f"need three 1-D arrays of one non-zero length: {a.shape}, {b.shape}, {n.shape}"
+        )
+    if (n <= 0).any():
+        raise ValueError("every row needs at least one position")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, a.size, size=(n_resamples, a.size))
+    tokens = n[picks].sum(axis=1)
+    differences = (b[picks].sum(axis=1) - a[picks].sum(axis=1)) / tokens
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(differences, [tail, 1.0 - tail])
+    mean_a, mean_b = a.sum() / n.sum(), b.sum() / n.sum()
+    return {
+        "a": float(mean_a),
+        "b": float(mean_b),
+        "difference": float(mean_b - mean_a),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "within_noise": bool(low <= 0.0 <= high),
+        "confidence": confidence,
+        "n_resamples": n_resamples,
+        "rows": int(a.size),
+        "positions": int(n.sum()),
+    }
