@@ -292,3 +292,56 @@ def test_only_complete_checkpoints_are_found(tmp_path):
     assert [step for step, _ in found] == [4, 10]
     shutil.rmtree(checkpoints)
     assert checkpoint.complete_checkpoints(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- frozen route
+
+
+def teacher_logprobs(model_dir, batch, vocab_size):
+    model = models.load_model(str(model_dir), torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    picked = logits[batch["target_batch"], batch["target_pos"]][:, :vocab_size]
+    return torch.log_softmax(picked.float(), dim=-1)
+
+
+@pytest.mark.parametrize("top_k", ["vocab", 8])
+def test_frozen_student_on_another_students_cache_uses_no_foreign_tail(tiny, tmp_path, top_k):
+    """`--frozen-student` with a cache built for another base student: the cache's mass-matched
+    tail (computed with that student) is not used; the target is the live S0's. At k = |V| it
+    is exactly the dense p* ∝ p0 (pT / pB)^alpha of the live S0; at k < |V| the tail follows
+    the teacher rule."""
+    k = tiny.vocab_size if top_k == "vocab" else top_k
+    cache = tmp_path / "cache"
+    result = run_cli(cache_args(tiny, cache, "--top-k", k, "--precision", "float32"))
+    assert result.exit_code == 0, result.output
+    other = build_model(tmp_path / "other-student", tiny.tokenizer, 1, 32, seed=11)
+    tokenizer = models.load_tokenizer(str(other))
+    chosen = options(cache=str(cache), student=str(other), objective="delta", frozen_student=True)
+    training = loop.distill_data(chosen, tokenizer)
+    assert training.needs_frozen_student and not training.use_cached_student
+    assert not training.use_cached_tail_shift
+    examples = all_examples(training.store)[:4]
+    batch = batching.collate(examples, tokenizer.pad_token_id, False, False)
+    cached, vocab = batch["cached"], training.vocab_size
+    assert cached.target_tail_shift is None and cached.student_logprobs is None
+    live = teacher_logprobs(other, batch, vocab)  # the live S0's log-probs
+    target, bucketed = losses._delta_target_bucketed_or_full(
+        cached, 1.0, 1.0, training.cache_alpha, live, "delta"
+    )
+    assert not bucketed
+    if top_k == "vocab":
+        tuned = teacher_logprobs(tiny.teacher_tuned, batch, vocab)
+        base = teacher_logprobs(tiny.teacher_base, batch, vocab)
+        exact = torch.log_softmax(live + tuned - base, dim=-1)
+        torch.testing.assert_close(target, exact, atol=2e-5, rtol=0)
+    else:
+        from deltakd_cli import targets
+
+        shift = targets.teacher_tail_shift(cached, 1.0)
+        expected = targets.delta_target_full(live, cached, 1.0, shift)
+        torch.testing.assert_close(target, expected)
+    # the same cache with its own student keeps its mass-matched tail
+    own = options(cache=str(cache), student=str(tiny.student), objective="delta",
+                  frozen_student=True)  # fmt: skip
+    assert loop.distill_data(own, models.load_tokenizer(str(tiny.student))).use_cached_tail_shift

@@ -243,11 +243,15 @@ def evaluation_batches(
 
 
 def collate(
-    examples: list[CachedExample], pad_id: int, with_student: bool = True
+    examples: list[CachedExample],
+    pad_id: int,
+    with_student: bool = True,
+    with_tail_shift: bool = True,
 ) -> dict[str, Any]:
     """Examples (with or without cached targets) -> the batch dict of the contract: right-padded
     input ids, targets at the positions of `data.target_positions`, each predicting the next
-    token. Without `with_student`, the base student's cached fields are left out."""
+    token. Without `with_student`, the base student's cached fields are left out; without
+    `with_tail_shift`, the mass-matched tail shift (valid only for the cache's own student)."""
     lengths = [len(e.input_ids) for e in examples]
     longest = max(lengths)
     input_ids = np.full((len(examples), longest), pad_id, dtype=np.int64)
@@ -267,7 +271,10 @@ def collate(
         entries: dict[str, torch.Tensor | None] = {}
         for name in PER_POSITION_FIELDS:
             values = [getattr(e.targets, name) for e in examples]
-            if values[0] is None or (name in STUDENT_FIELDS and not with_student):
+            dropped = (name in STUDENT_FIELDS and not with_student) or (
+                name == "target_tail_shift" and not with_tail_shift
+            )
+            if values[0] is None or dropped:
                 entries[name] = None
             else:
                 entries[name] = torch.from_numpy(np.concatenate(values))
@@ -302,6 +309,7 @@ class MicroBatchDataset(Dataset):
         end_step: int,
         pad_id: int,
         with_student: bool = True,
+        with_tail_shift: bool = True,
     ):
         self.store = store
         self.plan = plan
@@ -310,6 +318,7 @@ class MicroBatchDataset(Dataset):
         self.end_step = end_step
         self.pad_id = pad_id
         self.with_student = with_student
+        self.with_tail_shift = with_tail_shift
 
     def __len__(self) -> int:
         return (self.end_step - self.start_step) * self.plan.grad_accum
@@ -323,7 +332,7 @@ class MicroBatchDataset(Dataset):
             raise IndexError(index)
         spec = self.spec(index)
         examples = self.store.read_examples(spec.shard, spec.start, spec.stop)
-        return collate(examples, self.pad_id, self.with_student)
+        return collate(examples, self.pad_id, self.with_student, self.with_tail_shift)
 
 
 def micro_batch_loader(

@@ -27,6 +27,9 @@ class TrainingData:
     vocab_size: int = 0  # the working vocabulary: the student's logits are cut to it
     cache_alpha: float | None = None
     use_cached_student: bool = False  # read and use the cache's S0 log-probs
+    # Use the cache's mass-matched tail shift: it was computed with the cache's own base student,
+    # so it holds only for that student (with another one the teacher tail rule is used).
+    use_cached_tail_shift: bool = True
     needs_frozen_student: bool = False  # run a frozen copy of the initial student
     template: dict[str, Any] | None = None  # how prompts were rendered (the cache's record)
     eval_store: batching.ExampleStore | None = None  # --eval-data: the held-out examples
@@ -39,6 +42,7 @@ def with_eval_data(training: TrainingData, held_out: TrainingData, eval_data: st
         ("vocabulary size", training.vocab_size, held_out.vocab_size),
         ("cached base-student log-probs", training.use_cached_student, held_out.use_cached_student),
         ("alpha", training.cache_alpha, held_out.cache_alpha),
+        ("use of its tail shift", training.use_cached_tail_shift, held_out.use_cached_tail_shift),
     )
     for what, trained, held in pairs:
         if trained != held:
@@ -124,6 +128,17 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
                 "--frozen-student to run a frozen copy of the student instead"
             )
     needs_frozen = objective.needs_student and not use_cached_student
+    use_cached_tail_shift = True
+    if needs_frozen and reader.has_student:
+        cached_student = provenance.get("student") or {}
+        if cached_student.get("weights_sha256") != models.weights_fingerprint(student):
+            use_cached_tail_shift = False
+            if manifest.get("tail_rule") == "mass-matched":
+                info(
+                    "[yellow]note:[/yellow] the cache's mass-matched tail was computed for its "
+                    f"own base student ({cached_student.get('spec')}), not {student}: the "
+                    "teacher tail rule is used instead (docs/method.md)"
+                )
     alpha = manifest.get("alpha")
     local = Path(cache_path).exists()
     return TrainingData(
@@ -148,5 +163,6 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
         cache_alpha=None if alpha is None else float(alpha),
         use_cached_student=use_cached_student,
         needs_frozen_student=needs_frozen,
+        use_cached_tail_shift=use_cached_tail_shift,
         template=template if isinstance(template, dict) else None,
     )

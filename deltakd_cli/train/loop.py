@@ -295,6 +295,7 @@ class Trainer:
                 "vocab_size": self.vocab_size,
                 "use_cached_student": self.data.use_cached_student,
                 "frozen_student": self.data.needs_frozen_student,
+                "cached_tail_shift": self.data.use_cached_tail_shift,
                 "trackers": self.trackers_used,
                 "exported_step": best["step"] if best is not None else self.total_steps,
             },
@@ -328,6 +329,7 @@ class Trainer:
             self.total_steps,
             self.tokenizer.pad_token_id,
             with_student=self.data.use_cached_student,
+            with_tail_shift=self.data.use_cached_tail_shift,
         )
         loader = batching.micro_batch_loader(
             dataset, options.num_workers, pin_memory=self.device.type == "cuda"
@@ -467,7 +469,10 @@ class Trainer:
                     spec = mine[index] if index < len(mine) else specs[0]
                     examples = store.read_examples(spec.shard, spec.start, spec.stop)
                     batch = batching.collate(
-                        examples, self.tokenizer.pad_token_id, self.data.use_cached_student
+                        examples,
+                        self.tokenizer.pad_token_id,
+                        self.data.use_cached_student,
+                        self.data.use_cached_tail_shift,
                     )
                     sums = forward(step_math.batch_to(batch, self.device))
                     if index < len(mine):
