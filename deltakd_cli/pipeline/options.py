@@ -180,6 +180,13 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
         0, help="Held-out loss every N steps (0: about ten times a run).", at_least=0,
         section="distill",
     )  # fmt: skip
+    sweep: list[str] = opt(
+        default_factory=list,
+        help="Train one student per point of the KD-to-Delta family instead of kd and delta, "
+        "e.g. --sweep gamma=0,0.5,1 [--sweep alpha=1,2]; the point is chosen on the held-out "
+        "training rows, every point scored on --test.",
+        section="distill",
+    )
     keep_best: bool = opt(
         False, help="Export each student at its lowest held-out loss.", flags=("--keep-best",),
         section="distill",

@@ -18,10 +18,16 @@ from deltakd_cli.evaluate.protocol import parse_seeds
 from deltakd_cli.losses import OBJECTIVES
 from deltakd_cli.pipeline.options import InitStudentOptions, PipelineOptions
 from deltakd_cli.pipeline.stages import Stage, data_key, file_key
+from deltakd_cli.pipeline.sweep import SweepPoint, parse_sweep
 from deltakd_cli.sources import DataSource
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
 STUDENT_OBJECTIVES = ("sft", "kd", "delta")
+SWEEP_OBJECTIVE = "kd-to-delta"  # the family's objective (losses.py): one student per point
+SWEEP_NEEDS_VALIDATION = (
+    "--sweep chooses its point on held-out training rows: give --validation, or keep "
+    "--validation-fraction above 0 with enough --train rows"
+)
 ROLE_LABELS = {
     "teacher-base": "base teacher",
     "teacher-tuned": "tuned teacher",
@@ -35,6 +41,51 @@ COMPARISONS = (
     ("student-kd", "student-sft"),
     ("student-delta", "student-base"),
 )
+
+
+def students(options: PipelineOptions) -> list[tuple[str, str, dict[str, Any]]]:
+    """(role, label, distill options) of every student the pipeline trains: sft, kd and delta;
+    with --sweep, sft and one kd-to-delta student per point of the grid."""
+    points, alphas_swept = parse_sweep(options.sweep, options.alpha)
+    if not points:
+        return [
+            (f"student-{name}", OBJECTIVES[name].label, {"objective": name})
+            for name in STUDENT_OBJECTIVES
+        ]
+    chosen = [("student-sft", OBJECTIVES["sft"].label, {"objective": "sft"})]
+    for point in points:
+        settings = {"objective": SWEEP_OBJECTIVE, "gamma": point.gamma, "alpha": point.alpha}
+        chosen.append((point.role(alphas_swept), point.label(alphas_swept), settings))
+    return chosen
+
+
+def sweep_roles(options: PipelineOptions) -> dict[str, SweepPoint]:
+    """The role of each point of --sweep ({} without one)."""
+    points, alphas_swept = parse_sweep(options.sweep, options.alpha)
+    return {point.role(alphas_swept): point for point in points}
+
+
+def role_labels(options: PipelineOptions) -> dict[str, str]:
+    """Every role of the table, in its order, with its label."""
+    labels = {role: ROLE_LABELS[role] for role in ("teacher-base", "teacher-tuned", "student-base")}
+    labels.update({role: label for role, label, _ in students(options)})
+    return labels
+
+
+def comparisons(options: PipelineOptions) -> list[tuple[str, str]]:
+    """The paired differences the table reports (first minus second). With --sweep: every point
+    against SFT and against the KD end of its alpha (gamma 0) when the grid has it."""
+    swept = sweep_roles(options)
+    if not swept:
+        return list(COMPARISONS)
+    pairs = [(role, "student-sft") for role in swept]
+    for role, point in swept.items():
+        kd_end = next(
+            (r for r, p in swept.items() if p.gamma == 0 and p.alpha == point.alpha), None
+        )
+        if kd_end is not None and kd_end != role:
+            pairs.append((role, kd_end))
+    return pairs
 
 
 def student_seeds(options: PipelineOptions) -> list[int]:
@@ -223,8 +274,8 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
 
     role_models = {role: [model] for role, model in roles.items()}
     seeds = student_seeds(options)
-    for objective in STUDENT_OBJECTIVES:
-        role = f"student-{objective}"
+    for role, _, settings in students(options):
+        objective = settings["objective"]
         role_models[role] = []
         for seed in seeds:
             # one seed keeps the plain name; several get a suffix each
@@ -234,7 +285,7 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
                 cache=str(cache_dir),
                 student=roles["student-base"],
                 out=str(student_out),
-                objective=objective,
+                **settings,
                 **{**_training(options), "seed": seed},
                 **_load(options),
                 **_held_out_training(options, held_out_cache and str(held_out_cache.out)),
@@ -242,10 +293,12 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
                 report_to=options.report_to,
             )
             if OBJECTIVES[objective].needs_cache:  # cross-entropy alone takes no alpha, no lambda
-                distill.alpha, distill.sft_weight = options.alpha, options.sft_weight
+                distill.alpha = settings.get("alpha", options.alpha)
+                distill.sft_weight = options.sft_weight
+            what = objective if objective != SWEEP_OBJECTIVE else role.removeprefix("student-")
             stages.append(
                 Stage(
-                    f"distill {objective}" + ("" if len(seeds) == 1 else f" (seed {seed})"),
+                    f"distill {what}" + ("" if len(seeds) == 1 else f" (seed {seed})"),
                     "distill",
                     distill,
                     student_out,
@@ -261,9 +314,44 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
             )
             role_models[role].append(str(student_out))
 
-    eval_dir = out / "eval"
-    ordered = [model for role in ROLE_LABELS for model in role_models[role]]
     template_role = {"tuned": "teacher-tuned", "base": "teacher-base", "student": "student-base"}
+    swept = sweep_roles(options)
+    if swept:
+        if validation is None:
+            raise DeltakdError(SWEEP_NEEDS_VALIDATION)
+        # The sweep's choice: every point scored on the held-out training rows (never test).
+        choosing = EvalOptions(
+            model=[model for role in swept for model in role_models[role]],
+            data=validation,
+            **{**_columns(options), "data_config": options.data_config},
+            **_load(options),
+            template_from=roles[template_role[options.template_from]],
+            out=str(out / "eval-validation" / "report.json"),
+            protocol=options.protocol,
+            template=options.template,
+            batch_size=options.eval_batch_size,
+            seeds=options.seeds,
+            max_new_tokens=options.max_new_tokens,
+            max_prompt_length=options.max_prompt_length,
+            group=[f"{role}={','.join(role_models[role])}" for role in swept],
+            dtype=options.dtype,
+            device=options.device,
+        )
+        stages.append(
+            Stage(
+                "eval on the held-out rows (the sweep's choice)",
+                "eval",
+                choosing,
+                out / "eval-validation",
+                "report.json",
+                distributed=True,
+                inputs={"validation": validation_sha, "models": [s.key for s in stages]},
+            )
+        )
+
+    eval_dir = out / "eval"
+    labels = role_labels(options)
+    ordered = [model for role in labels for model in role_models[role]]
     evaluation = EvalOptions(
         model=ordered,
         data=options.test,
@@ -274,14 +362,14 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
         out=str(eval_dir / "report.json"),
         protocol=options.protocol,
         template=options.template,
-        baseline=role_models["student-kd"][0],
+        baseline=role_models["student-kd" if "student-kd" in role_models else "student-sft"][0],
         batch_size=options.eval_batch_size,
         seeds=options.seeds,
         max_new_tokens=options.max_new_tokens,
         max_prompt_length=options.max_prompt_length,
         limit=options.eval_limit,
-        group=[f"{role}={','.join(role_models[role])}" for role in ROLE_LABELS],
-        compare=[f"{first}:{second}" for first, second in COMPARISONS],
+        group=[f"{role}={','.join(role_models[role])}" for role in labels],
+        compare=[f"{first}:{second}" for first, second in comparisons(options)],
         dtype=options.dtype,
         device=options.device,
     )
@@ -309,6 +397,9 @@ def check_inputs(options: PipelineOptions) -> None:
     check(options)
     if (options.student is None) == (options.student_from is None):
         raise DeltakdError("give exactly one of --student and --student-from")
+    if options.sweep and options.validation is None and options.validation_fraction <= 0:
+        raise DeltakdError(SWEEP_NEEDS_VALIDATION)
+    parse_sweep(options.sweep, options.alpha)
     if options.student_from is not None and options.student_layers is None:
         raise DeltakdError("--student-from needs --student-layers")
     named = [("--train", options.train), ("--test", options.test)]

@@ -13,14 +13,14 @@ from deltakd_cli.evaluate.report import protocol_line
 from deltakd_cli.pipeline.plan import ROLE_LABELS
 
 
-def results_table(report: dict[str, Any]) -> dict[str, Any]:
+def results_table(report: dict[str, Any], labels: dict[str, str] | None = None) -> dict[str, Any]:
     """The table's rows (one per role, from the report's groups) and comparisons (from its group
     differences). A role trained with several seeds shows the mean of its models and their
     standard deviation over training seeds; a single model its eval seeds' std, or none for one
     deterministic run."""
     lines = {line["name"]: line for line in report["groups"]}
     rows = []
-    for role, label in ROLE_LABELS.items():
+    for role, label in (labels or ROLE_LABELS).items():
         line = lines[role]
         spread = {"models": "training seeds"}.get(line["spread"], line["spread"])
         rows.append(
@@ -61,12 +61,18 @@ def _directories(models: list[str], root: Path) -> str:
     return prefix + "{" + ",".join(name[len(prefix) :] for name in names) + "}"
 
 
+def labels_of(rows: list[dict[str, Any]]) -> dict[str, str]:
+    return {row["role"]: row["label"] for row in rows}
+
+
 def print_results(summary: dict[str, Any], summary_path: Path) -> None:
     from rich.table import Table
 
     results = summary["results"]
     rows = results["rows"]
-    table = Table(title="Does Delta-KD help here? ROUGE-L on the held-out split")
+    sweep = summary.get("sweep")
+    title = "Does Delta-KD help here?" if not sweep else "How much of Delta-KD helps here?"
+    table = Table(title=f"{title} ROUGE-L on the held-out split")
     table.add_column("model")
     table.add_column("ROUGE-L", justify="right")
     table.add_column("± std over")
@@ -82,8 +88,17 @@ def print_results(summary: dict[str, Any], summary_path: Path) -> None:
         elif spread == "eval seeds":
             spread = f"{row['runs']} eval seeds"
         where = _directories(row["models"], out / "models")
-        table.add_row(row["label"], cell, spread or "-", where)
+        label = row["label"] + (" [bold]← chosen[/bold]" if row.get("chosen") else "")
+        table.add_row(label, cell, spread or "-", where)
     console.print(table)
+    if sweep:
+        scores = ", ".join(
+            f"{labels_of(rows)[role]} {score:.2f}" for role, score in sweep["validation"].items()
+        )
+        console.print(
+            f"the sweep's point was chosen on {sweep['validation_rows']} held-out training rows "
+            f"(never the test rows): {scores}"
+        )
     console.print(protocol_line(summary.get("protocol"), rows[0]["rows"]))
     labels = {row["role"]: row["label"] for row in rows}
     for entry in results["comparisons"]:

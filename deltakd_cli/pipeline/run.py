@@ -19,9 +19,16 @@ from deltakd_cli.evaluate.report import protocol_line
 from deltakd_cli.options import record
 from deltakd_cli.pipeline.heldout import hold_out, resolve_eval_every
 from deltakd_cli.pipeline.options import PipelineOptions
-from deltakd_cli.pipeline.plan import check_inputs, plan_stages, validation_rows
+from deltakd_cli.pipeline.plan import (
+    check_inputs,
+    plan_stages,
+    role_labels,
+    sweep_roles,
+    validation_rows,
+)
 from deltakd_cli.pipeline.results import print_results, results_table
 from deltakd_cli.pipeline.stages import Runner, Stage, run_stage
+from deltakd_cli.pipeline.sweep import choose
 from deltakd_cli.tracking import open_trackers, parse_report_to
 from deltakd_cli.train.export import write_card
 
@@ -69,7 +76,8 @@ def run_pipeline(
     records = {stage.name: run_stage(stage, runner, options.nproc) for stage in stages}
     report_path = stages[-1].out / "report.json"
     report = json.loads(report_path.read_text())
-    results = results_table(report)
+    results = results_table(report, role_labels(options))
+    sweep = chosen_on_validation(options, results)
     summary = {
         "tool": "deltakd",
         "version": __version__,
@@ -86,6 +94,7 @@ def run_pipeline(
         "protocol": report.get("protocol"),
         "results": results,
         "report": str(report_path),
+        **({"sweep": sweep} if sweep else {}),
         **(extra or {}),
     }
     write_model_cards(stages, report, report_path)
@@ -96,6 +105,28 @@ def run_pipeline(
     outputs.atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str) + "\n")
     print_results(summary, summary_path)
     return summary
+
+
+def chosen_on_validation(options: PipelineOptions, results: dict[str, Any]) -> dict | None:
+    """With --sweep: the point chosen on the held-out training rows (their eval report only),
+    marked in the results' rows."""
+    swept = sweep_roles(options)
+    if not swept:
+        return None
+    path = options.out_path / "eval-validation" / "report.json"
+    validation = json.loads(path.read_text())
+    chosen = choose(validation["groups"], swept)
+    for row in results["rows"]:
+        row["chosen"] = row["role"] == chosen
+    means = {line["name"]: line["mean"] for line in validation["groups"]}
+    return {
+        "points": {role: {"gamma": p.gamma, "alpha": p.alpha} for role, p in swept.items()},
+        "validation": {role: means[role] for role in swept},
+        "validation_rows": validation["groups"][0]["rows"],
+        "validation_report": str(path),
+        "chosen": chosen,
+        "rule": "the highest mean ROUGE-L on the held-out training rows; ties: grid order",
+    }
 
 
 def write_model_cards(stages: list[Stage], report: dict[str, Any], report_path: Path) -> None:
