@@ -17,7 +17,7 @@ from deltakd_cli.losses import OBJECTIVES
 from deltakd_cli.pipeline.options import InitStudentOptions, PipelineOptions
 from deltakd_cli.pipeline.stages import Stage, data_key, file_key
 from deltakd_cli.sources import DataSource
-from deltakd_cli.train.options import DistillOptions, FinetuneOptions
+from deltakd_cli.train.options import DistillOptions, FinetuneOptions, validate_lora
 
 STUDENT_OBJECTIVES = ("sft", "kd", "delta")
 ROLE_LABELS = {
@@ -55,6 +55,12 @@ def _training(options: PipelineOptions) -> dict[str, Any]:
         "dtype": options.dtype,
         "device": options.device,
     }
+
+
+def _lora(options: PipelineOptions) -> dict[str, Any]:
+    """The students' LoRA options (the tuned teacher made here trains every weight)."""
+    names = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+    return {name: getattr(options, name) for name in names}
 
 
 def _load(options: PipelineOptions) -> dict[str, Any]:
@@ -203,6 +209,7 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
                 out=str(student_out),
                 objective=objective,
                 **{**_training(options), "seed": seed},
+                **_lora(options),
                 **_load(options),
             )
             if OBJECTIVES[objective].needs_cache:  # cross-entropy alone takes no alpha, no lambda
@@ -276,3 +283,4 @@ def check_inputs(options: PipelineOptions) -> None:
         if source.kind not in ("hub", "saved") and not source.path.is_file():
             raise DeltakdError(f"{name} not found: {spec}")
     student_seeds(options)
+    validate_lora(DistillOptions(cache="", student="", out="", **_lora(options)))
