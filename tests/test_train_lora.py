@@ -196,6 +196,13 @@ def test_adapter_disabled_s0_equals_a_frozen_copy(tiny, cache):
 # ----------------------------------------------------------------------------- DDP, resume
 
 
+def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert left.keys() == right.keys()
+    for name in left:
+        torch.testing.assert_close(left[name], right[name], rtol=0, atol=atol)
+
+
 @pytest.mark.slow
 def test_lora_two_ranks_match_one_process_with_accumulation(tiny, cache, tmp_path):
     two = tmp_path / "ddp"
@@ -205,12 +212,35 @@ def test_lora_two_ranks_match_one_process_with_accumulation(tiny, cache, tmp_pat
     result = run_cli(lora_args(tiny, cache, one, "--max-steps", 3, "--grad-accum", 2))
     assert result.exit_code == 0, result.output
     assert json.loads((two / "run.json").read_text())["resolved"]["world_size"] == 2
-    left, right = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
-    assert left.keys() == right.keys()
-    for name in left:
-        torch.testing.assert_close(left[name], right[name], rtol=0, atol=1e-6)
+    assert_same_weights(two, one, atol=1e-6)
     before = load_file(Path(tiny.student) / "model.safetensors")
-    assert any(not torch.equal(before[k], left[k]) for k in before)  # it did train
+    after = load_file(two / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it did train
+
+
+@pytest.mark.slow
+def test_lora_fsdp2_matches_one_process_and_resumes(tiny, cache, tmp_path):
+    """FSDP2 shards the PeftModel's decoder layers (frozen weights and adapters together); the
+    adapter-disabled S0 runs through the same shards."""
+    sharded = tmp_path / "fsdp"
+    extra = ("--max-steps", 3, "--fsdp", "--save-every", 2)
+    process = torchrun(lora_args(tiny, cache, sharded, *extra))
+    assert process.returncode == 0, process.stderr[-3000:]
+    one = tmp_path / "single"
+    result = run_cli(lora_args(tiny, cache, one, "--max-steps", 3, "--grad-accum", 2))
+    assert result.exit_code == 0, result.output
+    assert_same_weights(sharded, one, atol=1e-6)
+    before = load_file(Path(tiny.student) / "model.safetensors")
+    after = load_file(sharded / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it did train
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(sharded / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    process = torchrun(lora_args(tiny, cache, resumed, *extra, "--resume"))
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "resuming from" in process.stderr + process.stdout
+    assert_same_weights(resumed, sharded, atol=0)
 
 
 def test_lora_kill_9_then_resume_ends_with_identical_weights(tiny, cache, tmp_path, monkeypatch):
