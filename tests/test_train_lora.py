@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from deltakd_cli import faults, models
+from deltakd_cli.errors import DeltakdError
 from deltakd_cli.train.options import DEFAULT_LORA_TARGETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -333,3 +334,30 @@ def test_resume_refuses_to_switch_lora_on_or_off(tiny, cache, tmp_path):
     result = run_cli(lora_args(tiny, cache, lora_run, "--max-steps", 2, "--save-every", 1,
                                "--resume", "--lora-r", 8))  # fmt: skip
     assert_one_line_error(result, "--lora-r changed since step-1 (was 4, now 8)")
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_passes_lora_to_the_student_stages_only():
+    from deltakd_cli.options import to_argv
+    from deltakd_cli.pipeline import plan
+    from deltakd_cli.pipeline.options import PipelineOptions
+
+    options = PipelineOptions(
+        teacher_base="base", teacher_tuned="tuned", student="student", train="a", test="b",
+        out="runs", lora_r=8, lora_dropout=0.1, lora_target_modules="q_proj,v_proj",
+    )  # fmt: skip
+    stages, _ = plan.plan_stages(options)
+    students = [stage for stage in stages if stage.command == "distill"]
+    assert students
+    for stage in students:
+        argv = to_argv(stage.options)
+        for flag, value in (("--lora-r", "8"), ("--lora-dropout", "0.1")):
+            assert argv[argv.index(flag) + 1] == value
+        assert argv[argv.index("--lora-target-modules") + 1] == "q_proj,v_proj"
+    assert all("--lora-r" not in to_argv(s.options) for s in stages if s.command != "distill")
+    with pytest.raises(DeltakdError, match="--lora-dropout needs --lora-r"):
+        plan.check_inputs(PipelineOptions(
+            teacher_base="base", student="student", train="a", test="b", lora_dropout=0.1
+        ))  # fmt: skip

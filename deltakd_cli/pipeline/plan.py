@@ -274,6 +274,7 @@ def check_inputs(options: PipelineOptions) -> None:
     from deltakd_cli.options import check
 
     check(options)
+    validate_lora(DistillOptions(cache="", student="", out="", **_lora(options)))
     if (options.student is None) == (options.student_from is None):
         raise DeltakdError("give exactly one of --student and --student-from")
     if options.student_from is not None and options.student_layers is None:
@@ -283,4 +284,3 @@ def check_inputs(options: PipelineOptions) -> None:
         if source.kind not in ("hub", "saved") and not source.path.is_file():
             raise DeltakdError(f"{name} not found: {spec}")
     student_seeds(options)
-    validate_lora(DistillOptions(cache="", student="", out="", **_lora(options)))
