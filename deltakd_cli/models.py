@@ -208,10 +208,12 @@ def load_model(
     spec: str,
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
-    device_map: str | None = None,
+    device_map: str | dict[str, str] | None = None,
     settings: LoadSettings = DEFAULT_LOAD,
+    quantization_config: Any = None,
 ) -> Any:
-    """A causal LM in eval mode. `device_map="auto"` splits a large model over local GPUs."""
+    """A causal LM in eval mode. `device_map="auto"` splits a large model over local GPUs;
+    `quantization_config` (e.g. bitsandbytes' 4 bits for QLoRA) quantizes it as it loads."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
@@ -223,6 +225,8 @@ def load_model(
         kwargs["gguf_file"] = source.gguf_file
     if device_map:
         kwargs["device_map"] = device_map
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(
             source.path, output_loading_info=True, **kwargs

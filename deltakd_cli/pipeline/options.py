@@ -11,6 +11,7 @@ from deltakd_cli.data import TEMPLATES, TRAIN_TURNS, DataOptions
 from deltakd_cli.evaluate.protocol import PROTOCOLS
 from deltakd_cli.models import DTYPES, ModelLoadOptions
 from deltakd_cli.options import opt
+from deltakd_cli.train.options import DEFAULT_LORA_TARGETS
 
 LAYER_RULES = ("auto", "block-influence", "uniform")
 TRAIN_DTYPES = tuple(name for name in DTYPES if name != "float16")
@@ -175,6 +176,22 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
     sft_weight: float = opt(
         0.5, help="lambda: weight of cross-entropy in kd/delta.", at_least=0, at_most=1,
         section="distill",
+    )  # fmt: skip
+    lora_r: int = opt(
+        0, help="Students: LoRA rank (0: train every weight).", at_least=0, section="distill",
+        key="lora_r",
+    )  # fmt: skip
+    lora_alpha: float | None = opt(
+        None, help="Students: LoRA alpha (default 2*r).", above=0, finite=True,
+        section="distill", key="lora_alpha",
+    )  # fmt: skip
+    lora_dropout: float = opt(
+        0.0, help="Students: LoRA dropout.", at_least=0, below=1, section="distill",
+        key="lora_dropout",
+    )  # fmt: skip
+    lora_target_modules: str = opt(
+        DEFAULT_LORA_TARGETS, help="Students: layers that get LoRA adapters (comma-separated).",
+        section="distill", key="lora_target_modules",
     )  # fmt: skip
     eval_every: int = opt(
         0, help="Held-out loss every N steps (0: about ten times a run).", at_least=0,

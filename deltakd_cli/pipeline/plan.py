@@ -20,7 +20,7 @@ from deltakd_cli.pipeline.options import InitStudentOptions, PipelineOptions
 from deltakd_cli.pipeline.stages import Stage, data_key, file_key
 from deltakd_cli.pipeline.sweep import SweepPoint, parse_sweep
 from deltakd_cli.sources import DataSource
-from deltakd_cli.train.options import DistillOptions, FinetuneOptions
+from deltakd_cli.train.options import DistillOptions, FinetuneOptions, validate_lora
 
 STUDENT_OBJECTIVES = ("sft", "kd", "delta")
 SWEEP_OBJECTIVE = "kd-to-delta"  # the family's objective (losses.py): one student per point
@@ -108,6 +108,12 @@ def _training(options: PipelineOptions) -> dict[str, Any]:
         "dtype": options.dtype,
         "device": options.device,
     }
+
+
+def _lora(options: PipelineOptions) -> dict[str, Any]:
+    """The students' LoRA options (the tuned teacher made here trains every weight)."""
+    names = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+    return {name: getattr(options, name) for name in names}
 
 
 def _load(options: PipelineOptions) -> dict[str, Any]:
@@ -287,6 +293,7 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
                 out=str(student_out),
                 **settings,
                 **{**_training(options), "seed": seed},
+                **_lora(options),
                 **_load(options),
                 **_held_out_training(options, held_out_cache and str(held_out_cache.out)),
                 keep_best=options.keep_best and held_out_cache is not None,
@@ -395,6 +402,7 @@ def check_inputs(options: PipelineOptions) -> None:
     from deltakd_cli.options import check
 
     check(options)
+    validate_lora(DistillOptions(cache="", student="", out="", **_lora(options)))
     if (options.student is None) == (options.student_from is None):
         raise DeltakdError("give exactly one of --student and --student-from")
     if options.sweep and options.validation is None and options.validation_fraction <= 0:

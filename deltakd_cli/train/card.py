@@ -28,6 +28,19 @@ def _model_row(role: str, entry: Any) -> str | None:
     )
 
 
+def _lora_rows(described: Any) -> list[str]:
+    """The LoRA settings of a LoRA student (exported merged), or nothing."""
+    if not isinstance(described, dict):
+        return []
+    targets = ", ".join(described.get("target_modules") or [])
+    trainable, total = described.get("trainable_parameters"), described.get("parameters")
+    counts = f"; trainable {trainable:,} of {total:,}" if trainable and total else ""
+    return [
+        f"| LoRA (merged into the weights) | r {described.get('r')}, alpha "
+        f"{described.get('alpha')}, on {targets}{counts} |"
+    ]
+
+
 def _number(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 
@@ -107,6 +120,7 @@ def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None = None)
         f"{options.get('batch_size')} x {options.get('grad_accum', 1)} x "
         f"{resolved.get('world_size', 1)} process(es) |",
         f"| seed, dtype | {options.get('seed')}, {resolved.get('compute_dtype')} |",
+        *_lora_rows(resolved.get("lora")),
         f"| final training loss | {_number(metrics.get('final_loss'))} |",
     ]
     if "eval_loss" in metrics:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +50,15 @@ def export_model(
     model_state: dict[str, torch.Tensor],
     export_dtype: torch.dtype,
     template: dict[str, Any] | None = None,
+    also_write: Callable[[Path], None] | None = None,
 ) -> list[str]:
     """(rank 0) OUT as a Hugging Face model dir: written to a staging dir and moved in file by
     file, config.json last, so a partial OUT does not load. Returns the names it wrote.
 
     A student trained from a cache behaves like the teacher whose template rendered the data:
     its tokenizer gets that chat template and EOS, and generation_config.json stops on that EOS
-    as well as its own."""
+    as well as its own. `also_write(staging)` adds files that arrive with the model (a LoRA
+    student's adapter directory)."""
     from transformers import GenerationConfig
 
     staging = out / ".export.partial"
@@ -76,6 +79,8 @@ def export_model(
         if stops:
             generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         generation_config.save_pretrained(staging)
+        if also_write is not None:
+            also_write(staging)
         names = sorted(p.name for p in staging.iterdir())
         names = [n for n in names if n not in EXPORT_FILE_ORDER_LAST] + [
             n for n in EXPORT_FILE_ORDER_LAST if n in names

@@ -25,13 +25,14 @@ from deltakd_cli.console import console, info, progress
 from deltakd_cli.errors import DeltakdError, Interrupted
 from deltakd_cli.options import record
 from deltakd_cli.tracking import Trackers, log_record, open_trackers
-from deltakd_cli.train import batching, checkpoint
+from deltakd_cli.train import batching, checkpoint, lora
 from deltakd_cli.train import step as step_math
 from deltakd_cli.train.export import RUN_FILES, export_model, write_card, write_record
 from deltakd_cli.train.inputs import TrainingData, distill_data, finetune_data, with_eval_data
 from deltakd_cli.train.objective import ObjectiveModule, enable_activation_checkpointing
 from deltakd_cli.train.options import (
     OPTION_NAMES,
+    OPTIONS_ADDED_LATER,
     OPTIONS_THAT_MATTER,
     DistillOptions,
     FinetuneOptions,
@@ -55,6 +56,16 @@ def _resume_mismatch(name: str, path: Path, was: Any, identity: dict[str, Any]) 
                     f"--resume: the data file {now['data']} changed since {path.name} (its "
                     "sha256 differs); resume needs the same data, or start a new --out"
                 )
+    if name == "lora_r" and not (was and now):
+        if was:
+            return (
+                f"--resume: {path.name} is of a LoRA run (--lora-r {was}); resume it with the "
+                "same --lora-* options, or start a new --out"
+            )
+        return (
+            f"--resume: {path.name} is of a run that trained every weight (no --lora-r); resume "
+            f"it without --lora-r {now}, or start a new --out"
+        )
     flag = OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
     return (
         f"--resume: {flag} changed since {path.name} (was {was!r}, now {now!r}); resume with "
@@ -75,6 +86,7 @@ class Trainer:
         self.device = distributed.device_for(options.device)
         self.compute_dtype = models.resolve_dtype(options.dtype, self.device)
         self.identity = self._identity()
+        self.lora = lora.settings_of(options)
         self.lock: outputs.OutputLock | None = None
         self.trackers_used: dict[str, Any] = {}
 
@@ -132,8 +144,9 @@ class Trainer:
             step, path = found[-1]
             saved = checkpoint.saved_options(path)
             for name in OPTIONS_THAT_MATTER:
-                if saved.get(name) != self.identity[name]:
-                    raise DeltakdError(_resume_mismatch(name, path, saved.get(name), self.identity))
+                was = saved.get(name, OPTIONS_ADDED_LATER.get(name))
+                if was != self.identity[name]:
+                    raise DeltakdError(_resume_mismatch(name, path, was, self.identity))
             return step, path
         if found:
             raise DeltakdError(
@@ -146,18 +159,17 @@ class Trainer:
 
     def _setup_model(self) -> None:
         """The student (float32 master weights), a frozen S0 when the objective needs one, the
-        loss module, and its DDP/FSDP2 wrapper."""
+        loss module, and its DDP/FSDP2 wrapper. With --lora-r the student gets adapters and the
+        frozen S0 is the student with its adapters switched off."""
         options = self.options
         torch.manual_seed(options.seed)
         np.random.seed(options.seed)
         random.seed(options.seed)
-        load_device = torch.device("cpu") if options.fsdp else self.device
-        load = options.load_settings()
-        student = models.load_model(options.student, torch.float32, load_device, settings=load)
+        student = self._load_student()
         self.vocab_size = models.check_model_vocab(student, self.data.vocab_size, "student")
-        self.export_dtype = models.stored_dtype(options.student, load)
+        self.export_dtype = models.stored_dtype(options.student, options.load_settings())
         frozen = None
-        if self.data.needs_frozen_student:
+        if self.data.needs_frozen_student and self.lora is None:
             frozen = copy.deepcopy(student)
             frozen.requires_grad_(False)
             frozen.eval()
@@ -166,10 +178,19 @@ class Trainer:
         if options.gradient_checkpointing:
             enable_activation_checkpointing(student)
         student.config.use_cache = False
+        if self.lora is not None:
+            # after the model-level switches above, which peft's wrapper would not forward
+            student = lora.add_adapters(student, self.lora)
         student.train()
         self.student = student
         self.module = ObjectiveModule(
-            student, options, self.vocab_size, self.compute_dtype, frozen, self.data.cache_alpha
+            student,
+            options,
+            self.vocab_size,
+            self.compute_dtype,
+            frozen,
+            self.data.cache_alpha,
+            frozen_is_adapter_disabled=self.data.needs_frozen_student and self.lora is not None,
         )
         if options.fsdp:
             self.wrapped = self._fully_shard(self.module)
@@ -179,6 +200,26 @@ class Trainer:
             )
         else:
             self.wrapped = self.module
+
+    def _load_student(self) -> nn.Module:
+        """The student in float32 (the master weights), or for QLoRA its frozen weights in 4 bits
+        (bitsandbytes places them on the device itself)."""
+        options = self.options
+        load = options.load_settings()
+        if self.lora is not None and self.lora.four_bit:
+            from peft import prepare_model_for_kbit_training
+
+            student = models.load_model(
+                options.student,
+                torch.float32,
+                settings=load,
+                device_map={"": str(self.device)},
+                quantization_config=lora.four_bit_config(self.compute_dtype),
+            )
+            # checkpointing, if asked for, is switched on by the caller (non-reentrant)
+            return prepare_model_for_kbit_training(student, use_gradient_checkpointing=False)
+        load_device = torch.device("cpu") if options.fsdp else self.device
+        return models.load_model(options.student, torch.float32, load_device, settings=load)
 
     def _fully_shard(self, module: ObjectiveModule) -> nn.Module:
         """FSDP2: every decoder layer is its own unit; the root unit (module) holds embeddings,
@@ -298,6 +339,7 @@ class Trainer:
                 "cached_tail_shift": self.data.use_cached_tail_shift,
                 "trackers": self.trackers_used,
                 "exported_step": best["step"] if best is not None else self.total_steps,
+                "lora": self._lora_record(),
             },
             "provenance": self.data.provenance,
             "student": None,
@@ -306,6 +348,16 @@ class Trainer:
         if self.rank == 0:
             load = self.options.load_settings()
             summary["student"] = models.model_identity(self.options.student, self.tokenizer, load)
+            self._export_model(model_state)
+            write_card(self.out, summary)
+            write_record(self.out, summary)
+        distributed.barrier()
+        return summary
+
+    def _export_model(self, model_state: dict[str, torch.Tensor]) -> None:
+        """(rank 0) OUT as a Hugging Face model; a LoRA student's adapters are merged into its
+        weights, and --save-adapter adds the adapter alone under OUT/adapter."""
+        if self.lora is None:
             export_model(
                 self.out,
                 self.student,
@@ -314,10 +366,32 @@ class Trainer:
                 self.export_dtype,
                 self.data.template,
             )
-            write_card(self.out, summary)
-            write_record(self.out, summary)
-        distributed.barrier()
-        return summary
+            return
+        base = None
+        if self.lora.four_bit:  # merge into the float weights, not the 4-bit ones trained on
+            plain = models.load_model(
+                self.options.student, torch.float32, settings=self.options.load_settings()
+            )
+            base = plain.state_dict()
+        adapter_state = model_state
+
+        def write_adapter(staging: Path) -> None:
+            lora.save_adapter(staging / lora.ADAPTER_DIR, self.student, adapter_state)
+
+        export_model(
+            self.out,
+            lora.hf_model(self.student),
+            self.tokenizer,
+            lora.merged_state(model_state, self.lora.scaling, base),
+            self.export_dtype,
+            self.data.template,
+            also_write=write_adapter if self.options.save_adapter else None,
+        )
+
+    def _lora_record(self) -> dict[str, Any] | None:
+        if self.lora is None:
+            return None
+        return {**self.lora.describe(), **lora.parameter_counts(self.student)}
 
     def _loop(self, start_step: int) -> dict[str, Any]:
         options = self.options
@@ -577,6 +651,10 @@ def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[
             "--fsdp shards the student over processes: launch with torchrun "
             "(torchrun --nproc_per_node N -m deltakd_cli ...)"
         )
+    if options.lora_4bit:
+        lora.check_four_bit(device)
+        if options.fsdp:
+            raise DeltakdError("--lora-4bit does not shard: drop --fsdp (4-bit weights are small)")
     trainer = None
     try:
         options.load_settings().check(device)

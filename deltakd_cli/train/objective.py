@@ -6,6 +6,7 @@ backward)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -42,7 +43,9 @@ def default_chunk_size(vocab_size: int) -> int:
 class ObjectiveModule(nn.Module):
     """The student plus its loss: forward(batch) -> sums over the batch's target positions of
     (loss, sft, distill). This is the module DDP/FSDP2 wrap, so their hooks see every use of the
-    student's parameters. A frozen S0, when needed, is a submodule whose parameters need no grad."""
+    student's parameters. A frozen S0, when needed, is a submodule whose parameters need no grad,
+    or, for a LoRA student (`frozen_is_adapter_disabled`), the student itself with its adapters
+    switched off: its frozen weights are S0, so no copy is held."""
 
     def __init__(
         self,
@@ -52,10 +55,14 @@ class ObjectiveModule(nn.Module):
         compute_dtype: torch.dtype,
         frozen_student: nn.Module | None = None,
         cache_alpha: float | None = None,
+        frozen_is_adapter_disabled: bool = False,
     ):
         super().__init__()
+        if frozen_is_adapter_disabled and frozen_student is not None:
+            raise ValueError("the frozen S0 is either a model or the adapter-disabled student")
         self.student = student
         self.frozen_student = frozen_student
+        self.frozen_is_adapter_disabled = frozen_is_adapter_disabled
         self.objective = options.objective
         self.vocab_size = vocab_size
         self.chunk_size = options.logit_chunk_size or default_chunk_size(vocab_size)
@@ -68,6 +75,16 @@ class ObjectiveModule(nn.Module):
             "mix": options.mix,
         }
 
+    @property
+    def has_frozen_student(self) -> bool:
+        return self.frozen_student is not None or self.frozen_is_adapter_disabled
+
+    def _frozen(self) -> tuple[nn.Module, Any]:
+        """The frozen S0 and the context to run it in (no grad; adapters off for LoRA)."""
+        if self.frozen_is_adapter_disabled:
+            return self.student, self.student.disable_adapter()
+        return self.frozen_student, nullcontext()
+
     def _chunk_sums(
         self,
         hidden: torch.Tensor,
@@ -78,10 +95,9 @@ class ObjectiveModule(nn.Module):
         logits = models.head_logits(self.student, hidden, self.vocab_size)
         frozen_logits = None
         if frozen_hidden is not None:
-            with torch.no_grad():
-                frozen_logits = models.head_logits(
-                    self.frozen_student, frozen_hidden, self.vocab_size
-                )
+            frozen, switched = self._frozen()
+            with torch.no_grad(), switched:
+                frozen_logits = models.head_logits(frozen, frozen_hidden, self.vocab_size)
         parts = losses.objective_loss(
             self.objective,
             logits,
@@ -100,9 +116,10 @@ class ObjectiveModule(nn.Module):
         with autocast:
             hidden = target_hidden(self.student, batch)
             frozen_hidden = None
-            if self.frozen_student is not None:
-                with torch.no_grad():
-                    frozen_hidden = target_hidden(self.frozen_student, batch)
+            if self.has_frozen_student:
+                frozen, switched = self._frozen()
+                with torch.no_grad(), switched:
+                    frozen_hidden = target_hidden(frozen, batch)
             labels, cached = batch["labels"], batch["cached"]
             count = hidden.shape[0]
             sums = []

@@ -42,7 +42,26 @@ OPTIONS_THAT_MATTER = (
     "compute_dtype",
     "world_size",
     "fsdp",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_4bit",
 )
+
+# The LoRA defaults: every linear projection of a Llama/Qwen/SmolLM-style decoder layer (never the
+# output layer or the embeddings, which the frozen S0 and the cache's logits share).
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+# Options that matter but came after some checkpoints were written: such a checkpoint ran with
+# these values (a run without LoRA), so a resume compares against them, not against nothing.
+OPTIONS_ADDED_LATER = {
+    "lora_r": 0,
+    "lora_alpha": None,
+    "lora_dropout": 0.0,
+    "lora_target_modules": DEFAULT_LORA_TARGETS,
+    "lora_4bit": False,
+}
 
 # How the resume check names an option that is not a flag of its own.
 OPTION_NAMES = {
@@ -51,6 +70,7 @@ OPTION_NAMES = {
     "source": "--cache/--data/--template/--max-length",
     "compute_dtype": "--dtype",
     "world_size": "the number of processes",
+    "lora_4bit": "--lora-4bit",
 }
 
 
@@ -102,6 +122,27 @@ class TrainOptions(ModelLoadOptions):
     fsdp: bool = opt(
         False, help="Shard the student with FSDP2 (under torchrun).", flags=("--fsdp",)
     )
+    lora_r: int = opt(
+        0, help="LoRA rank: train low-rank adapters on a frozen student (0: train every weight). "
+        "Needs pip install 'deltakd[lora]'.", at_least=0,
+    )  # fmt: skip
+    lora_alpha: float | None = opt(
+        None, help="LoRA scale numerator: the update is alpha/r * B A (default 2*r).", above=0,
+        finite=True,
+    )  # fmt: skip
+    lora_dropout: float = opt(0.0, help="Dropout on the LoRA adapters' input.", at_least=0, below=1)
+    lora_target_modules: str = opt(
+        DEFAULT_LORA_TARGETS,
+        help="Linear layers of the decoder layers that get adapters (comma-separated names).",
+    )
+    lora_4bit: bool = opt(
+        False, help="QLoRA: hold the frozen student in 4 bits (CUDA and bitsandbytes).",
+        flags=("--lora-4bit",),
+    )  # fmt: skip
+    save_adapter: bool = opt(
+        False, help="Also write the LoRA adapter alone to OUT/adapter (loads with peft).",
+        flags=("--save-adapter",),
+    )  # fmt: skip
     logit_chunk_size: int = opt(
         0, help="Target positions per logits chunk (0: about 128 MiB of float32 logits).",
         at_least=0,
@@ -134,6 +175,15 @@ class TrainOptions(ModelLoadOptions):
     def __post_init__(self) -> None:
         if self.batch_size is None and self.max_tokens_per_batch is None:
             self.batch_size = 8
+
+    @property
+    def lora_targets(self) -> list[str]:
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+    @property
+    def resolved_lora_alpha(self) -> float:
+        """--lora-alpha, or 2*r: the update's scale alpha/r is then 2 whatever the rank."""
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_r
 
 
 @dataclass(kw_only=True)
@@ -218,6 +268,29 @@ def validate(options: TrainOptions) -> None:
         raise DeltakdError(
             "--dtype float16 is not supported for training (use bfloat16 or float32)"
         )
+    validate_lora(options)
     objective = OBJECTIVES[options.objective]
     if not objective.takes_temperature and options.temperature != 1.0:
         raise DeltakdError(f"--objective {objective.name} takes no --temperature (use 1)")
+
+
+def validate_lora(options: TrainOptions) -> None:
+    """The LoRA options: each one needs --lora-r; peft must be installed."""
+    if not options.lora_r:
+        given = (
+            ("--save-adapter", options.save_adapter),
+            ("--lora-4bit", options.lora_4bit),
+            ("--lora-alpha", options.lora_alpha is not None),
+            ("--lora-dropout", options.lora_dropout != 0.0),
+            ("--lora-target-modules", options.lora_target_modules != DEFAULT_LORA_TARGETS),
+        )
+        for flag, is_given in given:
+            if is_given:
+                raise DeltakdError(f"{flag} needs --lora-r (LoRA is off)")
+        return
+    if not options.lora_targets:
+        raise DeltakdError("--lora-target-modules names no layer")
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise DeltakdError("--lora-r needs peft: pip install 'deltakd[lora]'") from None
