@@ -54,3 +54,73 @@ def test_the_choice_reads_validation_scores_only_and_breaks_ties_by_grid_order()
     assert choose(validation, roles) == "student-gamma0.5"
     with pytest.raises(DeltakdError, match="no score for student-gamma1"):
         choose(validation[:3], roles)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_the_sweep_chooses_on_validation_and_scores_every_point_on_test(tiny, tmp_path):
+    """A real pipeline --sweep on the tiny fixture (real cache with the grid, real students),
+    with a fake eval whose validation and test scores disagree: the point chosen is the
+    validation's best; the test rows are scored for every point but never reach the choice."""
+    import json
+    from pathlib import Path
+
+    from deltakd_cli.commands import run_command
+    from deltakd_cli.evaluate import report as eval_report
+    from deltakd_cli.evaluate.rouge import METRICS
+    from deltakd_cli.pipeline.options import PipelineOptions
+    from deltakd_cli.pipeline.run import pipeline
+
+    out = tmp_path / "run"
+    best = {"validation": "student-gamma0.5", "test": "student-gamma1"}
+    seen_data: list[str] = []
+
+    def fake_eval(options) -> None:
+        split = "validation" if Path(options.data).name == "validation.jsonl" else "test"
+        seen_data.append(split)
+        groups = dict(item.split("=", 1) for item in options.group)
+        roles = {role: models.split(",") for role, models in groups.items()}
+        records = []
+        for role, members in roles.items():
+            score = 30.0 if role == best[split] else 10.0
+            for name in members:
+                for row in range(3):
+                    metrics = dict.fromkeys(METRICS, 0.0) | {"rougeL": score + row}
+                    records.append({"model": name, "seed": None, "row": row, **metrics})
+        order = [name for members in roles.values() for name in members]
+        data_file = tmp_path / f"{split}-rows.jsonl"
+        data_file.write_text('{"prompt": "p", "response": "r"}\n' * 3)
+        comparisons = [tuple(c.split(":")) for c in options.compare]
+        made = eval_report.assemble(
+            "generate", data_file, [None] * 3, None, records, order, order[0], {},
+            groups=roles, comparisons=comparisons,
+        )  # fmt: skip
+        Path(options.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(options.out).write_text(json.dumps(made))
+
+    def runner(command, options):
+        return fake_eval(options) if command == "eval" else run_command(command, options)
+
+    options = PipelineOptions(
+        teacher_base=str(tiny.teacher_base), teacher_tuned=str(tiny.teacher_tuned),
+        student=str(tiny.student), train=str(tiny.train), test=str(tiny.test), out=str(out),
+        sweep=["gamma=0,0.5,1"], validation_fraction=0.2, epochs=1, lr=1e-3, max_length=96,
+        top_k=16, device="cpu", save_every=0,
+    )  # fmt: skip
+    summary = pipeline(options, runner)
+    assert seen_data == ["validation", "test"]
+    assert summary["sweep"]["chosen"] == "student-gamma0.5"  # not test's best (gamma 1)
+    rows = {row["role"]: row for row in summary["results"]["rows"]}
+    assert set(rows) >= {"student-sft", "student-gamma0", "student-gamma0.5", "student-gamma1"}
+    assert rows["student-gamma0.5"]["chosen"] and not rows["student-gamma1"]["chosen"]
+    assert rows["student-gamma1"]["rougeL"] > rows["student-gamma0.5"]["rougeL"]  # test
+    manifest = json.loads((out / "cache" / "manifest.json").read_text())
+    assert manifest["has_student"]
+    for role, gamma in (("student-gamma0", 0.0), ("student-gamma1", 1.0)):
+        run = json.loads((out / "models" / role / "run.json").read_text())
+        assert run["options"]["objective"] == "kd-to-delta" and run["options"]["gamma"] == gamma
+    validation_rows = (out / "data" / "validation.jsonl").read_text().splitlines()
+    test_rows = set(Path(tiny.test).read_text().splitlines())
+    assert validation_rows and not set(validation_rows) & test_rows
+    assert (out / "report" / "sweep.png").is_file() and (out / "report" / "sweep.csv").is_file()

@@ -19,6 +19,7 @@ from deltakd_cli.pipeline import assets
 from deltakd_cli.pipeline.options import DemoOptions, PipelineOptions
 from deltakd_cli.pipeline.run import pipeline_output, run_pipeline
 from deltakd_cli.pipeline.stages import Runner
+from deltakd_cli.pipeline.sweep import parse_sweep
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class DemoProfile:
     batch_size: int = 8
     sft_weight: float = 0.5
     student_seeds: str | None = None  # several: each student trained once per seed
+    # The KD-to-Delta points trained instead of kd and delta (pipeline --sweep), chosen on
+    # held-out training rows: the task rows in no split, else this share of train.
+    sweep: tuple[str, ...] = ()
+    validation_fraction: float = 0.0
     protocol: str = "greedy"
     seeds: str | None = None
     max_new_tokens: int | None = 48
@@ -68,6 +73,10 @@ FULL_PROFILE = DemoProfile(
     # keeps the eval deterministic, and the bootstrap over 100 rows gives the test-set noise.
     # The published protocol (5 sampled runs of up to 256 tokens, 12 models) would take ~3 h here.
     student_seeds="0,1,2",
+    # gamma 0 is KD, 1 is Delta-KD; FULL's split leaves no task row unused, so the choice is
+    # made on 10% of its train rows (which then train nothing).
+    sweep=("gamma=0,0.5,1",),
+    validation_fraction=0.1,
 )
 
 # Rates measured on 2 shared CPU cores in float32 (tokens per second, all tokens of a sequence),
@@ -131,12 +140,20 @@ def estimate_seconds(profile: DemoProfile, counts: dict[str, dict[str, int]]) ->
     seeds = 5 if profile.protocol == "minillm" and profile.seeds is None else 1
     if profile.seeds:
         seeds = len(profile.seeds.split(","))
-    students = 3 * (len(profile.student_seeds.split(",")) if profile.student_seeds else 1)
+    points = len(parse_sweep(list(profile.sweep), 1.0)[0])  # 0 without a sweep
+    per_seed = 1 + points if points else 3  # sft and each point, or sft, kd and delta
+    students = per_seed * (len(profile.student_seeds.split(",")) if profile.student_seeds else 1)
     new_tokens = profile.max_new_tokens or 256
     batches = -(-test["rows"] // profile.eval_batch_size)
     decode_teacher = batches * new_tokens / RATES["teacher_decode"] * seeds
     decode_student = batches * new_tokens / RATES["student_decode"] * seeds
     prefill = test["prompt_tokens"] * seeds / RATES["teacher_forward"]
+    choosing = {}
+    if points:  # the sweep's points scored on the held-out training rows
+        share = max(profile.validation_fraction, 0.1)
+        choosing["eval (choosing)"] = (
+            share * (students - students // per_seed) * (decode_student + prefill * layers_share)
+        )
     return {
         "convert": 60.0,
         # one forward of the source over the healing text (it is both teachers of the cache)
@@ -147,6 +164,7 @@ def estimate_seconds(profile: DemoProfile, counts: dict[str, dict[str, int]]) ->
         "cache-teachers": train["tokens"] * (2 + layers_share) / RATES["teacher_forward"] + 20,
         f"distill x{students}": students
         * (train["tokens"] * profile.epochs / RATES["student_train"] + 15),
+        **choosing,
         "eval": 2 * (decode_teacher + prefill)
         + (1 + students) * (decode_student + prefill * layers_share),
     }
@@ -163,7 +181,8 @@ def demo_settings(options: DemoOptions, profile: DemoProfile, prepared: dict) ->
         # held-out task rows (never test rows); without them nothing is split off train, so
         # every student trains on exactly the demo's train rows
         validation=str(demo_data.validation) if demo_data.validation else None,
-        validation_fraction=0.0,
+        validation_fraction=0.0 if demo_data.validation else profile.validation_fraction,
+        sweep=list(profile.sweep),
         student_from=base,
         student_layers=profile.student_layers,
         heal_data=str(demo_data.heal) if demo_data.heal else None,

@@ -111,11 +111,34 @@ class Evaluation:
 
 
 @dataclass
+class SweepPoint:
+    """One point of a pipeline's --sweep: its test score (and spread over training seeds), its
+    validation score (what chose), and its paired difference to SFT on test."""
+
+    role: str
+    label: str
+    gamma: float
+    alpha: float
+    validation: float
+    test: Score
+    versus_sft: Difference | None
+    chosen: bool
+
+
+@dataclass
+class Sweep:
+    source: str
+    points: list[SweepPoint]
+    validation_rows: int
+
+
+@dataclass
 class Collected:
     """Everything a report shows, from every DIR."""
 
     runs: list[Run] = field(default_factory=list)
     evaluations: list[Evaluation] = field(default_factory=list)
+    sweeps: list[Sweep] = field(default_factory=list)
     commands: list[tuple[str, str]] = field(default_factory=list)  # (what, command line)
     sources: list[tuple[str, str]] = field(default_factory=list)  # (DIR, what it was read as)
 
@@ -428,8 +451,36 @@ def read_pipeline(directory: Path, source: str, collected: Collected) -> None:
     collected.runs += runs
     if evaluation is not None:
         collected.evaluations.append(evaluation)
+        sweep = (summary or {}).get("sweep")
+        if isinstance(sweep, dict):
+            collected.sweeps.append(read_sweep(sweep, evaluation, source))
     collected.commands += commands
     collected.sources.append((source, "pipeline directory"))
+
+
+def read_sweep(sweep: dict[str, Any], evaluation: Evaluation, source: str) -> Sweep:
+    """A pipeline summary's sweep, joined with its test evaluation by role."""
+    scores = {score.name: score for score in evaluation.scores}
+    versus = {d.model: d for d in evaluation.differences if d.minus == "student-sft"}
+    try:
+        points = [
+            SweepPoint(
+                role=role,
+                label=scores[role].label,
+                gamma=float(point["gamma"]),
+                alpha=float(point["alpha"]),
+                validation=float(sweep["validation"][role]),
+                test=scores[role],
+                versus_sft=versus.get(role),
+                chosen=role == sweep["chosen"],
+            )
+            for role, point in sweep["points"].items()
+        ]
+    except (KeyError, TypeError, ValueError) as error:
+        raise DeltakdError(
+            f"{source}: its summary's sweep does not match its eval report ({error})"
+        ) from None
+    return Sweep(source, points, int(sweep.get("validation_rows", 0)))
 
 
 # ----------------------------------------------------------------------------- any DIR

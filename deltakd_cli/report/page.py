@@ -6,7 +6,7 @@ from __future__ import annotations
 from html import escape
 
 from deltakd_cli import __version__
-from deltakd_cli.report.collect import Collected, Difference, Evaluation, Run, Score
+from deltakd_cli.report.collect import Collected, Difference, Evaluation, Run, Score, Sweep
 
 STYLE = """
 body { font-family: sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
@@ -168,6 +168,37 @@ def _evaluation_section(evaluation: Evaluation) -> list[str]:
     return parts
 
 
+def _sweep_section(sweeps: list[Sweep], files: set[str]) -> list[str]:
+    parts = ["<h2>The KD-to-Delta sweep</h2>"]
+    if "sweep.png" in files:
+        parts.append(_image("sweep.png", "ROUGE-L against gamma, and each point minus SFT"))
+        parts.append(_data_link(["sweep.csv"]))
+    for sweep in sweeps:
+        parts.append(
+            f'<p class="note">{escape(sweep.source)}: the point was chosen on '
+            f"{sweep.validation_rows} held-out training rows, never on the test rows.</p>"
+        )
+        rows = [
+            _row(
+                [
+                    point.label + (" (chosen)" if point.chosen else ""),
+                    f"{point.gamma:g}",
+                    f"{point.alpha:g}",
+                    f"{point.validation:.2f}",
+                    score_cell(point.test),
+                    difference_cell(point.versus_sft) if point.versus_sft else "",
+                    interval_cell(point.versus_sft) if point.versus_sft else "",
+                ],
+                numeric={1, 2, 3, 4, 5},
+            )
+            for point in sweep.points
+        ]
+        headers = ["student", "gamma", "alpha", "validation ROUGE-L", "test ROUGE-L",
+                   "minus SFT", "95% interval"]  # fmt: skip
+        parts.append(_table(headers, rows))
+    return parts
+
+
 def render(collected: Collected, files: set[str]) -> str:
     """The page, given what was read and the names of the files written next to it."""
     parts = [
@@ -197,6 +228,8 @@ def render(collected: Collected, files: set[str]) -> str:
             parts.append(_data_link(["differences.csv"]))
         for evaluation in collected.evaluations:
             parts += _evaluation_section(evaluation)
+    if collected.sweeps:
+        parts += _sweep_section(collected.sweeps, files)
     if collected.commands:
         parts.append("<h2>Commands</h2>")
         for what, command in collected.commands:

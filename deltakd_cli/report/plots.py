@@ -11,7 +11,7 @@ from typing import Any
 
 from deltakd_cli import outputs
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.report.collect import Evaluation, Run
+from deltakd_cli.report.collect import Evaluation, Run, Sweep
 
 MISSING = "deltakd report needs matplotlib: pip install 'deltakd[report]'"
 LOG_SCALE_RATIO = 20.0  # log-y when the largest loss is this many times the smallest
@@ -199,4 +199,56 @@ def differences_figure(evaluations: list[Evaluation]) -> Any | None:
         )
         axes.grid(True, axis="x", alpha=0.3)
         axes.legend(fontsize="small", loc="best")
+    return figure
+
+
+def sweep_figure(sweeps: list[Sweep]) -> Any | None:
+    """Per --sweep: ROUGE-L against gamma on the test rows (mean over training seeds, ± their
+    std, each seed a hollow dot) with the validation score that chose the point (dashed) and the
+    chosen point ringed; below, each point minus SFT on test with its 95% paired bootstrap
+    interval (a confidence interval, unlike the std above)."""
+    if not sweeps:
+        return None
+    figure = _figure(8.0, 6.5 * len(sweeps))
+    grid = figure.add_gridspec(2 * len(sweeps), 1, height_ratios=[3, 2] * len(sweeps))
+    for index, sweep in enumerate(sweeps):
+        top, bottom = figure.add_subplot(grid[2 * index]), figure.add_subplot(grid[2 * index + 1])
+        for alpha in sorted({p.alpha for p in sweep.points}):
+            points = sorted((p for p in sweep.points if p.alpha == alpha), key=lambda p: p.gamma)
+            gammas = [p.gamma for p in points]
+            name = f" (alpha {alpha:g})" if len({p.alpha for p in sweep.points}) > 1 else ""
+            top.errorbar(
+                gammas, [p.test.mean for p in points],
+                yerr=[p.test.std or 0.0 for p in points], fmt="o-", capsize=4,
+                label=f"test{name}: mean ± std over training seeds",
+            )  # fmt: skip
+            for p in points:
+                if p.test.points:
+                    xs = [p.gamma] * len(p.test.points)
+                    top.plot(xs, p.test.points, "o", markerfacecolor="none",
+                             markeredgecolor="0.45", markersize=4)  # fmt: skip
+            held = f"validation{name} ({sweep.validation_rows} held-out training rows)"
+            top.plot(gammas, [p.validation for p in points], "s--", alpha=0.7, label=held)
+            with_ci = [p for p in points if p.versus_sft is not None]
+            if with_ci:
+                bottom.errorbar(
+                    [p.gamma for p in with_ci], [p.versus_sft.difference for p in with_ci],
+                    yerr=[[p.versus_sft.difference - p.versus_sft.ci_low for p in with_ci],
+                          [p.versus_sft.ci_high - p.versus_sft.difference for p in with_ci]],
+                    fmt="o", capsize=4, label=f"minus SFT{name}",
+                )  # fmt: skip
+        for p in sweep.points:
+            if p.chosen:
+                top.plot(p.gamma, p.test.mean, "o", markersize=16, markerfacecolor="none",
+                         markeredgecolor="C3", markeredgewidth=2,
+                         label="chosen on validation")  # fmt: skip
+        top.set_ylabel("ROUGE-L (F x 100)")
+        top.set_title(f"KD (gamma 0) to Delta-KD (gamma 1)\n{_short(sweep.source)}",
+                      fontsize="medium")  # fmt: skip
+        top.grid(True, alpha=0.3)
+        top.legend(fontsize="small", loc="best")
+        bottom.axhline(0.0, color="0.3", linewidth=1)
+        bottom.set_xlabel("gamma")
+        bottom.set_ylabel("ROUGE-L minus SFT\n(95% paired bootstrap)")
+        bottom.grid(True, alpha=0.3)
     return figure

@@ -19,7 +19,7 @@ from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import check
 from deltakd_cli.report import collect, page, plots
-from deltakd_cli.report.collect import Collected, Evaluation, Run
+from deltakd_cli.report.collect import Collected, Evaluation, Run, Sweep
 from deltakd_cli.report.options import ReportOptions
 
 KIND = "report"
@@ -105,6 +105,28 @@ def differences_csv(evaluations: list[Evaluation]) -> str:
     return _csv(header, rows)
 
 
+def sweep_csv(sweeps: list[Sweep]) -> str:
+    """One row per point of each sweep (what sweep.png draws)."""
+    header = ["source", "role", "label", "gamma", "alpha", "validation", "test_mean", "test_std",
+              "test_points", "minus_sft", "ci_low", "ci_high", "chosen"]  # fmt: skip
+    rows = []
+    for sweep in sweeps:
+        for point in sweep.points:
+            versus = point.versus_sft
+            rows.append(
+                [
+                    sweep.source, point.role, point.label, _number(point.gamma),
+                    _number(point.alpha), _number(point.validation), _number(point.test.mean),
+                    _number(point.test.std), _points(point.test.points),
+                    _number(versus.difference if versus else None),
+                    _number(versus.ci_low if versus else None),
+                    _number(versus.ci_high if versus else None),
+                    "yes" if point.chosen else "no",
+                ]
+            )  # fmt: skip
+    return _csv(header, rows)
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -121,6 +143,9 @@ def _write(collected: Collected, out: Path) -> set[str]:
         figures.append(("differences.png", plots.differences_figure(collected.evaluations)))
         if any(evaluation.differences for evaluation in collected.evaluations):
             texts["differences.csv"] = differences_csv(collected.evaluations)
+    if collected.sweeps:
+        figures.append(("sweep.png", plots.sweep_figure(collected.sweeps)))
+        texts["sweep.csv"] = sweep_csv(collected.sweeps)
     figures = [(name, figure) for name, figure in figures if figure is not None]
     names = {name for name, _ in figures} | set(texts)
     texts[INDEX] = page.render(collected, names)
