@@ -169,7 +169,13 @@ class Trainer:
         student.train()
         self.student = student
         self.module = ObjectiveModule(
-            student, options, self.vocab_size, self.compute_dtype, frozen, self.data.cache_alpha
+            student,
+            options,
+            self.vocab_size,
+            self.compute_dtype,
+            frozen,
+            self.data.cache_alpha,
+            self.data.cache_grid,
         )
         if options.fsdp:
             self.wrapped = self._fully_shard(self.module)

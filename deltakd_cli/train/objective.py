@@ -52,6 +52,7 @@ class ObjectiveModule(nn.Module):
         compute_dtype: torch.dtype,
         frozen_student: nn.Module | None = None,
         cache_alpha: float | None = None,
+        cache_grid: tuple[tuple[float, float], ...] = (),
     ):
         super().__init__()
         self.student = student
@@ -66,6 +67,8 @@ class ObjectiveModule(nn.Module):
             "sft_weight": options.sft_weight,
             "cache_alpha": cache_alpha,
             "mix": options.mix,
+            "gamma": options.gamma,
+            "cache_grid": tuple(cache_grid),
         }
 
     def _chunk_sums(
