@@ -18,6 +18,8 @@ teachers' cache and the base student S0, and how tables label a student trained 
     delta      KL(p* || p_theta), p* = softmax(l0 + alpha * (lT - lB)), from the cache
     delta-mse  variant: MSE between the student's own shift log p_theta - l0 and alpha*Delta at K
     delta-mix  variant: KL(mix * p* + (1 - mix) * pT || p_theta) over K + tail bucket
+    kd-to-delta  KL(p_gamma || p_theta) over K + tail bucket, log p_gamma ∝ (1 - gamma) lT +
+               gamma (l0 + alpha Delta): gamma 0 is kd, gamma 1 is delta (docs/method.md)
 
 Adding an objective is one pure function of (student logits, cached targets, settings, frozen
 S0 logits) and one registry entry.
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +46,11 @@ from deltakd_cli.targets import (
     complement_logsumexp,
     delta_target_bucket_logits,
     delta_target_logits_full,
+    family_target_bucket_logits,
+    grid_column,
     kd_target_bucket_logits,
     scaled_delta,
+    tail_mass,
     tail_shift,
 )
 
@@ -58,6 +63,8 @@ class LossSettings:
     temperature: float = 1.0
     cache_alpha: float | None = None  # the alpha the cache's mass-matched tail was made for
     mix: float = 0.5
+    gamma: float = 1.0  # kd-to-delta: 0 is KD, 1 is Delta-KD
+    cache_grid: tuple[tuple[float, float], ...] = ()  # the cache's (gamma, alpha) points
 
 
 DistillLoss = Callable[
@@ -295,6 +302,50 @@ def delta_mix_loss(
     return kl_divergence(target, student)
 
 
+def kd_to_delta_loss(
+    student_logits: torch.Tensor,
+    cached: CachedTargets,
+    gamma: float = 1.0,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    cache_alpha: float | None = None,
+    frozen_student_logits: torch.Tensor | None = None,
+    cache_grid: tuple[tuple[float, float], ...] = (),
+) -> torch.Tensor:
+    """Objective "kd-to-delta": KL(p_gamma,alpha || p_theta) per position [N] over K + tail bucket,
+
+        log p_gamma,alpha ∝ (1 - gamma) * lT + gamma * (l0 + alpha * Delta),
+
+    the geometric path from the tuned teacher (gamma 0: exactly `kd_loss`) to the Delta target
+    (gamma 1: exactly the bucketed `delta_loss` with the same tail rule). l0 at K and S0's tail
+    mass come from the cache or, given frozen S0 logits, from them; either way the loss stays
+    bucketed. The tail bucket is the cache's exact family tail when (gamma, alpha) is one of
+    `cache_grid`'s points and the batch holds it, else the fallback of
+    `targets.family_target_bucket_logits` (an upper bound, exact at gamma 0 and 1).
+    Temperature as in kd and delta: the bucket logits are divided by tau as one token each."""
+    _check_temperature(temperature)
+    _check_shapes(student_logits, cached, frozen_student_logits)
+    if not 0.0 <= gamma <= 1.0:
+        raise DeltakdError(f"gamma must be between 0 and 1, got {gamma}")
+    if not _use_cached_student(cached, frozen_student_logits, "kd-to-delta"):
+        # The live S0 supplies what the cache would: l0 at K and its exact tail mass.
+        frozen_logprobs = torch.log_softmax(frozen_student_logits.detach().float(), dim=-1)
+        cached = replace(
+            cached,
+            student_logprobs=frozen_logprobs.gather(1, cached.ids),
+            student_tail=tail_mass(frozen_logprobs, cached.ids),
+        )
+    shift = tail_shift(cached, alpha, cache_alpha)
+    exact_log_tail = None
+    column = grid_column(cache_grid, gamma, alpha)
+    if cached.family_tail_logmass is not None and column is not None:
+        exact_log_tail = cached.family_tail_logmass[:, column]
+    logits = family_target_bucket_logits(cached, gamma, alpha, shift, exact_log_tail)
+    target = torch.log_softmax(logits / temperature, dim=-1)
+    student = student_bucketed_logprobs(student_logits, cached.ids, temperature)
+    return kl_divergence(target, student)
+
+
 def objective_loss(
     objective: str,
     student_logits: torch.Tensor,
@@ -307,6 +358,8 @@ def objective_loss(
     cache_alpha: float | None = None,
     frozen_student_logits: torch.Tensor | None = None,
     mix: float = 0.5,
+    gamma: float = 1.0,
+    cache_grid: tuple[tuple[float, float], ...] = (),
 ) -> dict[str, torch.Tensor]:
     """The training loss of one chunk of positions, as per-position tensors [N]:
 
@@ -328,7 +381,7 @@ def objective_loss(
             f"objective {objective!r} matches log-prob shifts and takes no temperature; "
             "use temperature 1"
         )
-    settings = LossSettings(alpha, temperature, cache_alpha, mix)
+    settings = LossSettings(alpha, temperature, cache_alpha, mix, gamma, tuple(cache_grid))
     distill = entry.distill(logits, cached, settings, frozen_student_logits)
     loss = sft_weight * sft + (1.0 - sft_weight) * distill * temperature**2
     return {"loss": loss, "sft": sft, "distill": distill}
@@ -363,6 +416,14 @@ OBJECTIVES: dict[str, Objective] = {
             "Delta-mix student",
             lambda logits, cached, s, frozen: delta_mix_loss(
                 logits, cached, s.alpha, s.temperature, s.cache_alpha, frozen, s.mix
+            ),
+            needs_student=True,
+        ),
+        Objective(
+            "kd-to-delta",
+            "KD-to-Delta student",
+            lambda logits, cached, s, frozen: kd_to_delta_loss(
+                logits, cached, s.gamma, s.alpha, s.temperature, s.cache_alpha, frozen, s.cache_grid
             ),
             needs_student=True,
         ),

@@ -16,8 +16,9 @@ from deltakd_cli.errors import DeltakdError
 
 def _entry(kind: str, source: str, optional: bool = False) -> Any:
     """A per-position field: `kind` is its shape and storage (ids: [N,k] token ids; logprobs:
-    [N,k] log-probs at the kept ids; scalar: [N]); `source` is what it is computed from (the
-    teachers, the base student S0, or the exact target, which needs S0 too)."""
+    [N,k] log-probs at the kept ids; scalar: [N]; grid: [N,G], one value per grid point of the
+    KD-to-Delta family, stored at the log-prob precision); `source` is what it is computed from
+    (the teachers, the base student S0, or the exact target, which needs S0 too)."""
     metadata = {"kind": kind, "source": source}
     if optional:
         return field(default=None, metadata=metadata)
@@ -38,6 +39,8 @@ class CachedTargets:
     target_tail_shift:[N]    mass-matched tail shift c at the cache's alpha, or None
     student_logprobs: [N, k] log p0 (base student) at K, or None (teacher-only cache)
     student_tail:     [N]    p0 mass outside K, or None
+    family_tail_logmass: [N, G] the exact log tail mass of the KD-to-Delta family at each grid
+                      point (gamma, alpha) of the cache (`family_tail_logmass`), or None
     """
 
     ids: torch.Tensor = _entry("ids", "teachers")
@@ -48,6 +51,7 @@ class CachedTargets:
     target_tail_shift: torch.Tensor | None = _entry("scalar", "target", optional=True)
     student_logprobs: torch.Tensor | None = _entry("logprobs", "student", optional=True)
     student_tail: torch.Tensor | None = _entry("scalar", "student", optional=True)
+    family_tail_logmass: torch.Tensor | None = _entry("grid", "target", optional=True)
 
     def to(self, device: torch.device) -> CachedTargets:
         moved = {
@@ -79,19 +83,26 @@ NEEDS_STUDENT: tuple[str, ...] = tuple(
 STUDENT_FIELDS: tuple[str, ...] = tuple(
     f.name for f in fields(CachedTargets) if f.metadata["source"] == "student"
 )
+# Tail figures computed with the cache's own S0 (the mass-matched shift, the family's exact tail
+# masses): valid only for that student, dropped when another one is trained.
+CACHED_STUDENT_TAIL_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(CachedTargets) if f.metadata["source"] == "target"
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # Names and small helpers
 # ---------------------------------------------------------------------------------------------
 
-SELECTION_RULES: tuple[str, ...] = ("target", "tuned", "tuned+base", "tuned+student")
+SELECTION_RULES: tuple[str, ...] = ("target", "tuned", "tuned+base", "tuned+student", "grid")
 """How the kept ids K are chosen at cache time (full vocabulary known):
 
 target         top-k of the exact Delta target p* = softmax(l0 + alpha*(lT - lB)) (needs S0)
 tuned          top-k of the tuned teacher lT
 tuned+base     top k//2 of lT, the rest the highest lB not already chosen
 tuned+student  top k//2 of lT, the rest the highest l0 not already chosen (needs S0)
+grid           top-k of max over the grid points (gamma, alpha) of the normalised family target
+               p_gamma,alpha (needs S0 and a grid; one K serves every grid point)
 """
 
 TAIL_RULES: tuple[str, ...] = ("mass-matched", "teacher")
@@ -102,14 +113,21 @@ mass-matched   c = log sum_tail p0 e^{alpha*Delta} - log sum_tail p0, stored at 
 teacher        alpha * (log mT - log mB), from the two teachers' tail masses (any alpha)
 """
 
-RULES_NEEDING_STUDENT: frozenset[str] = frozenset({"target", "tuned+student"})
+RULES_NEEDING_STUDENT: frozenset[str] = frozenset({"target", "tuned+student", "grid"})
+RULES_NEEDING_GRID: frozenset[str] = frozenset({"grid"})
+
+GridPoint = tuple[float, float]
+"""One point (gamma, alpha) of the KD-to-Delta family: log p ∝ (1-gamma) lT + gamma (l0 + alpha
+Delta). A cache's grid is a tuple of them, in the order the manifest lists them."""
 TAIL_RULES_NEEDING_STUDENT: frozenset[str] = frozenset({"mass-matched"})
 
 
-def default_rules(has_student: bool) -> tuple[str, str]:
+def default_rules(has_student: bool, has_grid: bool = False) -> tuple[str, str]:
     """(selection, tail rule) when none is asked for: the exact target's top-k and the
     mass-matched tail with the base student (the measured best, docs/method.md), else the tuned
-    teacher's top-k and the teachers' tail."""
+    teacher's top-k and the teachers' tail. With a family grid, ids that serve every grid point."""
+    if has_grid:
+        return ("grid", "mass-matched")
     return ("target", "mass-matched") if has_student else ("tuned", "teacher")
 
 
@@ -195,6 +213,83 @@ def exact_delta_target(
     )
 
 
+def geometric_mix(
+    kd_logits: torch.Tensor, delta_logits: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """(1 - gamma) * kd_logits + gamma * delta_logits, exactly one of them at gamma 0 or 1 (so a
+    -inf in the other, e.g. an empty tail, never meets 0 * -inf = NaN)."""
+    if gamma == 0:
+        return kd_logits
+    if gamma == 1:
+        return delta_logits
+    return (1.0 - gamma) * kd_logits + gamma * delta_logits
+
+
+def family_logits_full(
+    student_logprobs: torch.Tensor,
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    gamma: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Unnormalised log p_gamma,alpha over the full vocabulary [N,V]:
+    (1 - gamma) * lT + gamma * (l0 + alpha * (lT - lB)); gamma 0 is pT, gamma 1 the Delta
+    target p*."""
+    delta_logits = student_logprobs + scaled_delta(tuned_logprobs, base_logprobs, alpha)
+    return geometric_mix(tuned_logprobs, delta_logits, gamma)
+
+
+def exact_family_target(
+    student_logprobs: torch.Tensor,
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    gamma: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Dense reference: log p_gamma,alpha over the full vocabulary [N,V]."""
+    logits = family_logits_full(student_logprobs, tuned_logprobs, base_logprobs, gamma, alpha)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def family_tail_logmass(
+    student_logprobs: torch.Tensor,
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    ids: torch.Tensor,
+    grid: tuple[GridPoint, ...],
+) -> torch.Tensor:
+    """The exact log tail mass of the family at every grid point [N,G]:
+
+        log sum_{y not in K} exp((1 - gamma) lT(y) + gamma (l0(y) + alpha Delta(y)))
+
+    on the same unnormalised scale as the bucket logits at K (-inf where the tail is empty)."""
+    columns = [
+        complement_logsumexp(
+            family_logits_full(student_logprobs, tuned_logprobs, base_logprobs, gamma, alpha), ids
+        )
+        for gamma, alpha in grid
+    ]
+    return torch.stack(columns, dim=1)
+
+
+def grid_selection_key(
+    student_logprobs: torch.Tensor,
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    grid: tuple[GridPoint, ...],
+) -> torch.Tensor:
+    """max over the grid points of log p_gamma,alpha(y) [N,V]. Normalised per grid point, so a
+    point whose logits sit on a larger scale does not win every id; an id kept by this key holds
+    the most mass of at least one grid point's target."""
+    key = None
+    for gamma, alpha in grid:
+        logprobs = exact_family_target(
+            student_logprobs, tuned_logprobs, base_logprobs, gamma, alpha
+        )
+        key = logprobs if key is None else torch.maximum(key, logprobs)
+    return key
+
+
 def _top_then_fill(first: torch.Tensor, second: torch.Tensor, k: int) -> torch.Tensor:
     """Top k//2 ids of `first`, then the k - k//2 highest of `second` not already chosen."""
     head = k // 2
@@ -219,11 +314,12 @@ def select_ids(
     k: int,
     rule: str,
     alpha: float = 1.0,
+    grid: tuple[GridPoint, ...] = (),
 ) -> torch.Tensor:
     """The kept ids K per position: LongTensor [N,k], unique per row, sorted ascending.
 
-    `rule` is one of SELECTION_RULES; `alpha` is used by "target" only. k must satisfy
-    1 <= k <= V (the caller caps k at the vocabulary size)."""
+    `rule` is one of SELECTION_RULES; `alpha` is used by "target" only, `grid` by "grid" only.
+    k must satisfy 1 <= k <= V (the caller caps k at the vocabulary size)."""
     _check_inputs(tuned_logprobs, base_logprobs, student_logprobs)
     vocab = tuned_logprobs.shape[1]
     if not 1 <= k <= vocab:
@@ -232,7 +328,12 @@ def select_ids(
         raise DeltakdError(f"unknown id selection rule {rule!r}; choose one of {SELECTION_RULES}")
     if rule in RULES_NEEDING_STUDENT and student_logprobs is None:
         raise DeltakdError(f"id selection rule {rule!r} needs the student's log-probs")
-    if rule == "target":
+    if rule in RULES_NEEDING_GRID and not grid:
+        raise DeltakdError("id selection rule 'grid' needs at least one grid point (gamma, alpha)")
+    if rule == "grid":
+        ids = grid_selection_key(student_logprobs, tuned_logprobs, base_logprobs, grid)
+        ids = ids.topk(k, dim=-1).indices
+    elif rule == "target":
         # top-k of p* is top-k of its logits; the softmax normaliser does not change the order
         key = student_logprobs + scaled_delta(tuned_logprobs, base_logprobs, alpha)
         ids = key.topk(k, dim=-1).indices
@@ -282,17 +383,26 @@ def build_cached_targets(
     rule: str,
     alpha: float,
     tail_rule: str,
+    grid: tuple[GridPoint, ...] = (),
 ) -> CachedTargets:
     """The cache entries of N positions from full-vocabulary log-probs [N,V].
 
     tail_rule "mass-matched" needs the student and stores target_tail_shift (valid at this alpha);
     "teacher" stores none (train time uses alpha*(log mT - log mB)). With a student, its
-    log-probs at K and its tail mass are stored too, so `distill` need not run S0."""
+    log-probs at K and its tail mass are stored too, so `distill` need not run S0. With a grid
+    of (gamma, alpha) points (needs the student), the family's exact log tail mass at each."""
     if tail_rule not in TAIL_RULES:
         raise DeltakdError(f"unknown tail rule {tail_rule!r}; choose one of {TAIL_RULES}")
     if tail_rule in TAIL_RULES_NEEDING_STUDENT and student_logprobs is None:
         raise DeltakdError("the mass-matched tail rule needs the student's log-probs")
-    ids = select_ids(tuned_logprobs, base_logprobs, student_logprobs, k, rule, alpha)
+    if grid and student_logprobs is None:
+        raise DeltakdError("a (gamma, alpha) grid needs the student's log-probs")
+    ids = select_ids(tuned_logprobs, base_logprobs, student_logprobs, k, rule, alpha, grid)
+    family_tail = None
+    if grid:
+        family_tail = family_tail_logmass(
+            student_logprobs, tuned_logprobs, base_logprobs, ids, grid
+        )
     shift = None
     if tail_rule == "mass-matched":
         shift = mass_matched_tail_shift(student_logprobs, tuned_logprobs, base_logprobs, ids, alpha)
@@ -305,6 +415,7 @@ def build_cached_targets(
         target_tail_shift=shift,
         student_logprobs=None if student_logprobs is None else student_logprobs.gather(1, ids),
         student_tail=None if student_logprobs is None else tail_mass(student_logprobs, ids),
+        family_tail_logmass=family_tail,
     )
 
 
@@ -396,6 +507,39 @@ def kd_target_bucket_logits(cached: CachedTargets) -> torch.Tensor:
     return torch.cat([_compute(cached.tuned_logprobs), tail.unsqueeze(1)], dim=1)
 
 
+def grid_column(grid: tuple[GridPoint, ...], gamma: float, alpha: float) -> int | None:
+    """The column of (gamma, alpha) in a cache's grid (float match within 1e-6 relative), or
+    None when the point is not in the grid."""
+    for column, (grid_gamma, grid_alpha) in enumerate(grid):
+        if alphas_match(gamma, grid_gamma) and alphas_match(alpha, grid_alpha):
+            return column
+    return None
+
+
+def family_target_bucket_logits(
+    cached: CachedTargets,
+    gamma: float,
+    alpha: float,
+    shift: torch.Tensor,
+    exact_log_tail: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unnormalised log p_gamma,alpha over K plus one tail bucket [N,k+1]:
+
+        at K:      (1 - gamma) * lT + gamma * (l0 + alpha * Delta)
+        the tail:  exact_log_tail when given (the cache's stored family tail for this grid
+                   point), else the fallback (1 - gamma) * log mT + gamma * (log m0 + shift)
+
+    i.e. the geometric mix of the KD and Delta bucket logits. The fallback is an upper bound on
+    the exact tail (Hölder: sum a^(1-gamma) b^gamma <= (sum a)^(1-gamma) (sum b)^gamma, with the
+    Delta tail exact when `shift` is the mass-matched one) and exact at gamma 0 and 1."""
+    logits = geometric_mix(
+        kd_target_bucket_logits(cached), delta_target_bucket_logits(cached, alpha, shift), gamma
+    )
+    if exact_log_tail is None:
+        return logits
+    return torch.cat([logits[:, :-1], _compute(exact_log_tail).unsqueeze(1)], dim=1)
+
+
 def bucket_logprobs(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Aggregate full-vocabulary log-probs [N,V] into K plus one tail bucket [N,k+1]."""
     return torch.cat(
@@ -463,3 +607,65 @@ def target_fidelity(
         student_logprobs, tuned_logprobs, base_logprobs, cached, alpha, shift
     )
     return {"cosine": cosine, "tv": total_variation(exact, approx)}
+
+
+def family_grad_cosine(
+    student_logprobs: torch.Tensor,
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    cached: CachedTargets,
+    gamma: float,
+    alpha: float,
+    shift: torch.Tensor,
+    exact_log_tail: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per position [N]: the cosine between the exact gradient of KL(p_gamma,alpha || p_theta)
+    with respect to the student logits at theta = S0, p0 - p_gamma,alpha, and the gradient of the
+    cached bucketed loss there, p0 - q, where q holds the bucket target on K and spreads its tail
+    bucket over the tail as S0 does (the bucketed loss's gradient on a tail logit z_y is
+    p0(y) - q_tail * p0(y) / m0). `cached` must hold S0's log-probs and tail mass."""
+    p0 = student_logprobs.exp()
+    exact = exact_family_target(student_logprobs, tuned_logprobs, base_logprobs, gamma, alpha).exp()
+    bucket = torch.softmax(
+        family_target_bucket_logits(cached, gamma, alpha, shift, exact_log_tail), dim=-1
+    ).to(p0.dtype)
+    ids = cached.ids
+    student_tail = tail_mass(student_logprobs, ids).to(p0.dtype)
+    spread = torch.where(
+        student_tail > 0, bucket[:, -1] / student_tail.clamp_min(torch.finfo(p0.dtype).tiny), 0
+    )
+    cached_target = (p0 * spread.unsqueeze(1)).scatter(1, ids, bucket[:, :-1])
+    return _cosine(p0 - exact, p0 - cached_target)
+
+
+def family_fidelity(
+    student_logprobs: torch.Tensor,
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    k: int,
+    grid: tuple[GridPoint, ...],
+    alpha: float = 1.0,
+) -> dict[GridPoint, dict[str, torch.Tensor]]:
+    """How well a grid cache of k ids (selection "grid", mass-matched tail at `alpha`) serves
+    each of its grid points: per grid point, per-position tensors [N] "cosine" with the stored
+    exact tail and "cosine_fallback" with the fallback tail rule (`family_grad_cosine`)."""
+    cached = build_cached_targets(
+        tuned_logprobs, base_logprobs, student_logprobs, k, "grid", alpha, "mass-matched", grid
+    )
+    figures = {}
+    for column, (gamma, point_alpha) in enumerate(grid):
+        shift = tail_shift(cached, point_alpha, alpha)
+        common = (
+            student_logprobs,
+            tuned_logprobs,
+            base_logprobs,
+            cached,
+            gamma,
+            point_alpha,
+            shift,
+        )
+        figures[(gamma, point_alpha)] = {
+            "cosine": family_grad_cosine(*common, cached.family_tail_logmass[:, column]),
+            "cosine_fallback": family_grad_cosine(*common, None),
+        }
+    return figures

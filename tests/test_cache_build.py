@@ -13,6 +13,7 @@ from helpers import assert_one_line_error, cache_args, flat, run_cli
 from transformers import AutoModelForCausalLM
 
 from deltakd_cli import data, models, sources
+from deltakd_cli.cache import store
 from deltakd_cli.cache.store import CacheReader
 
 
@@ -144,6 +145,62 @@ def test_manifest_records_provenance(tiny, sparse_cache):
     assert manifest["alpha"] == 1.0 and manifest["has_student"]
     assert manifest["bytes_per_response_token"] > 0
     assert sparse_cache.verify() == []
+
+
+def test_grid_cache_stores_the_exact_family_tail_per_grid_point(tiny, tmp_path):
+    out = tmp_path / "grid"
+    args = cache_args(tiny, out, "--top-k", 6, "--precision", "float32",
+                      "--gammas", "0,0.5,1", "--alphas", "1,2")  # fmt: skip
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    reader = CacheReader(str(out))
+    reader.check_structure()
+    assert reader.verify() == []
+    manifest = reader.manifest
+    points = [[0.0, 1.0], [0.0, 2.0], [0.5, 1.0], [0.5, 2.0], [1.0, 1.0], [1.0, 2.0]]
+    assert manifest["format_version"] == 4 and manifest["selection"] == "grid"
+    assert manifest["grid"]["points"] == points
+    assert manifest["grid"]["field"] == "family_tail_logmass"
+    assert manifest["grid"]["bytes_per_response_token"] == 6 * 4  # float32, six points
+    assert manifest["grid"]["stored_bytes_per_response_token"] > 0
+    assert manifest["dtypes"]["family_tail_logmass"] == "float32"
+    inspected = run_cli(["inspect", out, "--json", "--verify"])
+    assert inspected.exit_code == 0, inspected.output
+    assert json.loads(inspected.output)["grid"] == manifest["grid"]
+    shown = run_cli(["inspect", out, "--json", "--example", 0])
+    first = json.loads(shown.output)["positions"][0]
+    assert len(first["family_tail_logmass"]) == len(points)
+    for example in list(all_examples(reader))[:3]:
+        at = torch.tensor(example.target_positions)
+        tuned, base, student = (
+            reference_logprobs(model, example.input_ids)[at].double()
+            for model in (tiny.teacher_tuned, tiny.teacher_base, tiny.student)
+        )
+        families = [(1 - g) * tuned + g * (student + a * (tuned - base)) for g, a in points]
+        # kept ids: top-k of the max over grid points of the normalised family target
+        key = torch.stack([f.log_softmax(-1) for f in families]).amax(0)
+        top = key.topk(6).indices.sort(-1).values
+        ids = torch.tensor(example.targets.ids)
+        assert (ids == top).all()
+        outside = torch.ones_like(tuned, dtype=torch.bool).scatter(1, ids, False)
+        for column, family in enumerate(families):
+            expected = family.masked_fill(~outside, float("-inf")).logsumexp(-1)
+            stored = torch.tensor(example.targets.family_tail_logmass[:, column]).double()
+            torch.testing.assert_close(stored, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_format_3_cache_without_a_grid_is_still_read(sparse_cache, tmp_path):
+    old = tmp_path / "format-3"
+    shutil.copytree(sparse_cache.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 3
+    del manifest["grid"], manifest["manifest_sha256"]
+    store.write_manifest(store.Location(str(old)), manifest)
+    reader = CacheReader(str(old))
+    reader.check_structure()
+    assert reader.grid_points == []
+    example = next(all_examples(reader))
+    assert example.targets.family_tail_logmass is None and example.targets.student_tail is not None
 
 
 def test_one_model_named_twice_is_loaded_and_run_once(tiny, tmp_path, monkeypatch):

@@ -69,6 +69,30 @@ def test_bad_numbers_and_choices(tiny, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--gammas", "0,1.5"), "between 0 and 1"),
+        (("--gammas", "-0.1"), "between 0 and 1"),
+        (("--gammas", "0,half"), "'half' is not a number"),
+        (("--gammas", ""), "--gammas is empty"),
+        (("--gammas", " , "), "--gammas is empty"),
+        (("--gammas", "0,,1"), "'' is not a number"),
+        (("--gammas", "0,0"), "given twice"),
+        (("--alphas", "1,nan"), "not a finite number"),
+        (("--selection", "grid"), "needs a grid"),
+    ],
+)
+def test_bad_kd_to_delta_grid(tiny, tmp_path, extra, message):
+    assert_one_line_error(run_cli(cache_args(tiny, tmp_path / "c", *extra)), message)
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_grid_needs_the_student(tiny, tmp_path):
+    result = run_cli(cache_args(tiny, tmp_path / "c", "--gammas", "0,1", student=False))
+    assert_one_line_error(result, "--gammas/--alphas need --student")
+
+
 def test_tokenizer_mismatch(tiny, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

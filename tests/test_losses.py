@@ -13,11 +13,20 @@ from deltakd_cli.losses import (
     delta_mix_loss,
     delta_mse_loss,
     kd_loss,
+    kd_to_delta_loss,
     kl_divergence,
     objective_loss,
     sft_loss,
 )
-from deltakd_cli.targets import CachedTargets, build_cached_targets, delta_target_full, tail_shift
+from deltakd_cli.targets import (
+    CachedTargets,
+    bucket_logprobs,
+    build_cached_targets,
+    delta_target_full,
+    exact_family_target,
+    family_target_bucket_logits,
+    tail_shift,
+)
 
 POSITIONS = 7
 VOCAB = 83
@@ -30,7 +39,14 @@ def random_logits(seed: int, vocab: int = VOCAB, scale: float = 2.5):
 
 
 def cache_from_logits(
-    tuned_logits, base_logits, student0_logits, k, rule="target", alpha=1.0, tail="mass-matched"
+    tuned_logits,
+    base_logits,
+    student0_logits,
+    k,
+    rule="target",
+    alpha=1.0,
+    tail="mass-matched",
+    grid=(),
 ):
     log_softmax = torch.log_softmax
     return build_cached_targets(
@@ -41,6 +57,7 @@ def cache_from_logits(
         rule,
         alpha,
         tail,
+        grid,
     )
 
 
@@ -218,6 +235,7 @@ def test_objective_loss_combines_sft_and_distill(objective, sft_weight):
         sft_weight=sft_weight,
         cache_alpha=1.0,
         mix=0.4,
+        gamma=0.3,
     )
     sft = F.cross_entropy(student, labels, reduction="none")
     assert_close(out["sft"], sft)
@@ -230,6 +248,7 @@ def test_objective_loss_combines_sft_and_distill(objective, sft_weight):
         "delta": lambda: delta_loss(student, cached, 1.0, temperature, 1.0),
         "delta-mse": lambda: delta_mse_loss(student, cached, 1.0),
         "delta-mix": lambda: delta_mix_loss(student, cached, 1.0, temperature, 1.0, mix=0.4),
+        "kd-to-delta": lambda: kd_to_delta_loss(student, cached, 0.3, 1.0, temperature, 1.0),
     }[objective]()
     assert_close(out["distill"], expected_distill)
     combined = sft_weight * sft + (1 - sft_weight) * expected_distill * temperature**2
@@ -308,7 +327,7 @@ def test_the_objective_registry():
     assert not OBJECTIVES["sft"].needs_cache and OBJECTIVES["sft"].distill is None
     assert all(OBJECTIVES[name].needs_cache for name in OBJECTIVES if name != "sft")
     assert {n for n, o in OBJECTIVES.items() if o.needs_student} == {
-        "delta", "delta-mse", "delta-mix",
+        "delta", "delta-mse", "delta-mix", "kd-to-delta",
     }  # fmt: skip
     assert [o.label for o in OBJECTIVES.values()][:3] == [
         "SFT student", "KD student", "Delta-KD student",
@@ -330,6 +349,9 @@ def test_objective_loss_rejects_bad_input():
         dict(objective="delta-mix", cached=teacher_only),
         dict(objective="delta-mse", cached=with_student, temperature=2.0),
         dict(objective="delta-mix", cached=with_student, mix=1.5),
+        dict(objective="kd-to-delta", cached=teacher_only),
+        dict(objective="kd-to-delta", cached=with_student, gamma=1.5),
+        dict(objective="kd-to-delta", cached=with_student, gamma=-0.1),
         dict(objective="kd", cached=with_student, temperature=0.0),
         dict(objective="kd", cached=with_student, sft_weight=-0.1),
         dict(objective="nope", cached=with_student),
@@ -345,3 +367,142 @@ def test_objective_loss_rejects_bad_input():
         "delta", student, labels, teacher_only, frozen_student_logits=student0, cache_alpha=1.0
     )
     assert torch.isfinite(out["loss"]).all()
+
+
+# ------------------------------------------------------------- kd-to-delta: the gamma family
+
+GRID = ((0.0, 1.0), (0.5, 1.0), (1.0, 1.0), (0.3, 0.7), (0.8, 2.0))
+
+
+def exactly_equal(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("path", ["bucketed", "frozen"])
+def test_kd_to_delta_at_gamma_zero_is_kd(temperature, path):
+    tuned, base, student0, student = random_logits(20)
+    cached = cache_from_logits(tuned, base, student0, 9)
+    frozen = student0 if path == "frozen" else None
+    got = value_and_grad(
+        lambda z: kd_to_delta_loss(z, cached, 0.0, 1.0, temperature, 1.0, frozen), student
+    )
+    want = value_and_grad(lambda z: kd_loss(z, cached, temperature), student)
+    exactly_equal(got[0], want[0])
+    exactly_equal(got[1], want[1])
+    # with the grid's stored tail at gamma 0 (log mT, summed at cache time): the same up to rounding
+    with_grid = cache_from_logits(tuned, base, student0, 9, rule="target", grid=GRID)
+    stored = value_and_grad(
+        lambda z: kd_to_delta_loss(z, with_grid, 0.0, 1.0, temperature, 1.0, frozen, GRID), student
+    )
+    assert_close(stored[0], want[0])
+    assert_close(stored[1], want[1])
+
+
+@pytest.mark.parametrize("tail", ["mass-matched", "teacher"])
+@pytest.mark.parametrize("cache_alpha", [1.0, 0.5])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_to_delta_at_gamma_one_is_bucketed_delta(tail, cache_alpha, temperature):
+    tuned, base, student0, student = random_logits(21)
+    cached = cache_from_logits(tuned, base, student0, 9, alpha=cache_alpha, tail=tail)
+    got = value_and_grad(
+        lambda z: kd_to_delta_loss(z, cached, 1.0, 1.0, temperature, cache_alpha), student
+    )
+    want = value_and_grad(lambda z: delta_loss(z, cached, 1.0, temperature, cache_alpha), student)
+    exactly_equal(got[0], want[0])
+    exactly_equal(got[1], want[1])
+
+
+def test_the_stored_tail_at_gamma_one_is_the_mass_matched_delta_tail():
+    tuned, base, student0, student = random_logits(22)
+    cached = cache_from_logits(tuned, base, student0, 9, rule="grid", grid=GRID)
+    got = value_and_grad(
+        lambda z: kd_to_delta_loss(z, cached, 1.0, 1.0, 1.0, 1.0, None, GRID), student
+    )
+    want = value_and_grad(lambda z: delta_loss(z, cached, 1.0, 1.0, 1.0), student)
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("point", GRID)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("path", ["bucketed", "frozen"])
+@pytest.mark.parametrize("tail", ["stored", "fallback"])
+def test_kd_to_delta_with_a_full_cache_equals_dense_family(point, temperature, path, tail):
+    gamma, alpha = point
+    tuned, base, student0, student = random_logits(23)
+    cached = cache_from_logits(tuned, base, student0, VOCAB, rule="grid", grid=GRID)
+    assert cached.family_tail_logmass.shape == (POSITIONS, len(GRID))
+    frozen = student0 if path == "frozen" else None
+    grid = GRID if tail == "stored" else ()
+    lT, lB, l0 = (torch.log_softmax(z, -1) for z in (tuned, base, student0))
+
+    def reference(logits):
+        family = (1 - gamma) * lT + gamma * (l0 + alpha * (lT - lB))
+        target = torch.log_softmax(family / temperature, -1)
+        return dense_kl(target, torch.log_softmax(logits / temperature, -1))
+
+    got = value_and_grad(
+        lambda z: kd_to_delta_loss(z, cached, gamma, alpha, temperature, 1.0, frozen, grid),
+        student,
+    )
+    want = value_and_grad(reference, student)
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 0.8])
+def test_stored_family_tail_is_exact_and_the_fallback_an_upper_bound(gamma):
+    # k < |V|: with the stored tail the bucket target is the exact family coarsened to K + tail;
+    # the fallback's tail logit is never below the exact one (Hölder, mass-matched Delta tail).
+    tuned, base, student0, _ = random_logits(24)
+    grid = ((gamma, 1.0),)
+    cached = cache_from_logits(tuned, base, student0, 6, rule="grid", grid=grid)
+    lT, lB, l0 = (torch.log_softmax(z, -1) for z in (tuned, base, student0))
+    shift = tail_shift(cached, 1.0, 1.0)
+    exact = bucket_logprobs(exact_family_target(l0, lT, lB, gamma, 1.0), cached.ids)
+    stored = family_target_bucket_logits(
+        cached, gamma, 1.0, shift, cached.family_tail_logmass[:, 0]
+    )
+    assert_close(torch.log_softmax(stored, -1), exact)
+    fallback = family_target_bucket_logits(cached, gamma, 1.0, shift)
+    assert torch.all(fallback[:, -1] >= stored[:, -1] - 1e-5)
+    assert torch.all(fallback[:, -1] - stored[:, -1] > 1e-4)  # a bound, not an equality here
+    exactly_equal(fallback[:, :-1], stored[:, :-1])
+
+
+def test_kd_to_delta_finds_its_grid_point_within_float_tolerance():
+    tuned, base, student0, student = random_logits(25)
+    cached = cache_from_logits(tuned, base, student0, 6, rule="grid", grid=GRID)
+    shift = tail_shift(cached, 1.0, 1.0)
+    stored = family_target_bucket_logits(cached, 0.5, 1.0, shift, cached.family_tail_logmass[:, 1])
+    fallback = family_target_bucket_logits(cached, 0.5, 1.0, shift)
+    student_buckets = torch.log_softmax(student, -1)
+    student_buckets = bucket_logprobs(student_buckets, cached.ids)
+    with_stored = kl_divergence(torch.log_softmax(stored, -1), student_buckets)
+    with_fallback = kl_divergence(torch.log_softmax(fallback, -1), student_buckets)
+    near = kd_to_delta_loss(student, cached, 0.5 + 1e-9, 1.0 - 1e-9, 1.0, 1.0, None, GRID)
+    assert_close(near, with_stored)
+    # a grid without the point, or a batch without the stored tails: the fallback
+    assert_close(kd_to_delta_loss(student, cached, 0.5, 1.0, 1.0, 1.0, None, ()), with_fallback)
+    without = CachedTargets(**{**cached.__dict__, "family_tail_logmass": None})
+    assert_close(kd_to_delta_loss(student, without, 0.5, 1.0, 1.0, 1.0, None, GRID), with_fallback)
+    assert not torch.allclose(with_stored, with_fallback)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.4, 1.0])
+def test_kd_to_delta_live_s0_route_equals_the_cached_s0_route(gamma):
+    # The family loss stays bucketed on both routes: the live S0 gives the same l0 at K and tail.
+    tuned, base, student0, student = random_logits(26)
+    cached = cache_from_logits(tuned, base, student0, 7, rule="grid", grid=GRID)
+    teacher_part = CachedTargets(
+        **{**cached.__dict__, "student_logprobs": None, "student_tail": None}
+    )
+    cached_route = value_and_grad(
+        lambda z: kd_to_delta_loss(z, cached, gamma, 1.0, 1.5, 1.0, None, GRID), student
+    )
+    live_route = value_and_grad(
+        lambda z: kd_to_delta_loss(z, teacher_part, gamma, 1.0, 1.5, 1.0, student0, GRID), student
+    )
+    assert_close(live_route[0], cached_route[0])
+    assert_close(live_route[1], cached_route[1])

@@ -7,6 +7,7 @@ import torch
 
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.targets import (
+    RULES_NEEDING_GRID,
     SELECTION_RULES,
     TAIL_RULES,
     CachedTargets,
@@ -16,6 +17,11 @@ from deltakd_cli.targets import (
     delta_target_bucket_logits,
     delta_target_full,
     exact_delta_target,
+    exact_family_target,
+    family_fidelity,
+    family_grad_cosine,
+    family_target_bucket_logits,
+    grid_column,
     kd_target_bucket_logits,
     mass_matched_tail_shift,
     select_ids,
@@ -24,6 +30,9 @@ from deltakd_cli.targets import (
     target_fidelity,
     total_variation,
 )
+
+# The rules that choose K for one target (the grid rule needs a grid of them).
+SINGLE_TARGET_RULES = [rule for rule in SELECTION_RULES if rule not in RULES_NEEDING_GRID]
 
 
 def delta_target_bucketed(cached, alpha, shift):
@@ -94,7 +103,7 @@ def test_tail_mass_keeps_a_tiny_tail_where_one_minus_sum_cancels():
 @pytest.mark.parametrize("k", [1, 2, 7, 16, 97])
 def test_select_ids_unique_sorted_exactly_k(rule, k):
     tuned, base, student = random_logprobs(2)
-    ids = select_ids(tuned, base, student, k, rule, alpha=0.7)
+    ids = select_ids(tuned, base, student, k, rule, alpha=0.7, grid=((0.0, 0.7), (0.5, 1.3)))
     assert ids.dtype == torch.long and ids.shape == (tuned.shape[0], k)
     assert torch.all(ids[:, 1:] > ids[:, :-1])  # strictly ascending => unique
     assert ids.min() >= 0 and ids.max() < tuned.shape[1]
@@ -156,6 +165,59 @@ def test_select_ids_rejects_bad_requests():
         select_ids(tuned, base, None, tuned.shape[1] + 1, "tuned")
     with pytest.raises(DeltakdError):
         select_ids(tuned, base[:, :-1], None, 5, "tuned")
+    with pytest.raises(DeltakdError, match="needs the student"):
+        select_ids(tuned, base, None, 5, "grid", grid=((0.5, 1.0),))
+    with pytest.raises(DeltakdError, match="grid point"):
+        select_ids(tuned, base, tuned, 5, "grid")
+
+
+def test_select_ids_grid_rule_is_topk_of_the_max_normalised_family():
+    tuned, base, student = random_logprobs(30)
+    grid = ((0.0, 1.0), (0.5, 0.6), (1.0, 2.0))
+    families = [  # independent of the module: the normalised family target per grid point
+        torch.softmax((1 - g) * tuned + g * (student + a * (tuned - base)), dim=-1) for g, a in grid
+    ]
+    key = torch.stack(families).amax(dim=0)
+    ids = select_ids(tuned, base, student, 10, "grid", grid=grid)
+    for row in range(tuned.shape[0]):
+        ranked = sorted(range(tuned.shape[1]), key=lambda token: -key[row, token].item())
+        assert ids[row].tolist() == sorted(ranked[:10])
+    # one grid point: gamma 1 is the target rule, gamma 0 the tuned rule
+    target_ids = select_ids(tuned, base, student, 10, "target", alpha=0.6)
+    assert torch.equal(select_ids(tuned, base, student, 10, "grid", grid=((1.0, 0.6),)), target_ids)
+    tuned_ids = select_ids(tuned, base, student, 10, "tuned")
+    assert torch.equal(select_ids(tuned, base, student, 10, "grid", grid=((0.0, 0.6),)), tuned_ids)
+
+
+def test_grid_cache_stores_the_exact_family_tail_and_needs_the_student():
+    tuned, base, student = random_logprobs(31)
+    grid = ((0.0, 1.0), (0.5, 1.0), (1.0, 1.0))
+    cached = build_cached_targets(tuned, base, student, 7, "grid", 1.0, "mass-matched", grid)
+    mask = complement_mask(cached.ids, tuned.shape[1])
+    for column, (gamma, alpha) in enumerate(grid):
+        family = (1 - gamma) * tuned + gamma * (student + alpha * (tuned - base))
+        expected = torch.logsumexp(family.masked_fill(~mask, float("-inf")), dim=-1)
+        torch.testing.assert_close(cached.family_tail_logmass[:, column], expected)
+    # gamma 0 and 1: the tuned tail and the mass-matched Delta tail
+    torch.testing.assert_close(cached.family_tail_logmass[:, 0].exp(), cached.tuned_tail)
+    torch.testing.assert_close(
+        cached.family_tail_logmass[:, 2], cached.student_tail.log() + cached.target_tail_shift
+    )
+    assert (
+        build_cached_targets(tuned, base, student, 7, "target", 1.0, "teacher").family_tail_logmass
+        is None
+    )
+    with pytest.raises(DeltakdError, match="grid needs the student"):
+        build_cached_targets(tuned, base, None, 7, "tuned", 1.0, "teacher", grid)
+
+
+def test_grid_column_matches_within_float_tolerance():
+    grid = ((0.0, 1.0), (0.5, 1.0), (0.5, 2.0))
+    assert grid_column(grid, 0.5, 2.0) == 2
+    assert grid_column(grid, 0.5 * (1 + 1e-9), 1.0) == 1
+    assert grid_column(grid, 0.0, 1.0) == 0
+    assert grid_column(grid, 0.25, 1.0) is None
+    assert grid_column((), 1.0, 1.0) is None
 
 
 # ------------------------------------------------------------------------------ building caches
@@ -188,7 +250,7 @@ def test_build_cached_targets_without_student_and_teacher_rule():
         build_cached_targets(tuned, base, student, 10, "tuned", 1.0, "bogus")
 
 
-@pytest.mark.parametrize("rule", SELECTION_RULES)
+@pytest.mark.parametrize("rule", SINGLE_TARGET_RULES)
 @pytest.mark.parametrize("alpha", [1.0, 0.5, 2.0])
 def test_mass_matched_shift_reproduces_the_exact_tail_mass(rule, alpha):
     tuned, base, student = random_logprobs(10)
@@ -311,7 +373,7 @@ def test_delta_grad_cosine_is_the_cosine_of_autograd_gradients():
     assert (got < 0.999).any()  # a small teacher-only cache is measurably off
 
 
-@pytest.mark.parametrize("rule", SELECTION_RULES)
+@pytest.mark.parametrize("rule", SINGLE_TARGET_RULES)
 @pytest.mark.parametrize("tail_rule", TAIL_RULES)
 def test_target_fidelity_is_perfect_when_k_covers_the_vocabulary(rule, tail_rule):
     tuned, base, student = random_logprobs(18, vocab=64)
@@ -335,8 +397,10 @@ def test_exact_target_ids_with_mass_matched_tail_beat_tuned_ids():
 
 def test_float32_inputs_stay_float32_and_bfloat16_cache_is_widened():
     tuned, base, student = (t.float() for t in random_logprobs(20))
-    cached = build_cached_targets(tuned, base, student, 5, "target", 1.0, "mass-matched")
+    grid = ((0.5, 1.0),)
+    cached = build_cached_targets(tuned, base, student, 5, "target", 1.0, "mass-matched", grid)
     assert cached.tuned_logprobs.dtype == torch.float32
+    assert cached.family_tail_logmass.dtype == torch.float32
     low = CachedTargets(
         **{
             name: (value.to(torch.bfloat16) if torch.is_floating_point(value) else value)
@@ -346,3 +410,43 @@ def test_float32_inputs_stay_float32_and_bfloat16_cache_is_widened():
     target = delta_target_bucketed(low, 1.0, tail_shift(low, 1.0, 1.0))
     assert target.dtype == torch.float32
     torch.testing.assert_close(target.exp().sum(1), torch.ones(tuned.shape[0]))
+    family = family_target_bucket_logits(
+        low, 0.5, 1.0, tail_shift(low, 1.0, 1.0), low.family_tail_logmass[:, 0]
+    )
+    assert family.dtype == torch.float32
+
+
+def test_family_grad_cosine_is_the_cosine_of_the_loss_gradients():
+    # The bench's figure: the cosine between autograd gradients of the dense family KL and of
+    # the cached kd-to-delta loss, both at theta = S0.
+    from deltakd_cli.losses import kd_to_delta_loss
+
+    tuned, base, student = random_logprobs(32, positions=8, vocab=120)
+    grid = ((0.0, 1.0), (0.5, 1.0), (1.0, 1.0))
+    cached = build_cached_targets(tuned, base, student, 8, "grid", 1.0, "mass-matched", grid)
+    for column, (gamma, alpha) in enumerate(grid):
+        logits = student.clone().requires_grad_(True)
+        exact = exact_family_target(student, tuned, base, gamma, alpha)
+        dense = (exact.exp() * (exact - torch.log_softmax(logits, -1))).sum()
+        (dense_grad,) = torch.autograd.grad(dense, logits)
+        logits = student.float().clone().requires_grad_(True)
+        sparse = kd_to_delta_loss(logits, cached, gamma, alpha, 1.0, 1.0, None, grid).sum()
+        (sparse_grad,) = torch.autograd.grad(sparse, logits)
+        expected = torch.nn.functional.cosine_similarity(dense_grad, sparse_grad.double(), dim=-1)
+        shift = tail_shift(cached, alpha, 1.0)
+        got = family_grad_cosine(
+            student, tuned, base, cached, gamma, alpha, shift, cached.family_tail_logmass[:, column]
+        )
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert (got < 0.9999).any()  # k = 8 of 120: measurably off
+
+
+def test_family_fidelity_is_perfect_when_k_covers_the_vocabulary():
+    tuned, base, student = random_logprobs(33, vocab=64)
+    grid = ((0.0, 1.0), (0.5, 1.0), (1.0, 0.5))
+    figures = family_fidelity(student, tuned, base, 64, grid)
+    assert list(figures) == list(grid)
+    ones = torch.ones(tuned.shape[0], dtype=tuned.dtype)
+    for figure in figures.values():
+        torch.testing.assert_close(figure["cosine"], ones)
+        torch.testing.assert_close(figure["cosine_fallback"], ones)

@@ -4,6 +4,7 @@ and one clear line with exit 2 for every bad input."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_model
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, flat, run_cli
 from safetensors.torch import load_file
 
 from deltakd_cli import faults, models, sources
@@ -305,3 +306,31 @@ def test_token_budget_batches_train(tiny, cache, tmp_path):
     result = run_cli(args)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "run.json").read_text())["options"]["batch_size"] is None
+
+
+# ----------------------------------------------------------------------------- kd-to-delta
+
+
+def test_distill_kd_to_delta_uses_the_grid_or_says_it_falls_back(tiny, tmp_path):
+    cache = tmp_path / "grid-cache"
+    result = run_cli(cache_args(tiny, cache) + ["--gammas", "0,0.5,1"])
+    assert result.exit_code == 0, result.output
+    note = "is not a grid point of the cache"
+    on_grid = tmp_path / "on-grid"
+    args = ("--objective", "kd-to-delta", "--gamma", "0.5", "--max-steps", 2)
+    result = run_cli(distill_args(tiny, cache, on_grid, *args))
+    assert result.exit_code == 0, result.output
+    assert note not in flat(result.output)
+    run = json.loads((on_grid / "run.json").read_text())
+    assert run["options"]["gamma"] == 0.5 and run["options"]["objective"] == "kd-to-delta"
+    assert run["provenance"]["cache"]["grid"]["points"] == [[0.0, 1.0], [0.5, 1.0], [1.0, 1.0]]
+    metrics = [json.loads(line) for line in (on_grid / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["distill"]) and m["distill"] > 0 for m in metrics)
+    off_grid = tmp_path / "off-grid"
+    args = ("--objective", "kd-to-delta", "--gamma", "0.25", "--max-steps", 1)
+    result = run_cli(distill_args(tiny, cache, off_grid, *args))
+    assert result.exit_code == 0, result.output
+    assert flat(result.output).count(note) == 1
+    bad = run_cli(distill_args(tiny, cache, tmp_path / "bad", "--objective", "kd-to-delta",
+                               "--gamma", "1.5"))  # fmt: skip
+    assert_one_line_error(bad, "--gamma")

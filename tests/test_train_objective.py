@@ -13,7 +13,7 @@ from helpers import cache_args, run_cli
 
 from deltakd_cli import data, losses, models
 from deltakd_cli.cache.store import CacheReader
-from deltakd_cli.train import batching, checkpoint, loop
+from deltakd_cli.train import batching, checkpoint, inputs, loop
 from deltakd_cli.train import step as step_math
 from deltakd_cli.train.objective import ObjectiveModule, enable_activation_checkpointing
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
@@ -21,8 +21,8 @@ from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def build_cache(tiny, out, *, student: bool, top_k: int = 8):
-    result = run_cli(cache_args(tiny, out, "--top-k", top_k, student=student))
+def build_cache(tiny, out, *, student: bool, top_k: int = 8, extra=()):
+    result = run_cli(cache_args(tiny, out, "--top-k", top_k, *extra, student=student))
     assert result.exit_code == 0, result.output
     return out
 
@@ -33,6 +33,9 @@ def caches(tiny, tmp_path_factory):
     return {
         "student": build_cache(tiny, root / "with-student", student=True),
         "teachers": build_cache(tiny, root / "teachers-only", student=False),
+        "grid": build_cache(
+            tiny, root / "grid", student=True, extra=("--gammas", "0,0.5,1", "--alphas", "1.5")
+        ),
     }
 
 
@@ -87,7 +90,9 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
 @pytest.mark.parametrize(
     "objective, cache_kind, frozen",
     [("sft", None, False), ("kd", "student", False), ("delta", "student", False),
-     ("delta", "teachers", True), ("delta-mix", "student", False)],
+     ("delta", "teachers", True), ("delta-mix", "student", False),
+     ("kd-to-delta", "grid", False), ("kd-to-delta", "teachers", True),
+     ("kd-to-delta", "student", False)],
 )  # fmt: skip
 def test_chunked_objective_equals_a_full_logits_forward(
     tiny, caches, objective, cache_kind, frozen
@@ -96,17 +101,22 @@ def test_chunked_objective_equals_a_full_logits_forward(
     if cache_kind is None:
         tokenized = data.tokenize_all(data.load_examples(tiny.train), "alpaca", tokenizer, 256)
         store = batching.TokenizedStore(tokenized)
-        cache_alpha = None
+        cache_alpha, cache_grid = None, ()
     else:
         store = CacheReader(str(caches[cache_kind]))
         cache_alpha = store.manifest["alpha"]
+        cache_grid = inputs.manifest_grid(store.manifest)
+    if cache_kind == "grid":
+        assert cache_grid == ((0.0, 1.5), (0.5, 1.5), (1.0, 1.5))
     batch = batching.collate(all_examples(store)[5:11], tokenizer.pad_token_id)
+    if cache_kind == "grid":  # the loss reads the exact family tail at (gamma 0.5, alpha 1.5)
+        assert batch["cached"].family_tail_logmass.shape == (batch["num_targets"], 3)
     student = models.load_model(str(tiny.student))
     frozen_model = models.load_model(str(tiny.student)) if frozen else None
-    loss_options = {"alpha": 1.5, "temperature": 1.0, "sft_weight": 0.25, "mix": 0.5}
+    loss_options = {"alpha": 1.5, "temperature": 1.0, "sft_weight": 0.25, "mix": 0.5, "gamma": 0.5}
     expected = reference_sums(
         student, batch, objective, tiny.vocab_size, frozen_model, cache_alpha=cache_alpha,
-        **loss_options,
+        cache_grid=cache_grid, **loss_options,
     )  # fmt: skip
     expected[0].backward()
     expected_grads = gradients(student)
@@ -119,6 +129,7 @@ def test_chunked_objective_equals_a_full_logits_forward(
             torch.float32,
             frozen_model,
             cache_alpha,
+            cache_grid,
         )
         sums = module(batch)
         for got, want in zip(sums, expected, strict=True):

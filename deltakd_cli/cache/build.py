@@ -22,7 +22,11 @@ from deltakd_cli.distributed import on_main_first
 from deltakd_cli.errors import DeltakdError, Interrupted
 from deltakd_cli.options import check
 from deltakd_cli.options import record as options_record
-from deltakd_cli.targets import RULES_NEEDING_STUDENT, TAIL_RULES_NEEDING_STUDENT
+from deltakd_cli.targets import (
+    RULES_NEEDING_GRID,
+    RULES_NEEDING_STUDENT,
+    TAIL_RULES_NEEDING_STUDENT,
+)
 
 POSITION_CHUNK = 1024  # positions whose full-vocabulary log-probs are held at once
 
@@ -30,7 +34,15 @@ POSITION_CHUNK = 1024  # positions whose full-vocabulary log-probs are held at o
 def validate(options: CacheOptions) -> None:
     """Checks that need no model: numbers, choices, paths. Fails before anything is loaded."""
     check(options)
+    grid = options.grid()  # bad --gammas / --alphas fail here
+    if grid and not options.student:
+        raise DeltakdError(
+            "--gammas/--alphas need --student: the KD-to-Delta family is built on the base "
+            "student's log-probs"
+        )
     selection, tail_rule = options.resolved_selection(), options.resolved_tail_rule()
+    if selection in RULES_NEEDING_GRID and not grid:
+        raise DeltakdError(f"--selection {selection} needs a grid: give --gammas (and --alphas)")
     needs_student = selection in RULES_NEEDING_STUDENT or tail_rule in TAIL_RULES_NEEDING_STUDENT
     if needs_student and not options.student:
         raise DeltakdError(
@@ -193,6 +205,7 @@ def settings_of(
         "selection": options.resolved_selection(),
         "tail_rule": options.resolved_tail_rule(),
         "alpha": options.alpha if options.student else None,
+        "grid": [list(point) for point in options.grid()] or None,
         "template": options.template,
         "max_length": options.max_length,
         "batch_size": options.batch_size,
@@ -311,7 +324,10 @@ def _cache_teachers(
     if shared:
         info(", ".join(f"{role} is {twin}: run once" for role, twin in shared.items()))
 
-    specs = schema.array_specs(options.top_k, vocab_size, options.precision, bool(options.student))
+    grid = options.grid()
+    specs = schema.array_specs(
+        options.top_k, vocab_size, options.precision, bool(options.student), len(grid)
+    )
     writer = store.ShardWriter(location, rank, world, specs)
     batches = plan_batches([len(t.input_ids) for t in tokenized], rank, world, options.batch_size)
     done = writer.committed["batches"]
@@ -319,15 +335,20 @@ def _cache_teachers(
         info(f"resuming: {done} of {len(batches)} batches already in {writer.name}")
 
     my_targets = sum(tokenized[i].num_targets for batch in batches for i in batch)
-    bytes_per_position = options.top_k * (
-        np.dtype(schema.ids_dtype(vocab_size)).itemsize
-        + (3 if options.student else 2) * np.dtype(options.precision).itemsize
+    bytes_per_position = (
+        options.top_k
+        * (
+            np.dtype(schema.ids_dtype(vocab_size)).itemsize
+            + (3 if options.student else 2) * np.dtype(options.precision).itemsize
+        )
+        + len(grid) * np.dtype(options.precision).itemsize
     )
     total_targets = sum(t.num_targets for t in tokenized)
     info(
         f"caching {len(tokenized)} examples ({total_targets} response tokens) at "
         f"k={options.top_k}, "
-        f"selection {options.resolved_selection()}, tail {options.resolved_tail_rule()}; "
+        f"selection {options.resolved_selection()}, tail {options.resolved_tail_rule()}"
+        f"{grid_summary(grid)}; "
         f"at most ~{total_targets * bytes_per_position / 2**20:.1f} MiB before compression"
     )
     pad_id = tokenizer.pad_token_id
@@ -386,6 +407,34 @@ def _cache_teachers(
     return manifest
 
 
+GRID_FIELD = "family_tail_logmass"  # the per-position array of the grid's exact tails
+
+
+def grid_summary(grid: tuple[targets.GridPoint, ...]) -> str:
+    if not grid:
+        return ""
+    return ", (gamma, alpha) grid " + " ".join(f"({g:g},{a:g})" for g, a in grid)
+
+
+def grid_record(
+    grid: tuple[targets.GridPoint, ...],
+    precision: str,
+    array_bytes: dict[str, int],
+    positions: int,
+) -> dict[str, Any] | None:
+    """The manifest's `grid`: the (gamma, alpha) points in the order of the columns of
+    family_tail_logmass, and what they cost per target position (raw: one value of the stored
+    precision per point; stored: after compression). None without a grid."""
+    if not grid:
+        return None
+    return {
+        "points": [[gamma, alpha] for gamma, alpha in grid],
+        "field": GRID_FIELD,
+        "bytes_per_response_token": len(grid) * np.dtype(precision).itemsize,
+        "stored_bytes_per_response_token": array_bytes.get(GRID_FIELD, 0) / max(positions, 1),
+    }
+
+
 def same_model(first: dict[str, Any], second: dict[str, Any]) -> bool:
     """Two roles name one model: the same location (and GGUF file) with the same weights."""
     keys = ("path", "gguf_file", "weights_sha256")
@@ -424,6 +473,7 @@ def _batch_entries(
                 options.resolved_selection(),
                 options.alpha,
                 options.resolved_tail_rule(),
+                options.grid(),
             )
         )
     return _concat_targets(chunks)
@@ -465,11 +515,16 @@ def build_manifest(
         "tail_rule": options.resolved_tail_rule(),
         "alpha": options.alpha if options.student else None,
         "has_student": bool(options.student),
+        "grid": grid_record(options.grid(), options.precision, array_bytes, positions),
         "precision": options.precision,
         "dtypes": {
             name: spec[0]
             for name, spec in schema.array_specs(
-                options.top_k, vocab_size, options.precision, bool(options.student)
+                options.top_k,
+                vocab_size,
+                options.precision,
+                bool(options.student),
+                len(options.grid()),
             ).items()
         },
         "counts": {

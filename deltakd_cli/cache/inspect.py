@@ -31,6 +31,8 @@ def summary(reader: CacheReader) -> dict[str, Any]:
         "tail_rule": manifest["tail_rule"],
         "alpha": manifest["alpha"],
         "has_student": manifest["has_student"],
+        # (gamma, alpha) points of the KD-to-Delta grid and their bytes; null without a grid
+        "grid": manifest.get("grid"),
         "precision": manifest["precision"],
         "shards": len(manifest["shards"]),
         "bytes": manifest["bytes"],
@@ -89,6 +91,16 @@ def inspect_cache(options: InspectOptions) -> None:
         console.print(f"[green]verified[/green]: all {report['shards']} shards match the manifest")
 
 
+def _grid_text(grid: dict[str, Any] | None) -> str:
+    if not grid:
+        return "none"
+    points = " ".join(f"({gamma:g}, {alpha:g})" for gamma, alpha in grid["points"])
+    return (
+        f"(gamma, alpha) {points}: {grid['bytes_per_response_token']} bytes / response token "
+        f"({grid['stored_bytes_per_response_token']:.1f} stored)"
+    )
+
+
 def _print_table(report: dict[str, Any]) -> None:
     table = Table(title=f"deltakd cache {report['path']}", show_header=False)
     table.add_column("field", style="bold")
@@ -102,6 +114,7 @@ def _print_table(report: dict[str, Any]) -> None:
             "student log-probs",
             f"yes (alpha {report['alpha']})" if report["has_student"] else "no",
         ),
+        ("kd-to-delta grid", _grid_text(report["grid"])),
         ("precision", report["precision"]),
         ("shards", str(report["shards"])),
         ("stored bytes", f"{report['bytes']:,}"),

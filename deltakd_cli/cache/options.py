@@ -3,12 +3,14 @@ derives the command line, the checks and the record from them)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from deltakd_cli.data import TEMPLATES, TRAIN_TURNS, DataOptions
+from deltakd_cli.errors import DeltakdError
 from deltakd_cli.models import DTYPES, ModelLoadOptions
 from deltakd_cli.options import opt
-from deltakd_cli.targets import SELECTION_RULES, TAIL_RULES, default_rules
+from deltakd_cli.targets import SELECTION_RULES, TAIL_RULES, GridPoint, default_rules
 
 TEMPLATE_ROLES = ("tuned", "base", "student")
 
@@ -57,6 +59,15 @@ class CacheOptions(DataOptions, ModelLoadOptions):
     tail_rule: str | None = opt(
         None, help="mass-matched (default with --student) or teacher.", choices=TAIL_RULES
     )
+    gammas: str | None = opt(
+        None,
+        help="KD-to-Delta grid: comma-separated gammas in [0, 1] (e.g. 0,0.5,1); with --alphas, "
+        "the exact family tail is stored for every (gamma, alpha). Needs --student.",
+    )
+    alphas: str | None = opt(
+        None,
+        help="KD-to-Delta grid: comma-separated alphas (default with --gammas: --alpha).",
+    )
     precision: str = opt(
         "float16", help="Stored log-prob dtype: float16 or float32.", choices=("float16", "float32")
     )
@@ -65,10 +76,42 @@ class CacheOptions(DataOptions, ModelLoadOptions):
     )
 
     def resolved_selection(self) -> str:
-        return self.selection or default_rules(bool(self.student))[0]
+        return self.selection or default_rules(bool(self.student), bool(self.grid()))[0]
 
     def resolved_tail_rule(self) -> str:
-        return self.tail_rule or default_rules(bool(self.student))[1]
+        return self.tail_rule or default_rules(bool(self.student), bool(self.grid()))[1]
+
+    def grid(self) -> tuple[GridPoint, ...]:
+        """The (gamma, alpha) grid points, gamma-major, in the order the cache stores them; ()
+        when neither --gammas nor --alphas is given. A missing half defaults to gamma 1 (the
+        Delta target) or to --alpha."""
+        if self.gammas is None and self.alphas is None:
+            return ()
+        gammas = (1.0,) if self.gammas is None else parse_numbers("--gammas", self.gammas)
+        alphas = (self.alpha,) if self.alphas is None else parse_numbers("--alphas", self.alphas)
+        for gamma in gammas:
+            if not 0.0 <= gamma <= 1.0:
+                raise DeltakdError(f"--gammas: every gamma must be between 0 and 1, got {gamma:g}")
+        return tuple((gamma, alpha) for gamma in gammas for alpha in alphas)
+
+
+def parse_numbers(flag: str, text: str) -> tuple[float, ...]:
+    """A comma-separated list of finite numbers, each once, in the order given."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise DeltakdError(f"{flag} is empty; give comma-separated numbers, e.g. 0,0.5,1")
+    numbers = []
+    for part in parts:
+        try:
+            number = float(part)
+        except ValueError:
+            raise DeltakdError(f"{flag}: {part!r} is not a number") from None
+        if not math.isfinite(number):
+            raise DeltakdError(f"{flag}: {part!r} is not a finite number")
+        if number in numbers:
+            raise DeltakdError(f"{flag}: {part} is given twice")
+        numbers.append(number)
+    return tuple(numbers)
 
 
 @dataclass(kw_only=True)

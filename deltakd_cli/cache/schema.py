@@ -15,7 +15,10 @@ from deltakd_cli.targets import FIELD_KIND, NEEDS_STUDENT, PER_POSITION_FIELDS, 
 
 # 2: the manifest carries its own checksum; every chunk is written. 3: a target mask per token
 # (every assistant turn of a conversation, every token of plain text) instead of a prompt length.
-FORMAT_VERSION = 3
+# 4: an optional [P, G] grid array (family_tail_logmass) and the manifest's `grid`; a format-3
+# cache is a format-4 cache without a grid, so both are read.
+FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (3, 4)
 POSITION_CHUNK = 2048  # positions per zarr chunk: one chunk is ~256 KiB of ids at k=64
 TOKEN_CHUNK = 65536
 EXAMPLE_CHUNK = 16384
@@ -28,10 +31,12 @@ def ids_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def array_specs(k: int, vocab_size: int, precision: str, has_student: bool) -> dict[str, tuple]:
+def array_specs(
+    k: int, vocab_size: int, precision: str, has_student: bool, grid_size: int = 0
+) -> dict[str, tuple]:
     """name -> (dtype, trailing shape, chunk rows, shuffle) for every array of a shard: the
     example arrays, then one per per-position field (those computed from the base student only
-    when the cache has it)."""
+    when the cache has it, the grid's only when it has `grid_size` > 0 grid points)."""
     specs: dict[str, tuple] = {
         "input_ids": (ids_dtype(vocab_size), (), TOKEN_CHUNK, "bitshuffle"),
         "token_offsets": ("int64", (), EXAMPLE_CHUNK, "bitshuffle"),
@@ -44,9 +49,12 @@ def array_specs(k: int, vocab_size: int, precision: str, has_student: bool) -> d
         "ids": (ids_dtype(vocab_size), (k,)),
         "logprobs": (precision, (k,)),
         "scalar": ("float32", ()),
+        "grid": (precision, (grid_size,)),
     }
     for name in PER_POSITION_FIELDS:
         if name in NEEDS_STUDENT and not has_student:
+            continue
+        if FIELD_KIND[name] == "grid" and not grid_size:
             continue
         dtype, trailing = by_kind[FIELD_KIND[name]]
         specs[name] = (dtype, trailing, POSITION_CHUNK, "shuffle")
@@ -84,7 +92,7 @@ def encode_positions(
         if kind == "ids":
             stored[name] = encode_ids(value.cpu().numpy(), vocab_size)
         else:
-            dtype = precision if kind == "logprobs" else np.float32
+            dtype = precision if kind in ("logprobs", "grid") else np.float32
             stored[name] = value.float().cpu().numpy().astype(dtype)
     return stored
 

@@ -31,6 +31,7 @@ from deltakd_cli import data, faults
 from deltakd_cli.cache.schema import (
     FORMAT_VERSION,
     POSITION_CHUNK,
+    READABLE_FORMAT_VERSIONS,
     SHARD_NAME,
     BatchRecord,
     codec,
@@ -380,10 +381,11 @@ def read_manifest(location: Location) -> dict[str, Any] | None:
         raise DeltakdError(f"{damaged} (not valid JSON); rebuild the cache") from None
     if not isinstance(manifest, dict):
         raise DeltakdError(f"{damaged} (not a JSON object); rebuild the cache")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise DeltakdError(
             f"{location.root}: cache format {manifest.get('format_version')} is not supported "
-            f"(this deltakd reads format {FORMAT_VERSION}); rebuild it with cache-teachers"
+            f"(this deltakd reads formats {', '.join(map(str, READABLE_FORMAT_VERSIONS))}, "
+            f"writes {FORMAT_VERSION}); rebuild it with cache-teachers"
         )
     if manifest.get("manifest_sha256") != manifest_checksum(manifest):
         raise DeltakdError(
@@ -528,6 +530,11 @@ class CacheReader:
     def has_student(self) -> bool:
         return bool(self.manifest["has_student"])
 
+    @property
+    def grid_points(self) -> list[list[float]]:
+        """The (gamma, alpha) grid points in column order ([] without a grid; format 3 has none)."""
+        return list((self.manifest.get("grid") or {}).get("points", []))
+
     def vocabulary(self) -> list[str | None]:
         """The token string of every id the cache uses (checked against the manifest)."""
         try:
@@ -574,7 +581,8 @@ class CacheReader:
         missing chunk back as zeros), and the offsets agree with each other. Kept ids are
         checked against the vocabulary as batches are read."""
         dtypes = self.manifest.get("dtypes", {})
-        k = self.k
+        trailing_of_kind = {"ids": (self.k,), "logprobs": (self.k,), "scalar": ()}
+        trailing_of_kind["grid"] = (len(self.grid_points),)
         total_examples = 0
         for shard, entry in enumerate(self.manifest["shards"]):
             where = f"{self.path}: shard {entry['name']}"
@@ -584,7 +592,7 @@ class CacheReader:
                     raise DeltakdError(f"{where}: the array {name} is missing; rebuild the cache")
                 array = group[name]
                 rows = expected_rows(name, entry)
-                trailing = () if FIELD_KIND.get(name, "scalar") == "scalar" else (k,)
+                trailing = trailing_of_kind[FIELD_KIND.get(name, "scalar")]
                 if array.shape != (rows, *trailing) or str(array.dtype) != dtype:
                     raise DeltakdError(
                         f"{where}: {name} has shape {array.shape} and dtype {array.dtype}, the "

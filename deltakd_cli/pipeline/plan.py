@@ -144,6 +144,19 @@ def validation_rows(options: PipelineOptions) -> str | None:
     return options.validation or options.held_out.get("validation")
 
 
+def _grid(options: PipelineOptions) -> dict[str, Any]:
+    """The cache's (gamma, alpha) grid for --sweep: each point's exact tail is stored."""
+    swept = sweep_roles(options)
+    if not swept:
+        return {}
+    gammas = sorted({point.gamma for point in swept.values()})
+    alphas = sorted({point.alpha for point in swept.values()})
+    return {
+        "gammas": ",".join(f"{gamma:g}" for gamma in gammas),
+        "alphas": ",".join(f"{alpha:g}" for alpha in alphas),
+    }
+
+
 def _held_out_training(options: PipelineOptions, eval_data: str | None) -> dict[str, Any]:
     """The held-out loss options of a training stage (none without held-out data)."""
     if eval_data is None:
@@ -260,6 +273,7 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
                 dtype=options.dtype,
                 device=options.device,
                 **_load(options),
+                **_grid(options),
             ),
             cache_dir,
             "manifest.json",

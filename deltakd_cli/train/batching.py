@@ -26,7 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 from deltakd_cli.cache.store import CachedExample
 from deltakd_cli.data import TokenizedExample, target_positions
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.targets import PER_POSITION_FIELDS, STUDENT_FIELDS, CachedTargets
+from deltakd_cli.targets import (
+    CACHED_STUDENT_TAIL_FIELDS,
+    PER_POSITION_FIELDS,
+    STUDENT_FIELDS,
+    CachedTargets,
+)
 
 
 class ExampleStore(Protocol):
@@ -251,7 +256,8 @@ def collate(
     """Examples (with or without cached targets) -> the batch dict of the contract: right-padded
     input ids, targets at the positions of `data.target_positions`, each predicting the next
     token. Without `with_student`, the base student's cached fields are left out; without
-    `with_tail_shift`, the mass-matched tail shift (valid only for the cache's own student)."""
+    `with_tail_shift`, the tail figures computed with the cache's own student (the mass-matched
+    shift and the family's exact tail masses; valid only for that student)."""
     lengths = [len(e.input_ids) for e in examples]
     longest = max(lengths)
     input_ids = np.full((len(examples), longest), pad_id, dtype=np.int64)
@@ -272,7 +278,7 @@ def collate(
         for name in PER_POSITION_FIELDS:
             values = [getattr(e.targets, name) for e in examples]
             dropped = (name in STUDENT_FIELDS and not with_student) or (
-                name == "target_tail_shift" and not with_tail_shift
+                name in CACHED_STUDENT_TAIL_FIELDS and not with_tail_shift
             )
             if values[0] is None or dropped:
                 entries[name] = None

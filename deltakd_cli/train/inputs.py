@@ -13,6 +13,7 @@ from deltakd_cli.cache.store import CacheReader
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.losses import OBJECTIVES
+from deltakd_cli.targets import grid_column
 from deltakd_cli.train import batching
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
@@ -26,6 +27,8 @@ class TrainingData:
     source: dict[str, Any] = field(default_factory=dict)  # what a resume must find unchanged
     vocab_size: int = 0  # the working vocabulary: the student's logits are cut to it
     cache_alpha: float | None = None
+    # The cache's (gamma, alpha) grid points, in the order of its family_tail_logmass columns.
+    cache_grid: tuple[tuple[float, float], ...] = ()
     use_cached_student: bool = False  # read and use the cache's S0 log-probs
     # Use the cache's mass-matched tail shift: it was computed with the cache's own base student,
     # so it holds only for that student (with another one the teacher tail rule is used).
@@ -42,6 +45,7 @@ def with_eval_data(training: TrainingData, held_out: TrainingData, eval_data: st
         ("vocabulary size", training.vocab_size, held_out.vocab_size),
         ("cached base-student log-probs", training.use_cached_student, held_out.use_cached_student),
         ("alpha", training.cache_alpha, held_out.cache_alpha),
+        ("(gamma, alpha) grid", training.cache_grid, held_out.cache_grid),
         ("use of its tail shift", training.use_cached_tail_shift, held_out.use_cached_tail_shift),
     )
     for what, trained, held in pairs:
@@ -140,6 +144,9 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
                     "teacher tail rule is used instead (docs/method.md)"
                 )
     alpha = manifest.get("alpha")
+    cache_grid = manifest_grid(manifest)
+    if options.objective == "kd-to-delta":
+        family_tail_note(options, cache_grid, use_cached_tail_shift)
     local = Path(cache_path).exists()
     return TrainingData(
         store=reader,
@@ -152,6 +159,7 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
                 "selection": manifest.get("selection"),
                 "tail_rule": manifest.get("tail_rule"),
                 "alpha": alpha,
+                "grid": manifest.get("grid"),
                 "has_student": manifest.get("has_student"),
                 "precision": manifest.get("precision"),
                 "counts": manifest.get("counts"),
@@ -161,8 +169,35 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
         },
         vocab_size=int(manifest["vocab_size"]),
         cache_alpha=None if alpha is None else float(alpha),
+        cache_grid=cache_grid,
         use_cached_student=use_cached_student,
         needs_frozen_student=needs_frozen,
         use_cached_tail_shift=use_cached_tail_shift,
         template=template if isinstance(template, dict) else None,
+    )
+
+
+def manifest_grid(manifest: dict[str, Any]) -> tuple[tuple[float, float], ...]:
+    """The cache's (gamma, alpha) grid points in column order; () for a cache without a grid
+    (format 3 caches have none)."""
+    grid = manifest.get("grid") or {}
+    return tuple((float(g), float(a)) for g, a in grid.get("points", ()))
+
+
+def family_tail_note(
+    options: DistillOptions, cache_grid: tuple[tuple[float, float], ...], usable: bool
+) -> None:
+    """One note line when kd-to-delta's tail bucket cannot use the cache's exact family tail."""
+    point = f"(gamma {options.gamma:g}, alpha {options.alpha:g})"
+    if grid_column(cache_grid, options.gamma, options.alpha) is None:
+        points = ", ".join(f"({g:g}, {a:g})" for g, a in cache_grid) or "none"
+        reason = f"{point} is not a grid point of the cache (its grid: {points})"
+    elif not usable:
+        reason = f"the cache's exact tail at {point} was computed for its own base student"
+    else:
+        return
+    info(
+        f"[yellow]note:[/yellow] {reason}: kd-to-delta's tail bucket uses the fallback "
+        "(1 - gamma) log mT + gamma (log m0 + shift), an upper bound, exact at gamma 0 and 1 "
+        "(docs/method.md)"
     )

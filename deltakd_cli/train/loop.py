@@ -191,6 +191,7 @@ class Trainer:
             frozen,
             self.data.cache_alpha,
             frozen_is_adapter_disabled=self.data.needs_frozen_student and self.lora is not None,
+            cache_grid=self.data.cache_grid,
         )
         if options.fsdp:
             self.wrapped = self._fully_shard(self.module)

@@ -56,6 +56,7 @@ class ObjectiveModule(nn.Module):
         frozen_student: nn.Module | None = None,
         cache_alpha: float | None = None,
         frozen_is_adapter_disabled: bool = False,
+        cache_grid: tuple[tuple[float, float], ...] = (),
     ):
         super().__init__()
         if frozen_is_adapter_disabled and frozen_student is not None:
@@ -73,6 +74,8 @@ class ObjectiveModule(nn.Module):
             "sft_weight": options.sft_weight,
             "cache_alpha": cache_alpha,
             "mix": options.mix,
+            "gamma": options.gamma,
+            "cache_grid": tuple(cache_grid),
         }
 
     @property

@@ -24,6 +24,7 @@ OPTIONS_THAT_MATTER = (
     "temperature",
     "sft_weight",
     "mix",
+    "gamma",
     "frozen_student",
     "epochs",
     "max_steps",
@@ -195,7 +196,9 @@ class DistillOptions(TrainOptions):
     cache: str = opt(help="Teachers' cache written by cache-teachers.")
     student: str = opt(help="Student S0: HF dir, hub id, or .gguf file.")
     objective: str = opt(
-        "delta", help="delta, kd, sft, delta-mse or delta-mix.", choices=tuple(OBJECTIVES)
+        "delta",
+        help="delta, kd, sft, delta-mse, delta-mix or kd-to-delta.",
+        choices=tuple(OBJECTIVES),
     )
     alpha: float = opt(1.0, help="Scale of the teachers' shift in the delta target.", finite=True)
     sft_weight: float = opt(
@@ -206,6 +209,13 @@ class DistillOptions(TrainOptions):
     )
     mix: float = opt(
         0.5, help="delta-mix: weight of the delta target vs the teacher.", at_least=0, at_most=1
+    )
+    gamma: float = opt(
+        1.0,
+        help="kd-to-delta: 0 is KD to the tuned teacher, 1 is Delta-KD, between: the geometric "
+        "mix of the two targets.",
+        at_least=0,
+        at_most=1,
     )
     frozen_student: bool = opt(
         False,
@@ -242,6 +252,7 @@ class FinetuneOptions(TrainOptions, DataOptions):
     temperature: ClassVar[float] = 1.0
     sft_weight: ClassVar[float] = 0.0
     mix: ClassVar[float] = 0.5
+    gamma: ClassVar[float] = 1.0
     frozen_student: ClassVar[bool] = False
 
     @property
