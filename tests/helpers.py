@@ -29,6 +29,19 @@ def cache_args(tiny, out, *extra, student=True) -> list[str]:
     return args + [str(a) for a in extra]
 
 
+def train_and_held_out_caches(tiny, root: Path, top_k: int = 8) -> tuple[Path, Path]:
+    """A cache of the fixture's train rows and one of its test rows (a held-out cache), built
+    the same way (teachers, student, k)."""
+    train, held_out = root / "train-cache", root / "heldout-cache"
+    result = run_cli(cache_args(tiny, train, "--top-k", top_k))
+    assert result.exit_code == 0, result.output
+    args = cache_args(tiny, held_out, "--top-k", top_k)
+    args[args.index("--data") + 1] = str(tiny.test)
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    return train, held_out
+
+
 def run_cli(args: list):
     """The CLI in-process; returns typer's Result (exit_code, output)."""
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)

@@ -10,7 +10,12 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, cache_args, run_cli, run_module
+from helpers import (
+    assert_one_line_error,
+    run_cli,
+    run_module,
+    train_and_held_out_caches,
+)
 
 from deltakd_cli import tracking
 
@@ -19,13 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def caches(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tracking")
-    train, held_out = root / "train-cache", root / "heldout-cache"
-    assert run_cli(cache_args(tiny, train, "--top-k", 8)).exit_code == 0
-    args = cache_args(tiny, held_out, "--top-k", 8)
-    args[args.index("--data") + 1] = str(tiny.test)
-    assert run_cli(args).exit_code == 0
-    return train, held_out
+    """A training cache of the train rows and a held-out cache of the test rows."""
+    return train_and_held_out_caches(tiny, tmp_path_factory.mktemp("tracking"))
 
 
 @pytest.fixture(scope="module")

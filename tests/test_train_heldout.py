@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error, cache_args, run_cli
+from helpers import assert_one_line_error, cache_args, run_cli, train_and_held_out_caches
 from transformers import AutoModelForCausalLM
 
 from deltakd_cli import data, losses, models
@@ -23,14 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def caches(tiny, tmp_path_factory):
     """A training cache of the train rows and a held-out cache of the test rows."""
-    root = tmp_path_factory.mktemp("heldout")
-    train, held_out = root / "train-cache", root / "heldout-cache"
-    assert run_cli(cache_args(tiny, train, "--top-k", 8)).exit_code == 0
-    args = cache_args(tiny, held_out, "--top-k", 8)
-    args[args.index("--data") + 1] = str(tiny.test)
-    result = run_cli(args)
-    assert result.exit_code == 0, result.output
-    return train, held_out
+    return train_and_held_out_caches(tiny, tmp_path_factory.mktemp("heldout"))
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -129,7 +129,7 @@ def test_chunked_objective_equals_a_full_logits_forward(
             torch.float32,
             frozen_model,
             cache_alpha,
-            cache_grid,
+            cache_grid=cache_grid,
         )
         sums = module(batch)
         for got, want in zip(sums, expected, strict=True):

@@ -157,6 +157,24 @@ def _grid(options: PipelineOptions) -> dict[str, Any]:
     }
 
 
+def _eval_options(options: PipelineOptions, **specific: Any) -> EvalOptions:
+    """An eval stage's options: the pipeline's protocol, columns and devices, and `specific`
+    (models, rows, output, groups)."""
+    return EvalOptions(
+        **_columns(options),
+        **_load(options),
+        protocol=options.protocol,
+        template=options.template,
+        batch_size=options.eval_batch_size,
+        seeds=options.seeds,
+        max_new_tokens=options.max_new_tokens,
+        max_prompt_length=options.max_prompt_length,
+        dtype=options.dtype,
+        device=options.device,
+        **specific,
+    )
+
+
 def _held_out_training(options: PipelineOptions, eval_data: str | None) -> dict[str, Any]:
     """The held-out loss options of a training stage (none without held-out data)."""
     if eval_data is None:
@@ -341,22 +359,13 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
         if validation is None:
             raise DeltakdError(SWEEP_NEEDS_VALIDATION)
         # The sweep's choice: every point scored on the held-out training rows (never test).
-        choosing = EvalOptions(
+        choosing = _eval_options(
+            options,
+            template_from=roles[template_role[options.template_from]],
             model=[model for role in swept for model in role_models[role]],
             data=validation,
-            **{**_columns(options), "data_config": options.data_config},
-            **_load(options),
-            template_from=roles[template_role[options.template_from]],
             out=str(out / "eval-validation" / "report.json"),
-            protocol=options.protocol,
-            template=options.template,
-            batch_size=options.eval_batch_size,
-            seeds=options.seeds,
-            max_new_tokens=options.max_new_tokens,
-            max_prompt_length=options.max_prompt_length,
             group=[f"{role}={','.join(role_models[role])}" for role in swept],
-            dtype=options.dtype,
-            device=options.device,
         )
         stages.append(
             Stage(
@@ -373,26 +382,17 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
     eval_dir = out / "eval"
     labels = role_labels(options)
     ordered = [model for role in labels for model in role_models[role]]
-    evaluation = EvalOptions(
+    evaluation = _eval_options(
+        options,
+        template_from=roles[template_role[options.template_from]],
         model=ordered,
         data=options.test,
         split=options.test_split,
-        **_columns(options),
-        **_load(options),
-        template_from=roles[template_role[options.template_from]],
         out=str(eval_dir / "report.json"),
-        protocol=options.protocol,
-        template=options.template,
         baseline=role_models["student-kd" if "student-kd" in role_models else "student-sft"][0],
-        batch_size=options.eval_batch_size,
-        seeds=options.seeds,
-        max_new_tokens=options.max_new_tokens,
-        max_prompt_length=options.max_prompt_length,
         limit=options.eval_limit,
         group=[f"{role}={','.join(role_models[role])}" for role in labels],
         compare=[f"{first}:{second}" for first, second in comparisons(options)],
-        dtype=options.dtype,
-        device=options.device,
     )
     stages.append(
         Stage(

@@ -6,10 +6,10 @@ the test rows are only ever scored, for every point, never used to choose."""
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from deltakd_cli.cache.options import parse_numbers
 from deltakd_cli.errors import DeltakdError
 
 SWEPT = ("gamma", "alpha")
@@ -35,18 +35,10 @@ class SweepPoint:
 
 
 def _numbers(name: str, text: str) -> list[float]:
-    values = []
-    for item in text.split(","):
-        try:
-            value = float(item)
-        except ValueError:
-            raise DeltakdError(f"--sweep {name}=...: {item.strip()!r} is not a number") from None
-        if not math.isfinite(value):
-            raise DeltakdError(f"--sweep {name}=...: {item.strip()!r} is not a finite number")
+    values = list(parse_numbers(f"--sweep {name}=...", text))
+    for value in values:
         if name == "gamma" and not 0.0 <= value <= 1.0:
             raise DeltakdError(f"--sweep gamma=...: {value:g} is outside [0, 1]")
-        if value not in values:
-            values.append(value)
     return values
 
 

@@ -111,6 +111,25 @@ def shard_boundaries(
     return boundaries
 
 
+def batch_specs(
+    shard: int, lengths: np.ndarray, boundaries: list[tuple[int, int]]
+) -> list[BatchSpec]:
+    """The micro-batches [start, stop) of one shard, with their target and padded token counts
+    (`lengths`: the shard's [tokens, targets] per example)."""
+    num_tokens = lengths[:, 0]
+    target_sums = np.concatenate([[0], np.cumsum(lengths[:, 1])])
+    return [
+        BatchSpec(
+            shard=shard,
+            start=start,
+            stop=stop,
+            num_targets=int(target_sums[stop] - target_sums[start]),
+            padded_tokens=int((stop - start) * num_tokens[start:stop].max()),
+        )
+        for start, stop in boundaries
+    ]
+
+
 def epoch_plan(
     shard_lengths: list[np.ndarray],
     epoch: int,
@@ -124,7 +143,7 @@ def epoch_plan(
     for shard, lengths in enumerate(shard_lengths):
         if len(lengths) == 0:
             continue
-        num_tokens, num_targets = lengths[:, 0], lengths[:, 1]
+        num_tokens = lengths[:, 0]
         if max_tokens is not None and int(num_tokens.max()) > max_tokens:
             raise DeltakdError(
                 f"--max-tokens-per-batch {max_tokens} is smaller than the longest example "
@@ -135,17 +154,8 @@ def epoch_plan(
         first_full = shard_boundaries(num_tokens, batch_size, max_tokens)[0]
         first_rows = first_full[1] - first_full[0]
         offset = int(rng.integers(0, first_rows))
-        target_sums = np.concatenate([[0], np.cumsum(num_targets)])
-        for start, stop in shard_boundaries(num_tokens, batch_size, max_tokens, offset):
-            specs.append(
-                BatchSpec(
-                    shard=shard,
-                    start=start,
-                    stop=stop,
-                    num_targets=int(target_sums[stop] - target_sums[start]),
-                    padded_tokens=int((stop - start) * num_tokens[start:stop].max()),
-                )
-            )
+        boundaries = shard_boundaries(num_tokens, batch_size, max_tokens, offset)
+        specs += batch_specs(shard, lengths, boundaries)
     order = rng.permutation(len(specs))
     return [specs[i] for i in order]
 
@@ -232,18 +242,8 @@ def evaluation_batches(
         lengths = store.shard_lengths(shard)
         if len(lengths) == 0:
             continue
-        num_tokens, num_targets = lengths[:, 0], lengths[:, 1]
-        target_sums = np.concatenate([[0], np.cumsum(num_targets)])
-        for start, stop in shard_boundaries(num_tokens, batch_size, max_tokens):
-            specs.append(
-                BatchSpec(
-                    shard=shard,
-                    start=start,
-                    stop=stop,
-                    num_targets=int(target_sums[stop] - target_sums[start]),
-                    padded_tokens=int((stop - start) * num_tokens[start:stop].max()),
-                )
-            )
+        boundaries = shard_boundaries(lengths[:, 0], batch_size, max_tokens)
+        specs += batch_specs(shard, lengths, boundaries)
     return specs
 
 

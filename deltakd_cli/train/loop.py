@@ -687,6 +687,22 @@ def _resume_hint(options: TrainOptions) -> str:
     )
 
 
+def _with_held_out(
+    options: TrainOptions, read: Callable[[Any, Any], TrainingData], data_field: str
+) -> Callable[[Any], TrainingData]:
+    """The training data as `read` gives it, with --eval-data read the same way (the options'
+    `data_field` pointed at it) as its held-out examples."""
+
+    def prepare(tokenizer: Any) -> TrainingData:
+        training = read(options, tokenizer)
+        if options.eval_data is None:
+            return training
+        held_out_options = dataclasses.replace(options, **{data_field: options.eval_data})
+        return with_eval_data(training, read(held_out_options, tokenizer), options.eval_data)
+
+    return prepare
+
+
 def distill(options: DistillOptions) -> dict[str, Any]:
     """`deltakd distill`: train the student on a teachers' cache."""
     outputs.check_not_input(
@@ -694,14 +710,7 @@ def distill(options: DistillOptions) -> dict[str, Any]:
         {"--cache": options.cache, "--student": options.student, "--eval-data": options.eval_data},
     )
 
-    def prepare(tokenizer: Any) -> TrainingData:
-        training = distill_data(options, tokenizer)
-        if options.eval_data is None:
-            return training
-        held_out = distill_data(dataclasses.replace(options, cache=options.eval_data), tokenizer)
-        return with_eval_data(training, held_out, options.eval_data)
-
-    return _run(options, prepare)
+    return _run(options, _with_held_out(options, distill_data, "cache"))
 
 
 def finetune(options: FinetuneOptions) -> dict[str, Any]:
@@ -715,11 +724,4 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
     )
     options = dataclasses.replace(options, max_length=max_length)
 
-    def prepare(tokenizer: Any) -> TrainingData:
-        training = finetune_data(options, tokenizer)
-        if options.eval_data is None:
-            return training
-        held_out = finetune_data(dataclasses.replace(options, data=options.eval_data), tokenizer)
-        return with_eval_data(training, held_out, options.eval_data)
-
-    return _run(options, prepare)
+    return _run(options, _with_held_out(options, finetune_data, "data"))
