@@ -31,9 +31,10 @@ FOUR_BIT_BYTES = 0.5  # QLoRA's NF4 weights (scales left out: a few percent)
 # q, the attention output and the o_proj output (6 H), k and v (2 KV), gate, up, the activation
 # and its product (4 I).
 ACTIVATION_HIDDEN, ACTIVATION_KV, ACTIVATION_MLP = 6, 2, 4
-# [positions, vocab] float32 blocks alive at once while a training chunk's loss runs: logits,
-# log-softmax, the target distribution, and the gradient of the logits.
-TRAINING_LOGIT_COPIES = 4
+# [positions, vocab] float32 blocks alive at once while a training chunk's loss runs (logits,
+# log-softmax, the target distribution, the gradient of the logits, the softmax of backward):
+# bench/memory_bench.py measured 663 MiB over the head-skipped step for 134 MiB chunks, ~5.
+TRAINING_LOGIT_COPIES = 5
 # In cache-teachers: each model's log-probs of a chunk, plus the target builder's work
 # (exp, the delta target, the selection's scores).
 CACHE_EXTRA_LOGIT_COPIES = 3

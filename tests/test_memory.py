@@ -47,7 +47,7 @@ def test_training_estimate_arithmetic_by_hand():
         "weights": 1000 * 4,
         "gradients and AdamW state": 1000 * 12,
         "activations": 10 * (2 * per_layer + 8) * 4,
-        "logits chunk": 4 * 50 * 4 * 4,  # 4 positions x 50 ids x float32 x 4 blocks
+        "logits chunk": 4 * 50 * 4 * 5,  # 4 positions x 50 ids x float32 x 5 blocks
     }
     checkpointed = memory.training_estimate(
         SMALL, micro_batch_tokens=10, logit_chunk_positions=4, checkpointed=True
