@@ -35,6 +35,7 @@ from deltakd_cli.options import record as options_record
 from deltakd_cli.targets import RULES_NEEDING_STUDENT, TAIL_RULES_NEEDING_STUDENT
 
 POSITION_CHUNK = 1024  # positions whose full-vocabulary log-probs are held at once
+CHECK_POSITIONS = 64  # leading positions of one row on which the logits path is checked
 
 
 def validate(options: CacheOptions) -> None:
@@ -129,7 +130,11 @@ class PositionLogprobs:
         if self.checked:
             return
         self.checked = True
-        rows = input_ids[:1], attention_mask[:1]
+        # A prefix of the first row is enough (position t sees only tokens <= t) and keeps the
+        # check's whole-row [tokens, vocab] logits (the model's forward computes them at every
+        # position, in float32 ~4 times over) from being the run's peak: a 2,048-token row at
+        # 151,936 ids is 1.16 GiB per copy.
+        rows = input_ids[:1, :CHECK_POSITIONS], attention_mask[:1, :CHECK_POSITIONS]
         reference = self.model(input_ids=rows[0], attention_mask=rows[1]).logits[0]
         reference = torch.log_softmax(reference[:, : self.vocab_size].float(), dim=-1)
         ours = self.logprobs(self.hidden(*rows)[0])
