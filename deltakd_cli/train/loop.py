@@ -650,7 +650,6 @@ def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[
     validate(options)
     device = distributed.device_for(options.device)
     models.check_device(device)
-    check_memory(options, device)
     distributed.init(device)
     if options.fsdp and not distributed.is_distributed():
         raise DeltakdError(
@@ -666,6 +665,7 @@ def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[
         options.load_settings().check(device)
         tokenizer = models.load_tokenizer(options.student, options.load_settings())
         training_data = prepare(tokenizer)
+        check_memory(options, device, longest_example(training_data))
         options = dataclasses.replace(options, source=training_data.source)
         trainer = Trainer(options, training_data, tokenizer)
         summary = trainer.run()
@@ -684,18 +684,11 @@ def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[
 SUGGESTED_LORA_RANK = 16
 
 
-def sequence_length(options: TrainOptions) -> int | None:
-    """The longest example a micro-batch may hold: finetune's --max-length, or the one the cache
-    was written with (None when the cache cannot be read: distill's own checks say why)."""
-    if isinstance(options, FinetuneOptions):
-        return options.max_length
-    from deltakd_cli.cache import store
-
-    try:
-        manifest = store.read_manifest(store.Location(options.cache))
-    except DeltakdError:
-        return None
-    return (manifest or {}).get("provenance", {}).get("max_length")
+def longest_example(training_data: TrainingData) -> int:
+    """Tokens in the longest training example (what bounds a micro-batch's padded length)."""
+    store = training_data.store
+    lengths = [store.shard_lengths(s) for s in range(store.num_shards)]
+    return max((int(np.max(shard)) for shard in lengths if len(shard)), default=0)
 
 
 def training_estimate_for(
@@ -727,12 +720,10 @@ def training_estimate_for(
     )
 
 
-def check_memory(options: TrainOptions, device: torch.device) -> None:
-    """Before any weight is loaded: print what the run needs per device and refuse, in one
-    line, when that cannot fit, naming what would."""
-    length = sequence_length(options)
-    if length is None:
-        return
+def check_memory(options: TrainOptions, device: torch.device, length: int) -> None:
+    """Before any weight is loaded: print what the run needs per device (every micro-batch
+    padded to the longest example, `length` tokens) and refuse, in one line, when that cannot
+    fit, naming what would."""
     shape = memory.shape_of_model(options.student, options.load_settings())
 
     def changed(**changes: Any) -> memory.Estimate:
