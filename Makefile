@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch; GPU boxes: `make install TORCH_SPEC=torch` (or pre-install your CUDA torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint format bench demo pipeline clean
+.PHONY: install test lint format bench bench-gpu demo pipeline clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ format: install
 
 bench: install $(VENV)/.demo-assets $(VENV)/.bench-extra
 	$(PY) bench/run_all.py
+
+# deltakd on a GPU at Qwen2.5 sizes (random weights, nothing downloaded): docs/benchmarks-gpu.md.
+# Without a CUDA device it runs the scaled-down CPU shape (what the tests run) under runs/bench/.
+bench-gpu: install
+	$(PY) bench/gpu_bench.py
 
 # The bench-only extra (trl, for bench/trl_bench.py; Python >= 3.11); the tests never need it.
 $(VENV)/.bench-extra: $(VENV)/.installed pyproject.toml

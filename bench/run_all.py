@@ -18,6 +18,7 @@ BENCHES = {
     "fidelity": "target_fidelity.py",
     "distill": "distill_bench.py",
     "trl": "trl_bench.py",
+    "memory": "memory_bench.py",
 }
 
 # figure -> (goal text, predicate on the value or None, what it measures)
@@ -72,6 +73,30 @@ GOALS = {
         "< 1.1",
         lambda v: v < 1.1,
         "peak RSS with a 10x larger cache / the smaller one",
+    ),
+    **{
+        f"memory_{run}_vs_transformers": (
+            "<= 1.1",
+            lambda v: v <= 1.1,
+            f"peak RSS of deltakd {label}, 2 steps / a plain transformers forward+backward+AdamW "
+            "step of the same student and batch (labels, its own loss)",
+        )
+        for run, label in (
+            ("finetune", "finetune"),
+            ("distill_kd", "distill --objective kd"),
+            ("distill_delta", "distill --objective delta"),
+        )
+    },
+    "memory_lora_distill_vs_full_distill": (
+        "<= 0.8",
+        lambda v: v <= 0.8,
+        "peak RSS of distill kd with --lora-r 16 / the same distill training every weight",
+    ),
+    "memory_head_152k_extra_vs_one_full_logits": (
+        "< 1",
+        lambda v: v < 1,
+        "a 151,936-token head at 2,048 tokens: (peak RSS of a distill step - the same step with "
+        "the head skipped) / one whole [2048 x 151936] float32 tensor (1.16 GiB)",
     ),
     "trl_kd_tokens_per_s_ratio_3_epochs": (
         ">= 1",

@@ -283,17 +283,22 @@ def check_loading_report(spec: str, model: Any, loading: dict[str, Any]) -> None
         )
 
 
-def max_positions(spec: str, settings: LoadSettings = DEFAULT_LOAD) -> int | None:
-    """The longest sequence a model was made for (its config's position limit), if it says."""
+def model_config(spec: str, settings: LoadSettings = DEFAULT_LOAD) -> Any:
+    """A model's configuration alone (no weights read)."""
     from transformers import AutoConfig
 
     source = resolve_source(spec)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     kwargs.update(settings.hub_kwargs(source))
     try:
-        config = AutoConfig.from_pretrained(source.path, **kwargs)
+        return AutoConfig.from_pretrained(source.path, **kwargs)
     except Exception as error:
         raise _hub_error(source, error) from None
+
+
+def max_positions(spec: str, settings: LoadSettings = DEFAULT_LOAD) -> int | None:
+    """The longest sequence a model was made for (its config's position limit), if it says."""
+    config = model_config(spec, settings)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

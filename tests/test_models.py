@@ -91,6 +91,31 @@ def test_decoder_layers_are_found_by_name(tiny):
     assert models.decoder_of(model) is model.model
 
 
+def test_the_cache_checks_its_logits_path_on_a_prefix_and_refuses_a_mismatch(monkeypatch):
+    """The one-time check sees only CHECK_POSITIONS tokens of one row (never a whole row's
+    [tokens x vocab] logits) and still refuses logits it does not reproduce."""
+    from deltakd_cli.cache import build
+
+    model = scaled_model("logit_scale")
+    input_ids = torch.randint(3, VOCAB, (2, 60))
+    mask = torch.ones_like(input_ids)
+    monkeypatch.setattr(build, "CHECK_POSITIONS", 16)
+    seen = []
+    original = model.forward
+    monkeypatch.setattr(
+        model, "forward", lambda **kw: seen.append(kw["input_ids"].shape) or original(**kw)
+    )
+    build.PositionLogprobs(model, VOCAB).check_against_forward(input_ids, mask)
+    assert seen == [torch.Size([1, 16])]
+
+    def unscaled(model, hidden, vocab_size):  # forgets Cohere's logit_scale
+        return model.get_output_embeddings()(hidden)[:, :vocab_size]
+
+    monkeypatch.setattr(models, "head_logits", unscaled)
+    with pytest.raises(DeltakdError, match="post-processed"):
+        build.PositionLogprobs(model, VOCAB).check_against_forward(input_ids, mask)
+
+
 @pytest.mark.parametrize(
     "spec, local",
     [

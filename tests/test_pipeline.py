@@ -11,6 +11,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import flat, run_cli
 
@@ -19,7 +20,7 @@ from deltakd_cli.commands import run_command
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.evaluate import report as eval_report
 from deltakd_cli.evaluate.rouge import METRICS
-from deltakd_cli.pipeline import assets, demo, plan, stages
+from deltakd_cli.pipeline import assets, demo, plan, results, stages
 from deltakd_cli.pipeline.options import DemoOptions, PipelineOptions
 from deltakd_cli.pipeline.results import results_table
 from deltakd_cli.train.options import DistillOptions
@@ -256,6 +257,10 @@ def test_demo_on_packaged_assets_end_to_end(tiny, tmp_path, monkeypatch):
     assert init["healed"] and init["kept_layers"] == [1]
     assert (work / "init-student" / "pruned" / "config.json").is_file()  # for the fidelity bench
     assert [row["rows"] for row in summary["results"]["rows"]] == [4] * 6
+    # every stage ran in this process: its own high-water mark, reset before it
+    assert all(record["peak_rss_of"] == "this stage" for record in summary["stages"].values())
+    assert all(record["peak_rss_mib"] > 0 for record in summary["stages"].values())
+    assert summary["demo"]["assets_peak_rss_mib"] > 0
 
     # the estimate-only run touches nothing that is done
     estimate = demo.run_demo(
@@ -296,6 +301,38 @@ def test_a_stage_resumes_from_its_checkpoint_and_redoes_on_new_inputs(tmp_path):
     stages.run_stage(moved, fake_runner)
     assert calls[-1][1].lr == 1.0 and not calls[-1][1].resume
     assert not (out / "stale.txt").exists()
+
+
+def test_each_stage_records_its_own_peak_rss(tmp_path):
+    """The high-water mark is reset per stage: a stage that holds 300 MiB records at least that,
+    the light stage after it does not inherit it."""
+
+    def runner(command, options):
+        out = Path(options.out)
+        if out.name == "heavy":
+            held = np.ones(300 * 2**20 // 8)  # 300 MiB, every page touched
+            del held
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text("{}")
+
+    records = {}
+    for name in ("heavy", "light"):
+        options = DistillOptions(cache="c", student="s", out=str(tmp_path / name))
+        stage = stages.Stage(name, "distill", options, tmp_path / name, "run.json")
+        records[name] = stages.run_stage(stage, runner)
+    assert records["heavy"]["peak_rss_of"] == "this stage"
+    assert records["heavy"]["peak_rss_mib"] >= 300
+    assert records["light"]["peak_rss_mib"] < records["heavy"]["peak_rss_mib"] - 200
+    saved = json.loads(stage.sidecar.read_text())
+    assert saved["peak_rss_mib"] == records["light"]["peak_rss_mib"]
+    lines = results.stage_lines(records)
+    assert "peak RSS" in lines[0] and lines[0].startswith("heavy")
+
+
+def test_a_torchrun_stage_records_the_peak_of_its_processes():
+    memory = stages.run_torchrun(["--help"], 1)
+    assert memory["peak_rss_mib"] >= 20  # a Python interpreter with torch imported, at least
+    assert "torchrun" in memory["peak_rss_of"]
 
 
 def test_a_stage_that_writes_nothing_fails_clearly(tmp_path):

@@ -14,7 +14,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from deltakd_cli import __version__, data, distributed, models, outputs, sources, targets, vocab
+from deltakd_cli import (
+    __version__,
+    data,
+    distributed,
+    memory,
+    models,
+    outputs,
+    sources,
+    targets,
+    vocab,
+)
 from deltakd_cli.cache import schema, store
 from deltakd_cli.cache.options import CacheOptions
 from deltakd_cli.console import info, progress
@@ -29,6 +39,7 @@ from deltakd_cli.targets import (
 )
 
 POSITION_CHUNK = 1024  # positions whose full-vocabulary log-probs are held at once
+CHECK_POSITIONS = 64  # leading positions of one row on which the logits path is checked
 
 
 def validate(options: CacheOptions) -> None:
@@ -131,7 +142,11 @@ class PositionLogprobs:
         if self.checked:
             return
         self.checked = True
-        rows = input_ids[:1], attention_mask[:1]
+        # A prefix of the first row is enough (position t sees only tokens <= t) and keeps the
+        # check's whole-row [tokens, vocab] logits (the model's forward computes them at every
+        # position, in float32 ~4 times over) from being the run's peak: a 2,048-token row at
+        # 151,936 ids is 1.16 GiB per copy.
+        rows = input_ids[:1, :CHECK_POSITIONS], attention_mask[:1, :CHECK_POSITIONS]
         reference = self.model(input_ids=rows[0], attention_mask=rows[1]).logits[0]
         reference = torch.log_softmax(reference[:, : self.vocab_size].float(), dim=-1)
         ours = self.logprobs(self.hidden(*rows)[0])
@@ -216,6 +231,59 @@ def settings_of(
     }
 
 
+# ----------------------------------------------------------------------------- memory
+
+
+def cache_estimate(
+    options: CacheOptions,
+    shapes: list[memory.ModelShape],
+    length: int,
+    device: torch.device,
+    batch_size: int | None = None,
+    dtype: str | None = None,
+) -> memory.Estimate:
+    """Per-device memory of the run (or of it with another --batch-size or --dtype)."""
+    weight_dtype = models.resolve_dtype(dtype or options.dtype, device)
+    return memory.inference_estimate(
+        shapes,
+        batch_tokens=(batch_size or options.batch_size) * length,
+        position_chunk=POSITION_CHUNK,
+        weight_bytes=torch.finfo(weight_dtype).bits // 8,
+        roles=3 if options.student else 2,
+    )
+
+
+def check_memory(options: CacheOptions, device: torch.device) -> None:
+    """Before any weight is loaded: what the models and the largest batch need per device, and a
+    one-line refusal, naming what would fit, when that exceeds it. A model named under two roles
+    is counted once (it is loaded once); --device-map spreads models over GPUs: not checked."""
+    if options.device_map:
+        return
+    load = options.load_settings()
+    specs = {"teacher_base": options.teacher_base, "teacher_tuned": options.teacher_tuned}
+    if options.student:
+        specs["student"] = options.student
+    shapes = [memory.shape_of_model(spec, load) for spec in dict.fromkeys(specs.values())]
+    length = models.resolve_max_length(options.max_length, specs, load)
+
+    def changed(**changes: Any) -> memory.Estimate:
+        return cache_estimate(options, shapes, length, device, **changes)
+
+    alternatives: list[list[memory.Alternative]] = []
+    if models.resolve_dtype(options.dtype, device) == torch.float32:
+        alternatives.append([("--dtype bfloat16", changed(dtype="bfloat16"))])
+    if options.batch_size > 1:
+        smaller = range(options.batch_size - 1, 0, -1)
+        alternatives.append([(f"--batch-size {b}", changed(batch_size=b)) for b in smaller])
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if gpus > 1:  # the weights spread over the host's GPUs; a batch's work stays on one
+        estimate = changed()
+        split = {**estimate.parts, "weights": estimate.parts["weights"] // gpus}
+        alternatives.append([(f"--device-map auto over {gpus} GPUs", memory.Estimate(split))])
+    on_device = distributed.local_world_size() if device.type == "cpu" else 1
+    memory.check_fits("cache-teachers", changed(), device, alternatives, on_device)
+
+
 # ----------------------------------------------------------------------------- the workflow
 
 
@@ -224,6 +292,7 @@ def cache_teachers(options: CacheOptions) -> dict[str, Any]:
     validate(options)
     device = distributed.device_for(options.device)
     models.check_device(device)
+    check_memory(options, device)
     distributed.init(device)
     lock = None
     if distributed.is_main_process() and not outputs.is_url(options.out):

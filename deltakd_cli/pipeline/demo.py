@@ -18,7 +18,7 @@ from deltakd_cli.options import check
 from deltakd_cli.pipeline import assets
 from deltakd_cli.pipeline.options import DemoOptions, PipelineOptions
 from deltakd_cli.pipeline.run import pipeline_output, run_pipeline
-from deltakd_cli.pipeline.stages import Runner
+from deltakd_cli.pipeline.stages import KIB_PER_MIB, Runner, peak_rss_kib, reset_peak_rss
 from deltakd_cli.pipeline.sweep import parse_sweep
 
 
@@ -230,7 +230,9 @@ def _run_demo(options: DemoOptions, runner: Runner, profile: DemoProfile | None)
     started = time.perf_counter()
     console.rule(f"[bold]deltakd demo ({profile.name})")
     info(f"work directory: {work}/ (a rerun reuses every stage already done)")
+    reset_peak_rss()
     prepared = prepare_assets(work, profile, wheel_dirs)
+    assets_peak_rss_mib = round(peak_rss_kib() / KIB_PER_MIB)  # the GGUF conversion, if it ran
     demo_data: assets.DemoData = prepared["data"]
     counts = token_counts(
         prepared["base_model"],
@@ -268,6 +270,7 @@ def _run_demo(options: DemoOptions, runner: Runner, profile: DemoProfile | None)
                 },
                 "token_counts": counts,
                 "estimate_seconds": estimate,
+                "assets_peak_rss_mib": assets_peak_rss_mib,
             }
         },
     )

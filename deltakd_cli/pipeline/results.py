@@ -132,3 +132,22 @@ def print_results(summary: dict[str, Any], summary_path: Path) -> None:
     skipped = [name for name, record in summary["stages"].items() if record.get("skipped")]
     if skipped:
         console.print(f"  (reused from an earlier run: {', '.join(skipped)})")
+    console.print("stages (wall time, peak resident memory):")
+    for line in stage_lines(summary["stages"]):
+        console.print(f"  {line}")
+
+
+def stage_lines(records: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per stage: its time and peak RSS (as recorded when it ran, for a reused one)."""
+    lines = []
+    width = max((len(name) for name in records), default=0)
+    for name, record in records.items():
+        peak = record.get("peak_rss_mib")
+        memory = f"peak RSS {peak:,} MiB" if peak is not None else "peak RSS not recorded"
+        if record.get("children_peak_rss_mib") is not None:
+            memory += f" (worker processes {record['children_peak_rss_mib']:,} MiB)"
+        reused = ", reused" if record.get("skipped") else ""
+        seconds = record.get("seconds")
+        took = f"{seconds:.1f}s" if seconds is not None else "-"
+        lines.append(f"{name:{width}s} {took:>8s}  {memory}{reused}")
+    return lines
