@@ -575,6 +575,12 @@ def test_a_leftover_partial_record_does_not_block_later_runs(tiny, tmp_path):
 # ----------------------------------------------------------------------------- 10: smaller
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A suite started in the background (`cmd &`, nohup, some CI runners) runs with SIGINT
+    ignored, and a child inherits that; Ctrl-C must reach the child as in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(args: list, pause_at: int, trace: Path) -> subprocess.CompletedProcess:
     """Start the command, wait until it pauses at the `pause_at`-th fault point (its trace
     then has that many lines), and press Ctrl-C (SIGINT)."""
@@ -583,7 +589,7 @@ def interrupt(args: list, pause_at: int, trace: Path) -> subprocess.CompletedPro
            faults.TRACE_ENV: str(trace)}  # fmt: skip
     process = subprocess.Popen([sys.executable, "-m", "deltakd_cli", *map(str, args)], cwd=REPO,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)  # fmt: skip
+                               text=True, preexec_fn=_sigint_as_in_a_terminal)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if trace.exists() and len(trace.read_text().splitlines()) >= pause_at:
