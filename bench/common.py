@@ -35,10 +35,15 @@ def smollm2_dir() -> Path:
 
 
 def perturbed_copy(source: Path, name: str, scale: float, seed: int = 0) -> Path:
-    """A stand-in tuned teacher: the same weights with a small relative random shift."""
+    """A stand-in tuned teacher under WORKDIR/name (see perturbed_model)."""
+    return perturbed_model(source, WORKDIR / name, scale, seed)
+
+
+def perturbed_model(source: Path, target: Path, scale: float, seed: int) -> Path:
+    """The same weights with a small relative random shift (noise scaled by each tensor's std),
+    written to `target` once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = WORKDIR / name
     if (target / "config.json").exists():
         return target
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)

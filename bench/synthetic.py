@@ -50,19 +50,9 @@ def random_model(directory: Path, config, tokenizer, seed: int = 0) -> Path:
 
 def perturbed(source: Path, target: Path, scale: float = 0.05, seed: int = 1) -> Path:
     """A stand-in tuned teacher: the same weights with a small relative random shift."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from common import perturbed_model
 
-    if (target / "config.json").exists():
-        return target
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            parameter.add_(scale * parameter.std() * noise)
-    model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(source).save_pretrained(target)
-    return target
+    return perturbed_model(source, target, scale, seed)
 
 
 def rows(
