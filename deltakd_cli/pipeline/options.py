@@ -50,15 +50,6 @@ class InitStudentOptions(DataOptions, ModelLoadOptions):
     warmup: float = opt(0.05, help="Warmup: steps (>= 1) or a fraction (< 1).", at_least=0)
     batch_size: int = opt(8, help="Healing examples per optimizer step.", at_least=1)
     max_length: int = opt(256, help="Tokens per healing document.", at_least=2)
-    finetune_epochs: int = opt(
-        3, help="Epochs of the tuned teacher, if made here.", at_least=1, section="finetune"
-    )
-    finetune_lr: float = opt(
-        2e-5, help="Learning rate of the tuned teacher.", above=0, section="finetune"
-    )
-    finetune_batch_size: int = opt(
-        8, help="Batch size of the tuned teacher.", at_least=1, section="finetune"
-    )
     top_k: int = opt(64, help="Ids of the source's distribution kept per position.", at_least=1)
     sft_weight: float = opt(
         0.0, help="Weight of cross-entropy on the text, 0..1.", at_least=0, at_most=1
