@@ -18,6 +18,7 @@ from deltakd_cli.cache.build import PositionLogprobs, cache_teachers, pad_batch,
 from deltakd_cli.cache.options import CacheOptions
 
 ROWS, MAX_LENGTH, BATCH = 48, 256, 8
+GRID_GAMMAS = "0,0.5,1"
 EXAMPLE_ARRAYS = ("input_ids", "token_offsets", "target_offsets", "prompt_length", "example_index")
 
 
@@ -45,17 +46,40 @@ def bare_forward_tokens_per_second(base, tuned, tokenized, pad_id, heads_at_targ
     return targets / (time.perf_counter() - started)
 
 
-def cache_run(base, tuned, rows, k, student=None) -> dict:
-    out = WORKDIR / f"cache-k{k}-{'student' if student else 'teachers'}"
+def cache_run(base, tuned, rows, k, student=None, gammas=None) -> dict:
+    grid = "-grid" if gammas else ""
+    out = WORKDIR / f"cache-k{k}-{'student' if student else 'teachers'}{grid}"
     shutil.rmtree(out, ignore_errors=True)
     return cache_teachers(
         CacheOptions(
             teacher_base=str(base), teacher_tuned=str(tuned),
             student=str(student) if student else None,
             data=str(rows), out=str(out), top_k=k, max_length=MAX_LENGTH, batch_size=BATCH,
-            device="cpu", dtype="float32",
+            device="cpu", dtype="float32", gammas=gammas, alphas="1" if gammas else None,
         )
     )  # fmt: skip
+
+
+def grid_cost(base_dir, tuned_dir, rows) -> None:
+    """What a KD-to-Delta grid (--gammas 0,0.5,1 --alphas 1) adds to a k = 64 cache with the
+    student: stored bytes per response token, the whole cache and the family tails alone."""
+    plain = cache_run(base_dir, tuned_dir, rows, 64, base_dir)
+    grid = cache_run(base_dir, tuned_dir, rows, 64, base_dir, gammas=GRID_GAMMAS)
+    tails = grid["grid"]["stored_bytes_per_response_token"]
+    figures = {
+        "bytes_per_token_k64_student_grid3": grid["bytes_per_response_token"],
+        "bytes_per_token_k64_student_grid3_extra": grid["bytes_per_response_token"]
+        - plain["bytes_per_response_token"],
+        "bytes_per_token_k64_student_grid3_family_tails": tails,
+    }
+    settings = {
+        "rows": ROWS, "max_length": MAX_LENGTH, "k": 64, "gammas": GRID_GAMMAS, "alphas": "1",
+        "models": "SmolLM2-135M-Instruct base + perturbed copy (teachers); base as student",
+        "precision": grid.get("precision"),
+    }  # fmt: skip
+    record("cache_grid", figures, settings)
+    for name, value in figures.items():
+        print(f"{name:55s} {value:12.3f}")
 
 
 def main() -> None:
@@ -110,6 +134,7 @@ def main() -> None:
     record("cache", figures, settings)
     for name, value in figures.items():
         print(f"{name:55s} {value:12.3f}")
+    grid_cost(base_dir, tuned_dir, rows)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,28 @@ GOALS = {
         )
         for student in ("copied", "healed")
     },
+    **{
+        f"family_grad_cosine_{student}_k64_gamma{gamma}": (
+            ">= 0.97",
+            lambda v: v >= 0.97,
+            f"cosine of the cached kd-to-delta gradient vs the dense one at S0, grid cache "
+            f"(stored tail), gamma {gamma}, alpha 1, {student} student",
+        )
+        for student in ("copied", "healed")
+        for gamma in ("0", "0.5", "1")
+    },
+    "bytes_per_token_k64_student_grid3_extra": (
+        "report",
+        None,
+        "stored bytes per response token a 3-point grid (--gammas 0,0.5,1) adds to a k = 64 "
+        "cache with the student (here the student is the base teacher, so every grid point's "
+        "target is pT and the grid rule keeps the same ids: the extra is the tails alone)",
+    ),
+    "bytes_per_token_k64_student_grid3_family_tails": (
+        "report",
+        None,
+        "of which the stored family tails (3 float16 values per position before compression)",
+    ),
     "distill_peak_rss_growth": (
         "< 1.1",
         lambda v: v < 1.1,

@@ -308,7 +308,16 @@ def main() -> int:
                 for f in result["grid"]["figures"]
             }
         )
-        record("target_fidelity", headline, {"positions": result["positions"], "file": str(out)})
+        record(
+            "target_fidelity",
+            headline,
+            {
+                "positions": result["positions"],
+                "file": str(out.relative_to(REPO)) if out.is_relative_to(REPO) else str(out),
+                "rule": "selection target, tail mass-matched (the default with --student)",
+                "grid": "selection grid, points (0, 1), (0.5, 1), (1, 1), stored family tail",
+            },
+        )
     return 0
 
 
