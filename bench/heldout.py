@@ -117,3 +117,58 @@ def paired_token_bootstrap(
         "rows": int(a.size),
         "positions": int(n.sum()),
     }
+
+
+def seeds_and_rows_bootstrap(
+    a_runs: Sequence[Sequence[float]],
+    b_runs: Sequence[Sequence[float]],
+    counts: Sequence[float],
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Two systems, each trained several times (one run per data-order seed), scored on the same
+    rows: the per-token mean of each system over its runs, the difference b - a, and a two-level
+    percentile bootstrap of it. Each resample draws every system's runs with replacement (the
+    training-order noise: which batches a student happened to see) and the rows with replacement
+    (the test-set noise, the same rows for every run). `within_noise`: the interval contains 0.
+
+    a_runs, b_runs: per run, the per-row sums of the metric [rows]; counts: positions per row."""
+    a = np.asarray(a_runs, dtype=np.float64)
+    b = np.asarray(b_runs, dtype=np.float64)
+    n = np.asarray(counts, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != n.size or b.shape[1] != n.size or n.size == 0:
+        raise ValueError(
+            f"need [runs, rows] sums for both systems and [rows] counts: {a.shape}, {b.shape}, "
+            f"{n.shape}"
+        )
+    if (n <= 0).any():
+        raise ValueError("every row needs at least one position")
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, n.size, size=(n_resamples, n.size))
+    tokens = n[rows].sum(axis=1)
+
+    def resampled_means(runs: np.ndarray) -> np.ndarray:
+        picks = rng.integers(0, runs.shape[0], size=(n_resamples, runs.shape[0]))
+        # per resample: mean over the drawn runs of each run's per-token mean on the drawn rows
+        per_run = runs[picks[:, :, None], rows[:, None, :]].sum(axis=2) / tokens[:, None]
+        return per_run.mean(axis=1)
+
+    differences = resampled_means(b) - resampled_means(a)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(differences, [tail, 1.0 - tail])
+    per_run_a, per_run_b = a.sum(axis=1) / n.sum(), b.sum(axis=1) / n.sum()
+    return {
+        "a": float(per_run_a.mean()),
+        "b": float(per_run_b.mean()),
+        "a_runs": per_run_a.tolist(),
+        "b_runs": per_run_b.tolist(),
+        "difference": float(per_run_b.mean() - per_run_a.mean()),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "within_noise": bool(low <= 0.0 <= high),
+        "confidence": confidence,
+        "n_resamples": n_resamples,
+        "rows": int(n.size),
+        "positions": int(n.sum()),
+    }

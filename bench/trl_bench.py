@@ -88,15 +88,19 @@ def write_rows(chosen: dict) -> tuple[Path, Path, str]:
     return train, held_out, source
 
 
-def plan_seed(lengths: np.ndarray) -> int:
-    """The first seed for which deltakd's batch plan makes every epoch exactly ROWS / BATCH full
-    batches (its per-epoch offset is 0), so both systems take the same steps of BATCH rows."""
+def plan_seeds(lengths: np.ndarray, count: int = 1) -> list[int]:
+    """The first `count` seeds for which deltakd's batch plan makes every epoch exactly
+    ROWS / BATCH full batches (its per-epoch offset is 0), so both systems take the same steps of
+    BATCH rows."""
+    seeds = []
     for seed in range(1000):
         plan = RunPlan([lengths], seed=seed, batch_size=BATCH, max_tokens=None, world_size=1,
                        grad_accum=1, epochs=max(EPOCHS))  # fmt: skip
         if all(plan.steps_in_epoch(e) == ROWS // BATCH for e in range(max(EPOCHS))):
-            return seed
-    raise SystemExit("no seed gives full batches in every epoch")
+            seeds.append(seed)
+            if len(seeds) == count:
+                return seeds
+    raise SystemExit(f"fewer than {count} seeds give full batches in every epoch")
 
 
 def timed(name: str, command: list[str]) -> dict:
@@ -233,7 +237,7 @@ def main() -> None:
     tokenized = data.tokenize_all(data.load_examples(train), "alpaca", tokenizer, MAX_LENGTH)
     tokens = sum(t.num_targets for t in tokenized)
     lengths = np.array([[len(t.input_ids), t.num_targets] for t in tokenized], dtype=np.int64)
-    seed = plan_seed(lengths)
+    seed = plan_seeds(lengths)[0]
     for name in ("cache", "deltakd-kd-e1", "deltakd-kd-e3", "trl-gkd-e1", "trl-gkd-e3",
                  "deltakd-sft", "trl-sft"):  # fmt: skip
         shutil.rmtree(OUT / name, ignore_errors=True)

@@ -20,6 +20,7 @@ from heldout import (  # noqa: E402
     per_row_sums,
     response_labels,
     response_logprobs,
+    seeds_and_rows_bootstrap,
 )
 
 from deltakd_cli.data import TokenizedExample  # noqa: E402
@@ -103,3 +104,30 @@ def test_bootstrap_refuses_bad_input():
         paired_token_bootstrap([1.0], [1.0, 2.0], [1.0])
     with pytest.raises(ValueError):
         paired_token_bootstrap([1.0], [1.0], [0.0])
+
+
+def test_seeds_and_rows_bootstrap_counts_training_order_noise():
+    rng = np.random.default_rng(1)
+    counts = rng.integers(5, 30, size=40).astype(float)
+    base = counts * 1.5 + rng.normal(0, 1, size=40)
+    # Three runs per system whose per-token means differ by a run-level offset (training order).
+    a_runs = [base + counts * offset for offset in (0.0, 0.1, -0.1)]
+    b_runs = [base + counts * (0.05 + offset) for offset in (0.1, -0.1, 0.0)]
+    result = seeds_and_rows_bootstrap(a_runs, b_runs, counts, n_resamples=4000)
+    assert result["a"] == pytest.approx(base.sum() / counts.sum())
+    assert result["difference"] == pytest.approx(0.05)
+    assert result["a_runs"] == pytest.approx([r.sum() / counts.sum() for r in a_runs])
+    # Rows alone call a 0.05 gap between two single runs certain; the run spread (0.1) does not.
+    rows_only = paired_token_bootstrap(a_runs[0], b_runs[2], counts, n_resamples=4000)
+    assert not rows_only["within_noise"]
+    assert result["within_noise"] and result["ci_low"] < -0.05 and result["ci_high"] > 0.1
+    # Identical runs: only row noise is left, and a real gap is found.
+    same = seeds_and_rows_bootstrap([base] * 3, [base + counts * 0.2] * 3, counts, 2000)
+    assert same["difference"] == pytest.approx(0.2) and same["ci_low"] > 0.15
+
+
+def test_seeds_and_rows_bootstrap_refuses_bad_input():
+    with pytest.raises(ValueError):
+        seeds_and_rows_bootstrap([[1.0, 2.0]], [[1.0]], [1.0, 1.0])
+    with pytest.raises(ValueError):
+        seeds_and_rows_bootstrap([[1.0]], [[1.0]], [0.0])
