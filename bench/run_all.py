@@ -18,6 +18,7 @@ BENCHES = {
     "fidelity": "target_fidelity.py",
     "distill": "distill_bench.py",
     "trl": "trl_bench.py",
+    "trl-noise": "trl_noise.py",
     "memory": "memory_bench.py",
 }
 
@@ -154,6 +155,32 @@ GOALS = {
             "the 95% paired-bootstrap interval of that difference contains 0",
         )
         for e in ("1_epoch", "3_epochs")
+    },
+    "trl_kd_heldout_kl_trl_minus_deltakd_over_seeds_1_epoch": (
+        "report",
+        None,
+        "held-out KL, TRL - deltakd, each the mean of 3 students trained at 3 data-order seeds",
+    ),
+    "trl_kd_heldout_kl_equal_within_noise_over_seeds_1_epoch": (
+        "True",
+        lambda v: v is True,
+        "its 95% interval (bootstrap over the runs of each system and the rows) contains 0",
+    ),
+    **{
+        f"trl_kd_heldout_kl_seed_range_{system}_1_epoch": (
+            "report",
+            None,
+            f"held-out KL, max - min over {system}'s 3 data-order seeds (training-order noise)",
+        )
+        for system in ("deltakd", "trl")
+    },
+    **{
+        f"trl_kd_heldout_kl_trl_minus_deltakd_k{k}_1_epoch": (
+            "report",
+            None,
+            f"the first seed's gap with deltakd's cache at k = {k} instead of 64",
+        )
+        for k in (256, 1024)
     },
     "trl_sft_tokens_per_s_ratio": (
         "report",
