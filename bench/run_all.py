@@ -174,6 +174,16 @@ GOALS = {
         )
         for system in ("deltakd", "trl")
     },
+    "trl_kd_heldout_kl_trl_minus_deltakd_k1024_over_seeds_1_epoch": (
+        "report",
+        None,
+        "the same over 3 data-order seeds each, deltakd's cache at k = 1024",
+    ),
+    "trl_kd_heldout_kl_equal_within_noise_k1024_over_seeds_1_epoch": (
+        "True",
+        lambda v: v is True,
+        "its 95% interval (runs and rows bootstrap) contains 0",
+    ),
     **{
         f"trl_kd_heldout_kl_trl_minus_deltakd_k{k}_1_epoch": (
             "report",
