@@ -102,9 +102,15 @@ def paired_token_bootstrap(
     picks = rng.integers(0, a.size, size=(n_resamples, a.size))
     tokens = n[picks].sum(axis=1)
     differences = (b[picks].sum(axis=1) - a[picks].sum(axis=1)) / tokens
+    return _interval(a.sum() / n.sum(), b.sum() / n.sum(), differences, confidence, n)
+
+
+def _interval(
+    mean_a: float, mean_b: float, differences: np.ndarray, confidence: float, counts: np.ndarray
+) -> dict[str, Any]:
+    """The means, b - a, and the percentile interval of the resampled differences."""
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(differences, [tail, 1.0 - tail])
-    mean_a, mean_b = a.sum() / n.sum(), b.sum() / n.sum()
     return {
         "a": float(mean_a),
         "b": float(mean_b),
@@ -113,9 +119,9 @@ def paired_token_bootstrap(
         "ci_high": float(high),
         "within_noise": bool(low <= 0.0 <= high),
         "confidence": confidence,
-        "n_resamples": n_resamples,
-        "rows": int(a.size),
-        "positions": int(n.sum()),
+        "n_resamples": int(differences.size),
+        "rows": int(counts.size),
+        "positions": int(counts.sum()),
     }
 
 
@@ -155,20 +161,6 @@ def seeds_and_rows_bootstrap(
         return per_run.mean(axis=1)
 
     differences = resampled_means(b) - resampled_means(a)
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(differences, [tail, 1.0 - tail])
     per_run_a, per_run_b = a.sum(axis=1) / n.sum(), b.sum(axis=1) / n.sum()
-    return {
-        "a": float(per_run_a.mean()),
-        "b": float(per_run_b.mean()),
-        "a_runs": per_run_a.tolist(),
-        "b_runs": per_run_b.tolist(),
-        "difference": float(per_run_b.mean() - per_run_a.mean()),
-        "ci_low": float(low),
-        "ci_high": float(high),
-        "within_noise": bool(low <= 0.0 <= high),
-        "confidence": confidence,
-        "n_resamples": n_resamples,
-        "rows": int(n.size),
-        "positions": int(n.sum()),
-    }
+    result = _interval(per_run_a.mean(), per_run_b.mean(), differences, confidence, n)
+    return {**result, "a_runs": per_run_a.tolist(), "b_runs": per_run_b.tolist()}
