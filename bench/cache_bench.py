@@ -60,10 +60,10 @@ def cache_run(base, tuned, rows, k, student=None, gammas=None) -> dict:
     )  # fmt: skip
 
 
-def grid_cost(base_dir, tuned_dir, rows) -> None:
-    """What a KD-to-Delta grid (--gammas 0,0.5,1 --alphas 1) adds to a k = 64 cache with the
-    student: stored bytes per response token, the whole cache and the family tails alone."""
-    plain = cache_run(base_dir, tuned_dir, rows, 64, base_dir)
+def grid_cost(base_dir, tuned_dir, rows, plain: dict) -> None:
+    """What a KD-to-Delta grid (--gammas 0,0.5,1 --alphas 1) adds to `plain`, the manifest of
+    the same k = 64 cache with the student: stored bytes per response token, the whole cache and
+    the family tails alone."""
     grid = cache_run(base_dir, tuned_dir, rows, 64, base_dir, gammas=GRID_GAMMAS)
     tails = grid["grid"]["stored_bytes_per_response_token"]
     figures = {
@@ -115,10 +115,12 @@ def main() -> None:
         "response_tokens": teachers_only["counts"]["response_tokens"],
         "dense_float16_bytes_per_distribution": dense,
     }  # fmt: skip
+    manifests = {(64, "teachers"): teachers_only}
     for k in (32, 64):
         for label, student in (("teachers", None), ("student", base_dir)):
-            manifest = teachers_only if (k, label) == (64, "teachers") else None
-            manifest = manifest or cache_run(base_dir, tuned_dir, rows, k, student)
+            if (k, label) not in manifests:
+                manifests[k, label] = cache_run(base_dir, tuned_dir, rows, k, student)
+            manifest = manifests[k, label]
             distributions = 3 if student else 2
             per_token = manifest["bytes_per_response_token"]
             figures[f"bytes_per_token_k{k}_{label}"] = per_token
@@ -134,7 +136,7 @@ def main() -> None:
     record("cache", figures, settings)
     for name, value in figures.items():
         print(f"{name:55s} {value:12.3f}")
-    grid_cost(base_dir, tuned_dir, rows)
+    grid_cost(base_dir, tuned_dir, rows, manifests[64, "student"])
 
 
 if __name__ == "__main__":

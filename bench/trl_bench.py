@@ -123,6 +123,24 @@ def deltakd(*args: str) -> list[str]:
     return [sys.executable, "-m", "deltakd_cli", *args]
 
 
+def cache_command(teacher: Path, rows: Path, out: Path, k: int) -> list[str]:
+    """deltakd's KD cache: the tuned teacher in both roles (run once), k ids per position."""
+    return deltakd(
+        "cache-teachers", "--teacher-base", str(teacher), "--teacher-tuned", str(teacher),
+        "--data", str(rows), "--out", str(out), "--top-k", str(k),
+        "--max-length", str(MAX_LENGTH), "--batch-size", "8", "--device", "cpu",
+        "--dtype", "float32",
+    )  # fmt: skip
+
+
+def kd_command(cache: Path, student: Path, out: Path, epochs: int, seed: int) -> list[str]:
+    """deltakd's KD run, the configuration equal to TRL's GKD with lmbda = 0, beta = 0."""
+    return deltakd(
+        "distill", "--cache", str(cache), "--student", str(student), "--objective", "kd",
+        "--sft-weight", "0", "--out", str(out), *training_flags(epochs, seed),
+    )  # fmt: skip
+
+
 def training_flags(epochs: int, seed: int) -> list[str]:
     return [
         "--epochs", str(epochs), "--batch-size", str(BATCH), "--lr", str(LR), "--warmup", "0",
@@ -245,20 +263,12 @@ def main() -> None:
 
     # Interleaved, so slow drift of a shared machine falls on both systems alike.
     runs = {}
-    cache_command = deltakd(
-        "cache-teachers", "--teacher-base", str(teacher), "--teacher-tuned", str(teacher),
-        "--data", str(train), "--out", str(OUT / "cache"), "--top-k", str(K),
-        "--max-length", str(MAX_LENGTH), "--batch-size", "8", "--device", "cpu",
-        "--dtype", "float32",
-    )  # fmt: skip
-    runs["cache"] = timed("deltakd cache", cache_command)
+    runs["cache"] = timed("deltakd cache", cache_command(teacher, train, OUT / "cache", K))
     for epochs in EPOCHS:
         out = OUT / f"deltakd-kd-e{epochs}"
-        runs[f"deltakd_kd_e{epochs}"] = timed(f"deltakd distill e{epochs}", deltakd(
-            "distill", "--cache", str(OUT / "cache"), "--student", str(student),
-            "--objective", "kd", "--sft-weight", "0", "--out", str(out),
-            *training_flags(epochs, seed),
-        ))  # fmt: skip
+        runs[f"deltakd_kd_e{epochs}"] = timed(
+            f"deltakd distill e{epochs}", kd_command(OUT / "cache", student, out, epochs, seed)
+        )
         runs[f"trl_gkd_e{epochs}"] = timed(f"trl gkd e{epochs}", trl(
             "gkd", OUT / f"trl-gkd-e{epochs}", student, train, epochs, seed, teacher
         ))  # fmt: skip

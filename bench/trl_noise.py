@@ -45,21 +45,15 @@ def trained(path: Path, reuse: bool, marker: str) -> bool:
 def cache_at(k: int, teacher: Path, reuse: bool) -> Path:
     out = NOISE / f"cache-k{k}"
     if not trained(out, reuse, "manifest.json"):
-        subprocess.run(tb.deltakd(
-            "cache-teachers", "--teacher-base", str(teacher), "--teacher-tuned", str(teacher),
-            "--data", str(tb.OUT / "train.jsonl"), "--out", str(out), "--top-k", str(k),
-            "--max-length", str(tb.MAX_LENGTH), "--batch-size", "8", "--device", "cpu",
-            "--dtype", "float32", "--overwrite",
-        ), check=True, capture_output=True)  # fmt: skip
+        command = tb.cache_command(teacher, tb.OUT / "train.jsonl", out, k) + ["--overwrite"]
+        subprocess.run(command, check=True, capture_output=True)
     return out
 
 
 def deltakd_kd(cache: Path, student: Path, out: Path, seed: int, reuse: bool) -> Path:
     if not trained(out, reuse, "model.safetensors"):
-        subprocess.run(tb.deltakd(
-            "distill", "--cache", str(cache), "--student", str(student), "--objective", "kd",
-            "--sft-weight", "0", "--out", str(out), "--overwrite", *tb.training_flags(1, seed),
-        ), check=True, capture_output=True)  # fmt: skip
+        command = tb.kd_command(cache, student, out, 1, seed) + ["--overwrite"]
+        subprocess.run(command, check=True, capture_output=True)
     return out
 
 
