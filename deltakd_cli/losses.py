@@ -5,11 +5,16 @@ sums over positions and divides by the number of target tokens. Student logits m
 bfloat16; the math runs in float32. Targets (cache entries, frozen S0 logits) never receive a
 gradient.
 
-Missing probability mass is always named and kept: a cached target lives on the kept ids K plus
-one *tail bucket* holding the mass outside K, and the student is compared on the same K plus its
-own tail bucket (its log-mass outside K, a logsumexp over the complement). Per-position KL uses
-0 * log 0 = 0, so an empty tail (k = |V|, tail mass exactly 0) gives neither NaN values nor NaN
-gradients.
+Missing probability mass is always named and kept, by one of two tail rules:
+- the *tail bucket*: a cached target lives on the kept ids K plus one bucket holding the mass
+  outside K, and the student is compared on the same K plus its own tail bucket (its log-mass
+  outside K, a logsumexp over the complement);
+- the *sampled tail* (a cache built with --tail-samples): the target lives on K plus ids drawn
+  from a proposal q over the tail, each weighted c_j / (M q(j)), so that t_hat = weight * r is an
+  unbiased estimate of the full-vocabulary target r and the loss's gradient with respect to the
+  student's logits, sum(t_hat) p_theta - t_hat, is unbiased too (`support_kl`).
+Per-position KL uses 0 * log 0 = 0, so an empty tail (k = |V|, tail mass exactly 0) gives neither
+NaN values nor NaN gradients.
 
 Objectives (the registry OBJECTIVES, name -> Objective: its pure loss, whether it needs the
 teachers' cache and the base student S0, and how tables label a student trained with it):
@@ -46,10 +51,16 @@ from deltakd_cli.targets import (
     complement_logsumexp,
     delta_target_bucket_logits,
     delta_target_logits_full,
+    drawn_family_logits,
+    exact_family_log_tail,
+    family_logits_full,
     family_target_bucket_logits,
     grid_column,
     kd_target_bucket_logits,
+    sample_log_weights,
+    sampled_target_logprobs,
     scaled_delta,
+    support_ids,
     tail_mass,
     tail_shift,
 )
@@ -65,6 +76,7 @@ class LossSettings:
     mix: float = 0.5
     gamma: float = 1.0  # kd-to-delta: 0 is KD, 1 is Delta-KD
     cache_grid: tuple[tuple[float, float], ...] = ()  # the cache's (gamma, alpha) points
+    cache_temperature: float = 1.0  # the temperature the cache's distributions are stored at
 
 
 DistillLoss = Callable[
@@ -99,14 +111,22 @@ def _check_objective(objective: str) -> Objective:
 # ---------------------------------------------------------------------------------------------
 
 
-def kl_divergence(target_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
-    """KL(target || student) per row [N] from log-probs over the same support [N,S].
+def kl_divergence(
+    target_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    log_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(target || student) per row [N] from log-probs over the same support [N,S]:
+    sum_s w_s r_s (log r_s - log p_s), with inclusion weights w (given in log space; None: all 1,
+    the exact KL over a partition such as K + tail bucket). With the sampled tail's weights this
+    is the unbiased estimate of the full-vocabulary KL; it may be negative at one position.
 
-    Terms where the target has zero probability contribute exactly 0 (0 * log 0 = 0), and neither
-    the value nor the gradient sees the student's log-prob there (it may be -inf). The target is
-    detached."""
+    Terms where the weighted target is zero contribute exactly 0 (0 * log 0 = 0), and neither
+    the value nor the gradient sees the student's log-prob there (it may be -inf). The target and
+    the weights are detached."""
     target_logprobs = target_logprobs.detach()
-    target_probs = target_logprobs.exp()
+    weighted = target_logprobs if log_weights is None else target_logprobs + log_weights.detach()
+    target_probs = weighted.exp()
     support = target_probs > 0
     zero = torch.zeros((), dtype=student_logprobs.dtype, device=student_logprobs.device)
     log_ratio = torch.where(support, target_logprobs, zero) - torch.where(
@@ -124,6 +144,79 @@ def student_bucketed_logprobs(
     logprobs = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     tail = complement_logsumexp(logprobs, ids)
     return torch.cat([logprobs.gather(1, ids), tail.unsqueeze(1)], dim=1)
+
+
+def student_support_logprobs(
+    student_logits: torch.Tensor, cached: CachedTargets, temperature: float = 1.0
+) -> torch.Tensor:
+    """The student's log-probs (at temperature tau) on a sampled target's columns, K then the
+    drawn ids [N,k+M]: one log_softmax over the chunk's logits, then a gather."""
+    logprobs = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return logprobs.gather(1, support_ids(cached))
+
+
+def with_live_student(
+    cached: CachedTargets, frozen_student_logits: torch.Tensor, temperature: float = 1.0
+) -> CachedTargets:
+    """`cached` with the base student's fields (log-probs at K and at the drawn ids, tail mass)
+    taken from a live frozen S0's logits at `temperature` (the cache's)."""
+    frozen = torch.log_softmax(frozen_student_logits.detach().float() / temperature, dim=-1)
+    changes = {
+        "student_logprobs": frozen.gather(1, cached.ids),
+        "student_tail": tail_mass(frozen, cached.ids),
+    }
+    if cached.has_samples:
+        changes["sample_student_logprobs"] = frozen.gather(1, cached.sample_ids.long())
+    return replace(cached, **changes)
+
+
+def sampled_family_target(
+    cached: CachedTargets,
+    gamma: float,
+    alpha: float,
+    cache_alpha: float | None,
+    cache_grid: tuple[tuple[float, float], ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The sampled target of p_gamma,alpha (gamma 0: pT, gamma 1: p*) on K + the drawn ids:
+    (log r [N,k+M], log inclusion weights [N,k+M], the effective sample size [N] of
+    self-normalised weights; None where the normaliser is exact, `exact_family_log_tail`)."""
+    tuned = cached.tuned_logprobs.float()
+    if gamma == 0:
+        head = tuned
+    else:
+        if cached.student_logprobs is None:
+            raise DeltakdError(
+                "this target needs the base student's log-probs: use a cache built with the "
+                "student, or give the frozen student"
+            )
+        head = family_logits_full(
+            cached.student_logprobs.float(), tuned, cached.base_logprobs.float(), gamma, alpha
+        )
+    drawn_weights = sample_log_weights(cached)
+    exact_tail = exact_family_log_tail(cached, gamma, alpha, cache_alpha, cache_grid)
+    target, ess = sampled_target_logprobs(
+        head, drawn_family_logits(cached, gamma, alpha), drawn_weights, exact_tail
+    )
+    weights = torch.cat([torch.zeros_like(head), drawn_weights], dim=1)
+    return target, weights, ess
+
+
+def _sampled_family_kl(
+    student_logits: torch.Tensor,
+    cached: CachedTargets,
+    settings: LossSettings,
+    gamma: float,
+    frozen_student_logits: torch.Tensor | None,
+) -> torch.Tensor:
+    """KL(p_gamma,alpha || p_theta) per position [N] with the sampled tail (kd, delta and
+    kd-to-delta): the target as stored (at the cache's temperature), the student at tau."""
+    if frozen_student_logits is not None and gamma > 0:
+        cached = with_live_student(cached, frozen_student_logits, settings.cache_temperature)
+    target, weights, _ = sampled_family_target(
+        cached, gamma, settings.alpha, settings.cache_alpha, settings.cache_grid
+    )
+    student = student_support_logprobs(student_logits, cached, settings.temperature)
+    return kl_divergence(target, student, weights)
 
 
 def _check_temperature(temperature: float) -> None:
@@ -212,6 +305,10 @@ def kd_loss(
     token of mass mT."""
     _check_temperature(temperature)
     _check_shapes(student_logits, cached)
+    if cached.has_samples:
+        return _sampled_family_kl(
+            student_logits, cached, LossSettings(temperature=temperature), 0.0, None
+        )
     target = torch.log_softmax(kd_target_bucket_logits(cached) / temperature, dim=-1)
     student = student_bucketed_logprobs(student_logits, cached.ids, temperature)
     return kl_divergence(target, student)
@@ -236,6 +333,11 @@ def delta_loss(
     (exact at tau = 1)."""
     _check_temperature(temperature)
     _check_shapes(student_logits, cached, frozen_student_logits)
+    if cached.has_samples:
+        if frozen_student_logits is None:
+            _use_cached_student(cached, None, "delta")
+        settings = LossSettings(alpha=alpha, temperature=temperature, cache_alpha=cache_alpha)
+        return _sampled_family_kl(student_logits, cached, settings, 1.0, frozen_student_logits)
     target, bucketed = _delta_target_bucketed_or_full(
         cached, alpha, temperature, cache_alpha, frozen_student_logits, "delta"
     )
@@ -289,14 +391,24 @@ def delta_mix_loss(
     _check_shapes(student_logits, cached, frozen_student_logits)
     if not 0.0 <= mix <= 1.0:
         raise DeltakdError(f"mix must be between 0 and 1, got {mix}")
+    log_mix = math.log(mix) if mix > 0 else float("-inf")
+    log_rest = math.log1p(-mix) if mix < 1 else float("-inf")
+    if cached.has_samples:
+        if frozen_student_logits is None:
+            _use_cached_student(cached, None, "delta-mix")
+        else:
+            cached = with_live_student(cached, frozen_student_logits, temperature)
+        delta_target, weights, _ = sampled_family_target(cached, 1.0, alpha, cache_alpha)
+        kd_target, _, _ = sampled_family_target(cached, 0.0, alpha, cache_alpha)
+        target = torch.logaddexp(delta_target + log_mix, kd_target + log_rest)
+        student = student_support_logprobs(student_logits, cached, temperature)
+        return kl_divergence(target, student, weights)
     delta_target, bucketed = _delta_target_bucketed_or_full(
         cached, alpha, temperature, cache_alpha, frozen_student_logits, "delta-mix"
     )
     if not bucketed:
         delta_target = bucket_logprobs(delta_target, cached.ids)
     kd_target = torch.log_softmax(kd_target_bucket_logits(cached) / temperature, dim=-1)
-    log_mix = math.log(mix) if mix > 0 else float("-inf")
-    log_rest = math.log1p(-mix) if mix < 1 else float("-inf")
     target = torch.logaddexp(delta_target + log_mix, kd_target + log_rest)
     student = student_bucketed_logprobs(student_logits, cached.ids, temperature)
     return kl_divergence(target, student)
@@ -328,13 +440,15 @@ def kd_to_delta_loss(
     if not 0.0 <= gamma <= 1.0:
         raise DeltakdError(f"gamma must be between 0 and 1, got {gamma}")
     if not _use_cached_student(cached, frozen_student_logits, "kd-to-delta"):
-        # The live S0 supplies what the cache would: l0 at K and its exact tail mass.
-        frozen_logprobs = torch.log_softmax(frozen_student_logits.detach().float(), dim=-1)
-        cached = replace(
-            cached,
-            student_logprobs=frozen_logprobs.gather(1, cached.ids),
-            student_tail=tail_mass(frozen_logprobs, cached.ids),
+        # The live S0 supplies what the cache would: l0 at K (and the drawn ids), its tail mass,
+        # at the cache's temperature (a sampled cache's; a bucket cache's target is tempered later).
+        live_temperature = temperature if cached.has_samples else 1.0
+        cached = with_live_student(cached, frozen_student_logits, live_temperature)
+    if cached.has_samples:
+        settings = LossSettings(
+            alpha=alpha, temperature=temperature, cache_alpha=cache_alpha, cache_grid=cache_grid
         )
+        return _sampled_family_kl(student_logits, cached, settings, gamma, None)
     shift = tail_shift(cached, alpha, cache_alpha)
     exact_log_tail = None
     column = grid_column(cache_grid, gamma, alpha)
@@ -360,6 +474,7 @@ def objective_loss(
     mix: float = 0.5,
     gamma: float = 1.0,
     cache_grid: tuple[tuple[float, float], ...] = (),
+    cache_temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """The training loss of one chunk of positions, as per-position tensors [N]:
 
@@ -381,7 +496,14 @@ def objective_loss(
             f"objective {objective!r} matches log-prob shifts and takes no temperature; "
             "use temperature 1"
         )
-    settings = LossSettings(alpha, temperature, cache_alpha, mix, gamma, tuple(cache_grid))
+    if cached.has_samples and not math.isclose(temperature, cache_temperature, rel_tol=1e-6):
+        raise DeltakdError(
+            f"cache drawn at temperature {cache_temperature:g}; use {cache_temperature:g} or "
+            "rebuild the cache at the temperature you want"
+        )
+    settings = LossSettings(
+        alpha, temperature, cache_alpha, mix, gamma, tuple(cache_grid), cache_temperature
+    )
     distill = entry.distill(logits, cached, settings, frozen_student_logits)
     loss = sft_weight * sft + (1.0 - sft_weight) * distill * temperature**2
     return {"loss": loss, "sft": sft, "distill": distill}

@@ -11,14 +11,16 @@ from typing import Any
 
 import torch
 
+from deltakd_cli import sampling
 from deltakd_cli.errors import DeltakdError
 
 
 def _entry(kind: str, source: str, optional: bool = False) -> Any:
     """A per-position field: `kind` is its shape and storage (ids: [N,k] token ids; logprobs:
     [N,k] log-probs at the kept ids; scalar: [N]; grid: [N,G], one value per grid point of the
-    KD-to-Delta family, stored at the log-prob precision); `source` is what it is computed from
-    (the teachers, the base student S0, or the exact target, which needs S0 too)."""
+    KD-to-Delta family, stored at the log-prob precision; sample_ids, counts, sample_logprobs:
+    [N,M], the sampled tail's slots); `source` is what it is computed from (the teachers, the
+    base student S0, the exact target, which needs S0 too, or the tail proposal, which does)."""
     metadata = {"kind": kind, "source": source}
     if optional:
         return field(default=None, metadata=metadata)
@@ -41,6 +43,16 @@ class CachedTargets:
     student_tail:     [N]    p0 mass outside K, or None
     family_tail_logmass: [N, G] the exact log tail mass of the KD-to-Delta family at each grid
                       point (gamma, alpha) of the cache (`family_tail_logmass`), or None
+
+    The sampled tail (a cache built with --tail-samples M; all None otherwise), M slots:
+    sample_ids:       [N, M] int64, the distinct ids drawn from the tail proposal q (outside K),
+                      ascending; unused slots repeat the last id
+    sample_counts:    [N, M] how often each was drawn (they sum to M; 0 in unused slots)
+    sample_tuned_logprobs, sample_base_logprobs, sample_student_logprobs: [N, M] log pT, log pB
+                      and log p0 at the drawn ids (the student's only with the base student)
+    sample_proposal_logprobs: [N, M] log q at the drawn ids; stored when q involves the base
+                      student (proposal tuned+target); for the tuned proposal q = pT / m_T, which
+                      the stored log pT and m_T give exactly
     """
 
     ids: torch.Tensor = _entry("ids", "teachers")
@@ -52,6 +64,12 @@ class CachedTargets:
     student_logprobs: torch.Tensor | None = _entry("logprobs", "student", optional=True)
     student_tail: torch.Tensor | None = _entry("scalar", "student", optional=True)
     family_tail_logmass: torch.Tensor | None = _entry("grid", "target", optional=True)
+    sample_ids: torch.Tensor | None = _entry("sample_ids", "teachers", optional=True)
+    sample_counts: torch.Tensor | None = _entry("counts", "teachers", optional=True)
+    sample_tuned_logprobs: torch.Tensor | None = _entry("sample_logprobs", "teachers", True)
+    sample_base_logprobs: torch.Tensor | None = _entry("sample_logprobs", "teachers", True)
+    sample_student_logprobs: torch.Tensor | None = _entry("sample_logprobs", "student", True)
+    sample_proposal_logprobs: torch.Tensor | None = _entry("sample_logprobs", "proposal", True)
 
     def to(self, device: torch.device) -> CachedTargets:
         moved = {
@@ -72,6 +90,10 @@ class CachedTargets:
     def has_student(self) -> bool:
         return self.student_logprobs is not None
 
+    @property
+    def has_samples(self) -> bool:
+        return self.sample_ids is not None
+
 
 PER_POSITION_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(CachedTargets))
 FIELD_KIND: dict[str, str] = {f.name: f.metadata["kind"] for f in fields(CachedTargets)}
@@ -82,6 +104,10 @@ NEEDS_STUDENT: tuple[str, ...] = tuple(
 # The base student's own log-probs and tail mass (what --frozen-student replaces).
 STUDENT_FIELDS: tuple[str, ...] = tuple(
     f.name for f in fields(CachedTargets) if f.metadata["source"] == "student"
+)
+# The sampled tail's arrays (a cache built with --tail-samples; `distill --tail bucket` drops them).
+SAMPLE_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(CachedTargets) if f.name.startswith("sample_")
 )
 # Tail figures computed with the cache's own S0 (the mass-matched shift, the family's exact tail
 # masses): valid only for that student, dropped when another one is trained.
@@ -384,13 +410,17 @@ def build_cached_targets(
     alpha: float,
     tail_rule: str,
     grid: tuple[GridPoint, ...] = (),
+    draws: TailDraws | None = None,
 ) -> CachedTargets:
     """The cache entries of N positions from full-vocabulary log-probs [N,V].
 
     tail_rule "mass-matched" needs the student and stores target_tail_shift (valid at this alpha);
     "teacher" stores none (train time uses alpha*(log mT - log mB)). With a student, its
     log-probs at K and its tail mass are stored too, so `distill` need not run S0. With a grid
-    of (gamma, alpha) points (needs the student), the family's exact log tail mass at each."""
+    of (gamma, alpha) points (needs the student), the family's exact log tail mass at each.
+    With `draws`, the sampled tail: `draws.samples` ids drawn with replacement from the tail
+    proposal (`sampling.PROPOSALS`: pT's tail, or with the student the even mixture of pT's and
+    the Delta target's tails at this alpha) and every stored distribution at the drawn ids."""
     if tail_rule not in TAIL_RULES:
         raise DeltakdError(f"unknown tail rule {tail_rule!r}; choose one of {TAIL_RULES}")
     if tail_rule in TAIL_RULES_NEEDING_STUDENT and student_logprobs is None:
@@ -406,7 +436,13 @@ def build_cached_targets(
     shift = None
     if tail_rule == "mass-matched":
         shift = mass_matched_tail_shift(student_logprobs, tuned_logprobs, base_logprobs, ids, alpha)
+    sampled = {}
+    if draws is not None and draws.samples > 0:
+        sampled = sampled_tail_entries(
+            tuned_logprobs, base_logprobs, student_logprobs, ids, alpha, draws
+        )
     return CachedTargets(
+        **sampled,
         ids=ids,
         tuned_logprobs=tuned_logprobs.gather(1, ids),
         base_logprobs=base_logprobs.gather(1, ids),
@@ -417,6 +453,66 @@ def build_cached_targets(
         student_tail=None if student_logprobs is None else tail_mass(student_logprobs, ids),
         family_tail_logmass=family_tail,
     )
+
+
+@dataclass(frozen=True)
+class TailDraws:
+    """What keys the sampled tail of N positions: `samples` draws each, the cache's seed, and
+    each position's example index and token position (the generator's counters)."""
+
+    samples: int
+    seed: int
+    example_index: torch.Tensor  # [N]
+    position: torch.Tensor  # [N]
+
+
+SAMPLE_POSITION_CHUNK = 256  # positions whose float64 [n, V] proposal and running sum coexist
+
+
+def sampled_tail_entries(
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor | None,
+    ids: torch.Tensor,
+    alpha: float,
+    draws: TailDraws,
+) -> dict[str, torch.Tensor]:
+    """The sample_* fields of CachedTargets for N positions (see there). Unused slots hold 0 in
+    every log-prob array (they weigh nothing; zeros compress to almost nothing)."""
+    if ids.shape[1] >= tuned_logprobs.shape[1]:
+        raise DeltakdError("tail samples need a tail: the kept ids cover the whole vocabulary")
+    columns: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, ids.shape[0], SAMPLE_POSITION_CHUNK):
+        rows = slice(start, start + SAMPLE_POSITION_CHUNK)
+        target = None
+        if student_logprobs is not None:
+            target = exact_delta_target(
+                student_logprobs[rows], tuned_logprobs[rows], base_logprobs[rows], alpha
+            )
+        proposal = sampling.tail_proposal_logprobs(tuned_logprobs[rows], ids[rows], target)
+        sample_ids, counts = sampling.draw_tail(
+            proposal,
+            draws.seed,
+            draws.example_index[rows],
+            draws.position[rows],
+            draws.samples,
+        )
+        sample_ids = sample_ids.to(ids.device)
+        used = counts.to(ids.device) > 0
+        at_drawn = {
+            "sample_tuned_logprobs": tuned_logprobs[rows],
+            "sample_base_logprobs": base_logprobs[rows],
+        }
+        if student_logprobs is not None:
+            at_drawn["sample_student_logprobs"] = student_logprobs[rows]
+            at_drawn["sample_proposal_logprobs"] = proposal
+        entries = {"sample_ids": sample_ids, "sample_counts": counts.to(ids.device)}
+        for name, full in at_drawn.items():
+            values = full.gather(1, sample_ids.to(full.device)).float().to(ids.device)
+            entries[name] = torch.where(used, values, 0.0)
+        for name, value in entries.items():
+            columns.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in columns.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,6 +634,106 @@ def family_target_bucket_logits(
     if exact_log_tail is None:
         return logits
     return torch.cat([logits[:, :-1], _compute(exact_log_tail).unsqueeze(1)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train time, sampled tail: the target on K plus the drawn ids (docs/method.md, "An unbiased tail")
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_log_weights(cached: CachedTargets) -> torch.Tensor:
+    """The importance weights log(c_j / (M q(j))) of the drawn ids [N,M] (-inf: unused slot). q
+    is the stored proposal, or for the tuned proposal pT / m_T from the stored values (so kd's
+    t_hat = c_j m_T / M holds to rounding)."""
+    if cached.sample_proposal_logprobs is not None:
+        log_proposal = _compute(cached.sample_proposal_logprobs)
+    else:
+        tuned_tail = _compute(cached.tuned_tail)
+        log_tail = torch.where(tuned_tail > 0, tuned_tail, 1.0).log()
+        log_proposal = _compute(cached.sample_tuned_logprobs) - log_tail.unsqueeze(1)
+        # No tail mass, nothing drawn: the counts are 0 there already; keep the weight finite.
+        log_proposal = torch.where((tuned_tail > 0).unsqueeze(1), log_proposal, 0.0)
+    return sampling.importance_log_weights(cached.sample_counts, log_proposal)
+
+
+def drawn_family_logits(cached: CachedTargets, gamma: float, alpha: float) -> torch.Tensor:
+    """Unnormalised log p_gamma,alpha at the drawn ids [N,M], on the scale of the head's logits:
+    (1 - gamma) lT + gamma (l0 + alpha Delta); gamma 0 needs no student (it is lT)."""
+    tuned = _compute(cached.sample_tuned_logprobs)
+    if gamma == 0:
+        return tuned
+    if cached.sample_student_logprobs is None:
+        raise DeltakdError(
+            "this target needs the base student's log-probs at the drawn ids: use a cache built "
+            "with the student, or give the frozen student"
+        )
+    return family_logits_full(
+        _compute(cached.sample_student_logprobs),
+        tuned,
+        _compute(cached.sample_base_logprobs),
+        gamma,
+        alpha,
+    )
+
+
+def exact_family_log_tail(
+    cached: CachedTargets,
+    gamma: float,
+    alpha: float,
+    cache_alpha: float | None,
+    cache_grid: tuple[GridPoint, ...] = (),
+) -> torch.Tensor | None:
+    """The exact unnormalised log tail mass [N] of p_gamma,alpha (the scale of the head's logits)
+    when the cache knows it, else None:
+
+        gamma 0 (kd)                   log m_T, always
+        a grid point of the cache      its stored family tail
+        gamma 1 at the cache's alpha   log m0 + the stored mass-matched shift (the cache's S0)
+
+    Where it is known the sampled target's normaliser is exact and its weights plain; elsewhere
+    they must be self-normalised."""
+    if gamma == 0:
+        return _compute(cached.tuned_tail).log()
+    column = grid_column(cache_grid, gamma, alpha)
+    if cached.family_tail_logmass is not None and column is not None:
+        return _compute(cached.family_tail_logmass[:, column])
+    exact_shift = cached.target_tail_shift is not None and alphas_match(alpha, cache_alpha)
+    if gamma == 1 and exact_shift and cached.student_tail is not None:
+        return _compute(cached.student_tail).log() + _compute(cached.target_tail_shift)
+    return None
+
+
+def sampled_target_logprobs(
+    head_logits: torch.Tensor,
+    drawn_logits: torch.Tensor,
+    drawn_log_weights: torch.Tensor,
+    exact_log_tail: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log r over the columns K + drawn ids [N,k+M], and the self-normalised weights' effective
+    sample size [N] (None when the normaliser is exact).
+
+    r = exp(logits - log Z). Z is exact, sum_K e^logits + e^exact_log_tail, when the tail mass
+    is known; otherwise it is estimated with the same draws, sum_K e^logits +
+    sum_j w_j e^logits_j (self-normalised importance sampling: biased O(1/M))."""
+    weighted_drawn = drawn_logits + drawn_log_weights
+    if exact_log_tail is not None:
+        tail, ess = exact_log_tail.unsqueeze(1), None
+    else:
+        tail = torch.logsumexp(weighted_drawn, dim=1, keepdim=True)
+        ess = sampling.effective_sample_size(weighted_drawn)
+    log_norm = torch.logsumexp(torch.cat([head_logits, tail], dim=1), dim=1, keepdim=True)
+    return torch.cat([head_logits, drawn_logits], dim=1) - log_norm, ess
+
+
+def support_ids(cached: CachedTargets) -> torch.Tensor:
+    """The columns of a sampled target: K, then the drawn ids [N,k+M]."""
+    return torch.cat([cached.ids, cached.sample_ids.long()], dim=1)
+
+
+def support_log_weights(cached: CachedTargets) -> torch.Tensor:
+    """Inclusion weights of the columns [N,k+M] in log space: 0 on K, log(c/(M q)) drawn."""
+    head = torch.zeros_like(cached.ids, dtype=torch.float32)
+    return torch.cat([head, sample_log_weights(cached)], dim=1)
 
 
 def bucket_logprobs(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -158,7 +158,7 @@ def test_grid_cache_stores_the_exact_family_tail_per_grid_point(tiny, tmp_path):
     assert reader.verify() == []
     manifest = reader.manifest
     points = [[0.0, 1.0], [0.0, 2.0], [0.5, 1.0], [0.5, 2.0], [1.0, 1.0], [1.0, 2.0]]
-    assert manifest["format_version"] == 4 and manifest["selection"] == "grid"
+    assert manifest["format_version"] == 5 and manifest["selection"] == "grid"
     assert manifest["grid"]["points"] == points
     assert manifest["grid"]["field"] == "family_tail_logmass"
     assert manifest["grid"]["bytes_per_response_token"] == 6 * 4  # float32, six points

@@ -120,9 +120,10 @@ class PositionLogprobs:
     the decoder runs once, then the output head (`models.head_logits`, the same step training
     uses) runs on the target positions' hidden states."""
 
-    def __init__(self, model: Any, vocab_size: int):
+    def __init__(self, model: Any, vocab_size: int, temperature: float = 1.0):
         self.model = model
         self.vocab_size = vocab_size
+        self.temperature = temperature  # the cache stores softmax(logits / temperature)
         self.decoder = models.decoder_of(model)
         self.checked = False
 
@@ -133,7 +134,7 @@ class PositionLogprobs:
     @torch.inference_mode()
     def logprobs(self, hidden_at_targets: torch.Tensor) -> torch.Tensor:
         logits = models.head_logits(self.model, hidden_at_targets, self.vocab_size)
-        return torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(logits.float() / self.temperature, dim=-1)
 
     @torch.inference_mode()
     def check_against_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -148,7 +149,8 @@ class PositionLogprobs:
         # 151,936 ids is 1.16 GiB per copy.
         rows = input_ids[:1, :CHECK_POSITIONS], attention_mask[:1, :CHECK_POSITIONS]
         reference = self.model(input_ids=rows[0], attention_mask=rows[1]).logits[0]
-        reference = torch.log_softmax(reference[:, : self.vocab_size].float(), dim=-1)
+        reference = reference[:, : self.vocab_size].float() / self.temperature
+        reference = torch.log_softmax(reference, dim=-1)
         ours = self.logprobs(self.hidden(*rows)[0])
         valid = rows[1][0].bool().to(ours.device)
         weight = self.model.get_output_embeddings().weight
@@ -221,6 +223,10 @@ def settings_of(
         "tail_rule": options.resolved_tail_rule(),
         "alpha": options.alpha if options.student else None,
         "grid": [list(point) for point in options.grid()] or None,
+        "tail_samples": options.tail_samples,
+        "sample_seed": options.sample_seed if options.tail_samples else None,
+        "proposal": options.proposal(),
+        "temperature": options.temperature,
         "template": options.template,
         "max_length": options.max_length,
         "batch_size": options.batch_size,
@@ -329,6 +335,12 @@ def _cache_teachers(
     vocab_size = compatibility.size
     if options.top_k > vocab_size:
         raise DeltakdError(f"--top-k {options.top_k} is larger than the vocabulary ({vocab_size})")
+    if options.tail_samples and options.top_k >= vocab_size:
+        raise DeltakdError(
+            f"--tail-samples {options.tail_samples} needs a tail to draw from, but --top-k "
+            f"{options.top_k} keeps the whole vocabulary ({vocab_size} ids); lower --top-k or "
+            "drop --tail-samples"
+        )
     max_length = models.resolve_max_length(options.max_length, roles, load)
     options = replace(options, max_length=max_length)
 
@@ -389,13 +401,18 @@ def _cache_teachers(
             continue
         model = models.load_model(spec, dtype, device, options.device_map, load)
         models.check_model_vocab(model, vocab_size, role)
-        loaded[role] = PositionLogprobs(model, vocab_size)
+        loaded[role] = PositionLogprobs(model, vocab_size, options.temperature)
     if shared:
         info(", ".join(f"{role} is {twin}: run once" for role, twin in shared.items()))
 
     grid = options.grid()
     specs = schema.array_specs(
-        options.top_k, vocab_size, options.precision, bool(options.student), len(grid)
+        options.top_k,
+        vocab_size,
+        options.precision,
+        bool(options.student),
+        len(grid),
+        options.tail_samples,
     )
     writer = store.ShardWriter(location, rank, world, specs)
     batches = plan_batches([len(t.input_ids) for t in tokenized], rank, world, options.batch_size)
@@ -411,12 +428,14 @@ def _cache_teachers(
             + (3 if options.student else 2) * np.dtype(options.precision).itemsize
         )
         + len(grid) * np.dtype(options.precision).itemsize
+        + options.tail_samples
+        * sum(np.dtype(specs[name][0]).itemsize for name in specs if name.startswith("sample_"))
     )
     total_targets = sum(t.num_targets for t in tokenized)
     info(
         f"caching {len(tokenized)} examples ({total_targets} response tokens) at "
         f"k={options.top_k}, "
-        f"selection {options.resolved_selection()}, tail {options.resolved_tail_rule()}"
+        f"selection {options.resolved_selection()}, tail {tail_summary(options)}"
         f"{grid_summary(grid)}; "
         f"at most ~{total_targets * bytes_per_position / 2**20:.1f} MiB before compression"
     )
@@ -429,7 +448,7 @@ def _cache_teachers(
             items = [tokenized[i] for i in batch]
             input_ids, attention_mask, rows, positions = pad_batch(items, pad_id, device)
             stored = _batch_entries(
-                loaded, shared, input_ids, attention_mask, rows, positions, options
+                loaded, shared, input_ids, attention_mask, rows, positions, options, batch
             )
             writer.put(
                 schema.BatchRecord(
@@ -479,6 +498,15 @@ def _cache_teachers(
 GRID_FIELD = "family_tail_logmass"  # the per-position array of the grid's exact tails
 
 
+def tail_summary(options: CacheOptions) -> str:
+    if not options.tail_samples:
+        return f"bucket ({options.resolved_tail_rule()})"
+    return (
+        f"{options.tail_samples} draws from {options.proposal()} (seed {options.sample_seed}; "
+        f"bucket rule {options.resolved_tail_rule()})"
+    )
+
+
 def grid_summary(grid: tuple[targets.GridPoint, ...]) -> str:
     if not grid:
         return ""
@@ -518,8 +546,10 @@ def _batch_entries(
     rows: torch.Tensor,
     positions: torch.Tensor,
     options: CacheOptions,
+    batch: list[int],
 ) -> targets.CachedTargets:
-    """Forward every model once, then build the cached entries chunk by chunk of positions."""
+    """Forward every model once, then build the cached entries chunk by chunk of positions.
+    `batch` holds the examples' indices in the data (the tail draws are keyed by them)."""
     hidden = {}
     for role, model in loaded.items():
         model.check_against_forward(input_ids, attention_mask)
@@ -533,6 +563,14 @@ def _batch_entries(
             role: loaded[role].logprobs(hidden[role][at]).to(input_ids.device) for role in loaded
         }
         logprobs.update({role: logprobs[twin] for role, twin in shared.items()})
+        draws = None
+        if options.tail_samples:
+            draws = targets.TailDraws(
+                samples=options.tail_samples,
+                seed=options.sample_seed,
+                example_index=torch.tensor(batch, dtype=torch.long)[rows[at].cpu()],
+                position=positions[at].cpu(),
+            )
         chunks.append(
             targets.build_cached_targets(
                 logprobs["teacher_tuned"],
@@ -543,6 +581,7 @@ def _batch_entries(
                 options.alpha,
                 options.resolved_tail_rule(),
                 options.grid(),
+                draws,
             )
         )
     return _concat_targets(chunks)
@@ -585,6 +624,12 @@ def build_manifest(
         "alpha": options.alpha if options.student else None,
         "has_student": bool(options.student),
         "grid": grid_record(options.grid(), options.precision, array_bytes, positions),
+        # The sampled tail (format 5): draws per position, their seed and proposal; 0 / null
+        # without. Every distribution is stored at `temperature`.
+        "tail_samples": options.tail_samples,
+        "sample_seed": options.sample_seed if options.tail_samples else None,
+        "proposal": options.proposal(),
+        "temperature": options.temperature,
         "precision": options.precision,
         "dtypes": {
             name: spec[0]
@@ -594,6 +639,7 @@ def build_manifest(
                 options.precision,
                 bool(options.student),
                 len(options.grid()),
+                options.tail_samples,
             ).items()
         },
         "counts": {

@@ -68,6 +68,23 @@ class CacheOptions(DataOptions, ModelLoadOptions):
         None,
         help="KD-to-Delta grid: comma-separated alphas (default with --gammas: --alpha).",
     )
+    tail_samples: int = opt(
+        0,
+        help="Ids drawn per position, with replacement, from the tail outside the top-k (the "
+        "unbiased sampled tail; 0: one tail bucket). Stored as distinct ids with their counts.",
+        at_least=0,
+    )
+    sample_seed: int = opt(
+        0,
+        help="Seed of the tail draws (with the example and position, it fixes every draw).",
+        at_least=0,
+    )
+    temperature: float = opt(
+        1.0,
+        help="Store (and draw from) softmax(logits / temperature); distill must use the same.",
+        above=0,
+        finite=True,
+    )
     precision: str = opt(
         "float16", help="Stored log-prob dtype: float16 or float32.", choices=("float16", "float32")
     )
@@ -77,6 +94,12 @@ class CacheOptions(DataOptions, ModelLoadOptions):
 
     def resolved_selection(self) -> str:
         return self.selection or default_rules(bool(self.student), bool(self.grid()))[0]
+
+    def proposal(self) -> str | None:
+        """The tail proposal of the draws (sampling.PROPOSALS), None without draws."""
+        if not self.tail_samples:
+            return None
+        return "tuned+target" if self.student else "tuned"
 
     def resolved_tail_rule(self) -> str:
         return self.tail_rule or default_rules(bool(self.student), bool(self.grid()))[1]

@@ -11,14 +11,22 @@ from dataclasses import dataclass
 import numpy as np
 from zarr.codecs import BloscCodec
 
-from deltakd_cli.targets import FIELD_KIND, NEEDS_STUDENT, PER_POSITION_FIELDS, CachedTargets
+from deltakd_cli.targets import (
+    FIELD_KIND,
+    NEEDS_STUDENT,
+    PER_POSITION_FIELDS,
+    SAMPLE_FIELDS,
+    CachedTargets,
+)
 
 # 2: the manifest carries its own checksum; every chunk is written. 3: a target mask per token
 # (every assistant turn of a conversation, every token of plain text) instead of a prompt length.
 # 4: an optional [P, G] grid array (family_tail_logmass) and the manifest's `grid`; a format-3
-# cache is a format-4 cache without a grid, so both are read.
-FORMAT_VERSION = 4
-READABLE_FORMAT_VERSIONS = (3, 4)
+# cache is a format-4 cache without a grid, so both are read. 5: the optional sampled tail
+# ([P, M] sample_* arrays; the manifest's tail_samples, sample_seed, proposal, temperature); a
+# format-4 cache is a format-5 cache without samples drawn at temperature 1.
+FORMAT_VERSION = 5
+READABLE_FORMAT_VERSIONS = (3, 4, 5)
 POSITION_CHUNK = 2048  # positions per zarr chunk: one chunk is ~256 KiB of ids at k=64
 TOKEN_CHUNK = 65536
 EXAMPLE_CHUNK = 16384
@@ -31,12 +39,23 @@ def ids_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
+def counts_dtype(tail_samples: int) -> str:
+    """A draw count is at most the number of draws M."""
+    return "uint8" if tail_samples <= 255 else "uint16"
+
+
 def array_specs(
-    k: int, vocab_size: int, precision: str, has_student: bool, grid_size: int = 0
+    k: int,
+    vocab_size: int,
+    precision: str,
+    has_student: bool,
+    grid_size: int = 0,
+    tail_samples: int = 0,
 ) -> dict[str, tuple]:
     """name -> (dtype, trailing shape, chunk rows, shuffle) for every array of a shard: the
     example arrays, then one per per-position field (those computed from the base student only
-    when the cache has it, the grid's only when it has `grid_size` > 0 grid points)."""
+    when the cache has it, the grid's only when it has `grid_size` > 0 grid points, the sampled
+    tail's only when it has `tail_samples` > 0 draws per position)."""
     specs: dict[str, tuple] = {
         "input_ids": (ids_dtype(vocab_size), (), TOKEN_CHUNK, "bitshuffle"),
         "token_offsets": ("int64", (), EXAMPLE_CHUNK, "bitshuffle"),
@@ -50,11 +69,16 @@ def array_specs(
         "logprobs": (precision, (k,)),
         "scalar": ("float32", ()),
         "grid": (precision, (grid_size,)),
+        "sample_ids": (ids_dtype(vocab_size), (tail_samples,)),
+        "counts": (counts_dtype(tail_samples), (tail_samples,)),
+        "sample_logprobs": (precision, (tail_samples,)),
     }
     for name in PER_POSITION_FIELDS:
         if name in NEEDS_STUDENT and not has_student:
             continue
         if FIELD_KIND[name] == "grid" and not grid_size:
+            continue
+        if name in SAMPLE_FIELDS and not tail_samples:
             continue
         dtype, trailing = by_kind[FIELD_KIND[name]]
         specs[name] = (dtype, trailing, POSITION_CHUNK, "shuffle")
@@ -89,17 +113,22 @@ def encode_positions(
         if value is None:
             continue
         kind = FIELD_KIND[name]
-        if kind == "ids":
+        if kind in ("ids", "sample_ids"):
             stored[name] = encode_ids(value.cpu().numpy(), vocab_size)
+        elif kind == "counts":
+            stored[name] = value.cpu().numpy().astype(counts_dtype(value.shape[1]))
         else:
-            dtype = precision if kind in ("logprobs", "grid") else np.float32
+            dtype = precision if kind in ("logprobs", "grid", "sample_logprobs") else np.float32
             stored[name] = value.float().cpu().numpy().astype(dtype)
     return stored
 
 
 def decode_positions(name: str, stored: np.ndarray) -> np.ndarray:
-    """One stored per-position array back to what the math reads (ids int64, values float32)."""
-    return decode_ids(stored) if FIELD_KIND[name] == "ids" else stored.astype(np.float32)
+    """One stored per-position array back to what the math reads (ids int64, values and counts
+    float32)."""
+    if FIELD_KIND[name] in ("ids", "sample_ids"):
+        return decode_ids(stored)
+    return stored.astype(np.float32)
 
 
 def shard_name(rank: int, world: int) -> str:

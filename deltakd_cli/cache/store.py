@@ -512,6 +512,7 @@ class CacheReader:
         self.path = str(path)
         self.shard_names = [shard["name"] for shard in manifest["shards"]]
         self._groups: dict[int, Any] = {}
+        self.skip_fields: tuple[str, ...] = ()  # per-position arrays a reader leaves unread
         self._offsets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
@@ -534,6 +535,16 @@ class CacheReader:
     def grid_points(self) -> list[list[float]]:
         """The (gamma, alpha) grid points in column order ([] without a grid; format 3 has none)."""
         return list((self.manifest.get("grid") or {}).get("points", []))
+
+    @property
+    def tail_samples(self) -> int:
+        """Draws per position of the sampled tail (0: none; formats 3 and 4 have none)."""
+        return int(self.manifest.get("tail_samples") or 0)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature the cache's distributions (and draws) are at (1 before format 5)."""
+        return float(self.manifest.get("temperature") or 1.0)
 
     def vocabulary(self) -> list[str | None]:
         """The token string of every id the cache uses (checked against the manifest)."""
@@ -583,6 +594,8 @@ class CacheReader:
         dtypes = self.manifest.get("dtypes", {})
         trailing_of_kind = {"ids": (self.k,), "logprobs": (self.k,), "scalar": ()}
         trailing_of_kind["grid"] = (len(self.grid_points),)
+        for kind in ("sample_ids", "counts", "sample_logprobs"):
+            trailing_of_kind[kind] = (self.tail_samples,)
         total_examples = 0
         for shard, entry in enumerate(self.manifest["shards"]):
             where = f"{self.path}: shard {entry['name']}"
@@ -645,14 +658,15 @@ class CacheReader:
         example_index = group["example_index"][start:stop]
         per_position: dict[str, np.ndarray] = {}
         for name in PER_POSITION_FIELDS:
-            if name in group:
+            if name in group and name not in self.skip_fields:
                 per_position[name] = decode_positions(name, group[name][target_lo:target_hi])
-        ids = per_position.get("ids")
-        if ids is not None and len(ids) and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise DeltakdError(
-                f"{self.path}: shard {self.shard_names[shard]} holds token ids outside the "
-                f"vocabulary of {self.vocab_size}; the cache is damaged, rebuild it"
-            )
+        for name in ("ids", "sample_ids"):
+            ids = per_position.get(name)
+            if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                raise DeltakdError(
+                    f"{self.path}: shard {self.shard_names[shard]} holds token ids outside the "
+                    f"vocabulary of {self.vocab_size}; the cache is damaged, rebuild it"
+                )
         examples = []
         for offset, row in enumerate(range(start, stop)):
             tokens_at = slice(

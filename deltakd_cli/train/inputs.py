@@ -13,7 +13,7 @@ from deltakd_cli.cache.store import CacheReader
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.losses import OBJECTIVES
-from deltakd_cli.targets import grid_column
+from deltakd_cli.targets import SAMPLE_FIELDS, grid_column
 from deltakd_cli.train import batching
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
@@ -34,6 +34,8 @@ class TrainingData:
     # so it holds only for that student (with another one the teacher tail rule is used).
     use_cached_tail_shift: bool = True
     needs_frozen_student: bool = False  # run a frozen copy of the initial student
+    tail: str = "bucket"  # how the tail outside K is trained: "sampled" or "bucket"
+    cache_temperature: float = 1.0  # the temperature the cache's distributions are stored at
     template: dict[str, Any] | None = None  # how prompts were rendered (the cache's record)
     eval_store: batching.ExampleStore | None = None  # --eval-data: the held-out examples
 
@@ -47,6 +49,8 @@ def with_eval_data(training: TrainingData, held_out: TrainingData, eval_data: st
         ("alpha", training.cache_alpha, held_out.cache_alpha),
         ("(gamma, alpha) grid", training.cache_grid, held_out.cache_grid),
         ("use of its tail shift", training.use_cached_tail_shift, held_out.use_cached_tail_shift),
+        ("tail", training.tail, held_out.tail),
+        ("temperature", training.cache_temperature, held_out.cache_temperature),
     )
     for what, trained, held in pairs:
         if trained != held:
@@ -143,6 +147,7 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
                     f"own base student ({cached_student.get('spec')}), not {student}: the "
                     "teacher tail rule is used instead (docs/method.md)"
                 )
+    tail = tail_estimator(options, reader)
     alpha = manifest.get("alpha")
     cache_grid = manifest_grid(manifest)
     if options.objective == "kd-to-delta":
@@ -160,6 +165,10 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
                 "tail_rule": manifest.get("tail_rule"),
                 "alpha": alpha,
                 "grid": manifest.get("grid"),
+                "tail_samples": reader.tail_samples,
+                "sample_seed": manifest.get("sample_seed"),
+                "proposal": manifest.get("proposal"),
+                "temperature": reader.temperature,
                 "has_student": manifest.get("has_student"),
                 "precision": manifest.get("precision"),
                 "counts": manifest.get("counts"),
@@ -173,8 +182,37 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
         use_cached_student=use_cached_student,
         needs_frozen_student=needs_frozen,
         use_cached_tail_shift=use_cached_tail_shift,
+        tail=tail,
+        cache_temperature=reader.temperature,
         template=template if isinstance(template, dict) else None,
     )
+
+
+def tail_estimator(options: DistillOptions, reader: CacheReader) -> str:
+    """--tail resolved against the cache: "sampled" when it has draws (unless --tail bucket),
+    else "bucket"; the temperature the sampled estimator needs. A bucket run skips reading the
+    draws."""
+    temperature = reader.temperature
+    if options.tail == "sampled" and not reader.tail_samples:
+        raise DeltakdError(
+            f"--tail sampled needs a cache with drawn tail ids; {options.cache} has none "
+            "(rebuild it with cache-teachers --tail-samples M)"
+        )
+    tail = options.tail or ("sampled" if reader.tail_samples else "bucket")
+    if tail == "bucket":
+        if temperature != 1.0:
+            raise DeltakdError(
+                f"cache drawn at temperature {temperature:g} serves only its sampled tail; "
+                "drop --tail bucket, or rebuild the cache at temperature 1"
+            )
+        reader.skip_fields = SAMPLE_FIELDS
+        return tail
+    if OBJECTIVES[options.objective].needs_cache and options.temperature != temperature:
+        raise DeltakdError(
+            f"cache drawn at temperature {temperature:g}; use --temperature {temperature:g} or "
+            "rebuild the cache at the temperature you want"
+        )
+    return tail
 
 
 def manifest_grid(manifest: dict[str, Any]) -> tuple[tuple[float, float], ...]:

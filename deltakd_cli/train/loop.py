@@ -197,6 +197,7 @@ class Trainer:
             self.data.cache_alpha,
             frozen_is_adapter_disabled=self.data.needs_frozen_student and self.lora is not None,
             cache_grid=self.data.cache_grid,
+            cache_temperature=self.data.cache_temperature,
         )
         if options.fsdp:
             self.wrapped = self._fully_shard(self.module)
@@ -343,6 +344,7 @@ class Trainer:
                 "use_cached_student": self.data.use_cached_student,
                 "frozen_student": self.data.needs_frozen_student,
                 "cached_tail_shift": self.data.use_cached_tail_shift,
+                "tail": self.data.tail,
                 "trackers": self.trackers_used,
                 "exported_step": best["step"] if best is not None else self.total_steps,
                 "lora": self._lora_record(),

@@ -57,6 +57,7 @@ class ObjectiveModule(nn.Module):
         cache_alpha: float | None = None,
         frozen_is_adapter_disabled: bool = False,
         cache_grid: tuple[tuple[float, float], ...] = (),
+        cache_temperature: float = 1.0,
     ):
         super().__init__()
         if frozen_is_adapter_disabled and frozen_student is not None:
@@ -76,6 +77,7 @@ class ObjectiveModule(nn.Module):
             "mix": options.mix,
             "gamma": options.gamma,
             "cache_grid": tuple(cache_grid),
+            "cache_temperature": cache_temperature,
         }
 
     @property

@@ -14,6 +14,9 @@ from deltakd_cli.models import DTYPES, ModelLoadOptions
 from deltakd_cli.options import check, opt
 from deltakd_cli.tracking import parse_report_to
 
+# How distill trains the tail outside the kept ids (docs/method.md).
+TAIL_ESTIMATORS = ("sampled", "bucket")
+
 # Options whose change would make a resumed run differ from the interrupted one.
 OPTIONS_THAT_MATTER = (
     "command",
@@ -26,6 +29,7 @@ OPTIONS_THAT_MATTER = (
     "mix",
     "gamma",
     "frozen_student",
+    "tail",
     "epochs",
     "max_steps",
     "lr",
@@ -62,6 +66,7 @@ OPTIONS_ADDED_LATER = {
     "lora_dropout": 0.0,
     "lora_target_modules": DEFAULT_LORA_TARGETS,
     "lora_4bit": False,
+    "tail": None,
 }
 
 # How the resume check names an option that is not a flag of its own.
@@ -222,6 +227,12 @@ class DistillOptions(TrainOptions):
         help="Run a frozen copy of the student instead of the cache's S0 log-probs.",
         flags=("--frozen-student",),
     )
+    tail: str | None = opt(
+        None,
+        help="How the target's tail outside the kept ids is trained: sampled (the cache's drawn "
+        "ids, unbiased; the default when the cache has them) or bucket (one tail bucket).",
+        choices=TAIL_ESTIMATORS,
+    )
     verify_cache: bool = opt(True, help="Check the cache's shard checksums first.")
     num_workers: int = opt(2, help="DataLoader workers reading the cache (0: inline).", at_least=0)
 
@@ -254,6 +265,7 @@ class FinetuneOptions(TrainOptions, DataOptions):
     mix: ClassVar[float] = 0.5
     gamma: ClassVar[float] = 1.0
     frozen_student: ClassVar[bool] = False
+    tail: ClassVar[str | None] = None
 
     @property
     def student(self) -> str:
