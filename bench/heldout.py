@@ -38,6 +38,24 @@ def kl_per_position(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tens
     return terms.sum(dim=-1)
 
 
+def kl_bucket_and_tail_per_position(
+    teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, k: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full KL split at the teacher's top-k ids K [N] each: KL(teacher || student) =
+    the KL of the two coarsened to K + one tail bucket (what a bucket cache trains) + m_T times
+    the KL of their renormalised tails (the within-tail term a bucket never trains)."""
+    teacher, student = teacher_logprobs.double(), student_logprobs.double()
+    ids = teacher.topk(min(k, teacher.shape[1]), dim=1).indices
+    in_head = torch.zeros_like(teacher, dtype=torch.bool).scatter(1, ids, True)
+    minus_inf = torch.full_like(teacher, float("-inf"))
+    teacher_tail = torch.logsumexp(torch.where(in_head, minus_inf, teacher), dim=1)
+    student_tail = torch.logsumexp(torch.where(in_head, minus_inf, student), dim=1)
+    coarse_teacher = torch.cat([teacher.gather(1, ids), teacher_tail[:, None]], dim=1)
+    coarse_student = torch.cat([student.gather(1, ids), student_tail[:, None]], dim=1)
+    bucket = kl_per_position(coarse_teacher, coarse_student)
+    return bucket, kl_per_position(teacher, student) - bucket
+
+
 def cross_entropy_per_position(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """-log p(label) per row [N] from log-probs [N, V]."""
     return -logprobs.double().gather(1, labels[:, None].long()).squeeze(1)

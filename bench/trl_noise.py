@@ -1,167 +1,291 @@
-"""How much of the held-out KL gap between deltakd's KD and TRL's GKD (bench/trl_bench.py) is
-training-order noise, and how much is the cache's top-k.
+"""Does the cache teach as well as the teacher online? deltakd's KD from each cache shape against
+TRL's online full-vocabulary GKD, over enough data-order seeds to tell (docs/benchmarks.md,
+"The cache against the teacher online").
 
-    python bench/trl_noise.py [--reuse]      (after bench/trl_bench.py, whose rows, k = 64
-                                              cache and seed-0 students it reuses)
+    python bench/trl_noise.py [--demo-dir runs/demo] [--reuse] [--seeds 5]
 
-trl_bench.py scores one student per system, both trained with the same seed. But the two systems
-order the same rows into batches differently (deltakd's length-grouped plan, TRL's
-group_by_length sampler), so one run each is one draw of the training order each, and the paired
-bootstrap over held-out rows it reports says nothing about that draw. This script
+Arms, each trained at 1 epoch at every data-order seed (trl_bench.plan_seeds: seeds that give both
+systems the same full batches), on trl_bench's rows, models and training settings:
 
-  1. trains each system at 1 epoch with the next data-order seeds that give both the same full
-     batches (trl_bench.plan_seeds), three runs per system in all, and compares the systems with
-     a two-level bootstrap over runs and rows (heldout.seeds_and_rows_bootstrap);
-  2. trains deltakd from caches of k = 256 (first seed) and 1024 (every seed; the same rows), to
-     show how much of the gap the top-k tail bucket explains.
+  trl            TRL GKDTrainer, lmbda 0, beta 0 (supervised forward KL over the full vocabulary)
+  bucket_k64     top-64 + one tail bucket (the cache before format 5)
+  sampled_k..    the exact top-k head + M ids drawn from pT's tail with replacement (format 5);
+                 two caches per shape with different draw seeds, alternated over the runs, so the
+                 run-level bootstrap includes the draw noise
+  bucket_k1024   top-1024 + bucket (16x the ids of the default)
 
---reuse keeps students already trained in runs/bench/trl-noise (their settings are fixed here).
-Figures go to docs/benchmarks.json (section trl_noise)."""
+Per arm: held-out full-vocabulary KL(teacher || student) per response token, split at the
+teacher's top-64 into the bucket term and the within-tail term (heldout.py); stored bytes per
+response token from the cache's files; cache and distill seconds; peak RSS. Differences between
+arms come with a two-level bootstrap over runs and held-out rows (heldout.seeds_and_rows_bootstrap).
+
+Then "many students from one cache": KD at 3 seeds x 3 learning rates (9 students) from one cache
+of the best sampled shape, against 9 TRL runs, end to end. Figures go to docs/benchmarks.json
+(section trl_noise)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import trl_bench as tb
-from common import WORKDIR, record
-from heldout import seeds_and_rows_bootstrap
+from common import REPO, WORKDIR, record
+from heldout import (
+    kl_bucket_and_tail_per_position,
+    per_row_sums,
+    response_logprobs,
+    seeds_and_rows_bootstrap,
+)
 
 from deltakd_cli import data, models
 
-RUNS = 3  # data-order seeds per system
-LARGER_KS = (256, 1024)
 NOISE = WORKDIR / "trl-noise"
+BASELINE_BYTES_K = 64
+SHAPES = {  # arm -> (top-k, tail samples)
+    "bucket_k64": (64, 0),
+    # At or below bucket_k64's stored bytes (measured on 48 demo rows: 231.6 and 263.4 B per
+    # response token against 273.7; top-16 + 48 draws took 286.6 and top-32 + 32 took 295.4).
+    "sampled_k16_m32": (16, 32),
+    "sampled_k32_m24": (32, 24),
+    "bucket_k1024": (1024, 0),
+}
+DRAW_SEEDS = (0, 1)
+LEARNING_RATES = (1e-4, 2e-4, 4e-4)
+MANY_SEEDS = 3
 
 
-def trained(path: Path, reuse: bool, marker: str) -> bool:
+def done(path: Path, reuse: bool, marker: str) -> bool:
     return reuse and (path / marker).exists()
 
 
-def cache_at(k: int, teacher: Path, reuse: bool) -> Path:
-    out = NOISE / f"cache-k{k}"
-    if not trained(out, reuse, "manifest.json"):
-        command = tb.cache_command(teacher, tb.OUT / "train.jsonl", out, k) + ["--overwrite"]
-        subprocess.run(command, check=True, capture_output=True)
-    return out
+def cache_for(
+    arm: str, draw_seed: int, teacher: Path, rows: Path, reuse: bool
+) -> tuple[Path, dict]:
+    k, samples = SHAPES[arm]
+    out = NOISE / f"cache-{arm}-d{draw_seed}"
+    if done(out, reuse, "manifest.json"):
+        return out, {}
+    shutil.rmtree(out, ignore_errors=True)
+    command = tb.cache_command(teacher, rows, out, k)
+    command += ["--tail-samples", str(samples), "--sample-seed", str(draw_seed)]
+    return out, tb.timed(f"cache {arm} d{draw_seed}", command)
 
 
-def deltakd_kd(cache: Path, student: Path, out: Path, seed: int, reuse: bool) -> Path:
-    if not trained(out, reuse, "model.safetensors"):
-        command = tb.kd_command(cache, student, out, 1, seed) + ["--overwrite"]
-        subprocess.run(command, check=True, capture_output=True)
-    return out
+def distill(cache: Path, student: Path, out: Path, seed: int, lr: float, reuse: bool) -> dict:
+    if done(out, reuse, "model.safetensors"):
+        return {}
+    shutil.rmtree(out, ignore_errors=True)
+    command = tb.kd_command(cache, student, out, 1, seed)
+    command[command.index("--lr") + 1] = str(lr)
+    return tb.timed(f"distill {out.name}", command)
 
 
-def trl_gkd(teacher: Path, student: Path, out: Path, seed: int, reuse: bool) -> Path:
-    if not trained(out, reuse, "trl_run.json"):
-        command = tb.trl("gkd", out, student, tb.OUT / "train.jsonl", 1, seed, teacher)
-        subprocess.run(command, check=True, capture_output=True)
-    return out
+def trl_run(teacher: Path, student: Path, rows: Path, out: Path, seed: int, lr: float,
+            reuse: bool) -> dict:  # fmt: skip
+    if done(out, reuse, "trl_run.json"):
+        return {}
+    shutil.rmtree(out, ignore_errors=True)
+    command = tb.trl("gkd", out, student, rows, 1, seed, teacher)
+    command[command.index("--lr") + 1] = str(lr)
+    return tb.timed(f"trl {out.name}", command)
+
+
+def scores_of(teacher: Path, students: dict[str, Path], held_out: Path, tokenizer) -> dict:
+    """Per student: per-row sums of the full KL and of its bucket and within-tail terms."""
+    examples = data.tokenize_all(data.load_examples(held_out), "alpaca", tokenizer, tb.MAX_LENGTH)
+    vocab = models.tokenizer_vocab_size(tokenizer)
+    teacher_lp = response_logprobs(tb.load(teacher), examples, vocab)
+    scores = {}
+    for name, path in students.items():
+        model = tb.load(path)
+        student_lp = response_logprobs(model, examples, vocab)
+        del model
+        parts = [kl_bucket_and_tail_per_position(t, s) for t, s in zip(teacher_lp, student_lp)]
+        bucket, counts = per_row_sums(p[0] for p in parts)
+        tail, _ = per_row_sums(p[1] for p in parts)
+        scores[name] = {"bucket": bucket, "tail": tail, "kl": bucket + tail, "counts": counts}
+        print(f"  scored {name}: KL {(bucket + tail).sum() / counts.sum():.4f}", flush=True)
+    return scores
+
+
+def parameters(path: Path) -> int:
+    config = json.loads((path / "config.json").read_text())
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with __import__("torch").device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    return sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reuse", action="store_true", help="keep students already trained")
+    parser.add_argument("--demo-dir", type=Path, default=Path(os.environ.get(
+        "DELTAKD_DEMO_DIR", REPO / "runs" / "demo")))  # fmt: skip
+    parser.add_argument("--reuse", action="store_true", help="keep runs already done")
+    parser.add_argument("--seeds", type=int, default=5, help="data-order seeds per arm")
     options = parser.parse_args()
-    settings_path = WORKDIR / "trl" / "settings.json"
-    first = tb.OUT / "deltakd-kd-e1"
-    if not (first / "model.safetensors").exists():
-        raise SystemExit("run bench/trl_bench.py first (its rows, cache and students are reused)")
-    run = json.loads((first / "run.json").read_text())
-    student = Path(run["options"]["student"])
-    manifest = json.loads((tb.OUT / "cache" / "manifest.json").read_text())
-    teacher = Path(manifest["options"]["teacher_tuned"])
-    tokenizer = models.load_tokenizer(str(student))
-    tokenized = data.tokenize_all(
-        data.load_examples(tb.OUT / "train.jsonl"), "alpaca", tokenizer, tb.MAX_LENGTH
-    )
-    lengths = np.array([[len(t.input_ids), t.num_targets] for t in tokenized], dtype=np.int64)
-    seeds = tb.plan_seeds(lengths, RUNS)
+    tb.OUT.mkdir(parents=True, exist_ok=True)
     NOISE.mkdir(parents=True, exist_ok=True)
+    chosen = tb.resolve_models(options.demo_dir.resolve())
+    teacher, student = chosen["teacher"], chosen["student"]
+    rows, held_out, source = tb.write_rows(chosen)
+    tokenizer = models.load_tokenizer(str(student))
+    tokenized = data.tokenize_all(data.load_examples(rows), "alpaca", tokenizer, tb.MAX_LENGTH)
+    lengths = np.array([[len(t.input_ids), t.num_targets] for t in tokenized], dtype=np.int64)
+    seeds = tb.plan_seeds(lengths, options.seeds)
     print(f"data-order seeds {seeds}; teacher {teacher}, student {student}", flush=True)
 
-    students = {f"deltakd_s{seeds[0]}": first, f"trl_s{seeds[0]}": tb.OUT / "trl-gkd-e1"}
-    for seed in seeds[1:]:
-        print(f"  seed {seed}: deltakd kd, trl gkd", flush=True)
-        students[f"deltakd_s{seed}"] = deltakd_kd(
-            tb.OUT / "cache", student, NOISE / f"deltakd-kd-s{seed}", seed, options.reuse
-        )
-        students[f"trl_s{seed}"] = trl_gkd(
-            teacher, student, NOISE / f"trl-gkd-s{seed}", seed, options.reuse
-        )
-    for k in LARGER_KS:
-        # the largest k at every seed (is the gap left there noise?), the others at the first
-        k_seeds = seeds if k == LARGER_KS[-1] else seeds[:1]
-        print(f"  k = {k}: cache, deltakd kd at seeds {k_seeds}", flush=True)
-        cache = cache_at(k, teacher, options.reuse)
-        for seed in k_seeds:
-            students[f"deltakd_k{k}_s{seed}"] = deltakd_kd(
-                cache, student, NOISE / f"deltakd-kd-k{k}-s{seed}", seed, options.reuse
-            )
+    timings: dict[str, dict] = {}
+    caches: dict[str, list[Path]] = {}
+    for arm, (k, samples) in SHAPES.items():
+        for draw_seed in DRAW_SEEDS if samples else (0,):
+            path, timing = cache_for(arm, draw_seed, teacher, rows, options.reuse)
+            caches.setdefault(arm, []).append(path)
+            timings[f"cache_{arm}_d{draw_seed}"] = timing
+    students: dict[str, Path] = {}
+    runs: dict[str, list[str]] = {arm: [] for arm in ("trl", *SHAPES)}
+    for index, seed in enumerate(seeds):  # interleaved: drift of a shared machine hits all arms
+        name = f"trl_s{seed}"
+        students[name] = NOISE / name
+        timings[name] = trl_run(teacher, student, rows, students[name], seed, tb.LR, options.reuse)
+        runs["trl"].append(name)
+        for arm in SHAPES:
+            cache = caches[arm][index % len(caches[arm])]
+            name = f"{arm}_s{seed}"
+            students[name] = NOISE / name
+            timings[name] = distill(cache, student, students[name], seed, tb.LR, options.reuse)
+            runs[arm].append(name)
 
     print("scoring on the held-out rows", flush=True)
-    scores = tb.quality(teacher, students, tb.OUT / "held-out.jsonl", tokenizer)
-    _, counts = scores[f"deltakd_s{seeds[0]}"]["kl"]
-    deltakd_runs = [scores[f"deltakd_s{s}"]["kl"][0] for s in seeds]
-    trl_runs = [scores[f"trl_s{s}"]["kl"][0] for s in seeds]
-    over_seeds = seeds_and_rows_bootstrap(deltakd_runs, trl_runs, counts)
-    largest = LARGER_KS[-1]
-    largest_runs = [scores[f"deltakd_k{largest}_s{s}"]["kl"][0] for s in seeds]
-    over_seeds_largest = seeds_and_rows_bootstrap(largest_runs, trl_runs, counts)
-    per_run = {name: tb.per_token(scores, name, "kl") for name in students}
+    scores = scores_of(teacher, students, held_out, tokenizer)
+    counts = scores[runs["trl"][0]]["counts"]
+
+    def mean(arm: str, part: str = "kl") -> float:
+        return float(np.mean([scores[n][part].sum() / counts.sum() for n in runs[arm]]))
+
+    def versus(a: str, b: str) -> dict:
+        """b - a over runs and rows (negative: b is closer to the teacher)."""
+        result = seeds_and_rows_bootstrap(
+            [scores[n]["kl"] for n in runs[a]], [scores[n]["kl"] for n in runs[b]], counts
+        )
+        result["half_width"] = (result["ci_high"] - result["ci_low"]) / 2
+        return result
+
+    stored_bytes = {
+        arm: float(
+            np.mean(
+                [
+                    json.loads((p / "manifest.json").read_text())["bytes_per_response_token"]
+                    for p in caches[arm]
+                ]
+            )
+        )  # fmt: skip
+        for arm in SHAPES
+    }
+    budget = stored_bytes["bucket_k64"]
+    sampled = [arm for arm in SHAPES if SHAPES[arm][1] and stored_bytes[arm] <= budget * 1.001]
+    best = min(sampled, key=mean) if sampled else "bucket_k64"
+    arms = {}
+    for arm in ("trl", *SHAPES):
+        seconds = [timings[n].get("seconds") for n in runs[arm] if timings[n]]
+        rss = [timings[n].get("peak_rss_kib") for n in runs[arm] if timings[n]]
+        arms[arm] = {
+            "heldout_kl": mean(arm),
+            "bucket_term": mean(arm, "bucket"),
+            "within_tail_term": mean(arm, "tail"),
+            "runs": [scores[n]["kl"].sum() / counts.sum() for n in runs[arm]],
+            "train_seconds_mean": float(np.mean(seconds)) if seconds else None,
+            "peak_rss_mib_max": max(rss) / 1024 if rss else None,
+        }
+        if arm in SHAPES:
+            k, samples = SHAPES[arm]
+            cache_seconds = [timings[f"cache_{arm}_d{d}"].get("seconds") for d in DRAW_SEEDS
+                             if timings.get(f"cache_{arm}_d{d}")]  # fmt: skip
+            arms[arm].update({
+                "top_k": k, "tail_samples": samples,
+                "stored_bytes_per_response_token": stored_bytes[arm],
+                "cache_seconds_mean": float(np.mean(cache_seconds)) if cache_seconds else None,
+                "draw_seeds": list(DRAW_SEEDS) if samples else None,
+            })  # fmt: skip
+    comparisons = {f"{arm}_vs_trl": versus(arm, "trl") for arm in SHAPES}
+    for arm in SHAPES:
+        if SHAPES[arm][1]:
+            comparisons[f"{arm}_vs_bucket_k64"] = versus("bucket_k64", arm)
+
+    # Many students from one cache: 3 seeds x 3 learning rates, one cache of the best shape.
+    many_cache = caches[best][0]
+    many_timings = {"deltakd_cache": timings.get(f"cache_{best}_d0") or {}, "deltakd": [],
+                    "trl": []}  # fmt: skip
+    for seed in seeds[:MANY_SEEDS]:
+        for lr in LEARNING_RATES:
+            tag = f"s{seed}_lr{lr:g}"
+            if lr == tb.LR:  # the main comparison trained these already
+                many_timings["deltakd"].append(timings[f"{best}_s{seed}"])
+                many_timings["trl"].append(timings[f"trl_s{seed}"])
+                continue
+            many_timings["deltakd"].append(
+                distill(many_cache, student, NOISE / f"many-{best}-{tag}", seed, lr, options.reuse)
+            )
+            many_timings["trl"].append(trl_run(teacher, student, rows, NOISE / f"many-trl-{tag}",
+                                               seed, lr, options.reuse))  # fmt: skip
+    many = None
+    if all(many_timings["deltakd"]) and all(many_timings["trl"]) and many_timings["deltakd_cache"]:
+        trl_total = sum(t["seconds"] for t in many_timings["trl"])
+        distill_total = sum(t["seconds"] for t in many_timings["deltakd"])
+        deltakd_total = many_timings["deltakd_cache"]["seconds"] + distill_total
+        ceiling = trl_total / distill_total  # the ratio once the cache is paid for
+        teacher_n, student_n = parameters(Path(teacher)), parameters(Path(student))
+        many = {
+            "students": len(many_timings["trl"]),
+            "trl_seconds": trl_total,
+            "deltakd_seconds": deltakd_total,
+            "speedup": trl_total / deltakd_total,
+            "amortisation_ceiling": ceiling,
+            "fraction_of_ceiling": (trl_total / deltakd_total) / ceiling,
+            "flop_ceiling": (teacher_n + 3 * student_n) / (3 * student_n),
+            "teacher_parameters": teacher_n,
+            "student_parameters": student_n,
+        }
+
+    default = comparisons[f"{best}_vs_trl"]
     figures = {
-        "trl_kd_heldout_kl_trl_minus_deltakd_over_seeds_1_epoch": over_seeds["difference"],
-        "trl_kd_heldout_kl_equal_within_noise_over_seeds_1_epoch": over_seeds["within_noise"],
-        "trl_kd_heldout_kl_seed_range_deltakd_1_epoch": float(np.ptp(over_seeds["a_runs"])),
-        "trl_kd_heldout_kl_seed_range_trl_1_epoch": float(np.ptp(over_seeds["b_runs"])),
-        f"trl_kd_heldout_kl_trl_minus_deltakd_k{largest}_over_seeds_1_epoch": over_seeds_largest[
-            "difference"
-        ],
-        f"trl_kd_heldout_kl_equal_within_noise_k{largest}_over_seeds_1_epoch": over_seeds_largest[
-            "within_noise"
-        ],
-    }
-    by_k = {64: per_run[f"deltakd_s{seeds[0]}"]}
-    for k in LARGER_KS:
-        by_k[k] = per_run[f"deltakd_k{k}_s{seeds[0]}"]
-        gap = tb.compare(scores, "kl", f"deltakd_k{k}_s{seeds[0]}", f"trl_s{seeds[0]}")
-        figures[f"trl_kd_heldout_kl_trl_minus_deltakd_k{k}_1_epoch"] = gap["difference"]
+        "trl_noise_default_minus_trl_heldout_kl": -default["difference"],
+        "trl_noise_default_vs_trl_ci_half_width": default["half_width"],
+        "trl_noise_default_vs_trl_within_noise": default["within_noise"],
+        "trl_noise_default_minus_bucket_k64_heldout_kl": comparisons[f"{best}_vs_bucket_k64"][
+            "difference"],
+        "trl_noise_default_better_than_bucket_k64": comparisons[f"{best}_vs_bucket_k64"][
+            "ci_high"] < 0,
+        "trl_noise_default_bytes_per_response_token": stored_bytes[best],
+        "trl_noise_bucket_k64_bytes_per_response_token": budget,
+        "trl_noise_bucket_k64_minus_trl_heldout_kl": -comparisons["bucket_k64_vs_trl"][
+            "difference"],
+        "trl_noise_k1024_minus_trl_heldout_kl": -comparisons["bucket_k1024_vs_trl"]["difference"],
+    }  # fmt: skip
+    if many:
+        figures["trl_noise_many_students_speedup"] = many["speedup"]
+        figures["trl_noise_many_students_fraction_of_ceiling"] = many["fraction_of_ceiling"]
+        figures["trl_noise_many_students_flop_ceiling"] = many["flop_ceiling"]
     settings = {
-        "seeds": seeds,
-        "epochs": 1,
-        "noise": "two-level percentile bootstrap, 10,000 resamples: runs of each system and "
-        "held-out rows drawn with replacement (heldout.seeds_and_rows_bootstrap)",
-        "heldout_kl_per_token": per_run,
-        "heldout_kl_by_k_first_seed": {str(k): v for k, v in by_k.items()},
-        "over_seeds": {
-            key: over_seeds[key]
-            for key in ("a_runs", "b_runs", "a", "b", "difference", "ci_low", "ci_high")
-        },
-        f"over_seeds_k{largest}": {
-            key: over_seeds_largest[key]
-            for key in ("a_runs", "b_runs", "a", "b", "difference", "ci_low", "ci_high")
-        },
-        "trl_bench_settings": str(settings_path) if settings_path.exists() else None,
-    }
+        "models": chosen["models"], "rows": source, "seeds": seeds, "epochs": 1,
+        "lr": tb.LR, "batch_size": tb.BATCH, "best_sampled_arm": best, "arms": arms,
+        "comparisons": comparisons, "many_students": many,
+        "many_students_learning_rates": list(LEARNING_RATES),
+        "noise": "two-level percentile bootstrap, 10,000 resamples: runs of each arm (data-order "
+                 "seed, and for sampled arms the cache's draw seed, alternated over runs) and "
+                 "held-out rows drawn with replacement (heldout.seeds_and_rows_bootstrap)",
+        "split": "held-out KL split at the teacher's top-64: bucket term + within-tail term",
+    }  # fmt: skip
     record("trl_noise", figures, settings)
-    for name, value in per_run.items():
-        print(f"  {name:24s} held-out KL {value:.4f} nats/token")
-    low, high = over_seeds["ci_low"], over_seeds["ci_high"]
-    print(
-        f"TRL - deltakd over {RUNS} seeds each: {over_seeds['difference']:+.4f} "
-        f"[{low:+.4f}, {high:+.4f}] ({'within' if over_seeds['within_noise'] else 'beyond'} noise)"
-    )
-    low, high = over_seeds_largest["ci_low"], over_seeds_largest["ci_high"]
-    noise = "within" if over_seeds_largest["within_noise"] else "beyond"
-    print(
-        f"TRL - deltakd at k = {largest}: {over_seeds_largest['difference']:+.4f} "
-        f"[{low:+.4f}, {high:+.4f}] ({noise} noise)"
-    )
+    print(json.dumps({"arms": arms, "best": best, "many": many}, indent=1, default=float))
+    for key, value in comparisons.items():
+        print(f"{key:32s} {value['difference']:+.4f} [{value['ci_low']:+.4f}, "
+              f"{value['ci_high']:+.4f}]")  # fmt: skip
 
 
 if __name__ == "__main__":
