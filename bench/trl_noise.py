@@ -105,7 +105,10 @@ def scores_of(teacher: Path, students: dict[str, Path], held_out: Path, tokenize
         model = tb.load(path)
         student_lp = response_logprobs(model, examples, vocab)
         del model
-        parts = [kl_bucket_and_tail_per_position(t, s) for t, s in zip(teacher_lp, student_lp)]
+        parts = [
+            kl_bucket_and_tail_per_position(t, s)
+            for t, s in zip(teacher_lp, student_lp, strict=True)
+        ]
         bucket, counts = per_row_sums(p[0] for p in parts)
         tail, _ = per_row_sums(p[1] for p in parts)
         scores[name] = {"bucket": bucket, "tail": tail, "kl": bucket + tail, "counts": counts}
@@ -142,7 +145,7 @@ def main() -> None:
 
     timings: dict[str, dict] = {}
     caches: dict[str, list[Path]] = {}
-    for arm, (k, samples) in SHAPES.items():
+    for arm, (_, samples) in SHAPES.items():
         for draw_seed in DRAW_SEEDS if samples else (0,):
             path, timing = cache_for(arm, draw_seed, teacher, rows, options.reuse)
             caches.setdefault(arm, []).append(path)

@@ -70,8 +70,7 @@ def replicated(vocab: int = 24, rows: int = 4000, seed: int = 0):
         for _ in range(3)
     )
     theta = torch.randn(1, vocab, generator=generator, dtype=torch.float64)
-    expand = (lambda t: t.expand(rows, -1).clone())  # fmt: skip
-    return expand(tuned), expand(base), expand(student), expand(theta)
+    return tuple(t.expand(rows, -1).clone() for t in (tuned, base, student, theta))
 
 
 def sampled_cache(tuned, base, student, k, samples, alpha=1.0, seed=0):
@@ -284,8 +283,10 @@ def test_kd_from_a_full_vocabulary_cache_equals_trl_generalized_jsd(tiny, tmp_pa
     assert run_cli(args).exit_code == 0
     reader = CacheReader(str(out))
     batch = collate(reader.read_examples(0, 0, 4), pad_id=0)
-    load = (lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval())  # fmt: skip
-    teacher, student = load(tiny.teacher_tuned), load(tiny.student)
+    teacher, student = (
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        for path in (tiny.teacher_tuned, tiny.student)
+    )
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         teacher_logits = teacher(**inputs).logits
