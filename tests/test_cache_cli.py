@@ -191,6 +191,7 @@ def test_inspect_refuses_unfinished_and_missing(tiny, tmp_path):
     assert_one_line_error(run_cli(["inspect", str(tmp_path / "half")]), "unfinished cache")
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point(good_cache):
     result = run_module(["inspect", str(good_cache), "--json"])
     assert result.returncode == 0, result.stderr

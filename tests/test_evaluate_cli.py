@@ -170,6 +170,7 @@ def test_bad_input_is_one_line_and_exit_2(
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], output
 
 
+@pytest.mark.slow
 def test_bad_model_in_a_real_process(tiny, tmp_path):
     result = subprocess.run(
         [

@@ -1,5 +1,6 @@
 """The layout's rules (docs/architecture.md), read from the source: nothing imports the CLI, no
-import cycle, and no stage imports one that comes after it on the data path."""
+import cycle, no stage imports one that comes after it on the data path, and the stages that
+share a level (training and evaluation) know nothing of each other."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ LEVELS = {
     "cache": 4, "train": 5, "evaluate": 5, "report": 6, "pipeline": 7, "commands": 8, "cli": 9,
     "__init__": 0, "__main__": 10,
 }  # fmt: skip
+# Packages on one level that must not import each other.
+SIBLINGS = {"train", "evaluate"}
 
 
 def module_name(path: Path) -> str:
@@ -75,6 +78,23 @@ def test_imports_go_down_the_data_path():
         if target != "deltakd_cli" and level(target) > level(module)
     ]
     assert upward == []
+
+
+def test_stages_on_one_level_do_not_import_each_other():
+    """train/ and evaluate/ both sit above the cache: evaluation scores any model, trained here or
+    not, and training never scores. Siblings importing each other would hide a second path."""
+    sideways = [
+        (module, target)
+        for module, targets in graph().items()
+        for target in targets
+        if len(module.split(".")) > 1
+        and len(target.split(".")) > 1
+        and module.split(".")[1] != target.split(".")[1]
+        and level(target) == level(module)
+        and module.split(".")[1] in SIBLINGS
+        and target.split(".")[1] in SIBLINGS
+    ]
+    assert sideways == []
 
 
 def test_no_import_cycle():

@@ -42,6 +42,7 @@ def stages_reused(output: str) -> set[str]:
     return set(re.findall(r"✓ (.+?): done earlier", flat(output)))
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
     out = tmp_path / "run"
     args = [
@@ -213,6 +214,7 @@ def packaged_assets(wheels: Path, count: int = 24) -> None:
                 z.writestr(assets.EXTRA_TEXT.member, claims + "\n")
 
 
+@pytest.mark.slow
 def test_demo_on_packaged_assets_end_to_end(tiny, tmp_path, monkeypatch):
     """The demo's own path: find the wheels, convert, split, init-student, every stage, table.
     The GGUF conversion is replaced by a copy of the tiny teacher (a real GGUF is 98 MB)."""
@@ -329,6 +331,7 @@ def test_each_stage_records_its_own_peak_rss(tmp_path):
     assert "peak RSS" in lines[0] and lines[0].startswith("heavy")
 
 
+@pytest.mark.slow
 def test_a_torchrun_stage_records_the_peak_of_its_processes():
     memory = stages.run_torchrun(["--help"], 1)
     assert memory["peak_rss_mib"] >= 20  # a Python interpreter with torch imported, at least
@@ -448,6 +451,7 @@ def make_dry_run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_make_pipeline_and_demo_call_the_cli():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")

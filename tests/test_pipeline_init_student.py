@@ -193,6 +193,7 @@ def source_kl(source: Path, candidate: Path, texts: list[str]) -> float:
     return total / count
 
 
+@pytest.mark.slow
 def test_init_student_prunes_heals_and_reuses(tiny, tmp_path):
     heal = tmp_path / "heal.jsonl"
     rows = [json.loads(line) for line in Path(tiny.train).read_text().splitlines()]

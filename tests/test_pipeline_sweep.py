@@ -59,6 +59,7 @@ def test_the_choice_reads_validation_scores_only_and_breaks_ties_by_grid_order()
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_the_sweep_chooses_on_validation_and_scores_every_point_on_test(tiny, tmp_path):
     """A real pipeline --sweep on the tiny fixture (real cache with the grid, real students),
     with a fake eval whose validation and test scores disagree: the point chosen is the
