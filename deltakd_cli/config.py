@@ -92,6 +92,8 @@ def _type_name(hint: Any) -> str:
         return " or ".join(names) + " (or null)"
     if origin is list:
         return "a list of strings"
+    if origin is tuple:
+        return "a list of numbers"
     if origin is dict:
         return "a mapping"
     return {
@@ -141,6 +143,12 @@ def _coerce(value: Any, hint: Any) -> Any:
             return str(value)
         if isinstance(value, list) and all(_scalar(item) for item in value):
             return ",".join(str(item) for item in value)  # `seeds: [10, 20]` is "10,20"
+        raise ValueError
+    if origin is tuple:  # a typed list of numbers: [0, 0.5] here, or "0,0.5" read by its flag
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(_scalar(item) for item in value):
+            return tuple(float(item) for item in value)
         raise ValueError
     if origin is list:
         items = [value] if isinstance(value, str) else value
@@ -320,7 +328,7 @@ def _yaml_value(value: Any) -> str:
         return repr(value).replace("e", ".0e")  # YAML 1.1 reads 2e-05 as a string, 2.0e-05 not
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, (list, dict)):
+    if isinstance(value, (list, tuple, dict)):
         return json.dumps(value)
     text = str(value)
     return json.dumps(text) if _needs_quotes(text) else text

@@ -13,12 +13,51 @@ import dataclasses
 import inspect
 import math
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from deltakd_cli.errors import DeltakdError
 
 REQUIRED = dataclasses.MISSING
+
+
+@dataclass(frozen=True)
+class TextForm:
+    """How a typed value is written on the command line: `parse(flag, text)` reads it once, as
+    the options are built (one line naming the flag when it is wrong); `show(value)` writes it
+    back so that parsing gives the same value (floats by repr, never rounded)."""
+
+    parse: Callable[[str, str], Any]
+    show: Callable[[Any], str]
+
+
+def parse_numbers(flag: str, text: str) -> tuple[float, ...]:
+    """A comma-separated list of finite numbers, each once, in the order given."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise DeltakdError(f"{flag} is empty; give comma-separated numbers, e.g. 0,0.5,1")
+    numbers: list[float] = []
+    for part in parts:
+        try:
+            number = float(part)
+        except ValueError:
+            raise DeltakdError(f"{flag}: {part!r} is not a number") from None
+        if not math.isfinite(number):
+            raise DeltakdError(f"{flag}: {part!r} is not a finite number")
+        if number in numbers:
+            raise DeltakdError(f"{flag}: {part} is given twice")
+        numbers.append(number)
+    return tuple(numbers)
+
+
+def numbers_text(numbers: Sequence[float]) -> str:
+    """`parse_numbers`' inverse: repr keeps every digit (0.1234567 stays 0.1234567)."""
+    return ",".join(repr(float(number)) for number in numbers)
+
+
+# A tuple of floats given as "0,0.5,1" (e.g. cache-teachers --gammas).
+NUMBER_LIST = TextForm(parse_numbers, numbers_text)
 
 
 def opt(
@@ -38,6 +77,7 @@ def opt(
     default_factory: Any = None,
     section: str | None = None,
     key: str | None = None,
+    text: TextForm | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
@@ -46,7 +86,8 @@ def opt(
     (a `list[str]` argument without a default takes one or more values, e.g. `report DIR...`);
     `cli=False` keeps a field off the command line (set by the program, recorded all the same);
     `section` and `key` place it in a nested config file (`eval: {limit: 5}` for a pipeline's
-    `eval_limit`; config.py)."""
+    `eval_limit`; config.py); `text` gives a typed field (a tuple of floats, say) its command-line
+    form, read once into the typed value."""
     metadata = {
         "help": help,
         "flags": tuple(flags) if flags else None,
@@ -61,6 +102,7 @@ def opt(
         "cli": cli,
         "section": section,
         "key": key,
+        "text": text,
     }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -121,7 +163,7 @@ def typer_parameters(cls: type) -> list[inspect.Parameter]:
         else:
             names = list(meta["flags"]) if meta.get("flags") else []
             info = typer.Option(default, *names, help=help_text, metavar=meta.get("metavar"))
-        annotation = hints[field.name]
+        annotation = str if meta.get("text") else hints[field.name]
         if required or field.default_factory is not REQUIRED:
             annotation = annotation | None
         parameters.append(
@@ -134,12 +176,17 @@ def typer_parameters(cls: type) -> list[inspect.Parameter]:
 
 def from_values(cls: type, values: dict[str, Any]) -> Any:
     """The options object from a command's parsed values (an unset list option is its empty
-    default)."""
+    default; a field with a text form is read from its text here, once)."""
     fields = {field.name: field for field in dataclasses.fields(cls)}
     given = {}
     for name, value in values.items():
         field = fields[name]
-        if value is None and field.default_factory is not REQUIRED:
+        form = field.metadata.get("text")
+        if form is not None and isinstance(value, str):
+            value = form.parse(flag_of(field), value)
+        elif form is not None and isinstance(value, (list, tuple)):
+            value = tuple(value)
+        elif value is None and field.default_factory is not REQUIRED:
             value = field.default_factory()
         elif isinstance(value, tuple):
             value = list(value)
@@ -212,7 +259,10 @@ def to_argv(options: Any, *, skip_defaults: bool = True) -> list[str]:
             positional += [str(item) for item in items]  # a list argument takes one or more
             continue
         name = flag_of(field)
-        if isinstance(value, bool):
+        form = field.metadata.get("text")
+        if form is not None and value is not None:
+            named += [name, form.show(value)]
+        elif isinstance(value, bool):
             flags = field.metadata.get("flags")
             if value:
                 named.append(flags[0] if flags else name)

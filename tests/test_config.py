@@ -49,6 +49,8 @@ def _changed(field: dataclasses.Field, hint) -> object:
         return (default or 0.25) * 0.5 if default != 0 else 0.125
     if typing.get_origin(kind) is list:
         return ["first", "second"]
+    if typing.get_origin(kind) is tuple:  # a number list (--gammas): typed floats
+        return (0.125, 0.1234567)
     return f"value-of-{field.name}"
 
 

@@ -527,6 +527,7 @@ def _batch_entries(
         # With --device-map the last layer may sit on another GPU than the inputs.
         hidden[role] = states[rows.to(states.device), positions.to(states.device)]
     chunks = []
+    grid = options.grid()
     for start in range(0, len(rows), POSITION_CHUNK):
         at = slice(start, start + POSITION_CHUNK)
         logprobs = {
@@ -542,7 +543,7 @@ def _batch_entries(
                 options.resolved_selection(),
                 options.alpha,
                 options.resolved_tail_rule(),
-                options.grid(),
+                grid,
             )
         )
     return _concat_targets(chunks)

@@ -32,7 +32,7 @@ def summary(reader: CacheReader) -> dict[str, Any]:
         "alpha": manifest["alpha"],
         "has_student": manifest["has_student"],
         # (gamma, alpha) points of the KD-to-Delta grid and their bytes; null without a grid
-        "grid": manifest.get("grid"),
+        "grid": manifest.get("grid") and {**manifest["grid"], "points": reader.grid_points},
         "precision": manifest["precision"],
         "shards": len(manifest["shards"]),
         "bytes": manifest["bytes"],

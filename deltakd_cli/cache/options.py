@@ -3,13 +3,12 @@ derives the command line, the checks and the record from them)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from deltakd_cli.data import TEMPLATES, TRAIN_TURNS, DataOptions
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.models import DTYPES, ModelLoadOptions
-from deltakd_cli.options import opt
+from deltakd_cli.options import NUMBER_LIST, opt
 from deltakd_cli.targets import SELECTION_RULES, TAIL_RULES, GridPoint, default_rules
 
 TEMPLATE_ROLES = ("tuned", "base", "student")
@@ -59,14 +58,18 @@ class CacheOptions(DataOptions, ModelLoadOptions):
     tail_rule: str | None = opt(
         None, help="mass-matched (default with --student) or teacher.", choices=TAIL_RULES
     )
-    gammas: str | None = opt(
+    gammas: tuple[float, ...] | None = opt(
         None,
         help="KD-to-Delta grid: comma-separated gammas in [0, 1] (e.g. 0,0.5,1); with --alphas, "
         "the exact family tail is stored for every (gamma, alpha). Needs --student.",
+        text=NUMBER_LIST,
+        metavar="G1,G2,...",
     )
-    alphas: str | None = opt(
+    alphas: tuple[float, ...] | None = opt(
         None,
         help="KD-to-Delta grid: comma-separated alphas (default with --gammas: --alpha).",
+        text=NUMBER_LIST,
+        metavar="A1,A2,...",
     )
     precision: str = opt(
         "float16", help="Stored log-prob dtype: float16 or float32.", choices=("float16", "float32")
@@ -87,31 +90,12 @@ class CacheOptions(DataOptions, ModelLoadOptions):
         Delta target) or to --alpha."""
         if self.gammas is None and self.alphas is None:
             return ()
-        gammas = (1.0,) if self.gammas is None else parse_numbers("--gammas", self.gammas)
-        alphas = (self.alpha,) if self.alphas is None else parse_numbers("--alphas", self.alphas)
+        gammas = (1.0,) if self.gammas is None else tuple(map(float, self.gammas))
+        alphas = (float(self.alpha),) if self.alphas is None else tuple(map(float, self.alphas))
         for gamma in gammas:
             if not 0.0 <= gamma <= 1.0:
                 raise DeltakdError(f"--gammas: every gamma must be between 0 and 1, got {gamma:g}")
         return tuple((gamma, alpha) for gamma in gammas for alpha in alphas)
-
-
-def parse_numbers(flag: str, text: str) -> tuple[float, ...]:
-    """A comma-separated list of finite numbers, each once, in the order given."""
-    parts = [part.strip() for part in text.split(",")]
-    if not any(parts):
-        raise DeltakdError(f"{flag} is empty; give comma-separated numbers, e.g. 0,0.5,1")
-    numbers = []
-    for part in parts:
-        try:
-            number = float(part)
-        except ValueError:
-            raise DeltakdError(f"{flag}: {part!r} is not a number") from None
-        if not math.isfinite(number):
-            raise DeltakdError(f"{flag}: {part!r} is not a finite number")
-        if number in numbers:
-            raise DeltakdError(f"{flag}: {part} is given twice")
-        numbers.append(number)
-    return tuple(numbers)
 
 
 @dataclass(kw_only=True)

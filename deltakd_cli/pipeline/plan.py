@@ -149,11 +149,9 @@ def _grid(options: PipelineOptions) -> dict[str, Any]:
     swept = sweep_roles(options)
     if not swept:
         return {}
-    gammas = sorted({point.gamma for point in swept.values()})
-    alphas = sorted({point.alpha for point in swept.values()})
-    return {
-        "gammas": ",".join(f"{gamma:g}" for gamma in gammas),
-        "alphas": ",".join(f"{alpha:g}" for alpha in alphas),
+    return {  # the floats themselves: the cache stores exactly the points the students train at
+        "gammas": tuple(sorted({point.gamma for point in swept.values()})),
+        "alphas": tuple(sorted({point.alpha for point in swept.values()})),
     }
 
 

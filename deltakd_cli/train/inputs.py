@@ -144,7 +144,7 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
                     "teacher tail rule is used instead (docs/method.md)"
                 )
     alpha = manifest.get("alpha")
-    cache_grid = manifest_grid(manifest)
+    cache_grid = reader.grid_points
     if options.objective == "kd-to-delta":
         family_tail_note(options, cache_grid, use_cached_tail_shift)
     local = Path(cache_path).exists()
@@ -175,13 +175,6 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
         use_cached_tail_shift=use_cached_tail_shift,
         template=template if isinstance(template, dict) else None,
     )
-
-
-def manifest_grid(manifest: dict[str, Any]) -> tuple[tuple[float, float], ...]:
-    """The cache's (gamma, alpha) grid points in column order; () for a cache without a grid
-    (format 3 caches have none)."""
-    grid = manifest.get("grid") or {}
-    return tuple((float(g), float(a)) for g, a in grid.get("points", ()))
 
 
 def family_tail_note(
