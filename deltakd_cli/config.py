@@ -24,6 +24,7 @@ from typing import Any
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import REQUIRED, option_fields
 
+STAGE_OPTIONS = "stage_options"  # the field that holds a pipeline's per-stage settings
 MISSING_YAML = "reading YAML configs needs PyYAML: pip install 'deltakd[config]'"
 TOOL = "deltakd"
 
@@ -61,7 +62,22 @@ def config_keys(cls: type) -> dict[str, str]:
 
 
 def sections(cls: type) -> set[str]:
-    return {s for s, _ in map(section_of, dataclasses.fields(cls)) if s}
+    return {s for s, _ in map(section_of, dataclasses.fields(cls)) if s} | set(stage_classes(cls))
+
+
+def stage_classes(cls: type) -> dict[str, type]:
+    """The config sections of `cls` that hold a stage's own options (the pipeline's
+    STAGE_SECTIONS: `cache: {precision: float32}`), section -> that stage's options class."""
+    return dict(getattr(cls, "STAGE_SECTIONS", {}))
+
+
+def _stage_option(cls: type, key: str) -> tuple[str, str] | None:
+    """(section, option) when `key` is `section.name` for an option of a stage's own class."""
+    section, _, name = key.partition(".")
+    stage = stage_classes(cls).get(section)
+    if stage is None or name not in {f.name for f in option_fields(stage)}:
+        return None
+    return section, name
 
 
 def _normal(key: Any) -> str:
@@ -74,7 +90,11 @@ def _flatten(values: Mapping[str, Any], cls: type) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = _normal(raw_key)
-        if key in known_sections and isinstance(value, Mapping):
+        if key == STAGE_OPTIONS and isinstance(value, Mapping):  # a pipeline's record
+            for section, inner in value.items():
+                if isinstance(inner, Mapping):
+                    flat.update({f"{section}.{_normal(k)}": v for k, v in inner.items()})
+        elif key in known_sections and isinstance(value, Mapping):
             for inner_key, inner in value.items():
                 flat[f"{key}.{_normal(inner_key)}"] = inner
         else:
@@ -241,14 +261,28 @@ def load(
             )
     flat = _flatten(values, cls)
     keys = config_keys(cls)
-    unknown = [key for key in flat if key not in keys]
+    staged = {key: _stage_option(cls, key) for key in flat if key not in keys}
+    staged = {key: where for key, where in staged.items() if where}
+    unknown = [key for key in flat if key not in keys and key not in staged]
     if unknown:
         raise DeltakdError(_unknown_key_message(path, command, unknown, values, keys, others))
     hints = typing.get_type_hints(cls)
     required = {f.name for f in option_fields(cls) if _required(f)}
     given: dict[str, Any] = {}
     where: dict[str, str] = {}
+    for key, (section, name) in staged.items():
+        stage = stage_classes(cls)[section]
+        try:
+            value = _coerce(flat[key], typing.get_type_hints(stage)[name])
+        except ValueError:
+            hint = _type_name(typing.get_type_hints(stage)[name])
+            raise DeltakdError(
+                f"config {path}: '{key}' must be {hint}, got {_shown(flat[key])}"
+            ) from None
+        given.setdefault(STAGE_OPTIONS, {}).setdefault(section, {})[name] = value
     for key, value in flat.items():
+        if key in staged:
+            continue
         name = keys[key]
         if value is None and name in required:
             continue  # `show` writes a required option as null: still to be given

@@ -78,6 +78,7 @@ def opt(
     section: str | None = None,
     key: str | None = None,
     text: TextForm | None = None,
+    feeds: Sequence[str] = (),
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
@@ -87,7 +88,9 @@ def opt(
     `cli=False` keeps a field off the command line (set by the program, recorded all the same);
     `section` and `key` place it in a nested config file (`eval: {limit: 5}` for a pipeline's
     `eval_limit`; config.py); `text` gives a typed field (a tuple of floats, say) its command-line
-    form, read once into the typed value."""
+    form, read once into the typed value; `feeds` names the other config sections (stages) of a
+    pipeline whose option of the same name takes this field's value (`alpha` of distill also sets
+    the cache's)."""
     metadata = {
         "help": help,
         "flags": tuple(flags) if flags else None,
@@ -103,6 +106,7 @@ def opt(
         "section": section,
         "key": key,
         "text": text,
+        "feeds": tuple(feeds),
     }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)

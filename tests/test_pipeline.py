@@ -232,18 +232,13 @@ def test_demo_on_packaged_assets_end_to_end(tiny, tmp_path, monkeypatch):
         split=assets.SplitSettings(
             train_rows=12, test_rows=4, max_abstract_words=12, heal_rows=30, heal_max_words=20
         ),
-        student_layers=1,
-        heal_batch_size=4,
-        heal_max_length=64,
-        finetune_epochs=1,
-        finetune_lr=1e-3,
-        top_k=16,
-        max_length=96,
-        epochs=1,
-        lr=1e-3,
-        max_new_tokens=6,
-        eval_batch_size=4,
-    )
+        settings={
+            **demo.DEFAULT_PROFILE.settings,
+            "student_layers": 1, "heal_batch_size": 4, "heal_max_length": 64,
+            "finetune_epochs": 1, "finetune_lr": 1e-3, "top_k": 16, "max_length": 96,
+            "epochs": 1, "lr": 1e-3, "max_new_tokens": 6, "eval_batch_size": 4,
+        },
+    )  # fmt: skip
     options = DemoOptions(work_dir=str(tmp_path / "demo"), wheel_dir=str(wheels), device="cpu")
     summary = demo.run_demo(options, run_command, profile)
     work = tmp_path / "demo"
@@ -435,11 +430,11 @@ def test_full_is_larger_than_the_default_and_trains_several_seeds():
     default = sum(demo.estimate_seconds(demo.DEFAULT_PROFILE, counts).values())
     full = sum(demo.estimate_seconds(demo.FULL_PROFILE, counts).values())
     assert full > 2 * default
-    assert len(demo.FULL_PROFILE.student_seeds.split(",")) >= 3
+    assert len(demo.FULL_PROFILE.get("student_seeds").split(",")) >= 3
     full_split, default_split = demo.FULL_PROFILE.split, demo.DEFAULT_PROFILE.split
     assert full_split.train_rows > default_split.train_rows
     assert full_split.test_rows > default_split.test_rows
-    assert demo.FULL_PROFILE.epochs > demo.DEFAULT_PROFILE.epochs
+    assert demo.FULL_PROFILE.get("epochs") > demo.DEFAULT_PROFILE.get("epochs")
 
 
 # ----------------------------------------------------------------------------- the Makefile

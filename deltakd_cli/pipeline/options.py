@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
-from deltakd_cli.cache.options import TEMPLATE_ROLES
+from deltakd_cli.cache.options import TEMPLATE_ROLES, CacheOptions
 from deltakd_cli.data import TEMPLATES, TRAIN_TURNS, DataOptions
+from deltakd_cli.evaluate.options import EvalOptions
 from deltakd_cli.evaluate.protocol import PROTOCOLS
 from deltakd_cli.models import DTYPES, ModelLoadOptions
 from deltakd_cli.options import opt
-from deltakd_cli.train.options import DEFAULT_LORA_TARGETS
+from deltakd_cli.train.options import DEFAULT_LORA_TARGETS, DistillOptions, FinetuneOptions
 
 LAYER_RULES = ("auto", "block-influence", "uniform")
 TRAIN_DTYPES = tuple(name for name in DTYPES if name != "float16")
@@ -74,6 +76,18 @@ class InitStudentOptions(DataOptions, ModelLoadOptions):
 class PipelineOptions(DataOptions, ModelLoadOptions):
     """Every stage on your models and data, from cache-teachers to the eval table
     (resumable)."""
+
+    # Each stage's options are its own class's, built by the plan: a field takes the pipeline
+    # field whose config key is `section.name` (`finetune_lr` is finetune.lr), else one that
+    # `feeds` the section, else the top-level field of the same name, else its own default;
+    # any other option of a stage is set in its config section (`cache: {precision: float32}`).
+    STAGE_SECTIONS: ClassVar[dict[str, type]] = {
+        "init_student": InitStudentOptions,
+        "finetune": FinetuneOptions,
+        "cache": CacheOptions,
+        "distill": DistillOptions,
+        "eval": EvalOptions,
+    }
 
     teacher_base: str = opt(help="Base teacher: HF dir, hub id, or .gguf.")
     train: str = opt(help="Training rows (JSONL, JSON, parquet, CSV, datasets dir, Hub name).")
@@ -148,8 +162,13 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
     finetune_batch_size: int = opt(
         8, help="Batch size of the tuned teacher.", at_least=1, section="finetune"
     )
-    top_k: int = opt(64, help="Ids kept per position in the cache.", at_least=1, section="cache")
-    alpha: float = opt(1.0, help="Scale of the teachers' shift.", finite=True, section="distill")
+    top_k: int = opt(
+        64, help="Ids kept per position in the cache.", at_least=1, section="cache",
+        feeds=("init_student",),
+    )  # fmt: skip
+    alpha: float = opt(
+        1.0, help="Scale of the teachers' shift.", finite=True, section="distill", feeds=("cache",)
+    )
     epochs: int = opt(
         3, help="Student epochs (each of sft, kd, delta).", at_least=1, section="distill"
     )
@@ -158,11 +177,12 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
         8, help="Examples per micro-batch per process.", at_least=1, section="distill"
     )
     grad_accum: int = opt(
-        1, help="Micro-batches per step per process.", at_least=1, section="distill"
-    )
+        1, help="Micro-batches per step per process.", at_least=1, section="distill",
+        feeds=("finetune",),
+    )  # fmt: skip
     warmup: float = opt(
         0.03, help="Student warmup: steps (>= 1) or a fraction (< 1).", at_least=0,
-        section="distill",
+        section="distill", feeds=("finetune",),
     )  # fmt: skip
     sft_weight: float = opt(
         0.5, help="lambda: weight of cross-entropy in kd/delta.", at_least=0, at_most=1,
@@ -235,6 +255,8 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
     held_out: dict[str, str] = opt(default_factory=dict, cli=False)
     # Fingerprints the caller knows for model specs (e.g. the demo's converted GGUF hash).
     input_keys: dict[str, str] = opt(default_factory=dict, cli=False)
+    # A config's settings of stage options the pipeline has no flag for: section -> name -> value.
+    stage_options: dict[str, dict[str, Any]] = opt(default_factory=dict, cli=False)
 
     @property
     def out_path(self) -> Path:
