@@ -392,6 +392,7 @@ def _comment(field: dataclasses.Field) -> str:
     help_text = " ".join(field.metadata.get("help", "").split())
     required = _required(field)
     choices = field.metadata.get("choices")
+    choices = None if callable(choices) else choices  # the help names choices kept elsewhere
     parts = [help_text] if help_text else []
     if choices and not any(str(c) in help_text for c in choices):
         parts.append("One of: " + ", ".join(str(c) for c in choices) + ".")

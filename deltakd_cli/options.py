@@ -65,7 +65,7 @@ def opt(
     help: str = "",
     *,
     flags: Sequence[str] | None = None,
-    choices: Sequence[Any] | None = None,
+    choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
     at_least: float | None = None,
     above: float | None = None,
     at_most: float | None = None,
@@ -82,7 +82,9 @@ def opt(
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
-    `flags` replace the derived `--field-name` (e.g. a one-way `--resume`); `choices`, `at_least`,
+    `flags` replace the derived `--field-name` (e.g. a one-way `--resume`); `choices` (or a
+    function giving them, when they live in a module the CLI must not import to show help; the
+    help text then names them), `at_least`,
     `above`, `at_most`, `below` and `finite` are checked by `check`; `argument` makes it positional
     (a `list[str]` argument without a default takes one or more values, e.g. `report DIR...`);
     `cli=False` keeps a field off the command line (set by the program, recorded all the same);
@@ -94,7 +96,7 @@ def opt(
     metadata = {
         "help": help,
         "flags": tuple(flags) if flags else None,
-        "choices": tuple(choices) if choices is not None else None,
+        "choices": choices if choices is None or callable(choices) else tuple(choices),
         "at_least": at_least,
         "above": above,
         "at_most": at_most,
@@ -132,6 +134,12 @@ def option_fields(cls_or_options: Any) -> list[dataclasses.Field]:
     return sorted(
         fields, key=lambda f: f.default is not REQUIRED or f.default_factory is not REQUIRED
     )
+
+
+def choices_of(field: dataclasses.Field) -> tuple[Any, ...] | None:
+    """The field's choices (None: any value), calling the function that gives them if needed."""
+    choices = field.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
 
 
 def flag_of(field: dataclasses.Field) -> str:
@@ -229,7 +237,7 @@ def check(options: Any) -> None:
         if value is None:
             continue
         name = flag_of(field)
-        choices = meta.get("choices")
+        choices = choices_of(field)
         if choices is not None and value not in choices:
             shown = ", ".join(str(c) for c in choices)
             raise DeltakdError(f"unknown {name} '{value}' (choose from {shown})")

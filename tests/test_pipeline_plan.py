@@ -13,7 +13,7 @@ from conftest import make_rows, write_jsonl
 
 from deltakd_cli import config
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.options import REQUIRED, option_fields
+from deltakd_cli.options import REQUIRED, choices_of, option_fields
 from deltakd_cli.pipeline.options import PipelineOptions
 from deltakd_cli.pipeline.plan import plan_stages
 
@@ -43,7 +43,7 @@ def changed(field: dataclasses.Field, hint) -> object:
     default = field.default if field.default is not REQUIRED else None
     if field.default_factory is not REQUIRED:
         default = field.default_factory()
-    choices = field.metadata.get("choices")
+    choices = choices_of(field)
     if choices:
         return next(c for c in choices if c != default)
     kind = hint

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from deltakd_cli import data, losses, models
 from deltakd_cli.cache.store import CacheReader
+from deltakd_cli.option_groups import DataOptions
 from deltakd_cli.train import batching
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,7 +145,7 @@ def test_finetune_held_out_loss_is_the_cross_entropy_of_the_held_out_rows(tiny, 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokenizer = models.load_tokenizer(str(out))
     run = json.loads((out / "run.json").read_text())
-    examples = data.load_examples(data.DataOptions().data_source(str(tiny.test)))
+    examples = data.load_examples(DataOptions().data_source(str(tiny.test)))
     tokenized = data.tokenize_all(
         examples, run["options"]["template"], tokenizer, run["options"]["max_length"], "all"
     )

@@ -334,7 +334,7 @@ def _cache_teachers(
 
     source = options.data_source(options.data)
     examples = data.load_examples(
-        source, columns=options.columns(), train_turns=options.train_turns
+        source, columns=data.columns_of(options), train_turns=options.train_turns
     )
     tokenized = data.tokenize_all(
         examples, options.template, tokenizer, options.max_length, options.train_turns

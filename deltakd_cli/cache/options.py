@@ -5,17 +5,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deltakd_cli.data import TEMPLATES, TRAIN_TURNS, DataOptions
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.models import DTYPES, ModelLoadOptions
+from deltakd_cli.option_groups import (
+    DataOptions,
+    DeviceOptions,
+    ModelLoadOptions,
+    TrainingTemplateOptions,
+)
 from deltakd_cli.options import NUMBER_LIST, opt
-from deltakd_cli.targets import SELECTION_RULES, TAIL_RULES, GridPoint, default_rules
+from deltakd_cli.target_rules import SELECTION_RULES, TAIL_RULES, GridPoint, default_rules
 
 TEMPLATE_ROLES = ("tuned", "base", "student")
 
 
 @dataclass(kw_only=True)
-class CacheOptions(DataOptions, ModelLoadOptions):
+class CacheOptions(TrainingTemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions):
     """Run both teachers once over the data and store a sparse view of their distributions."""
 
     teacher_base: str = opt(help="Base teacher: HF dir, hub id, or .gguf file.")
@@ -33,19 +37,13 @@ class CacheOptions(DataOptions, ModelLoadOptions):
         help="Tokens per example, prompt + response (default 1024, or the models' limit).",
         at_least=2,
     )
-    template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
     template_from: str = opt(
         "tuned",
         help="Whose tokenizer renders the prompt and ends the response (its chat template and "
         "EOS): tuned, base or student.",
         choices=TEMPLATE_ROLES,
     )
-    train_turns: str = opt(
-        "all", help="Chat rows: targets on every assistant turn, or the last.", choices=TRAIN_TURNS
-    )
     batch_size: int = opt(8, help="Examples per forward pass (grouped by length).", at_least=1)
-    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16, float16.", choices=DTYPES)
-    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
     device_map: str | None = opt(
         None, help="'auto' splits each teacher over this host's GPUs (single process)."
     )

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from deltakd_cli.data import Columns, Example, load_examples, render_prompt
+from deltakd_cli.data import Columns, Example, columns_of, load_examples, render_prompt
 from deltakd_cli.errors import DeltakdError, Interrupted
 from deltakd_cli.evaluate.generate import (
     PreparedPrompt,
@@ -335,7 +335,7 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
                 template=options.template,
                 groups_text=options.group,
                 compare_text=options.compare,
-                columns=options.columns(),
+                columns=columns_of(options),
             )
         else:
             groups = parse_groups(options.group, options.model)
@@ -359,7 +359,7 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
                 dtype=options.dtype,
                 groups=groups,
                 comparisons=comparisons,
-                columns=options.columns(),
+                columns=columns_of(options),
                 load=options.load_settings(),
                 template_from=options.template_from,
             )

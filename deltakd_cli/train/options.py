@@ -7,12 +7,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from deltakd_cli.data import TEMPLATES, TRAIN_TURNS, DataOptions
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.losses import OBJECTIVES
-from deltakd_cli.models import DTYPES, ModelLoadOptions
+from deltakd_cli.option_groups import (
+    DataOptions,
+    DeviceOptions,
+    ModelLoadOptions,
+    TrainingTemplateOptions,
+)
 from deltakd_cli.options import check, opt
 from deltakd_cli.tracking import parse_report_to
+
+
+def objective_names() -> tuple[str, ...]:
+    """The objectives' names, from their registry (losses.py, which needs torch: read when the
+    options are checked, not when the CLI shows its help)."""
+    from deltakd_cli.losses import OBJECTIVES
+
+    return tuple(OBJECTIVES)
+
 
 # Options whose change would make a resumed run differ from the interrupted one.
 OPTIONS_THAT_MATTER = (
@@ -76,7 +88,7 @@ OPTION_NAMES = {
 
 
 @dataclass(kw_only=True)
-class TrainOptions(ModelLoadOptions):
+class TrainOptions(DeviceOptions, ModelLoadOptions):
     """The training loop's options (distill and finetune share them)."""
 
     command: ClassVar[str] = "train"
@@ -111,11 +123,6 @@ class TrainOptions(ModelLoadOptions):
         False, help="Continue from the latest complete checkpoint in OUT.", flags=("--resume",)
     )
     seed: int = opt(0, help="Seed of the batch plan and of torch/numpy/python.")
-    dtype: str = opt(
-        "auto", help="Compute dtype: auto (bf16 autocast on GPU), float32, bfloat16.",
-        choices=DTYPES,
-    )  # fmt: skip
-    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
     gradient_checkpointing: bool = opt(
         False, help="Recompute decoder activations in backward.",
         flags=("--gradient-checkpointing",),
@@ -198,7 +205,7 @@ class DistillOptions(TrainOptions):
     objective: str = opt(
         "delta",
         help="delta, kd, sft, delta-mse, delta-mix or kd-to-delta.",
-        choices=tuple(OBJECTIVES),
+        choices=objective_names,
     )
     alpha: float = opt(1.0, help="Scale of the teachers' shift in the delta target.", finite=True)
     sft_weight: float = opt(
@@ -227,7 +234,7 @@ class DistillOptions(TrainOptions):
 
 
 @dataclass(kw_only=True)
-class FinetuneOptions(TrainOptions, DataOptions):
+class FinetuneOptions(TrainOptions, TrainingTemplateOptions, DataOptions):
     """Supervised finetuning on a JSONL file (e.g. to make the tuned teacher or an SFT
     baseline)."""
 
@@ -236,10 +243,6 @@ class FinetuneOptions(TrainOptions, DataOptions):
     model: str = opt(help="Model to finetune: HF dir, hub id, or .gguf file.")
     data: str = opt(
         help="Rows: JSONL, JSON, parquet, CSV, a datasets directory or a Hub dataset name."
-    )
-    template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
-    train_turns: str = opt(
-        "all", help="Chat rows: targets on every assistant turn, or the last.", choices=TRAIN_TURNS
     )
     max_length: int | None = opt(
         None, help="Tokens per training example (default 1024, or the model's limit).", at_least=2
@@ -275,11 +278,10 @@ def validate(options: TrainOptions) -> None:
         raise DeltakdError(
             f"--warmup is a fraction (< 1) or a whole number of steps, got {options.warmup}"
         )
-    if options.dtype == "float16":
-        raise DeltakdError(
-            "--dtype float16 is not supported for training (use bfloat16 or float32)"
-        )
+    options.refuse_float16_training()
     validate_lora(options)
+    from deltakd_cli.losses import OBJECTIVES
+
     objective = OBJECTIVES[options.objective]
     if not objective.takes_temperature and options.temperature != 1.0:
         raise DeltakdError(f"--objective {objective.name} takes no --temperature (use 1)")
