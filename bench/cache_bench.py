@@ -14,12 +14,12 @@ import torch
 from common import WORKDIR, abstract2title_rows, perturbed_copy, record, smollm2_dir
 
 from deltakd_cli import data, models
+from deltakd_cli.cache import schema
 from deltakd_cli.cache.build import PositionLogprobs, cache_teachers, pad_batch, plan_batches
 from deltakd_cli.cache.options import CacheOptions
 
 ROWS, MAX_LENGTH, BATCH = 48, 256, 8
 GRID_GAMMAS = (0.0, 0.5, 1.0)
-EXAMPLE_ARRAYS = ("input_ids", "token_offsets", "target_offsets", "prompt_length", "example_index")
 
 
 def bare_forward_tokens_per_second(base, tuned, tokenized, pad_id, heads_at_targets=False) -> float:
@@ -129,7 +129,7 @@ def main() -> None:
             # The kept ids and distributions alone (prompt tokens and offsets excluded): the
             # figure comparable to offline-KD stores that keep no token ids of their own.
             by_array = manifest["bytes_per_response_token_by_array"]
-            entries = sum(v for name, v in by_array.items() if name not in EXAMPLE_ARRAYS)
+            entries = sum(v for name, v in by_array.items() if name in schema.PER_POSITION_FIELDS)
             figures[f"bytes_per_token_k{k}_{label}_entries_per_distribution"] = (
                 entries / distributions
             )

@@ -399,11 +399,12 @@ def build_cached_targets(
 # ---------------------------------------------------------------------------------------------
 
 
-def alphas_match(alpha: float, cache_alpha: float | None) -> bool:
-    """Whether a stored mass-matched tail shift (computed at cache_alpha) is valid at alpha."""
-    if cache_alpha is None:
+def same_setting(value: float, recorded: float | None) -> bool:
+    """Whether a setting (an alpha, a gamma) equals the one a cache recorded, up to float noise:
+    a stored tail shift or grid column computed at `recorded` is valid at `value`."""
+    if recorded is None:
         return False
-    return math.isclose(alpha, cache_alpha, rel_tol=1e-6, abs_tol=1e-9)
+    return math.isclose(value, recorded, rel_tol=1e-6, abs_tol=1e-9)
 
 
 def teacher_tail_shift(cached: CachedTargets, alpha: float) -> torch.Tensor:
@@ -428,7 +429,7 @@ def tail_shift(cached: CachedTargets, alpha: float, cache_alpha: float | None) -
     The stored mass-matched shift when the cache has one and alpha equals the cache's alpha;
     otherwise (teacher-only cache, different alpha, or cache_alpha unknown) the teacher rule
     alpha*(log mT - log mB), which is lower fidelity (see docs/method.md)."""
-    if cached.target_tail_shift is not None and alphas_match(alpha, cache_alpha):
+    if cached.target_tail_shift is not None and same_setting(alpha, cache_alpha):
         return _compute(cached.target_tail_shift)
     return teacher_tail_shift(cached, alpha)
 
@@ -486,7 +487,7 @@ def grid_column(grid: tuple[GridPoint, ...], gamma: float, alpha: float) -> int 
     """The column of (gamma, alpha) in a cache's grid (float match within 1e-6 relative), or
     None when the point is not in the grid."""
     for column, (grid_gamma, grid_alpha) in enumerate(grid):
-        if alphas_match(gamma, grid_gamma) and alphas_match(alpha, grid_alpha):
+        if same_setting(gamma, grid_gamma) and same_setting(alpha, grid_alpha):
             return column
     return None
 

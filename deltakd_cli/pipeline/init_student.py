@@ -1,6 +1,6 @@
 """`deltakd init-student`: make a base student S0 from a larger model of the same family.
 
-Two steps (method.md section 3b):
+Two steps (docs/method.md, "What the base student must be"):
 1. prune: keep some of the source's decoder layers and copy them, with the embeddings, final
    norm and output layer, into a model of fewer layers (a Hugging Face directory);
 2. heal: distil the source into the copy on unlabelled text, reusing the tool's own stages: a
@@ -543,11 +543,11 @@ def _source_layers(spec: str, load: models.LoadSettings) -> int:
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     kwargs.update(load.hub_kwargs(source))
     try:
-        options = AutoConfig.from_pretrained(source.path, **kwargs)
+        model_config = AutoConfig.from_pretrained(source.path, **kwargs)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DeltakdError(f"cannot read the options of '{spec}': {first}") from None
-    count = getattr(options, "num_hidden_layers", None)
+        raise DeltakdError(f"cannot read the model config of '{spec}': {first}") from None
+    count = getattr(model_config, "num_hidden_layers", None)
     if not isinstance(count, int):
-        raise DeltakdError(f"'{spec}': its options gives no number of layers")
+        raise DeltakdError(f"'{spec}': its model config gives no number of layers")
     return count
