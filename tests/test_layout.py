@@ -16,7 +16,8 @@ LEVELS = {
     "console": 2, "tracking": 2,
     "data": 2, "models": 2, "memory": 2, "targets": 2, "sources": 2, "option_groups": 2,
     "vocab": 2, "losses": 3,
-    "cache": 4, "train": 5, "evaluate": 5, "report": 6, "pipeline": 7, "commands": 8, "cli": 9,
+    "cache": 4, "train": 5, "evaluate": 5, "init_student": 6, "report": 6, "pipeline": 7,
+    "commands": 8, "cli": 9,
     "__init__": 0, "__main__": 10,
 }  # fmt: skip
 # Packages on one level that must not import each other.
