@@ -15,17 +15,19 @@ from deltakd_cli import __version__, config
 from deltakd_cli.commands import BY_NAME, COMMANDS, Command, run_command
 from deltakd_cli.console import GuardedGroup, run_guarded
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.options import check, from_values, typer_parameters
+from deltakd_cli.options import check, from_values, literal, typer_parameters
 
 OPTIONS_BY_COMMAND = {command.name: command.options for command in COMMANDS}
+HELP_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 app = typer.Typer(
     name="deltakd",
     cls=GuardedGroup,
     help="Delta Knowledge Distillation: cache both teachers once, distil the student, evaluate.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     pretty_exceptions_enable=False,
+    context_settings=HELP_SETTINGS,
 )
 
 
@@ -87,7 +89,7 @@ def _callback(command: Command) -> Callable[..., Any]:
         [context, *typer_parameters(command.options), config_parameter]
     )
     callback.__name__ = command.name.replace("-", "_")
-    callback.__doc__ = " ".join((command.options.__doc__ or "").split())
+    callback.__doc__ = literal(" ".join((command.options.__doc__ or "").split()))
     return callback
 
 
@@ -98,6 +100,7 @@ for _command in COMMANDS:
 config_app = typer.Typer(
     help="Config files: print a command's options as YAML to start one from.",
     no_args_is_help=True,
+    context_settings=HELP_SETTINGS,
 )
 app.add_typer(config_app, name="config")
 

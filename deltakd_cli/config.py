@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.options import REQUIRED, option_fields
+from deltakd_cli.options import REQUIRED, help_with_choices, option_fields
 
 STAGE_OPTIONS = "stage_options"  # the field that holds a pipeline's per-stage settings
 MISSING_YAML = "reading YAML configs needs PyYAML: pip install 'deltakd[config]'"
@@ -389,13 +389,9 @@ def _required(field: dataclasses.Field) -> bool:
 
 
 def _comment(field: dataclasses.Field) -> str:
-    help_text = " ".join(field.metadata.get("help", "").split())
+    help_text = help_with_choices(field)
     required = _required(field)
-    choices = field.metadata.get("choices")
-    choices = None if callable(choices) else choices  # the help names choices kept elsewhere
     parts = [help_text] if help_text else []
-    if choices and not any(str(c) in help_text for c in choices):
-        parts.append("One of: " + ", ".join(str(c) for c in choices) + ".")
     if required:
         parts.append("(required)")
     return " ".join(parts)

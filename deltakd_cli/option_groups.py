@@ -7,7 +7,7 @@ importing torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import opt
@@ -23,6 +23,8 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2")
 class DataOptions:
     """How a `datasets` source is read and which columns hold what (every command that reads
     rows)."""
+
+    PANEL: ClassVar[str] = "Data"
 
     split: str | None = opt(None, help="Split of a Hub dataset or a saved datasets directory.")
     data_config: str | None = opt(None, help="Configuration (subset) of a Hub dataset.")
@@ -76,6 +78,8 @@ class LoadSettings:
 class ModelLoadOptions:
     """How models are fetched and built (every command that loads a model)."""
 
+    PANEL: ClassVar[str] = "Model"
+
     revision: str | None = opt(
         None, help="Hub revision (branch, tag or commit) of the Hub models named by id."
     )
@@ -94,6 +98,8 @@ class ModelLoadOptions:
 @dataclass(kw_only=True)
 class DeviceOptions:
     """Where models run and in which precision (every command that runs a model)."""
+
+    PANEL: ClassVar[str] = "Device and precision"
 
     dtype: str = opt(
         "auto",
@@ -114,6 +120,8 @@ class DeviceOptions:
 class TemplateOptions:
     """How a row becomes a prompt (every command that renders prompts)."""
 
+    PANEL: ClassVar[str] = "Data"
+
     template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
 
 
@@ -121,6 +129,8 @@ class TemplateOptions:
 class TrainingTemplateOptions(TemplateOptions):
     """A prompt template, and which turns of a chat row are targets (every command that builds
     training targets)."""
+
+    PANEL: ClassVar[str] = "Data"
 
     train_turns: str = opt(
         "all", help="Chat rows: targets on every assistant turn, or the last.", choices=TRAIN_TURNS

@@ -79,6 +79,7 @@ def opt(
     key: str | None = None,
     text: TextForm | None = None,
     feeds: Sequence[str] = (),
+    panel: str | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
@@ -92,7 +93,8 @@ def opt(
     `eval_limit`; config.py); `text` gives a typed field (a tuple of floats, say) its command-line
     form, read once into the typed value; `feeds` names the other config sections (stages) of a
     pipeline whose option of the same name takes this field's value (`alpha` of distill also sets
-    the cache's)."""
+    the cache's); `panel` is the group its flag is listed under in --help (default: the option
+    group class that declares it, else the command's own options)."""
     metadata = {
         "help": help,
         "flags": tuple(flags) if flags else None,
@@ -109,6 +111,7 @@ def opt(
         "key": key,
         "text": text,
         "feeds": tuple(feeds),
+        "panel": panel,
     }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -154,6 +157,56 @@ def _hints(cls: type) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- typer
 
 
+OWN_PANEL = "Options"
+
+
+def panel_of(cls: type, field: dataclasses.Field) -> str:
+    """The --help panel of a field: its own `panel`, else what a class's PANELS (name -> panel)
+    says, else the PANEL of the (group) class that declares it, else the command's own."""
+    if field.metadata.get("panel"):
+        return field.metadata["panel"]
+    for klass in cls.__mro__:
+        if field.name in klass.__dict__.get("PANELS", {}):
+            return klass.__dict__["PANELS"][field.name]
+    for klass in cls.__mro__:
+        if field.name in getattr(klass, "__annotations__", {}):
+            return klass.__dict__.get("PANEL", OWN_PANEL)
+    return OWN_PANEL
+
+
+MAX_CHOICES_METAVAR = 16  # longer choice lists go into the help text (the column stays narrow)
+
+
+def metavar_of(field: dataclasses.Field) -> str | None:
+    """What --help shows for the value: the field's own metavar, else its choices (a|b|c) when
+    they are short and known without importing anything, else CHOICE (the help lists them)."""
+    if field.metadata.get("metavar"):
+        return field.metadata["metavar"]
+    choices = field.metadata.get("choices")
+    if choices and not callable(choices):
+        joined = "|".join(str(choice) for choice in choices)
+        return joined if len(joined) <= MAX_CHOICES_METAVAR else "CHOICE"
+    return None
+
+
+def help_with_choices(field: dataclasses.Field) -> str:
+    """The field's help, with "One of: ..." when it does not name every choice itself (choices
+    given by a function are named by the help already)."""
+    text = " ".join(field.metadata.get("help", "").split())
+    choices = field.metadata.get("choices")
+    if choices and not callable(choices) and not all(str(c) in text for c in choices):
+        text += " One of: " + ", ".join(str(c) for c in choices) + "."
+    return text.strip()
+
+
+def literal(text: str) -> str:
+    """Help text shown as written: rich would read `deltakd[lora]` as markup and drop it. (It
+    also reads `:name:` as an emoji: help texts avoid that pattern; tests/test_cli.py checks.)"""
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def typer_parameters(cls: type) -> list[inspect.Parameter]:
     """The parameters of a typer command for the options dataclass `cls`, in field order,
     required ones first (as typer shows them in --help). A required option may come from
@@ -167,14 +220,19 @@ def typer_parameters(cls: type) -> list[inspect.Parameter]:
         meta = field.metadata
         required = field.default is REQUIRED and field.default_factory is REQUIRED
         default = None if required else field.default
-        help_text = meta["help"] + (" (required)" if required else "")
+        help_text = literal(help_with_choices(field) + (" (required)" if required else ""))
         if field.default_factory is not REQUIRED:
             default = None
         if meta.get("argument"):
             info = typer.Argument(default, help=help_text, metavar=meta.get("metavar"))
         else:
             names = list(meta["flags"]) if meta.get("flags") else []
-            info = typer.Option(default, *names, help=help_text, metavar=meta.get("metavar"))
+            if not names and hints[field.name] is bool and field.default is False:
+                names = [flag(field.name)]  # off by default: a one-way flag, no --no-x to list
+            info = typer.Option(
+                default, *names, help=help_text, metavar=metavar_of(field),
+                rich_help_panel=panel_of(cls, field),
+            )  # fmt: skip
         annotation = str if meta.get("text") else hints[field.name]
         if required or field.default_factory is not REQUIRED:
             annotation = annotation | None
@@ -278,7 +336,7 @@ def to_argv(options: Any, *, skip_defaults: bool = True) -> list[str]:
             flags = field.metadata.get("flags")
             if value:
                 named.append(flags[0] if flags else name)
-            elif not flags:
+            elif not flags and field.default is True:  # only an on-by-default flag has --no-x
                 named.append("--no-" + name[2:])
         elif isinstance(value, (list, tuple)):
             for item in value:

@@ -1,15 +1,19 @@
-"""cli.py: the command line answers at once. Building the app and showing any command's help
-imports nothing heavy (torch, transformers, zarr, datasets, numpy): those load when a command
-runs."""
+"""cli.py: the command line answers at once and its help reads. Building the app and showing
+any command's help imports nothing heavy (torch, transformers, zarr, datasets, numpy): those
+load when a command runs. Help at 80 columns keeps every flag whole and every extra visible."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
-from helpers import REPO
+from helpers import REPO, flat, run_cli
+
+from deltakd_cli.commands import BY_NAME, COMMANDS
+from deltakd_cli.options import choices_of, flag_of, option_fields
 
 HEAVY = ("torch", "transformers", "zarr", "datasets", "numpy")
 
@@ -29,8 +33,6 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
 def test_help_version_and_config_show_import_nothing_heavy():
     """In a fresh interpreter (this one has torch already): the app, `--help` of the app and of
     every command, `--version` and `config show` leave torch and the rest unimported."""
-    from deltakd_cli.commands import COMMANDS
-
     calls = [["--help"], ["--version"], ["config", "show", "distill"]]
     calls += [[command.name, "--help"] for command in COMMANDS]
     done = subprocess.run(
@@ -41,3 +43,29 @@ def test_help_version_and_config_show_import_nothing_heavy():
     loaded = set(json.loads(done.stdout.splitlines()[-1]))
     assert "deltakd_cli" in loaded and "typer" in loaded  # the probe did import the CLI
     assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def whole_flag(flag: str, text: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text) is not None
+
+
+@pytest.mark.parametrize("command", [c.name for c in COMMANDS])
+def test_help_reads_at_80_columns(command, monkeypatch):
+    """Every command's help at 80 columns, through -h: each flag whole, its choices listed, no
+    line past 80 columns, no extra eaten as markup (`deltakd[lora]`), no emoji made of text."""
+    monkeypatch.setenv("COLUMNS", "80")
+    result = run_cli([command, "-h"])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert not any(ord(char) >= 0x1F000 for char in text)  # no :name: turned into an emoji
+    flat_text = flat(text)
+    assert "'deltakd'" not in flat_text  # an extra eaten as markup
+    for field in option_fields(BY_NAME[command].options):
+        if field.metadata.get("argument"):
+            continue
+        assert whole_flag(flag_of(field), text), (command, flag_of(field))
+        for choice in choices_of(field) or ():
+            assert whole_flag(str(choice), flat_text), (command, field.name, choice)
+        for extra in re.findall(r"deltakd\[\w+\]", field.metadata["help"]):
+            assert extra in flat_text, (command, extra)

@@ -55,6 +55,6 @@ class EvalOptions(TemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions)
     )
     compare: list[str] = opt(
         default_factory=list,
-        help="A:B: the paired difference A minus B of two groups (or models); repeatable.",
+        help="A:B, the paired difference A minus B of two groups (or models); repeatable.",
     )
     overwrite: bool = opt(False, help="Replace an existing REPORT.json.")

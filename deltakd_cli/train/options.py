@@ -92,6 +92,26 @@ class TrainOptions(DeviceOptions, ModelLoadOptions):
     """The training loop's options (distill and finetune share them)."""
 
     command: ClassVar[str] = "train"
+    PANELS: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(
+            ("epochs", "max_steps", "lr", "weight_decay", "beta1", "beta2", "warmup",
+             "batch_size", "grad_accum", "max_tokens_per_batch", "max_grad_norm", "seed",
+             "gradient_checkpointing", "logit_chunk_size"),
+            "Optimisation",
+        ),
+        **dict.fromkeys(
+            ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_4bit",
+             "save_adapter"),
+            "LoRA",
+        ),
+        **dict.fromkeys(
+            ("out", "save_every", "keep_checkpoints", "resume", "overwrite", "log_every",
+             "report_to"),
+            "Output",
+        ),
+        **dict.fromkeys(("eval_data", "eval_every", "keep_best"), "Held-out loss"),
+        "fsdp": "Distributed",
+    }  # fmt: skip
 
     out: str = opt(help="Output: a Hugging Face model directory.")
     epochs: int = opt(1, help="Passes over the data (ignored when --max-steps > 0).", at_least=1)
@@ -199,6 +219,10 @@ class DistillOptions(TrainOptions):
     """Train the student from the teachers' cache (Delta-KD, KD or SFT); no teacher is loaded."""
 
     command: ClassVar[str] = "distill"
+    PANELS: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("objective", "alpha", "sft_weight", "temperature", "mix", "gamma", "frozen_student"),
+        "Objective",
+    )
 
     cache: str = opt(help="Teachers' cache written by cache-teachers.")
     student: str = opt(help="Student S0: HF dir, hub id, or .gguf file.")
