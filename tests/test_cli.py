@@ -5,7 +5,9 @@ load when a command runs. Help at 80 columns keeps every flag whole and every ex
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -69,3 +71,28 @@ def test_help_reads_at_80_columns(command, monkeypatch):
             assert whole_flag(str(choice), flat_text), (command, field.name, choice)
         for extra in re.findall(r"deltakd\[\w+\]", field.metadata["help"]):
             assert extra in flat_text, (command, extra)
+
+
+@pytest.mark.slow
+def test_logs_through_a_pipe_are_never_wrapped(tmp_path):
+    """Output that is not a terminal (nohup, SLURM, tee): a status line and an echoed stage
+    command of 300 characters each stay one line, and the command runs as printed."""
+    probe = (
+        "from deltakd_cli.console import info\n"
+        "from deltakd_cli.pipeline.stages import Stage\n"
+        "from deltakd_cli.train.options import DistillOptions\n"
+        "long = '/data/' + 'x' * 200\n"
+        "info('the host has available ' + '19.3 GiB ' * 30)\n"
+        "stage = Stage('s', 'distill', DistillOptions(cache=long, student=long, out='o'),"
+        " None, 'run.json')\n"
+        "info('$ ' + stage.shown)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].count("19.3 GiB") == 30
+    echoed = shlex.split(lines[1].removeprefix("$ "))
+    assert echoed[:2] == ["deltakd", "distill"] and echoed.count("/data/" + "x" * 200) == 2
