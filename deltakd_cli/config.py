@@ -25,7 +25,7 @@ from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import REQUIRED, help_with_choices, option_fields
 
 STAGE_OPTIONS = "stage_options"  # the field that holds a pipeline's per-stage settings
-MISSING_YAML = "reading YAML configs needs PyYAML: pip install 'deltakd[config]'"
+MISSING_YAML = "reading YAML configs needs PyYAML (a dependency of deltakd): pip install pyyaml"
 TOOL = "deltakd"
 
 

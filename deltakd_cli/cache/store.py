@@ -76,7 +76,8 @@ class Location:
                 import fsspec
             except ImportError:
                 raise DeltakdError(
-                    f"{root}: URLs need fsspec and its backend (pip install 'deltakd[remote]')"
+                    f"{root}: URLs need fsspec (pip install fsspec) and the scheme's backend "
+                    "(e.g. pip install s3fs)"
                 ) from None
             try:
                 self.fs, self.fs_root = fsspec.core.url_to_fs(root)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ def assemble(
     group_lines, group_differences = _groups(summaries, row_means, groups or {}, comparisons)
     return {
         "tool": {"name": "deltakd", "version": __version__},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": mode,
         "data": {
             "spec": getattr(data_path, "spec", str(data_path)),
