@@ -80,6 +80,7 @@ def opt(
     text: TextForm | None = None,
     feeds: Sequence[str] = (),
     panel: str | None = None,
+    aliases: Sequence[str] = (),
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
@@ -94,7 +95,8 @@ def opt(
     form, read once into the typed value; `feeds` names the other config sections (stages) of a
     pipeline whose option of the same name takes this field's value (`alpha` of distill also sets
     the cache's); `panel` is the group its flag is listed under in --help (default: the option
-    group class that declares it, else the command's own options)."""
+    group class that declares it, else the command's own options); `aliases` are old spellings
+    of the flag, still accepted (hidden from --help, with a note) for one release."""
     metadata = {
         "help": help,
         "flags": tuple(flags) if flags else None,
@@ -112,6 +114,7 @@ def opt(
         "text": text,
         "feeds": tuple(feeds),
         "panel": panel,
+        "aliases": tuple(aliases),
     }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)

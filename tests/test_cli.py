@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, flat, run_cli
+from helpers import REPO, assert_one_line_error, flat, run_cli
 
 from deltakd_cli.commands import BY_NAME, COMMANDS
 from deltakd_cli.options import choices_of, flag_of, option_fields
@@ -96,3 +96,38 @@ def test_logs_through_a_pipe_are_never_wrapped(tmp_path):
     assert lines[0].count("19.3 GiB") == 30
     echoed = shlex.split(lines[1].removeprefix("$ "))
     assert echoed[:2] == ["deltakd", "distill"] and echoed.count("/data/" + "x" * 200) == 2
+
+
+def test_old_flag_names_still_work_hidden_with_a_note(monkeypatch, tmp_path):
+    """One name per concept: init-student's --source is --student-from (as in pipeline), the
+    pipeline's eval --seeds is --eval-seeds. The old spellings give the same options with a
+    note, are not in --help, and clash with the new one in one line."""
+    seen = []
+    monkeypatch.setattr("deltakd_cli.cli.run_command", lambda name, options: seen.append(options))
+    new = run_cli(["init-student", "--student-from", "m", "--out", tmp_path / "s"])
+    old = run_cli(["init-student", "--source", "m", "--out", tmp_path / "s"])
+    assert new.exit_code == old.exit_code == 0, old.output
+    assert seen[0] == seen[1] and seen[0].source == "m"
+    assert "--source is now --student-from" in flat(old.output)
+    assert not whole_flag("--source", run_cli(["init-student", "-h"]).output)
+    both = run_cli(["init-student", "--student-from", "m", "--source", "n", "--out", "o"])
+    assert_one_line_error(both, "--student-from is given twice")
+    base = ["pipeline", "--teacher-base", "t", "--student", "s", "--train", "a", "--test", "b"]
+    assert run_cli([*base, "--seeds", "1,2"]).exit_code == 0
+    assert run_cli([*base, "--eval-seeds", "1,2"]).exit_code == 0
+    assert seen[-1] == seen[-2] and seen[-1].seeds == "1,2"
+
+
+def test_pipeline_max_steps_reaches_every_student(monkeypatch, tmp_path):
+    from conftest import make_rows, write_jsonl
+
+    from deltakd_cli.pipeline.plan import plan_stages
+
+    seen = []
+    monkeypatch.setattr("deltakd_cli.cli.run_command", lambda name, options: seen.append(options))
+    rows = str(write_jsonl(tmp_path / "rows.jsonl", make_rows(4)))
+    args = ["pipeline", "--teacher-base", "t", "--teacher-tuned", "u", "--student", "s",
+            "--train", rows, "--test", rows, "--out", tmp_path / "o", "--max-steps", 7]  # fmt: skip
+    assert run_cli(args).exit_code == 0
+    students = [s.options for s in plan_stages(seen[-1])[0] if s.command == "distill"]
+    assert len(students) == 3 and all(s.max_steps == 7 for s in students)

@@ -203,7 +203,7 @@ def test_init_student_prunes_heals_and_reuses(tiny, tmp_path):
     out = tmp_path / "s0"
     args = [
         "init-student",
-        "--source", tiny.teacher_base,
+        "--student-from", tiny.teacher_base,
         "--out", out,
         "--layers", 1,
         "--heal-data", heal,
@@ -276,11 +276,11 @@ def test_init_student_without_heal_data_copies_and_warns(tiny, tmp_path):
 )
 def test_init_student_bad_inputs(tiny, tmp_path, extra, fragments):
     result = run_cli(
-        ["init-student", "--source", tiny.teacher_base, "--out", tmp_path / "s", *extra]
+        ["init-student", "--student-from", tiny.teacher_base, "--out", tmp_path / "s", *extra]
     )
     assert_one_line_error(result, *fragments)
 
 
 def test_init_student_missing_source(tmp_path):
-    result = run_cli(["init-student", "--source", tmp_path / "nope", "--out", tmp_path / "s"])
+    result = run_cli(["init-student", "--student-from", tmp_path / "nope", "--out", tmp_path / "s"])
     assert_one_line_error(result, "model not found")

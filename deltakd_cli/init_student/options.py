@@ -16,7 +16,10 @@ LAYER_RULES = ("auto", "block-influence", "uniform")
 class InitStudentOptions(DataOptions, DeviceOptions, ModelLoadOptions):
     """Make a base student: keep some layers of a model, then heal the copy by KD from it."""
 
-    source: str = opt(help="Model to take layers from: HF dir, hub id, or .gguf.")
+    source: str = opt(
+        help="Model to take layers from: HF dir, hub id, or .gguf (pipeline: --student-from).",
+        flags=("--student-from",), aliases=("--source",),
+    )  # fmt: skip
     out: str = opt(help="Output: the base student, a Hugging Face directory.")
     layers: int | None = opt(
         None, help="Layers to keep, evenly spaced first to last (default: a third).", at_least=1

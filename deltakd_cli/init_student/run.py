@@ -340,7 +340,7 @@ def _validate(options: InitStudentOptions) -> None:
             raise DeltakdError(f"--heal-data not found: {options.heal_data}")
     options.load_settings().check()
     models.resolve_source(options.source)
-    inputs = {"--source": options.source, "--heal-data": options.heal_data}
+    inputs = {"--student-from": options.source, "--heal-data": options.heal_data}
     outputs.check_not_input(options.out, inputs)
     outputs.check_not_input(options.work_path, inputs, option="--work-dir")
 

@@ -118,6 +118,9 @@ class PipelineOptions(TrainingTemplateOptions, DataOptions, DeviceOptions, Model
         3, help="Student epochs (each of sft, kd, delta).", at_least=1, section="distill"
     )
     lr: float = opt(2e-5, help="Student peak learning rate.", above=0, section="distill")
+    max_steps: int = opt(
+        0, help="Student optimizer steps; > 0 overrides --epochs.", at_least=0, section="distill"
+    )
     batch_size: int = opt(
         8, help="Examples per micro-batch per process.", at_least=1, section="distill"
     )
@@ -174,7 +177,10 @@ class PipelineOptions(TrainingTemplateOptions, DataOptions, DeviceOptions, Model
         "minillm", help="Eval protocol: minillm (the field's) or greedy.", choices=PROTOCOLS,
         section="eval",
     )  # fmt: skip
-    seeds: str | None = opt(None, help="Eval seeds (default 10,20,30,40,50).", section="eval")
+    seeds: str | None = opt(
+        None, help="Eval sampling seeds (default 10,20,30,40,50).", section="eval",
+        flags=("--eval-seeds",), aliases=("--seeds",),
+    )  # fmt: skip
     max_new_tokens: int | None = opt(
         None, help="Eval: new tokens (default 256).", at_least=1, section="eval"
     )
