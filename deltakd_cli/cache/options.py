@@ -103,4 +103,11 @@ class InspectOptions:
     cache: str = opt(help="Cache directory or URL.", argument=True, metavar="CACHE")
     verify: bool = opt(False, help="Check every shard against the manifest checksums.")
     json: bool = opt(False, help="Print JSON instead of a table.", flags=("--json",))
-    example: int | None = opt(None, help="Print one example (by its row in the data).", at_least=0)
+    example: int | None = opt(
+        None, help="Print one example (by its row in the data): its tokens' text and, per target "
+        "position, the kept ids as text with the tuned teacher's log-probs.", at_least=0,
+    )  # fmt: skip
+    positions: int | None = opt(
+        None, help="With --example: the first N target positions (default: 8 in the table, all "
+        "with --json).", at_least=1,
+    )  # fmt: skip
