@@ -22,7 +22,8 @@ class EvalOptions(TemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions)
     model: list[str] = opt(
         default_factory=list,
         flags=("--model",),
-        help="Model to evaluate (HF dir, hub id, .gguf); repeat for several.",
+        help="Model to evaluate (HF dir, hub id, .gguf), or NAME=MODEL to show it as NAME; "
+        "repeat for several.",
     )
     predictions: str | None = opt(
         None, help="Score this JSONL of generations ('prediction', 'id' or order) instead."
@@ -58,3 +59,7 @@ class EvalOptions(TemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions)
         help="A:B, the paired difference A minus B of two groups (or models); repeatable.",
     )
     overwrite: bool = opt(False, help="Replace an existing REPORT.json.")
+    json: bool = opt(
+        False, help="Print the report as JSON on stdout (for scripts) instead of the tables.",
+        flags=("--json",),
+    )  # fmt: skip
