@@ -13,7 +13,9 @@ import sys
 
 import pytest
 from helpers import REPO, assert_one_line_error, flat, run_cli
+from typer.testing import CliRunner
 
+from deltakd_cli.cli import app
 from deltakd_cli.commands import BY_NAME, COMMANDS
 from deltakd_cli.options import choices_of, flag_of, option_fields
 
@@ -131,3 +133,14 @@ def test_pipeline_max_steps_reaches_every_student(monkeypatch, tmp_path):
     assert run_cli(args).exit_code == 0
     students = [s.options for s in plan_stages(seen[-1])[0] if s.command == "distill"]
     assert len(students) == 3 and all(s.max_steps == 7 for s in students)
+
+
+def test_shell_completion_is_installable():
+    """`deltakd --show-completion SHELL` prints the script `--install-completion` installs, and
+    the completion itself answers with the commands."""
+    shown = run_cli(["--show-completion", "bash"])
+    assert shown.exit_code == 0, shown.output
+    assert "complete" in shown.output and "COMP_WORDS" in shown.output
+    env = {"_DELTAKD_COMPLETE": "complete_bash", "COMP_WORDS": "deltakd ca", "COMP_CWORD": "1"}
+    completed = CliRunner().invoke(app, [], env={**os.environ, **env}, prog_name="deltakd")
+    assert "cache-teachers" in completed.output
