@@ -5,6 +5,7 @@ share a level (training and evaluation) know nothing of each other."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "deltakd_cli"
@@ -123,3 +124,13 @@ def test_no_import_cycle():
         if state.get(start) is None and walk(start, [start]):
             break
     assert cycle == []
+
+
+def test_the_architecture_doc_lists_every_module():
+    """docs/architecture.md's layout table names each module of the package once, and nothing
+    that is not one."""
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    table = doc[doc.index("## Layout") : doc.index("## Rules the layout keeps")]
+    listed = re.findall(r"^\| `([\w/]+\.py)` \|", table, flags=re.MULTILINE)
+    modules = sorted(path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py"))
+    assert sorted(listed) == modules
