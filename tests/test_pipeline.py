@@ -300,6 +300,7 @@ def test_a_stage_resumes_from_its_checkpoint_and_redoes_on_new_inputs(tmp_path):
     assert not (out / "stale.txt").exists()
 
 
+@pytest.mark.slow
 def test_each_stage_records_its_own_peak_rss(tmp_path):
     """The high-water mark is reset per stage: a stage that holds 300 MiB records at least that,
     the light stage after it does not inherit it."""

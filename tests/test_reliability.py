@@ -405,6 +405,7 @@ def checkpointed_run(tiny, world, out, monkeypatch) -> None:
     assert list((out / "checkpoints").glob("step-*"))
 
 
+@pytest.mark.slow
 def test_resume_over_a_rebuilt_cache_is_refused(tiny, world, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     shutil.copytree(world["cache"], cache)

@@ -91,6 +91,7 @@ def test_held_out_loss_is_the_objective_on_the_held_out_rows(tiny, caches, tmp_p
     assert run["provenance"]["eval_data"]["cache"]["path"] == str(held_out.resolve())
 
 
+@pytest.mark.slow
 def test_the_held_out_loss_does_not_change_training(tiny, caches, tmp_path):
     train, held_out = caches
     common = [
@@ -110,6 +111,7 @@ def test_the_held_out_loss_does_not_change_training(tiny, caches, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_keep_best_exports_the_lowest_held_out_loss(tiny, caches, tmp_path):
     train, held_out = caches
     out = tmp_path / "best"

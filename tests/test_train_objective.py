@@ -246,6 +246,7 @@ def mean_objective_loss(model_dir, store, objective, vocab, *, frozen_dir=None, 
     [("sft", "student", False), ("kd", "student", False), ("delta", "student", False),
      ("delta", "teachers", False), ("delta", "student", True)],
 )  # fmt: skip
+@pytest.mark.slow
 def test_each_objective_lowers_its_loss(tiny, caches, tmp_path, objective, cache_kind,
                                         frozen_student):  # fmt: skip
     out = tmp_path / "out"
