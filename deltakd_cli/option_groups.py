@@ -17,6 +17,9 @@ TEMPLATES = ("alpaca", "chat", "plain")
 TRAIN_TURNS = ("all", "last")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+# The LoRA defaults: every linear projection of a Llama/Qwen/SmolLM-style decoder layer (never the
+# output layer or the embeddings, which the frozen S0 and the cache's logits share).
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 @dataclass(kw_only=True)
@@ -135,3 +138,42 @@ class TrainingTemplateOptions(TemplateOptions):
     train_turns: str = opt(
         "all", help="Chat rows: targets on every assistant turn, or the last.", choices=TRAIN_TURNS
     )
+
+
+@dataclass(kw_only=True)
+class LoraOptions:
+    """Low-rank adapters on a frozen student (every command that trains a student; the
+    pipeline's students)."""
+
+    PANEL: ClassVar[str] = "LoRA"
+
+    lora_r: int = opt(
+        0, help="LoRA rank: train low-rank adapters on a frozen student (0: train every weight). "
+        "Needs pip install 'deltakd[lora]'.", at_least=0,
+    )  # fmt: skip
+    lora_alpha: float | None = opt(
+        None, help="LoRA scale numerator: the update is alpha/r * B A (default 2*r).", above=0,
+        finite=True,
+    )  # fmt: skip
+    lora_dropout: float = opt(0.0, help="Dropout on the LoRA adapters' input.", at_least=0, below=1)
+    lora_target_modules: str = opt(
+        DEFAULT_LORA_TARGETS,
+        help="Linear layers of the decoder layers that get adapters (comma-separated names).",
+    )
+    lora_4bit: bool = opt(
+        False, help="QLoRA: hold the frozen student in 4 bits (CUDA and bitsandbytes).",
+        flags=("--lora-4bit",),
+    )  # fmt: skip
+    save_adapter: bool = opt(
+        False, help="Also write the LoRA adapter alone to OUT/adapter (loads with peft).",
+        flags=("--save-adapter",),
+    )  # fmt: skip
+
+    @property
+    def lora_targets(self) -> list[str]:
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+    @property
+    def resolved_lora_alpha(self) -> float:
+        """--lora-alpha, or 2*r: the update's scale alpha/r is then 2 whatever the rank."""
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_r

@@ -14,15 +14,18 @@ from deltakd_cli.init_student.options import InitStudentOptions
 from deltakd_cli.option_groups import (
     DataOptions,
     DeviceOptions,
+    LoraOptions,
     ModelLoadOptions,
     TrainingTemplateOptions,
 )
 from deltakd_cli.options import opt
-from deltakd_cli.train.options import DEFAULT_LORA_TARGETS, DistillOptions, FinetuneOptions
+from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
 
 @dataclass(kw_only=True)
-class PipelineOptions(TrainingTemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions):
+class PipelineOptions(
+    TrainingTemplateOptions, DataOptions, LoraOptions, DeviceOptions, ModelLoadOptions
+):
     """Every stage on your models and data, from cache-teachers to the eval table
     (resumable)."""
 
@@ -135,22 +138,6 @@ class PipelineOptions(TrainingTemplateOptions, DataOptions, DeviceOptions, Model
     sft_weight: float = opt(
         0.5, help="lambda: weight of cross-entropy in kd/delta.", at_least=0, at_most=1,
         section="distill",
-    )  # fmt: skip
-    lora_r: int = opt(
-        0, help="Students: LoRA rank (0: train every weight).", at_least=0, section="distill",
-        key="lora_r",
-    )  # fmt: skip
-    lora_alpha: float | None = opt(
-        None, help="Students: LoRA alpha (default 2*r).", above=0, finite=True,
-        section="distill", key="lora_alpha",
-    )  # fmt: skip
-    lora_dropout: float = opt(
-        0.0, help="Students: LoRA dropout.", at_least=0, below=1, section="distill",
-        key="lora_dropout",
-    )  # fmt: skip
-    lora_target_modules: str = opt(
-        DEFAULT_LORA_TARGETS, help="Students: layers that get LoRA adapters (comma-separated).",
-        section="distill", key="lora_target_modules",
     )  # fmt: skip
     eval_every: int = opt(
         0, help="Held-out loss every N steps (0: about ten times a run).", at_least=0,

@@ -16,6 +16,7 @@ from deltakd_cli.config import section_of
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.evaluate.protocol import parse_seeds
 from deltakd_cli.losses import OBJECTIVES
+from deltakd_cli.option_groups import LoraOptions
 from deltakd_cli.options import option_fields
 from deltakd_cli.pipeline.options import PipelineOptions
 from deltakd_cli.pipeline.stages import Stage, data_key, file_key
@@ -99,6 +100,8 @@ def student_seeds(options: PipelineOptions) -> list[int]:
 # How --train's rows are read (DataOptions): not how init-student reads its healing text.
 ROW_READING = ("split", "data_config", "prompt_field", "response_field", "messages_field",
                "text_field")  # fmt: skip
+# The students' LoRA options: not the tuned teacher's (it trains every weight).
+LORA = tuple(f.name for f in dataclasses.fields(LoraOptions))
 # What a student trained by cross-entropy alone keeps at its default (no teacher, no lambda).
 SFT_DEFAULTS = {
     f.name: f.default
@@ -237,6 +240,7 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
             stage_options(
                 options,
                 "finetune",
+                own=LORA,  # the tuned teacher made here trains every weight
                 model=options.teacher_base,
                 out=str(tuned_dir),
                 **train,

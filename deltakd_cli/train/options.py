@@ -9,8 +9,10 @@ from typing import Any, ClassVar
 
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.option_groups import (
+    DEFAULT_LORA_TARGETS,
     DataOptions,
     DeviceOptions,
+    LoraOptions,
     ModelLoadOptions,
     TrainingTemplateOptions,
 )
@@ -62,9 +64,6 @@ OPTIONS_THAT_MATTER = (
     "lora_4bit",
 )
 
-# The LoRA defaults: every linear projection of a Llama/Qwen/SmolLM-style decoder layer (never the
-# output layer or the embeddings, which the frozen S0 and the cache's logits share).
-DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # Options that matter but came after some checkpoints were written: such a checkpoint ran with
 # these values (a run without LoRA), so a resume compares against them, not against nothing.
@@ -88,7 +87,7 @@ OPTION_NAMES = {
 
 
 @dataclass(kw_only=True)
-class TrainOptions(DeviceOptions, ModelLoadOptions):
+class TrainOptions(LoraOptions, DeviceOptions, ModelLoadOptions):
     """The training loop's options (distill and finetune share them)."""
 
     command: ClassVar[str] = "train"
@@ -98,11 +97,6 @@ class TrainOptions(DeviceOptions, ModelLoadOptions):
              "batch_size", "grad_accum", "max_tokens_per_batch", "max_grad_norm", "seed",
              "gradient_checkpointing", "logit_chunk_size"),
             "Optimisation",
-        ),
-        **dict.fromkeys(
-            ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_4bit",
-             "save_adapter"),
-            "LoRA",
         ),
         **dict.fromkeys(
             ("out", "save_every", "keep_checkpoints", "resume", "overwrite", "log_every",
@@ -150,27 +144,6 @@ class TrainOptions(DeviceOptions, ModelLoadOptions):
     fsdp: bool = opt(
         False, help="Shard the student with FSDP2 (under torchrun).", flags=("--fsdp",)
     )
-    lora_r: int = opt(
-        0, help="LoRA rank: train low-rank adapters on a frozen student (0: train every weight). "
-        "Needs pip install 'deltakd[lora]'.", at_least=0,
-    )  # fmt: skip
-    lora_alpha: float | None = opt(
-        None, help="LoRA scale numerator: the update is alpha/r * B A (default 2*r).", above=0,
-        finite=True,
-    )  # fmt: skip
-    lora_dropout: float = opt(0.0, help="Dropout on the LoRA adapters' input.", at_least=0, below=1)
-    lora_target_modules: str = opt(
-        DEFAULT_LORA_TARGETS,
-        help="Linear layers of the decoder layers that get adapters (comma-separated names).",
-    )
-    lora_4bit: bool = opt(
-        False, help="QLoRA: hold the frozen student in 4 bits (CUDA and bitsandbytes).",
-        flags=("--lora-4bit",),
-    )  # fmt: skip
-    save_adapter: bool = opt(
-        False, help="Also write the LoRA adapter alone to OUT/adapter (loads with peft).",
-        flags=("--save-adapter",),
-    )  # fmt: skip
     logit_chunk_size: int = opt(
         0, help="Target positions per logits chunk (0: about 128 MiB of float32 logits).",
         at_least=0,
@@ -203,15 +176,6 @@ class TrainOptions(DeviceOptions, ModelLoadOptions):
     def __post_init__(self) -> None:
         if self.batch_size is None and self.max_tokens_per_batch is None:
             self.batch_size = 8
-
-    @property
-    def lora_targets(self) -> list[str]:
-        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
-
-    @property
-    def resolved_lora_alpha(self) -> float:
-        """--lora-alpha, or 2*r: the update's scale alpha/r is then 2 whatever the rank."""
-        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_r
 
 
 @dataclass(kw_only=True)
