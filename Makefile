@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch; GPU boxes: `make install TORCH_SPEC=torch` (or pre-install your CUDA torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint format bench bench-gpu demo pipeline clean
+.PHONY: install test test-fast lint format bench bench-gpu demo pipeline clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(VENV)/.test-extras: $(VENV)/.installed
 
 test: install $(VENV)/.test-extras
 	$(PY) -m pytest tests
+
+# The inner loop: everything but the subprocess, torchrun and end-to-end tests (under a minute).
+test-fast: install $(VENV)/.test-extras
+	$(PY) -m pytest -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check deltakd_cli tests bench

@@ -14,12 +14,12 @@ import torch
 from common import WORKDIR, abstract2title_rows, perturbed_copy, record, smollm2_dir
 
 from deltakd_cli import data, models
+from deltakd_cli.cache import schema
 from deltakd_cli.cache.build import PositionLogprobs, cache_teachers, pad_batch, plan_batches
 from deltakd_cli.cache.options import CacheOptions
 
 ROWS, MAX_LENGTH, BATCH = 48, 256, 8
-GRID_GAMMAS = "0,0.5,1"
-EXAMPLE_ARRAYS = ("input_ids", "token_offsets", "target_offsets", "prompt_length", "example_index")
+GRID_GAMMAS = (0.0, 0.5, 1.0)
 
 
 def bare_forward_tokens_per_second(base, tuned, tokenized, pad_id, heads_at_targets=False) -> float:
@@ -55,7 +55,7 @@ def cache_run(base, tuned, rows, k, student=None, gammas=None) -> dict:
             teacher_base=str(base), teacher_tuned=str(tuned),
             student=str(student) if student else None,
             data=str(rows), out=str(out), top_k=k, max_length=MAX_LENGTH, batch_size=BATCH,
-            device="cpu", dtype="float32", gammas=gammas, alphas="1" if gammas else None,
+            device="cpu", dtype="float32", gammas=gammas, alphas=(1.0,) if gammas else None,
         )
     )  # fmt: skip
 
@@ -73,7 +73,8 @@ def grid_cost(base_dir, tuned_dir, rows, plain: dict) -> None:
         "bytes_per_token_k64_student_grid3_family_tails": tails,
     }
     settings = {
-        "rows": ROWS, "max_length": MAX_LENGTH, "k": 64, "gammas": GRID_GAMMAS, "alphas": "1",
+        "rows": ROWS, "max_length": MAX_LENGTH, "k": 64,
+        "gammas": list(GRID_GAMMAS), "alphas": [1.0],
         "models": "SmolLM2-135M-Instruct base + perturbed copy (teachers); base as student",
         "precision": grid.get("precision"),
     }  # fmt: skip
@@ -128,7 +129,7 @@ def main() -> None:
             # The kept ids and distributions alone (prompt tokens and offsets excluded): the
             # figure comparable to offline-KD stores that keep no token ids of their own.
             by_array = manifest["bytes_per_response_token_by_array"]
-            entries = sum(v for name, v in by_array.items() if name not in EXAMPLE_ARRAYS)
+            entries = sum(v for name, v in by_array.items() if name in schema.PER_POSITION_FIELDS)
             figures[f"bytes_per_token_k{k}_{label}_entries_per_distribution"] = (
                 entries / distributions
             )

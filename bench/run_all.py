@@ -20,10 +20,23 @@ BENCHES = {
     "trl": "trl_bench.py",
     "trl-noise": "trl_noise.py",
     "memory": "memory_bench.py",
+    "startup": "startup_bench.py",
 }
 
 # figure -> (goal text, predicate on the value or None, what it measures)
 GOALS = {
+    **{
+        f"startup_{name}_vs_typer_rich": (
+            "<= 2",
+            lambda v: v <= 2,
+            f'`deltakd {shown}` wall time / `python -c "import typer, rich"`, fresh processes',
+        )
+        for name, shown in (
+            ("help", "--help"),
+            ("version", "--version"),
+            ("config_show", "config show distill"),
+        )
+    },
     "cache_vs_forward": (
         ">= 0.85",
         lambda v: v >= 0.85,

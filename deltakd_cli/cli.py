@@ -13,19 +13,28 @@ import typer
 
 from deltakd_cli import __version__, config
 from deltakd_cli.commands import BY_NAME, COMMANDS, Command, run_command
-from deltakd_cli.console import GuardedGroup, run_guarded
+from deltakd_cli.console import GuardedGroup, info, run_guarded
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.options import check, from_values, typer_parameters
+from deltakd_cli.options import (
+    check,
+    flag_of,
+    from_values,
+    literal,
+    option_fields,
+    typer_parameters,
+)
 
 OPTIONS_BY_COMMAND = {command.name: command.options for command in COMMANDS}
+HELP_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 app = typer.Typer(
     name="deltakd",
     cls=GuardedGroup,
     help="Delta Knowledge Distillation: cache both teachers once, distil the student, evaluate.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     pretty_exceptions_enable=False,
+    context_settings=HELP_SETTINGS,
 )
 
 
@@ -44,17 +53,53 @@ def _root(
     """deltakd: Delta-KD for language models."""
 
 
+ALIAS_SUFFIX = "__old_flag"  # the hidden parameter of a flag's old spelling
+
+
+def alias_parameters(cls: type) -> list[inspect.Parameter]:
+    """A hidden parameter per field with old flag spellings (opt's `aliases`)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return [
+        inspect.Parameter(
+            field.name + ALIAS_SUFFIX,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, *field.metadata["aliases"], hidden=True),
+            annotation=hints[field.name] | None,
+        )  # fmt: skip
+        for field in option_fields(cls)
+        if field.metadata.get("aliases")
+    ]
+
+
+def _from_old_flags(cls: type, values: dict[str, Any], given: set[str]) -> None:
+    """Move the values given under an old flag to their field (a note names the new flag)."""
+    fields = {f.name: f for f in option_fields(cls)}
+    for key in [k for k in values if k.endswith(ALIAS_SUFFIX)]:
+        value, name = values.pop(key), key.removesuffix(ALIAS_SUFFIX)
+        if key not in given:
+            continue
+        old, new = "/".join(fields[name].metadata["aliases"]), flag_of(fields[name])
+        if name in given:
+            raise DeltakdError(f"{new} is given twice (also as {old}, its old name)")
+        info(f"[yellow]note:[/yellow] {old} is now {new}; the old name goes in the next release")
+        values[name] = value
+        given.add(name)
+
+
 def options_of(
     command: Command, values: dict[str, Any], ctx: typer.Context, config_file: Path | None
 ) -> Any:
-    """The command's options object: the flags given on the command line, then the config
-    file's values, then the defaults."""
+    """The command's options object: the flags given on the command line (an old spelling
+    too), then the config file's values, then the defaults."""
     given = {
         name
         for name in values
         # by name: typer vendors its own click, whose enum is not click's
         if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
     }
+    _from_old_flags(command.options, values, given)
     from_config = {}
     if config_file is not None:
         from_config = config.load(config_file, command.name, command.options, OPTIONS_BY_COMMAND)
@@ -84,10 +129,15 @@ def _callback(command: Command) -> Callable[..., Any]:
         annotation=Path | None,
     )  # fmt: skip
     callback.__signature__ = inspect.Signature(
-        [context, *typer_parameters(command.options), config_parameter]
+        [
+            context,
+            *typer_parameters(command.options),
+            *alias_parameters(command.options),
+            config_parameter,
+        ]
     )
     callback.__name__ = command.name.replace("-", "_")
-    callback.__doc__ = " ".join((command.options.__doc__ or "").split())
+    callback.__doc__ = literal(" ".join((command.options.__doc__ or "").split()))
     return callback
 
 
@@ -98,6 +148,7 @@ for _command in COMMANDS:
 config_app = typer.Typer(
     help="Config files: print a command's options as YAML to start one from.",
     no_args_is_help=True,
+    context_settings=HELP_SETTINGS,
 )
 app.add_typer(config_app, name="config")
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from deltakd_cli.cache.options import CacheOptions, InspectOptions
 from deltakd_cli.evaluate.options import EvalOptions
-from deltakd_cli.pipeline.options import DemoOptions, InitStudentOptions, PipelineOptions
+from deltakd_cli.init_student.options import InitStudentOptions
+from deltakd_cli.pipeline.options import DemoOptions, PipelineOptions
 from deltakd_cli.report.options import ReportOptions
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
@@ -20,7 +21,7 @@ class Command:
     name: str
     options: type  # the options dataclass (its docstring is the command's help)
     target: str  # "module:function" that runs it, imported when the command runs
-    takes_runner: bool = False  # pipeline and demo run other commands through run_command
+    takes_runner: bool = False  # pipeline, demo, init-student run others through run_command
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -29,7 +30,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("distill", DistillOptions, "deltakd_cli.train.loop:distill"),
     Command("finetune", FinetuneOptions, "deltakd_cli.train.loop:finetune"),
     Command("eval", EvalOptions, "deltakd_cli.evaluate.run:run_eval"),
-    Command("init-student", InitStudentOptions, "deltakd_cli.pipeline.init_student:init_student"),
+    Command(
+        "init-student",
+        InitStudentOptions,
+        "deltakd_cli.init_student.run:init_student",
+        takes_runner=True,
+    ),  # fmt: skip
     Command("pipeline", PipelineOptions, "deltakd_cli.pipeline.run:pipeline", takes_runner=True),
     Command("demo", DemoOptions, "deltakd_cli.pipeline.demo:run_demo", takes_runner=True),
     Command("report", ReportOptions, "deltakd_cli.report.run:make_report"),

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.options import REQUIRED, option_fields
+from deltakd_cli.options import REQUIRED, help_with_choices, option_fields
 
-MISSING_YAML = "reading YAML configs needs PyYAML: pip install 'deltakd[config]'"
+STAGE_OPTIONS = "stage_options"  # the field that holds a pipeline's per-stage settings
+MISSING_YAML = "reading YAML configs needs PyYAML (a dependency of deltakd): pip install pyyaml"
 TOOL = "deltakd"
 
 
@@ -61,7 +62,22 @@ def config_keys(cls: type) -> dict[str, str]:
 
 
 def sections(cls: type) -> set[str]:
-    return {s for s, _ in map(section_of, dataclasses.fields(cls)) if s}
+    return {s for s, _ in map(section_of, dataclasses.fields(cls)) if s} | set(stage_classes(cls))
+
+
+def stage_classes(cls: type) -> dict[str, type]:
+    """The config sections of `cls` that hold a stage's own options (the pipeline's
+    STAGE_SECTIONS: `cache: {precision: float32}`), section -> that stage's options class."""
+    return dict(getattr(cls, "STAGE_SECTIONS", {}))
+
+
+def _stage_option(cls: type, key: str) -> tuple[str, str] | None:
+    """(section, option) when `key` is `section.name` for an option of a stage's own class."""
+    section, _, name = key.partition(".")
+    stage = stage_classes(cls).get(section)
+    if stage is None or name not in {f.name for f in option_fields(stage)}:
+        return None
+    return section, name
 
 
 def _normal(key: Any) -> str:
@@ -74,7 +90,11 @@ def _flatten(values: Mapping[str, Any], cls: type) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = _normal(raw_key)
-        if key in known_sections and isinstance(value, Mapping):
+        if key == STAGE_OPTIONS and isinstance(value, Mapping):  # a pipeline's record
+            for section, inner in value.items():
+                if isinstance(inner, Mapping):
+                    flat.update({f"{section}.{_normal(k)}": v for k, v in inner.items()})
+        elif key in known_sections and isinstance(value, Mapping):
             for inner_key, inner in value.items():
                 flat[f"{key}.{_normal(inner_key)}"] = inner
         else:
@@ -92,6 +112,8 @@ def _type_name(hint: Any) -> str:
         return " or ".join(names) + " (or null)"
     if origin is list:
         return "a list of strings"
+    if origin is tuple:
+        return "a list of numbers"
     if origin is dict:
         return "a mapping"
     return {
@@ -141,6 +163,12 @@ def _coerce(value: Any, hint: Any) -> Any:
             return str(value)
         if isinstance(value, list) and all(_scalar(item) for item in value):
             return ",".join(str(item) for item in value)  # `seeds: [10, 20]` is "10,20"
+        raise ValueError
+    if origin is tuple:  # a typed list of numbers: [0, 0.5] here, or "0,0.5" read by its flag
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(_scalar(item) for item in value):
+            return tuple(float(item) for item in value)
         raise ValueError
     if origin is list:
         items = [value] if isinstance(value, str) else value
@@ -233,14 +261,28 @@ def load(
             )
     flat = _flatten(values, cls)
     keys = config_keys(cls)
-    unknown = [key for key in flat if key not in keys]
+    staged = {key: _stage_option(cls, key) for key in flat if key not in keys}
+    staged = {key: where for key, where in staged.items() if where}
+    unknown = [key for key in flat if key not in keys and key not in staged]
     if unknown:
         raise DeltakdError(_unknown_key_message(path, command, unknown, values, keys, others))
     hints = typing.get_type_hints(cls)
     required = {f.name for f in option_fields(cls) if _required(f)}
     given: dict[str, Any] = {}
     where: dict[str, str] = {}
+    for key, (section, name) in staged.items():
+        stage = stage_classes(cls)[section]
+        try:
+            value = _coerce(flat[key], typing.get_type_hints(stage)[name])
+        except ValueError:
+            hint = _type_name(typing.get_type_hints(stage)[name])
+            raise DeltakdError(
+                f"config {path}: '{key}' must be {hint}, got {_shown(flat[key])}"
+            ) from None
+        given.setdefault(STAGE_OPTIONS, {}).setdefault(section, {})[name] = value
     for key, value in flat.items():
+        if key in staged:
+            continue
         name = keys[key]
         if value is None and name in required:
             continue  # `show` writes a required option as null: still to be given
@@ -320,7 +362,7 @@ def _yaml_value(value: Any) -> str:
         return repr(value).replace("e", ".0e")  # YAML 1.1 reads 2e-05 as a string, 2.0e-05 not
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, (list, dict)):
+    if isinstance(value, (list, tuple, dict)):
         return json.dumps(value)
     text = str(value)
     return json.dumps(text) if _needs_quotes(text) else text
@@ -347,12 +389,9 @@ def _required(field: dataclasses.Field) -> bool:
 
 
 def _comment(field: dataclasses.Field) -> str:
-    help_text = " ".join(field.metadata.get("help", "").split())
+    help_text = help_with_choices(field)
     required = _required(field)
-    choices = field.metadata.get("choices")
     parts = [help_text] if help_text else []
-    if choices and not any(str(c) in help_text for c in choices):
-        parts.append("One of: " + ", ".join(str(c) for c in choices) + ".")
     if required:
         parts.append("(required)")
     return " ".join(parts)

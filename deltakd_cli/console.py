@@ -36,6 +36,9 @@ LOG_SECONDS_ENV = "DELTAKD_LOG_SECONDS"  # plain progress lines: at most one eve
 DEFAULT_LOG_SECONDS = 30.0
 
 console = Console(stderr=True, highlight=False)
+# A log file, a pipe or a batch job's output: never hard-wrap a line at the default 80 columns
+# (an echoed command must run as printed, a number must not split); a terminal wraps itself.
+console.soft_wrap = not console.is_terminal
 
 
 def info(message: str) -> None:

@@ -23,11 +23,9 @@ from typing import Any
 import numpy as np
 
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.options import opt
+from deltakd_cli.option_groups import TEMPLATES, DataOptions
 from deltakd_cli.sources import DataSource, read_rows
 
-TEMPLATES = ("alpaca", "chat", "plain")
-TRAIN_TURNS = ("all", "last")
 HEAL_PROMPT_WORDS = 4  # unlabelled text: the first words are the prompt, the rest the response
 
 ALPACA_WITH_INPUT = (
@@ -39,26 +37,6 @@ ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
-
-
-@dataclass(kw_only=True)
-class DataOptions:
-    """The options of every command that reads rows (a mixin of its options dataclass): how a
-    `datasets` source is read and which columns hold what."""
-
-    split: str | None = opt(None, help="Split of a Hub dataset or a saved datasets directory.")
-    data_config: str | None = opt(None, help="Configuration (subset) of a Hub dataset.")
-    prompt_field: str | None = opt(None, help="Column holding the prompt (prompt/response rows).")
-    response_field: str | None = opt(None, help="Column holding the response.")
-    messages_field: str | None = opt(None, help="Column holding a chat conversation.")
-    text_field: str | None = opt(None, help="Column holding plain text (training only).")
-
-    def columns(self) -> Columns:
-        return Columns(self.prompt_field, self.response_field, self.messages_field, self.text_field)
-
-    def data_source(self, spec: str, split: str | None = None) -> Any:
-        """A data option's value as a sources.DataSource (`split` overrides --split)."""
-        return DataSource(spec, split if split is not None else self.split, self.data_config)
 
 
 @dataclass(frozen=True)
@@ -91,6 +69,13 @@ class Columns:
                 )
             mapped[name] = row[column]
         return mapped
+
+
+def columns_of(options: DataOptions) -> Columns:
+    """The column mapping a command's --*-field options give."""
+    return Columns(
+        options.prompt_field, options.response_field, options.messages_field, options.text_field
+    )
 
 
 @dataclass

@@ -1,33 +1,44 @@
-"""torchrun helpers: rank, world size, barriers, so no other module branches on the env."""
+"""torchrun helpers: rank, world size, barriers, so no other module branches on the env.
+
+torch is imported only where a process group is started or a device chosen: the console and
+the trackers ask for the rank while the CLI is still reading its arguments."""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from deltakd_cli.errors import DeltakdError
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
 
+def _dist() -> Any:
+    """torch.distributed if something imported it; a process group needs it, so without it
+    there is none."""
+    return sys.modules.get("torch.distributed")
+
+
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    dist = _dist()
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
     if is_distributed():
-        return dist.get_rank()
+        return _dist().get_rank()
     return int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
     if is_distributed():
-        return dist.get_world_size()
+        return _dist().get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -52,6 +63,9 @@ def init(device: torch.device) -> None:
     """Start the process group when launched by torchrun: nccl on CUDA, gloo on CPU."""
     if not launched_by_torchrun() or is_distributed():
         return
+    import torch
+    import torch.distributed as dist
+
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -60,13 +74,13 @@ def init(device: torch.device) -> None:
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        _dist().barrier()
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (in place) and return it; a no-op in one process."""
     if is_distributed():
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        _dist().all_reduce(value, op=_dist().ReduceOp.SUM)
     return value
 
 
@@ -75,7 +89,7 @@ def all_gather_objects(obj: object) -> list:
     if not is_distributed():
         return [obj]
     gathered: list = [None] * world_size()
-    dist.all_gather_object(gathered, obj)
+    _dist().all_gather_object(gathered, obj)
     return gathered
 
 
@@ -84,7 +98,7 @@ def broadcast_object(obj: object) -> object:
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    _dist().broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -105,11 +119,13 @@ def on_main_first(fn: Callable[[], T]) -> T:
 
 def shutdown() -> None:
     if is_distributed():
-        dist.destroy_process_group()
+        _dist().destroy_process_group()
 
 
 def device_for(requested: str) -> torch.device:
     """`auto` picks this rank's GPU when there is one, else the CPU."""
+    import torch
+
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank())

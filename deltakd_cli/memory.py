@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GIB = 2**30
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FLOAT32 = 4
 ADAMW_BYTES_PER_TRAINABLE = 4 + 8  # the float32 gradient, exp_avg and exp_avg_sq
 FOUR_BIT_BYTES = 0.5  # QLoRA's NF4 weights (scales left out: a few percent)

@@ -16,68 +16,10 @@ import torch
 
 from deltakd_cli import vocab
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.options import opt
+from deltakd_cli.option_groups import DTYPES, LoadSettings
 from deltakd_cli.outputs import local_path
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
-
-
-@dataclass(frozen=True)
-class LoadSettings:
-    """How models are fetched and built: the Hub revision of a Hub id, whether the repository's
-    own code may run (off unless asked: a model repository is code then), the attention kernel."""
-
-    revision: str | None = None
-    trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
-
-    def hub_kwargs(self, source: ModelSource) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {}
-        if self.revision and not source.is_local:
-            kwargs["revision"] = self.revision
-        if self.trust_remote_code:
-            kwargs["trust_remote_code"] = True
-        return kwargs
-
-    def check(self, device: torch.device | None = None) -> None:
-        if self.attn_implementation not in ATTENTION:
-            raise DeltakdError(
-                f"unknown --attn-implementation '{self.attn_implementation}' "
-                f"(choose from {', '.join(ATTENTION)})"
-            )
-        if self.attn_implementation == "flash_attention_2":
-            import importlib.util
-
-            if importlib.util.find_spec("flash_attn") is None:
-                raise DeltakdError(
-                    "--attn-implementation flash_attention_2 needs the flash-attn package "
-                    "(pip install flash-attn) and a CUDA GPU"
-                )
-            if device is not None and device.type != "cuda":
-                raise DeltakdError("--attn-implementation flash_attention_2 runs on CUDA only")
-
-
 DEFAULT_LOAD = LoadSettings()
-
-
-@dataclass(kw_only=True)
-class ModelLoadOptions:
-    """The options of every command that loads a model (a mixin of its options dataclass)."""
-
-    revision: str | None = opt(
-        None, help="Hub revision (branch, tag or commit) of the Hub models named by id."
-    )
-    trust_remote_code: bool = opt(
-        False, help="Let Hub models run their repository's own code (off: never silently)."
-    )
-    attn_implementation: str = opt(
-        "sdpa", help="Attention kernel: sdpa, eager, or flash_attention_2 (CUDA, flash-attn).",
-        choices=ATTENTION,
-    )  # fmt: skip
-
-    def load_settings(self) -> LoadSettings:
-        return LoadSettings(self.revision, self.trust_remote_code, self.attn_implementation)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")

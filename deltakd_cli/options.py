@@ -13,7 +13,8 @@ import dataclasses
 import inspect
 import math
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from deltakd_cli.errors import DeltakdError
@@ -21,12 +22,50 @@ from deltakd_cli.errors import DeltakdError
 REQUIRED = dataclasses.MISSING
 
 
+@dataclass(frozen=True)
+class TextForm:
+    """How a typed value is written on the command line: `parse(flag, text)` reads it once, as
+    the options are built (one line naming the flag when it is wrong); `show(value)` writes it
+    back so that parsing gives the same value (floats by repr, never rounded)."""
+
+    parse: Callable[[str, str], Any]
+    show: Callable[[Any], str]
+
+
+def parse_numbers(flag: str, text: str) -> tuple[float, ...]:
+    """A comma-separated list of finite numbers, each once, in the order given."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise DeltakdError(f"{flag} is empty; give comma-separated numbers, e.g. 0,0.5,1")
+    numbers: list[float] = []
+    for part in parts:
+        try:
+            number = float(part)
+        except ValueError:
+            raise DeltakdError(f"{flag}: {part!r} is not a number") from None
+        if not math.isfinite(number):
+            raise DeltakdError(f"{flag}: {part!r} is not a finite number")
+        if number in numbers:
+            raise DeltakdError(f"{flag}: {part} is given twice")
+        numbers.append(number)
+    return tuple(numbers)
+
+
+def numbers_text(numbers: Sequence[float]) -> str:
+    """`parse_numbers`' inverse: repr keeps every digit (0.1234567 stays 0.1234567)."""
+    return ",".join(repr(float(number)) for number in numbers)
+
+
+# A tuple of floats given as "0,0.5,1" (e.g. cache-teachers --gammas).
+NUMBER_LIST = TextForm(parse_numbers, numbers_text)
+
+
 def opt(
     default: Any = REQUIRED,
     help: str = "",
     *,
     flags: Sequence[str] | None = None,
-    choices: Sequence[Any] | None = None,
+    choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
     at_least: float | None = None,
     above: float | None = None,
     at_most: float | None = None,
@@ -38,19 +77,30 @@ def opt(
     default_factory: Any = None,
     section: str | None = None,
     key: str | None = None,
+    text: TextForm | None = None,
+    feeds: Sequence[str] = (),
+    panel: str | None = None,
+    aliases: Sequence[str] = (),
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
-    `flags` replace the derived `--field-name` (e.g. a one-way `--resume`); `choices`, `at_least`,
+    `flags` replace the derived `--field-name` (e.g. a one-way `--resume`); `choices` (or a
+    function giving them, when they live in a module the CLI must not import to show help; the
+    help text then names them), `at_least`,
     `above`, `at_most`, `below` and `finite` are checked by `check`; `argument` makes it positional
     (a `list[str]` argument without a default takes one or more values, e.g. `report DIR...`);
     `cli=False` keeps a field off the command line (set by the program, recorded all the same);
     `section` and `key` place it in a nested config file (`eval: {limit: 5}` for a pipeline's
-    `eval_limit`; config.py)."""
+    `eval_limit`; config.py); `text` gives a typed field (a tuple of floats, say) its command-line
+    form, read once into the typed value; `feeds` names the other config sections (stages) of a
+    pipeline whose option of the same name takes this field's value (`alpha` of distill also sets
+    the cache's); `panel` is the group its flag is listed under in --help (default: the option
+    group class that declares it, else the command's own options); `aliases` are old spellings
+    of the flag, still accepted (hidden from --help, with a note) for one release."""
     metadata = {
         "help": help,
         "flags": tuple(flags) if flags else None,
-        "choices": tuple(choices) if choices is not None else None,
+        "choices": choices if choices is None or callable(choices) else tuple(choices),
         "at_least": at_least,
         "above": above,
         "at_most": at_most,
@@ -61,6 +111,10 @@ def opt(
         "cli": cli,
         "section": section,
         "key": key,
+        "text": text,
+        "feeds": tuple(feeds),
+        "panel": panel,
+        "aliases": tuple(aliases),
     }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -88,6 +142,12 @@ def option_fields(cls_or_options: Any) -> list[dataclasses.Field]:
     )
 
 
+def choices_of(field: dataclasses.Field) -> tuple[Any, ...] | None:
+    """The field's choices (None: any value), calling the function that gives them if needed."""
+    choices = field.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
+
+
 def flag_of(field: dataclasses.Field) -> str:
     flags = field.metadata.get("flags")
     return flags[0] if flags else flag(field.name)
@@ -98,6 +158,56 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- typer
+
+
+OWN_PANEL = "Options"
+
+
+def panel_of(cls: type, field: dataclasses.Field) -> str:
+    """The --help panel of a field: its own `panel`, else what a class's PANELS (name -> panel)
+    says, else the PANEL of the (group) class that declares it, else the command's own."""
+    if field.metadata.get("panel"):
+        return field.metadata["panel"]
+    for klass in cls.__mro__:
+        if field.name in klass.__dict__.get("PANELS", {}):
+            return klass.__dict__["PANELS"][field.name]
+    for klass in cls.__mro__:
+        if field.name in getattr(klass, "__annotations__", {}):
+            return klass.__dict__.get("PANEL", OWN_PANEL)
+    return OWN_PANEL
+
+
+MAX_CHOICES_METAVAR = 16  # longer choice lists go into the help text (the column stays narrow)
+
+
+def metavar_of(field: dataclasses.Field) -> str | None:
+    """What --help shows for the value: the field's own metavar, else its choices (a|b|c) when
+    they are short and known without importing anything, else CHOICE (the help lists them)."""
+    if field.metadata.get("metavar"):
+        return field.metadata["metavar"]
+    choices = field.metadata.get("choices")
+    if choices and not callable(choices):
+        joined = "|".join(str(choice) for choice in choices)
+        return joined if len(joined) <= MAX_CHOICES_METAVAR else "CHOICE"
+    return None
+
+
+def help_with_choices(field: dataclasses.Field) -> str:
+    """The field's help, with "One of: ..." when it does not name every choice itself (choices
+    given by a function are named by the help already)."""
+    text = " ".join(field.metadata.get("help", "").split())
+    choices = field.metadata.get("choices")
+    if choices and not callable(choices) and not all(str(c) in text for c in choices):
+        text += " One of: " + ", ".join(str(c) for c in choices) + "."
+    return text.strip()
+
+
+def literal(text: str) -> str:
+    """Help text shown as written: rich would read `deltakd[lora]` as markup and drop it. (It
+    also reads `:name:` as an emoji: help texts avoid that pattern; tests/test_cli.py checks.)"""
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def typer_parameters(cls: type) -> list[inspect.Parameter]:
@@ -113,15 +223,20 @@ def typer_parameters(cls: type) -> list[inspect.Parameter]:
         meta = field.metadata
         required = field.default is REQUIRED and field.default_factory is REQUIRED
         default = None if required else field.default
-        help_text = meta["help"] + (" (required)" if required else "")
+        help_text = literal(help_with_choices(field) + (" (required)" if required else ""))
         if field.default_factory is not REQUIRED:
             default = None
         if meta.get("argument"):
             info = typer.Argument(default, help=help_text, metavar=meta.get("metavar"))
         else:
             names = list(meta["flags"]) if meta.get("flags") else []
-            info = typer.Option(default, *names, help=help_text, metavar=meta.get("metavar"))
-        annotation = hints[field.name]
+            if not names and hints[field.name] is bool and field.default is False:
+                names = [flag(field.name)]  # off by default: a one-way flag, no --no-x to list
+            info = typer.Option(
+                default, *names, help=help_text, metavar=metavar_of(field),
+                rich_help_panel=panel_of(cls, field),
+            )  # fmt: skip
+        annotation = str if meta.get("text") else hints[field.name]
         if required or field.default_factory is not REQUIRED:
             annotation = annotation | None
         parameters.append(
@@ -134,12 +249,17 @@ def typer_parameters(cls: type) -> list[inspect.Parameter]:
 
 def from_values(cls: type, values: dict[str, Any]) -> Any:
     """The options object from a command's parsed values (an unset list option is its empty
-    default)."""
+    default; a field with a text form is read from its text here, once)."""
     fields = {field.name: field for field in dataclasses.fields(cls)}
     given = {}
     for name, value in values.items():
         field = fields[name]
-        if value is None and field.default_factory is not REQUIRED:
+        form = field.metadata.get("text")
+        if form is not None and isinstance(value, str):
+            value = form.parse(flag_of(field), value)
+        elif form is not None and isinstance(value, (list, tuple)):
+            value = tuple(value)
+        elif value is None and field.default_factory is not REQUIRED:
             value = field.default_factory()
         elif isinstance(value, tuple):
             value = list(value)
@@ -178,7 +298,7 @@ def check(options: Any) -> None:
         if value is None:
             continue
         name = flag_of(field)
-        choices = meta.get("choices")
+        choices = choices_of(field)
         if choices is not None and value not in choices:
             shown = ", ".join(str(c) for c in choices)
             raise DeltakdError(f"unknown {name} '{value}' (choose from {shown})")
@@ -212,11 +332,14 @@ def to_argv(options: Any, *, skip_defaults: bool = True) -> list[str]:
             positional += [str(item) for item in items]  # a list argument takes one or more
             continue
         name = flag_of(field)
-        if isinstance(value, bool):
+        form = field.metadata.get("text")
+        if form is not None and value is not None:
+            named += [name, form.show(value)]
+        elif isinstance(value, bool):
             flags = field.metadata.get("flags")
             if value:
                 named.append(flags[0] if flags else name)
-            elif not flags:
+            elif not flags and field.default is True:  # only an on-by-default flag has --no-x
                 named.append("--no-" + name[2:])
         elif isinstance(value, (list, tuple)):
             for item in value:

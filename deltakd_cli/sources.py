@@ -233,3 +233,15 @@ def fingerprint(source: DataSource) -> dict[str, Any]:
     if not source.path.is_file():
         raise DeltakdError(f"data file not found: {source.spec}")
     return {"path": str(source.path.resolve()), "sha256": file_sha256(source.path)}
+
+
+def text_file_rows(path: Path) -> list[dict[str, str]]:
+    """A .txt file as text rows: one document per non-empty line, ids by line number."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DeltakdError(f"{path}: not UTF-8 text") from None
+    rows = [{"id": str(n), "text": line} for n, line in enumerate(lines) if line.strip()]
+    if not rows:
+        raise DeltakdError(f"{path}: no text (the file is empty)")
+    return rows

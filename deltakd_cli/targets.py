@@ -13,6 +13,15 @@ import torch
 
 from deltakd_cli import sampling
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.target_rules import (  # noqa: F401  (their home; used here and re-read)
+    RULES_NEEDING_GRID,
+    RULES_NEEDING_STUDENT,
+    SELECTION_RULES,
+    TAIL_RULES,
+    TAIL_RULES_NEEDING_STUDENT,
+    GridPoint,
+    default_rules,
+)
 
 
 def _entry(kind: str, source: str, optional: bool = False) -> Any:
@@ -120,41 +129,7 @@ CACHED_STUDENT_TAIL_FIELDS: tuple[str, ...] = tuple(
 # Names and small helpers
 # ---------------------------------------------------------------------------------------------
 
-SELECTION_RULES: tuple[str, ...] = ("target", "tuned", "tuned+base", "tuned+student", "grid")
-"""How the kept ids K are chosen at cache time (full vocabulary known):
-
-target         top-k of the exact Delta target p* = softmax(l0 + alpha*(lT - lB)) (needs S0)
-tuned          top-k of the tuned teacher lT
-tuned+base     top k//2 of lT, the rest the highest lB not already chosen
-tuned+student  top k//2 of lT, the rest the highest l0 not already chosen (needs S0)
-grid           top-k of max over the grid points (gamma, alpha) of the normalised family target
-               p_gamma,alpha (needs S0 and a grid; one K serves every grid point)
-"""
-
-TAIL_RULES: tuple[str, ...] = ("mass-matched", "teacher")
-"""How Delta is set outside K (the tail):
-
-mass-matched   c = log sum_tail p0 e^{alpha*Delta} - log sum_tail p0, stored at cache time, so the
-               cached target's tail mass equals the exact target's (needs S0; valid at that alpha)
-teacher        alpha * (log mT - log mB), from the two teachers' tail masses (any alpha)
-"""
-
-RULES_NEEDING_STUDENT: frozenset[str] = frozenset({"target", "tuned+student", "grid"})
-RULES_NEEDING_GRID: frozenset[str] = frozenset({"grid"})
-
-GridPoint = tuple[float, float]
-"""One point (gamma, alpha) of the KD-to-Delta family: log p ∝ (1-gamma) lT + gamma (l0 + alpha
-Delta). A cache's grid is a tuple of them, in the order the manifest lists them."""
-TAIL_RULES_NEEDING_STUDENT: frozenset[str] = frozenset({"mass-matched"})
-
-
-def default_rules(has_student: bool, has_grid: bool = False) -> tuple[str, str]:
-    """(selection, tail rule) when none is asked for: the exact target's top-k and the
-    mass-matched tail with the base student (the measured best, docs/method.md), else the tuned
-    teacher's top-k and the teachers' tail. With a family grid, ids that serve every grid point."""
-    if has_grid:
-        return ("grid", "mass-matched")
-    return ("target", "mass-matched") if has_student else ("tuned", "teacher")
+# The rules' names live in target_rules.py (no torch: the CLI lists them in its help).
 
 
 _NEG_INF = float("-inf")
@@ -520,11 +495,12 @@ def sampled_tail_entries(
 # ---------------------------------------------------------------------------------------------
 
 
-def alphas_match(alpha: float, cache_alpha: float | None) -> bool:
-    """Whether a stored mass-matched tail shift (computed at cache_alpha) is valid at alpha."""
-    if cache_alpha is None:
+def same_setting(value: float, recorded: float | None) -> bool:
+    """Whether a setting (an alpha, a gamma) equals the one a cache recorded, up to float noise:
+    a stored tail shift or grid column computed at `recorded` is valid at `value`."""
+    if recorded is None:
         return False
-    return math.isclose(alpha, cache_alpha, rel_tol=1e-6, abs_tol=1e-9)
+    return math.isclose(value, recorded, rel_tol=1e-6, abs_tol=1e-9)
 
 
 def teacher_tail_shift(cached: CachedTargets, alpha: float) -> torch.Tensor:
@@ -549,7 +525,7 @@ def tail_shift(cached: CachedTargets, alpha: float, cache_alpha: float | None) -
     The stored mass-matched shift when the cache has one and alpha equals the cache's alpha;
     otherwise (teacher-only cache, different alpha, or cache_alpha unknown) the teacher rule
     alpha*(log mT - log mB), which is lower fidelity (see docs/method.md)."""
-    if cached.target_tail_shift is not None and alphas_match(alpha, cache_alpha):
+    if cached.target_tail_shift is not None and same_setting(alpha, cache_alpha):
         return _compute(cached.target_tail_shift)
     return teacher_tail_shift(cached, alpha)
 
@@ -607,7 +583,7 @@ def grid_column(grid: tuple[GridPoint, ...], gamma: float, alpha: float) -> int 
     """The column of (gamma, alpha) in a cache's grid (float match within 1e-6 relative), or
     None when the point is not in the grid."""
     for column, (grid_gamma, grid_alpha) in enumerate(grid):
-        if alphas_match(gamma, grid_gamma) and alphas_match(alpha, grid_alpha):
+        if same_setting(gamma, grid_gamma) and same_setting(alpha, grid_alpha):
             return column
     return None
 
@@ -697,7 +673,7 @@ def exact_family_log_tail(
     column = grid_column(cache_grid, gamma, alpha)
     if cached.family_tail_logmass is not None and column is not None:
         return _compute(cached.family_tail_logmass[:, column])
-    exact_shift = cached.target_tail_shift is not None and alphas_match(alpha, cache_alpha)
+    exact_shift = cached.target_tail_shift is not None and same_setting(alpha, cache_alpha)
     if gamma == 1 and exact_shift and cached.student_tail is not None:
         return _compute(cached.student_tail).log() + _compute(cached.target_tail_shift)
     return None

@@ -198,7 +198,7 @@ def test_a_format_3_cache_without_a_grid_is_still_read(sparse_cache, tmp_path):
     store.write_manifest(store.Location(str(old)), manifest)
     reader = CacheReader(str(old))
     reader.check_structure()
-    assert reader.grid_points == []
+    assert reader.grid_points == ()
     example = next(all_examples(reader))
     assert example.targets.family_tail_logmass is None and example.targets.student_tail is not None
 

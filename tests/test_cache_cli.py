@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 from conftest import build_model, write_jsonl
-from helpers import assert_one_line_error, cache_args, run_cli, run_module
+from helpers import assert_one_line_error, cache_args, flat, run_cli, run_module
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +173,25 @@ def test_inspect_summary_json_and_example(good_cache):
     assert len(decoded["positions"]) == len(decoded["input_ids"]) - prompt_length
 
 
+def test_inspect_example_shows_token_text_and_a_position_limit(tiny, good_cache):
+    """Token text next to the ids, decoded independently by the fixture's tokenizer; the table
+    shows a few positions (--positions N for more), the JSON all unless limited."""
+    decoded = json.loads(run_cli(["inspect", good_cache, "--example", 1, "--json"]).output)
+    tokenizer = tiny.tokenizer
+    assert decoded["tokens"] == tokenizer.convert_ids_to_tokens(decoded["input_ids"])
+    first = decoded["positions"][0]
+    assert first["ids_text"] == tokenizer.convert_ids_to_tokens(first["ids"])
+    every = len(decoded["positions"])
+    assert every == decoded["target_positions"] > 3
+    limited = run_cli(["inspect", good_cache, "--example", 1, "--json", "--positions", 3])
+    assert len(json.loads(limited.output)["positions"]) == 3
+    table = run_cli(["inspect", good_cache, "--example", 1, "--positions", 2])
+    assert table.exit_code == 0, table.output
+    assert f"{every - 2} more target positions" in flat(table.output)
+    assert repr(first["ids_text"][0]) in table.output
+    assert_one_line_error(run_cli(["inspect", good_cache, "--positions", 2]), "needs --example")
+
+
 def test_inspect_verify_names_a_damaged_shard(good_cache, tmp_path):
     copy = tmp_path / "damaged"
     shutil.copytree(good_cache, copy)
@@ -191,6 +210,7 @@ def test_inspect_refuses_unfinished_and_missing(tiny, tmp_path):
     assert_one_line_error(run_cli(["inspect", str(tmp_path / "half")]), "unfinished cache")
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point(good_cache):
     result = run_module(["inspect", str(good_cache), "--json"])
     assert result.returncode == 0, result.stderr

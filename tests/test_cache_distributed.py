@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import make_rows
 from helpers import cache_args, run_module, torchrun
 
 from deltakd_cli.cache.store import CacheReader
+
+pytestmark = pytest.mark.slow
 
 
 def shard_digests(out) -> list[tuple[str, str, int]]:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from deltakd_cli import cli, config
 from deltakd_cli.commands import COMMANDS
-from deltakd_cli.options import REQUIRED, option_fields, to_argv
+from deltakd_cli.options import REQUIRED, choices_of, option_fields, to_argv
 from deltakd_cli.pipeline.options import PipelineOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +35,7 @@ def _changed(field: dataclasses.Field, hint) -> object:
     default = field.default if field.default is not REQUIRED else None
     if field.default_factory is not REQUIRED:
         default = field.default_factory()
-    choices = field.metadata.get("choices")
+    choices = choices_of(field)
     if choices:
         return next(c for c in choices if c != default)
     kind = hint
@@ -49,6 +49,8 @@ def _changed(field: dataclasses.Field, hint) -> object:
         return (default or 0.25) * 0.5 if default != 0 else 0.125
     if typing.get_origin(kind) is list:
         return ["first", "second"]
+    if typing.get_origin(kind) is tuple:  # a number list (--gammas): typed floats
+        return (0.125, 0.1234567)
     return f"value-of-{field.name}"
 
 

@@ -170,6 +170,7 @@ def test_bad_input_is_one_line_and_exit_2(
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], output
 
 
+@pytest.mark.slow
 def test_bad_model_in_a_real_process(tiny, tmp_path):
     result = subprocess.run(
         [
@@ -190,3 +191,24 @@ def test_bad_model_in_a_real_process(tiny, tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith(f"error: model not found: {tmp_path / 'nope'}")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_names_a_model_and_prints_json_for_scripts(tiny, tmp_path):
+    """--model NAME=MODEL shows the model as NAME (a group of one, usable in --compare and
+    --baseline); --json prints the report on stdout, parseable, with no table around it."""
+    args = ["eval", "--model", f"small={tiny.student}", "--model", tiny.teacher_base,
+            "--data", tiny.test, "--limit", 2, "--protocol", "greedy", "--max-new-tokens", 3,
+            "--device", "cpu", "--baseline", "small", "--json"]  # fmt: skip
+    result = CliRunner().invoke(cli.app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [group["name"] for group in report["groups"]] == ["small"]
+    assert report["baseline"] == str(tiny.student)
+    assert report["labels"] == {str(tiny.student): "small"}
+    assert [model["name"] for model in report["models"]] == [str(tiny.student),
+                                                             str(tiny.teacher_base)]  # fmt: skip
+    table = CliRunner().invoke(cli.app, [str(a) for a in args[:-1]])
+    assert table.exit_code == 0, table.output
+    assert "difference from small" in table.stdout
+    rows = [line for line in table.stdout.splitlines() if line.startswith("│ ")]
+    assert rows[0].split("│")[1].strip() == "small"

@@ -21,6 +21,7 @@ def load_bench():
         sys.path.remove(str(REPO / "bench"))
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_stage_and_writes_the_page(tmp_path):
     gpu_bench = load_bench()
     page = tmp_path / "page.md"

@@ -1,21 +1,28 @@
 """The layout's rules (docs/architecture.md), read from the source: nothing imports the CLI, no
-import cycle, and no stage imports one that comes after it on the data path."""
+import cycle, no stage imports one that comes after it on the data path, and the stages that
+share a level (training and evaluation) know nothing of each other."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "deltakd_cli"
 
 # Each module's place on the data path: a module may import only from its own level or lower.
 LEVELS = {
-    "errors": 0, "faults": 0, "options": 1, "config": 1, "outputs": 1, "distributed": 1,
+    "errors": 0, "faults": 0, "options": 1, "target_rules": 1, "config": 1, "outputs": 1,
+    "distributed": 1, "sampling": 1,
     "console": 2, "tracking": 2,
-    "data": 2, "models": 2, "memory": 2, "targets": 2, "sources": 2, "vocab": 2, "losses": 3,
-    "cache": 4, "train": 5, "evaluate": 5, "report": 6, "pipeline": 7, "commands": 8, "cli": 9,
+    "data": 2, "models": 2, "memory": 2, "targets": 2, "sources": 2, "option_groups": 2,
+    "vocab": 2, "losses": 3,
+    "cache": 4, "train": 5, "evaluate": 5, "init_student": 6, "report": 6, "pipeline": 7,
+    "commands": 8, "cli": 9,
     "__init__": 0, "__main__": 10,
 }  # fmt: skip
+# Packages on one level that must not import each other.
+SIBLINGS = {"train", "evaluate"}
 
 
 def module_name(path: Path) -> str:
@@ -77,6 +84,23 @@ def test_imports_go_down_the_data_path():
     assert upward == []
 
 
+def test_stages_on_one_level_do_not_import_each_other():
+    """train/ and evaluate/ both sit above the cache: evaluation scores any model, trained here or
+    not, and training never scores. Siblings importing each other would hide a second path."""
+    sideways = [
+        (module, target)
+        for module, targets in graph().items()
+        for target in targets
+        if len(module.split(".")) > 1
+        and len(target.split(".")) > 1
+        and module.split(".")[1] != target.split(".")[1]
+        and level(target) == level(module)
+        and module.split(".")[1] in SIBLINGS
+        and target.split(".")[1] in SIBLINGS
+    ]
+    assert sideways == []
+
+
 def test_no_import_cycle():
     edges = graph()
     # packages import their own modules' names only through the full path: drop pkg -> pkg.mod
@@ -100,3 +124,13 @@ def test_no_import_cycle():
         if state.get(start) is None and walk(start, [start]):
             break
     assert cycle == []
+
+
+def test_the_architecture_doc_lists_every_module():
+    """docs/architecture.md's layout table names each module of the package once, and nothing
+    that is not one."""
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    table = doc[doc.index("## Layout") : doc.index("## Rules the layout keeps")]
+    listed = re.findall(r"^\| `([\w/]+\.py)` \|", table, flags=re.MULTILINE)
+    modules = sorted(path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py"))
+    assert sorted(listed) == modules

@@ -9,6 +9,7 @@ import pytest
 from helpers import assert_one_line_error, run_cli
 
 from deltakd_cli import commands
+from deltakd_cli.cache.options import CacheOptions
 from deltakd_cli.commands import COMMANDS
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import check, flag_of, option_fields, record, to_argv, typer_parameters
@@ -65,10 +66,13 @@ def test_the_command_line_of_a_stage_gives_back_its_options(monkeypatch):
         DistillOptions(cache="c", student="s", out="o", objective="kd", lr=1e-3, resume=True,
                        frozen_student=True, verify_cache=False, max_tokens_per_batch=512),
         FinetuneOptions(model="m", data="d.jsonl", out="o", template="chat", max_length=64),
+        CacheOptions(teacher_base="b", teacher_tuned="t", data="d", out="o", student="s",
+                     gammas=(0.0, 0.1234567, 1 / 3), alphas=(1.5,)),
     ]  # fmt: skip
+    names = {DistillOptions: "distill", FinetuneOptions: "finetune", CacheOptions: "cache-teachers"}
     for options in stages:
         argv = to_argv(options)
-        name = "distill" if isinstance(options, DistillOptions) else "finetune"
+        name = names[type(options)]
         result = run_cli([name, *argv])
         assert result.exit_code == 0, result.output
         assert seen[-1] == options
@@ -76,6 +80,23 @@ def test_the_command_line_of_a_stage_gives_back_its_options(monkeypatch):
     assert to_argv(DistillOptions(cache="c", student="s", out="o")) == [
         "--cache", "c", "--student", "s", "--out", "o", "--batch-size", "8",
     ]  # fmt: skip
+
+
+def test_number_lists_are_read_once_into_floats(monkeypatch, tmp_path):
+    """--gammas text becomes a tuple of floats as the options are built (from the flag or from
+    a config's list), and a bad list is one line naming the flag."""
+    seen = []
+    monkeypatch.setattr("deltakd_cli.cli.run_command", lambda name, options: seen.append(options))
+    base = ["cache-teachers", "--teacher-base", "b", "--teacher-tuned", "t", "--data", "d",
+            "--out", "o"]  # fmt: skip
+    assert run_cli([*base, "--gammas", "0, 0.1234567,1"]).exit_code == 0
+    assert seen[-1].gammas == (0.0, 0.1234567, 1.0) and seen[-1].alphas is None
+    config = tmp_path / "c.yaml"
+    config.write_text("gammas: [0, 0.1234567]\nalphas: 2,3\n")
+    assert run_cli([*base, "--config", config]).exit_code == 0
+    assert (seen[-1].gammas, seen[-1].alphas) == ((0.0, 0.1234567), (2.0, 3.0))
+    assert_one_line_error(run_cli([*base, "--gammas", "0,x"]), "--gammas: 'x' is not a number")
+    assert_one_line_error(run_cli([*base, "--alphas", "1,1"]), "--alphas: 1 is given twice")
 
 
 def test_a_list_argument_takes_one_or_more_values(monkeypatch):

@@ -23,6 +23,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow
 def test_a_lock_held_by_another_process_is_refused_with_its_pid(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True
@@ -44,6 +45,7 @@ def test_a_lock_held_by_another_process_is_refused_with_its_pid(tmp_path):
     assert not (tmp_path / "out" / outputs.LOCK).exists()
 
 
+@pytest.mark.slow
 def test_without_flock_a_dead_holder_on_this_host_is_stale(tmp_path, monkeypatch):
     """The fallback for file systems without flock: the lock file's content decides."""
     import fcntl

@@ -42,6 +42,7 @@ def stages_reused(output: str) -> set[str]:
     return set(re.findall(r"✓ (.+?): done earlier", flat(output)))
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
     out = tmp_path / "run"
     args = [
@@ -213,6 +214,7 @@ def packaged_assets(wheels: Path, count: int = 24) -> None:
                 z.writestr(assets.EXTRA_TEXT.member, claims + "\n")
 
 
+@pytest.mark.slow
 def test_demo_on_packaged_assets_end_to_end(tiny, tmp_path, monkeypatch):
     """The demo's own path: find the wheels, convert, split, init-student, every stage, table.
     The GGUF conversion is replaced by a copy of the tiny teacher (a real GGUF is 98 MB)."""
@@ -230,18 +232,13 @@ def test_demo_on_packaged_assets_end_to_end(tiny, tmp_path, monkeypatch):
         split=assets.SplitSettings(
             train_rows=12, test_rows=4, max_abstract_words=12, heal_rows=30, heal_max_words=20
         ),
-        student_layers=1,
-        heal_batch_size=4,
-        heal_max_length=64,
-        finetune_epochs=1,
-        finetune_lr=1e-3,
-        top_k=16,
-        max_length=96,
-        epochs=1,
-        lr=1e-3,
-        max_new_tokens=6,
-        eval_batch_size=4,
-    )
+        settings={
+            **demo.DEFAULT_PROFILE.settings,
+            "student_layers": 1, "heal_batch_size": 4, "heal_max_length": 64,
+            "finetune_epochs": 1, "finetune_lr": 1e-3, "top_k": 16, "max_length": 96,
+            "epochs": 1, "lr": 1e-3, "max_new_tokens": 6, "eval_batch_size": 4,
+        },
+    )  # fmt: skip
     options = DemoOptions(work_dir=str(tmp_path / "demo"), wheel_dir=str(wheels), device="cpu")
     summary = demo.run_demo(options, run_command, profile)
     work = tmp_path / "demo"
@@ -303,6 +300,7 @@ def test_a_stage_resumes_from_its_checkpoint_and_redoes_on_new_inputs(tmp_path):
     assert not (out / "stale.txt").exists()
 
 
+@pytest.mark.slow
 def test_each_stage_records_its_own_peak_rss(tmp_path):
     """The high-water mark is reset per stage: a stage that holds 300 MiB records at least that,
     the light stage after it does not inherit it."""
@@ -329,6 +327,7 @@ def test_each_stage_records_its_own_peak_rss(tmp_path):
     assert "peak RSS" in lines[0] and lines[0].startswith("heavy")
 
 
+@pytest.mark.slow
 def test_a_torchrun_stage_records_the_peak_of_its_processes():
     memory = stages.run_torchrun(["--help"], 1)
     assert memory["peak_rss_mib"] >= 20  # a Python interpreter with torch imported, at least
@@ -432,11 +431,11 @@ def test_full_is_larger_than_the_default_and_trains_several_seeds():
     default = sum(demo.estimate_seconds(demo.DEFAULT_PROFILE, counts).values())
     full = sum(demo.estimate_seconds(demo.FULL_PROFILE, counts).values())
     assert full > 2 * default
-    assert len(demo.FULL_PROFILE.student_seeds.split(",")) >= 3
+    assert len(demo.FULL_PROFILE.get("student_seeds").split(",")) >= 3
     full_split, default_split = demo.FULL_PROFILE.split, demo.DEFAULT_PROFILE.split
     assert full_split.train_rows > default_split.train_rows
     assert full_split.test_rows > default_split.test_rows
-    assert demo.FULL_PROFILE.epochs > demo.DEFAULT_PROFILE.epochs
+    assert demo.FULL_PROFILE.get("epochs") > demo.DEFAULT_PROFILE.get("epochs")
 
 
 # ----------------------------------------------------------------------------- the Makefile
@@ -448,6 +447,7 @@ def make_dry_run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_make_pipeline_and_demo_call_the_cli():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")

@@ -59,10 +59,13 @@ def test_the_choice_reads_validation_scores_only_and_breaks_ties_by_grid_order()
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_the_sweep_chooses_on_validation_and_scores_every_point_on_test(tiny, tmp_path):
     """A real pipeline --sweep on the tiny fixture (real cache with the grid, real students),
     with a fake eval whose validation and test scores disagree: the point chosen is the
-    validation's best; the test rows are scored for every point but never reach the choice."""
+    validation's best; the test rows are scored for every point but never reach the choice.
+    A gamma of 0.1234567 is cached and trained at exactly that value (a rounded 0.123457 would
+    miss the cache's grid column, 1e-6 relative, and fall back to the bound)."""
     import json
     from pathlib import Path
 
@@ -73,7 +76,7 @@ def test_the_sweep_chooses_on_validation_and_scores_every_point_on_test(tiny, tm
     from deltakd_cli.pipeline.run import pipeline
 
     out = tmp_path / "run"
-    best = {"validation": "student-gamma0.5", "test": "student-gamma1"}
+    best = {"validation": "student-gamma0.1234567", "test": "student-gamma1"}
     seen_data: list[str] = []
 
     def fake_eval(options) -> None:
@@ -105,21 +108,25 @@ def test_the_sweep_chooses_on_validation_and_scores_every_point_on_test(tiny, tm
     options = PipelineOptions(
         teacher_base=str(tiny.teacher_base), teacher_tuned=str(tiny.teacher_tuned),
         student=str(tiny.student), train=str(tiny.train), test=str(tiny.test), out=str(out),
-        sweep=["gamma=0,0.5,1"], validation_fraction=0.2, epochs=1, lr=1e-3, max_length=96,
+        sweep=["gamma=0,0.1234567,1"], validation_fraction=0.2, epochs=1, lr=1e-3, max_length=96,
         top_k=16, device="cpu", save_every=0,
     )  # fmt: skip
     summary = pipeline(options, runner)
     assert seen_data == ["validation", "test"]
-    assert summary["sweep"]["chosen"] == "student-gamma0.5"  # not test's best (gamma 1)
+    odd = "student-gamma0.1234567"
+    assert summary["sweep"]["chosen"] == odd  # not test's best (gamma 1)
     rows = {row["role"]: row for row in summary["results"]["rows"]}
-    assert set(rows) >= {"student-sft", "student-gamma0", "student-gamma0.5", "student-gamma1"}
-    assert rows["student-gamma0.5"]["chosen"] and not rows["student-gamma1"]["chosen"]
-    assert rows["student-gamma1"]["rougeL"] > rows["student-gamma0.5"]["rougeL"]  # test
+    assert set(rows) >= {"student-sft", "student-gamma0", odd, "student-gamma1"}
+    assert rows[odd]["chosen"] and not rows["student-gamma1"]["chosen"]
+    assert rows["student-gamma1"]["rougeL"] > rows[odd]["rougeL"]  # test
     manifest = json.loads((out / "cache" / "manifest.json").read_text())
     assert manifest["has_student"]
-    for role, gamma in (("student-gamma0", 0.0), ("student-gamma1", 1.0)):
+    assert [gamma for gamma, _ in manifest["grid"]["points"]] == [0.0, 0.1234567, 1.0]
+    for role, gamma in (("student-gamma0", 0.0), (odd, 0.1234567), ("student-gamma1", 1.0)):
         run = json.loads((out / "models" / role / "run.json").read_text())
         assert run["options"]["objective"] == "kd-to-delta" and run["options"]["gamma"] == gamma
+        cached_grid = run["provenance"]["cache"]["grid"]["points"]
+        assert [gamma, run["options"]["alpha"]] in cached_grid  # the exact column, no fallback
     validation_rows = (out / "data" / "validation.jsonl").read_text().splitlines()
     test_rows = set(Path(tiny.test).read_text().splitlines())
     assert validation_rows and not set(validation_rows) & test_rows

@@ -140,6 +140,7 @@ def launch(zygote: Zygote, args: list, fault: str | None = None, timeout: int = 
 # ----------------------------------------------------------------------------- kill -9
 
 
+@pytest.mark.slow
 def test_cache_teachers_killed_at_20_points_resumes_byte_identical(tiny, world, zygote, tmp_path):
     out = tmp_path / "cache"
     args = cache_args(tiny, out, *CACHE_OPTIONS, "--data", world["data"])
@@ -162,6 +163,7 @@ def test_cache_teachers_killed_at_20_points_resumes_byte_identical(tiny, world, 
     assert digests(out) == digests(world["cache"])
 
 
+@pytest.mark.slow
 def test_distill_killed_at_20_points_resumes_byte_identical(tiny, world, zygote, tmp_path):
     out = tmp_path / "run"
     total = len(world["distill_points"])
@@ -203,6 +205,7 @@ def run_with_fault(args: list, fault: str, monkeypatch):
         monkeypatch.delenv(faults.FAULT_ENV)
 
 
+@pytest.mark.slow
 def test_cache_teachers_full_disk_at_20_points(tiny, world, tmp_path, monkeypatch, watchdog):
     monkeypatch.setattr(cache_store, "FLUSH_SECONDS", 0.0)
     out = tmp_path / "cache"
@@ -222,6 +225,7 @@ def test_cache_teachers_full_disk_at_20_points(tiny, world, tmp_path, monkeypatc
     assert digests(out) == digests(world["cache"])
 
 
+@pytest.mark.slow
 def test_distill_full_disk_at_20_points(tiny, world, tmp_path, monkeypatch, watchdog):
     out = tmp_path / "run"
     points = world["distill_points"]
@@ -247,6 +251,7 @@ def test_distill_full_disk_at_20_points(tiny, world, tmp_path, monkeypatch, watc
 # ----------------------------------------------------------------------------- 1: a dying writer
 
 
+@pytest.mark.slow
 def test_a_writer_that_fails_stops_the_run_instead_of_hanging(tiny, world, zygote, tmp_path):
     """Case 1: the shard writer thread dies on its first write while the compute side keeps
     queueing batches (60 batches, a queue of 4): the run must stop with one line, not block."""
@@ -263,6 +268,7 @@ def test_a_writer_that_fails_stops_the_run_instead_of_hanging(tiny, world, zygot
     assert not (out / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_on_a_small_tmpfs(tiny, zygote, tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
@@ -299,6 +305,7 @@ def wait_for_lock(directory: Path, process: subprocess.Popen) -> None:
     raise AssertionError(f"{process.args} did not take its lock: {process.communicate()}")
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_output_the_second_is_refused(tiny, world, tmp_path):
     """Case 2, with two real processes per command: the first holds the output (paused at a
     write), the second is refused with the holder's pid; the first then finishes normally."""
@@ -398,6 +405,7 @@ def checkpointed_run(tiny, world, out, monkeypatch) -> None:
     assert list((out / "checkpoints").glob("step-*"))
 
 
+@pytest.mark.slow
 def test_resume_over_a_rebuilt_cache_is_refused(tiny, world, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     shutil.copytree(world["cache"], cache)
@@ -524,6 +532,7 @@ def test_file_urls_are_local_paths(tiny, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- 9: one line
 
 
+@pytest.mark.slow
 def test_full_disk_at_each_kind_of_write_is_one_line(tiny, world, tmp_path, monkeypatch):
     monkeypatch.setattr(cache_store, "FLUSH_SECONDS", 0.0)  # as in the traced reference
     cache_args_ = cache_args(tiny, tmp_path / "c", *CACHE_OPTIONS, "--data", world["data"])
@@ -601,6 +610,7 @@ def interrupt(args: list, pause_at: int, trace: Path) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_with_a_hint_that_works(tiny, world, zygote, tmp_path):
     out = tmp_path / "run"
     args = distill_args(world["cache"], tiny.student, out, "--epochs", 2, "--num-workers", 2)

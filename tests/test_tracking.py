@@ -61,6 +61,7 @@ def expected_points(lines: list[dict], key: str) -> list[tuple[int, float]]:
     return [(line["step"], float(line[key])) for line in lines if key in line]
 
 
+@pytest.mark.slow
 def test_metrics_lines_are_the_logged_steps(tracked_run):
     out, lines = tracked_run
     assert [line["step"] for line in lines] == [2, 3, 4, 5]  # log-every 2, held-out at 3, end
@@ -71,6 +72,7 @@ def test_metrics_lines_are_the_logged_steps(tracked_run):
     assert seen == sorted(seen) and len(set(seen)) == len(seen)
 
 
+@pytest.mark.slow
 def test_tensorboard_events_read_back(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -127,6 +129,7 @@ def _wandb_history(run_dir: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_reads_back(tracked_run):
     out, lines = tracked_run
     run = json.loads((out / "run.json").read_text())
@@ -158,6 +161,7 @@ def _wandb_config(run_dir: Path) -> dict:
     return config
 
 
+@pytest.mark.slow
 def test_mlflow_file_store_reads_back(tracked_run):
     from mlflow.tracking import MlflowClient
 
@@ -211,6 +215,7 @@ PLAIN_LINE = re.compile(
 )
 
 
+@pytest.mark.slow
 def test_progress_through_a_pipe_is_plain_lines(tiny, caches, tmp_path):
     """stderr to a pipe (as under nohup, SLURM or `| tee`): whole lines, never a bar redrawn with
     carriage returns; with DELTAKD_LOG_SECONDS=0 one per step, each with step, loss and ETA."""

@@ -136,6 +136,7 @@ def test_distill_exports_a_loadable_model_with_provenance(tiny, cache, tmp_path)
     assert "Delta-KD" in card and run["student"]["weights_sha256"][:12] in card
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_ends_with_identical_weights(tiny, cache, tmp_path, monkeypatch):
     """A real process dies by SIGKILL while writing its second checkpoint (the first one is
     complete); --resume must pick the complete one and end bit-identical to a clean run."""

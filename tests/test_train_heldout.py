@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from deltakd_cli import data, losses, models
 from deltakd_cli.cache.store import CacheReader
+from deltakd_cli.option_groups import DataOptions
 from deltakd_cli.train import batching
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,6 +91,7 @@ def test_held_out_loss_is_the_objective_on_the_held_out_rows(tiny, caches, tmp_p
     assert run["provenance"]["eval_data"]["cache"]["path"] == str(held_out.resolve())
 
 
+@pytest.mark.slow
 def test_the_held_out_loss_does_not_change_training(tiny, caches, tmp_path):
     train, held_out = caches
     common = [
@@ -109,6 +111,7 @@ def test_the_held_out_loss_does_not_change_training(tiny, caches, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_keep_best_exports_the_lowest_held_out_loss(tiny, caches, tmp_path):
     train, held_out = caches
     out = tmp_path / "best"
@@ -144,7 +147,7 @@ def test_finetune_held_out_loss_is_the_cross_entropy_of_the_held_out_rows(tiny, 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokenizer = models.load_tokenizer(str(out))
     run = json.loads((out / "run.json").read_text())
-    examples = data.load_examples(data.DataOptions().data_source(str(tiny.test)))
+    examples = data.load_examples(DataOptions().data_source(str(tiny.test)))
     tokenized = data.tokenize_all(
         examples, run["options"]["template"], tokenizer, run["options"]["max_length"], "all"
     )

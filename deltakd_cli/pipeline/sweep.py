@@ -9,10 +9,17 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from deltakd_cli.cache.options import parse_numbers
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.options import parse_numbers
 
 SWEPT = ("gamma", "alpha")
+
+
+def exact_text(number: float) -> str:
+    """The shortest text of a number that reads back as the same float: 0.5 and 1 stay short,
+    0.1234567 keeps every digit (two points never share a role name)."""
+    short = f"{number:g}"
+    return short if float(short) == number else repr(float(number))
 
 
 @dataclass(frozen=True)
@@ -21,8 +28,8 @@ class SweepPoint:
     alpha: float
 
     def role(self, alphas_swept: bool) -> str:
-        name = f"student-gamma{self.gamma:g}"
-        return name + (f"-alpha{self.alpha:g}" if alphas_swept else "")
+        name = f"student-gamma{exact_text(self.gamma)}"
+        return name + (f"-alpha{exact_text(self.alpha)}" if alphas_swept else "")
 
     def label(self, alphas_swept: bool) -> str:
         if self.gamma == 0:
@@ -30,8 +37,9 @@ class SweepPoint:
         elif self.gamma == 1:
             what = "Delta-KD (gamma 1)"
         else:
-            what = f"KD->Delta gamma {self.gamma:g}"
-        return what + (f", alpha {self.alpha:g}" if alphas_swept else "") + " student"
+            what = f"KD->Delta gamma {exact_text(self.gamma)}"
+        alpha = f", alpha {exact_text(self.alpha)}" if alphas_swept else ""
+        return what + alpha + " student"
 
 
 def _numbers(name: str, text: str) -> list[float]:

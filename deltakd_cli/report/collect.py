@@ -111,7 +111,7 @@ class Evaluation:
 
 
 @dataclass
-class SweepPoint:
+class ScoredSweepPoint:
     """One point of a pipeline's --sweep: its test score (and spread over training seeds), its
     validation score (what chose), and its paired difference to SFT on test."""
 
@@ -128,7 +128,7 @@ class SweepPoint:
 @dataclass
 class Sweep:
     source: str
-    points: list[SweepPoint]
+    points: list[ScoredSweepPoint]
     validation_rows: int
 
 
@@ -360,7 +360,7 @@ def _difference(
 # ----------------------------------------------------------------------------- pipelines
 
 
-def role_labels(summary: dict[str, Any] | None) -> dict[str, str]:
+def summary_role_labels(summary: dict[str, Any] | None) -> dict[str, str]:
     """Each role's label as the pipeline's table shows it ("KD student"); a pipeline still
     running (no summary.json yet) shows its roles by name."""
     labels: dict[str, str] = {}
@@ -396,7 +396,7 @@ def _pipeline_runs(directory: Path, summary: dict[str, Any] | None, source: str)
     if not models_dir.is_dir():
         return []
     roles = (summary or {}).get("roles") or {}
-    labels = role_labels(summary)
+    labels = summary_role_labels(summary)
     return [
         read_run(path, _run_label(path, roles, labels), source)
         for path in sorted(p for p in models_dir.iterdir() if p.is_dir())
@@ -414,7 +414,7 @@ def read_pipeline(directory: Path, source: str, collected: Collected) -> None:
         raise DeltakdError(f"{summary_path} is not a pipeline summary")
     try:
         runs = _pipeline_runs(directory, summary, source)
-        labels = role_labels(summary)
+        labels = summary_role_labels(summary)
         stages = (summary or {}).get("stages") or {}
         commands = [
             (f"{source}: {name}", stage["command"])
@@ -464,7 +464,7 @@ def read_sweep(sweep: dict[str, Any], evaluation: Evaluation, source: str) -> Sw
     versus = {d.model: d for d in evaluation.differences if d.minus == "student-sft"}
     try:
         points = [
-            SweepPoint(
+            ScoredSweepPoint(
                 role=role,
                 label=scores[role].label,
                 gamma=float(point["gamma"]),

@@ -27,6 +27,7 @@ from torch import nn
 
 from deltakd_cli import __version__, distributed, faults, outputs
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.train.options import OPTION_NAMES, OPTIONS_ADDED_LATER, OPTIONS_THAT_MATTER
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 
@@ -281,3 +282,48 @@ def read_checkpoint(path: Path) -> Checkpoint:
 def saved_options(path: Path) -> dict[str, Any]:
     """The options that matter, as the checkpoint recorded them."""
     return json.loads((path / "state.json").read_text())["options"]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def check_resumable(path: Path, identity: dict[str, Any]) -> None:
+    """Refuse, in one line, to resume from the checkpoint at `path` when an option that matters
+    (OPTIONS_THAT_MATTER; `identity` holds this run's values) differs from what it recorded."""
+    saved = saved_options(path)
+    for name in OPTIONS_THAT_MATTER:
+        was = saved.get(name, OPTIONS_ADDED_LATER.get(name))
+        if was != identity[name]:
+            raise DeltakdError(_resume_mismatch(name, path, was, identity))
+
+
+def _resume_mismatch(name: str, path: Path, was: Any, identity: dict[str, Any]) -> str:
+    now = identity[name]
+    if name == "source" and isinstance(was, dict) and isinstance(now, dict):
+        if "manifest_sha256" in now and was.get("cache") == now.get("cache"):
+            return (
+                f"--resume: the cache {now['cache']} changed since {path.name} (its manifest "
+                "checksum differs: it was rebuilt); resume needs the same cache, or start a new "
+                "--out"
+            )
+        if "data_sha256" in now and was.get("data") == now.get("data"):
+            if was.get("data_sha256") != now.get("data_sha256"):
+                return (
+                    f"--resume: the data file {now['data']} changed since {path.name} (its "
+                    "sha256 differs); resume needs the same data, or start a new --out"
+                )
+    if name == "lora_r" and not (was and now):
+        if was:
+            return (
+                f"--resume: {path.name} is of a LoRA run (--lora-r {was}); resume it with the "
+                "same --lora-* options, or start a new --out"
+            )
+        return (
+            f"--resume: {path.name} is of a run that trained every weight (no --lora-r); resume "
+            f"it without --lora-r {now}, or start a new --out"
+        )
+    flag = OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+    return (
+        f"--resume: {flag} changed since {path.name} (was {was!r}, now {now!r}); resume with "
+        "the same options or start a new --out"
+    )

@@ -70,7 +70,7 @@ def finetune_data(options: FinetuneOptions, tokenizer: Any) -> TrainingData:
     template, max_length = options.template, options.max_length
     source = options.data_source(options.data)
     examples = data.load_examples(
-        source, columns=options.columns(), train_turns=options.train_turns
+        source, columns=data.columns_of(options), train_turns=options.train_turns
     )
     tokenized = data.tokenize_all(examples, template, tokenizer, max_length, options.train_turns)
     fingerprint = sources.fingerprint(source)
@@ -149,7 +149,7 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
                 )
     tail = tail_estimator(options, reader)
     alpha = manifest.get("alpha")
-    cache_grid = manifest_grid(manifest)
+    cache_grid = reader.grid_points
     if options.objective == "kd-to-delta":
         family_tail_note(options, cache_grid, use_cached_tail_shift)
     local = Path(cache_path).exists()
@@ -213,13 +213,6 @@ def tail_estimator(options: DistillOptions, reader: CacheReader) -> str:
             "rebuild the cache at the temperature you want"
         )
     return tail
-
-
-def manifest_grid(manifest: dict[str, Any]) -> tuple[tuple[float, float], ...]:
-    """The cache's (gamma, alpha) grid points in column order; () for a cache without a grid
-    (format 3 caches have none)."""
-    grid = manifest.get("grid") or {}
-    return tuple((float(g), float(a)) for g, a in grid.get("points", ()))
 
 
 def family_tail_note(

@@ -2,7 +2,8 @@
 set-up in `_setup_model`, `_setup_data`, `_setup_optimizer`, one loop written out, no HF
 Trainer. The pieces it calls have a module each: inputs.py (what it trains on), objective.py
 (the student and its loss), step.py (one optimizer step), checkpoint.py (the checkpoint layout),
-export.py (the Hugging Face directory and the run record)."""
+export.py (the Hugging Face directory and the run record), preflight.py (the memory check before
+any weight is loaded)."""
 
 from __future__ import annotations
 
@@ -20,62 +21,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from deltakd_cli import __version__, distributed, faults, memory, models, outputs
+from deltakd_cli import __version__, distributed, faults, models, outputs
 from deltakd_cli.console import console, info, progress
 from deltakd_cli.errors import DeltakdError, Interrupted
 from deltakd_cli.options import record
 from deltakd_cli.tracking import Trackers, log_record, open_trackers
-from deltakd_cli.train import batching, checkpoint, lora
+from deltakd_cli.train import batching, checkpoint, lora, preflight
 from deltakd_cli.train import step as step_math
 from deltakd_cli.train.export import RUN_FILES, export_model, write_card, write_record
 from deltakd_cli.train.inputs import TrainingData, distill_data, finetune_data, with_eval_data
 from deltakd_cli.train.objective import (
     ObjectiveModule,
-    default_chunk_size,
     enable_activation_checkpointing,
 )
 from deltakd_cli.train.options import (
-    DEFAULT_LORA_TARGETS,
-    OPTION_NAMES,
-    OPTIONS_ADDED_LATER,
     OPTIONS_THAT_MATTER,
     DistillOptions,
     FinetuneOptions,
     TrainOptions,
     validate,
 )
-
-
-def _resume_mismatch(name: str, path: Path, was: Any, identity: dict[str, Any]) -> str:
-    now = identity[name]
-    if name == "source" and isinstance(was, dict) and isinstance(now, dict):
-        if "manifest_sha256" in now and was.get("cache") == now.get("cache"):
-            return (
-                f"--resume: the cache {now['cache']} changed since {path.name} (its manifest "
-                "checksum differs: it was rebuilt); resume needs the same cache, or start a new "
-                "--out"
-            )
-        if "data_sha256" in now and was.get("data") == now.get("data"):
-            if was.get("data_sha256") != now.get("data_sha256"):
-                return (
-                    f"--resume: the data file {now['data']} changed since {path.name} (its "
-                    "sha256 differs); resume needs the same data, or start a new --out"
-                )
-    if name == "lora_r" and not (was and now):
-        if was:
-            return (
-                f"--resume: {path.name} is of a LoRA run (--lora-r {was}); resume it with the "
-                "same --lora-* options, or start a new --out"
-            )
-        return (
-            f"--resume: {path.name} is of a run that trained every weight (no --lora-r); resume "
-            f"it without --lora-r {now}, or start a new --out"
-        )
-    flag = OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
-    return (
-        f"--resume: {flag} changed since {path.name} (was {was!r}, now {now!r}); resume with "
-        "the same options or start a new --out"
-    )
 
 
 class Trainer:
@@ -147,11 +112,7 @@ class Trainer:
                     "drop --resume to start the run"
                 )
             step, path = found[-1]
-            saved = checkpoint.saved_options(path)
-            for name in OPTIONS_THAT_MATTER:
-                was = saved.get(name, OPTIONS_ADDED_LATER.get(name))
-                if was != self.identity[name]:
-                    raise DeltakdError(_resume_mismatch(name, path, was, self.identity))
+            checkpoint.check_resumable(path, self.identity)
             return step, path
         if found:
             raise DeltakdError(
@@ -668,7 +629,7 @@ def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[
         options.load_settings().check(device)
         tokenizer = models.load_tokenizer(options.student, options.load_settings())
         training_data = prepare(tokenizer)
-        check_memory(options, device, longest_example(training_data))
+        preflight.check_memory(options, device, preflight.longest_example(training_data))
         options = dataclasses.replace(options, source=training_data.source)
         trainer = Trainer(options, training_data, tokenizer)
         summary = trainer.run()
@@ -680,73 +641,6 @@ def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[
         if trainer is not None:
             trainer.release()
         distributed.shutdown()
-
-
-# ----------------------------------------------------------------------------- memory
-
-SUGGESTED_LORA_RANK = 16
-
-
-def longest_example(training_data: TrainingData) -> int:
-    """Tokens in the longest training example (what bounds a micro-batch's padded length)."""
-    store = training_data.store
-    lengths = [store.shard_lengths(s) for s in range(store.num_shards)]
-    return max((int(np.max(shard)) for shard in lengths if len(shard)), default=0)
-
-
-def training_estimate_for(
-    options: TrainOptions,
-    shape: memory.ModelShape,
-    length: int,
-    device: torch.device,
-    **changes: Any,
-) -> memory.Estimate:
-    """The per-device estimate of this run (examples of up to `length` tokens), or of it with
-    some options changed (`changes`: batch_size, lora_r, gradient_checkpointing, shards)."""
-    batch_size = changes.get("batch_size", options.batch_size)
-    # every example padded to the longest allowed: the worst micro-batch the plan may make
-    budgets = (options.max_tokens_per_batch, batch_size * length if batch_size else None)
-    tokens = min(budget for budget in budgets if budget)
-    rank = changes.get("lora_r", options.lora_r)
-    targets = options.lora_targets if options.lora_r else DEFAULT_LORA_TARGETS.split(",")
-    compute = models.resolve_dtype(options.dtype, device)
-    return memory.training_estimate(
-        shape,
-        micro_batch_tokens=tokens,
-        logit_chunk_positions=options.logit_chunk_size or default_chunk_size(shape.vocab_size),
-        compute_bytes=torch.finfo(compute).bits // 8,
-        lora_trainable=memory.lora_parameters(shape, rank, targets) if rank else 0,
-        four_bit=options.lora_4bit,
-        frozen_copy=options.frozen_student and not rank,
-        checkpointed=changes.get("gradient_checkpointing", options.gradient_checkpointing),
-        shards=changes.get("shards", distributed.world_size() if options.fsdp else 1),
-    )
-
-
-def check_memory(options: TrainOptions, device: torch.device, length: int) -> None:
-    """Before any weight is loaded: print what the run needs per device (every micro-batch
-    padded to the longest example, `length` tokens) and refuse, in one line, when that cannot
-    fit, naming what would."""
-    shape = memory.shape_of_model(options.student, options.load_settings())
-
-    def changed(**changes: Any) -> memory.Estimate:
-        return training_estimate_for(options, shape, length, device, **changes)
-
-    estimate = changed()
-    alternatives: list[list[memory.Alternative]] = []
-    if not options.lora_r:
-        rank = SUGGESTED_LORA_RANK
-        alternatives.append([(f"--lora-r {rank}", changed(lora_r=rank))])
-    if not options.gradient_checkpointing:
-        alternatives.append([("--gradient-checkpointing", changed(gradient_checkpointing=True))])
-    if device.type == "cuda" and not options.lora_r and not options.fsdp:
-        gpus = (2, 4, 8, 16, 32, 64)
-        alternatives.append([(f"--fsdp over {n} GPUs", changed(shards=n)) for n in gpus])
-    if options.batch_size and options.batch_size > 1:
-        smaller = range(options.batch_size - 1, 0, -1)
-        alternatives.append([(f"--batch-size {b}", changed(batch_size=b)) for b in smaller])
-    on_device = distributed.local_world_size() if device.type == "cpu" else 1
-    memory.check_fits(options.command, estimate, device, alternatives, on_device)
 
 
 def _resume_hint(options: TrainOptions) -> str:

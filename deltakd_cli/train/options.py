@@ -7,15 +7,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from deltakd_cli.data import TEMPLATES, TRAIN_TURNS, DataOptions
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.losses import OBJECTIVES
-from deltakd_cli.models import DTYPES, ModelLoadOptions
+from deltakd_cli.option_groups import (
+    DEFAULT_LORA_TARGETS,
+    DataOptions,
+    DeviceOptions,
+    LoraOptions,
+    ModelLoadOptions,
+    TrainingTemplateOptions,
+)
 from deltakd_cli.options import check, opt
 from deltakd_cli.tracking import parse_report_to
 
 # How distill trains the tail outside the kept ids (docs/method.md).
 TAIL_ESTIMATORS = ("sampled", "bucket")
+
+
+def objective_names() -> tuple[str, ...]:
+    """The objectives' names, from their registry (losses.py, which needs torch: read when the
+    options are checked, not when the CLI shows its help)."""
+    from deltakd_cli.losses import OBJECTIVES
+
+    return tuple(OBJECTIVES)
+
 
 # Options whose change would make a resumed run differ from the interrupted one.
 OPTIONS_THAT_MATTER = (
@@ -54,9 +68,6 @@ OPTIONS_THAT_MATTER = (
     "lora_4bit",
 )
 
-# The LoRA defaults: every linear projection of a Llama/Qwen/SmolLM-style decoder layer (never the
-# output layer or the embeddings, which the frozen S0 and the cache's logits share).
-DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # Options that matter but came after some checkpoints were written: such a checkpoint ran with
 # these values (a run without LoRA), so a resume compares against them, not against nothing.
@@ -81,10 +92,25 @@ OPTION_NAMES = {
 
 
 @dataclass(kw_only=True)
-class TrainOptions(ModelLoadOptions):
+class TrainOptions(LoraOptions, DeviceOptions, ModelLoadOptions):
     """The training loop's options (distill and finetune share them)."""
 
     command: ClassVar[str] = "train"
+    PANELS: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(
+            ("epochs", "max_steps", "lr", "weight_decay", "beta1", "beta2", "warmup",
+             "batch_size", "grad_accum", "max_tokens_per_batch", "max_grad_norm", "seed",
+             "gradient_checkpointing", "logit_chunk_size"),
+            "Optimisation",
+        ),
+        **dict.fromkeys(
+            ("out", "save_every", "keep_checkpoints", "resume", "overwrite", "log_every",
+             "report_to"),
+            "Output",
+        ),
+        **dict.fromkeys(("eval_data", "eval_every", "keep_best"), "Held-out loss"),
+        "fsdp": "Distributed",
+    }  # fmt: skip
 
     out: str = opt(help="Output: a Hugging Face model directory.")
     epochs: int = opt(1, help="Passes over the data (ignored when --max-steps > 0).", at_least=1)
@@ -116,11 +142,6 @@ class TrainOptions(ModelLoadOptions):
         False, help="Continue from the latest complete checkpoint in OUT.", flags=("--resume",)
     )
     seed: int = opt(0, help="Seed of the batch plan and of torch/numpy/python.")
-    dtype: str = opt(
-        "auto", help="Compute dtype: auto (bf16 autocast on GPU), float32, bfloat16.",
-        choices=DTYPES,
-    )  # fmt: skip
-    device: str = opt("auto", help="auto, cpu, cuda, cuda:N.")
     gradient_checkpointing: bool = opt(
         False, help="Recompute decoder activations in backward.",
         flags=("--gradient-checkpointing",),
@@ -128,27 +149,6 @@ class TrainOptions(ModelLoadOptions):
     fsdp: bool = opt(
         False, help="Shard the student with FSDP2 (under torchrun).", flags=("--fsdp",)
     )
-    lora_r: int = opt(
-        0, help="LoRA rank: train low-rank adapters on a frozen student (0: train every weight). "
-        "Needs pip install 'deltakd[lora]'.", at_least=0,
-    )  # fmt: skip
-    lora_alpha: float | None = opt(
-        None, help="LoRA scale numerator: the update is alpha/r * B A (default 2*r).", above=0,
-        finite=True,
-    )  # fmt: skip
-    lora_dropout: float = opt(0.0, help="Dropout on the LoRA adapters' input.", at_least=0, below=1)
-    lora_target_modules: str = opt(
-        DEFAULT_LORA_TARGETS,
-        help="Linear layers of the decoder layers that get adapters (comma-separated names).",
-    )
-    lora_4bit: bool = opt(
-        False, help="QLoRA: hold the frozen student in 4 bits (CUDA and bitsandbytes).",
-        flags=("--lora-4bit",),
-    )  # fmt: skip
-    save_adapter: bool = opt(
-        False, help="Also write the LoRA adapter alone to OUT/adapter (loads with peft).",
-        flags=("--save-adapter",),
-    )  # fmt: skip
     logit_chunk_size: int = opt(
         0, help="Target positions per logits chunk (0: about 128 MiB of float32 logits).",
         at_least=0,
@@ -182,28 +182,23 @@ class TrainOptions(ModelLoadOptions):
         if self.batch_size is None and self.max_tokens_per_batch is None:
             self.batch_size = 8
 
-    @property
-    def lora_targets(self) -> list[str]:
-        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
-
-    @property
-    def resolved_lora_alpha(self) -> float:
-        """--lora-alpha, or 2*r: the update's scale alpha/r is then 2 whatever the rank."""
-        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_r
-
 
 @dataclass(kw_only=True)
 class DistillOptions(TrainOptions):
     """Train the student from the teachers' cache (Delta-KD, KD or SFT); no teacher is loaded."""
 
     command: ClassVar[str] = "distill"
+    PANELS: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("objective", "alpha", "sft_weight", "temperature", "mix", "gamma", "frozen_student"),
+        "Objective",
+    )
 
     cache: str = opt(help="Teachers' cache written by cache-teachers.")
     student: str = opt(help="Student S0: HF dir, hub id, or .gguf file.")
     objective: str = opt(
         "delta",
         help="delta, kd, sft, delta-mse, delta-mix or kd-to-delta.",
-        choices=tuple(OBJECTIVES),
+        choices=objective_names,
     )
     alpha: float = opt(1.0, help="Scale of the teachers' shift in the delta target.", finite=True)
     sft_weight: float = opt(
@@ -238,7 +233,7 @@ class DistillOptions(TrainOptions):
 
 
 @dataclass(kw_only=True)
-class FinetuneOptions(TrainOptions, DataOptions):
+class FinetuneOptions(TrainOptions, TrainingTemplateOptions, DataOptions):
     """Supervised finetuning on a JSONL file (e.g. to make the tuned teacher or an SFT
     baseline)."""
 
@@ -247,10 +242,6 @@ class FinetuneOptions(TrainOptions, DataOptions):
     model: str = opt(help="Model to finetune: HF dir, hub id, or .gguf file.")
     data: str = opt(
         help="Rows: JSONL, JSON, parquet, CSV, a datasets directory or a Hub dataset name."
-    )
-    template: str = opt("alpaca", help="Prompt template: alpaca, chat or plain.", choices=TEMPLATES)
-    train_turns: str = opt(
-        "all", help="Chat rows: targets on every assistant turn, or the last.", choices=TRAIN_TURNS
     )
     max_length: int | None = opt(
         None, help="Tokens per training example (default 1024, or the model's limit).", at_least=2
@@ -287,11 +278,10 @@ def validate(options: TrainOptions) -> None:
         raise DeltakdError(
             f"--warmup is a fraction (< 1) or a whole number of steps, got {options.warmup}"
         )
-    if options.dtype == "float16":
-        raise DeltakdError(
-            "--dtype float16 is not supported for training (use bfloat16 or float32)"
-        )
+    options.refuse_float16_training()
     validate_lora(options)
+    from deltakd_cli.losses import OBJECTIVES
+
     objective = OBJECTIVES[options.objective]
     if not objective.takes_temperature and options.temperature != 1.0:
         raise DeltakdError(f"--objective {objective.name} takes no --temperature (use 1)")

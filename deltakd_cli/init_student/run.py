@@ -1,15 +1,5 @@
-"""`deltakd init-student`: make a base student S0 from a larger model of the same family.
-
-Two steps (method.md section 3b):
-1. prune: keep some of the source's decoder layers and copy them, with the embeddings, final
-   norm and output layer, into a model of fewer layers (a Hugging Face directory);
-2. heal: distil the source into the copy on unlabelled text, reusing the tool's own stages: a
-   cache whose base and tuned teachers are both the source (Delta is then 0 and the cache holds
-   a plain KD target), then `distill --objective kd`.
-
-A pruned copy used as is is a poor S0 for Delta-KD (the delta target is the student's own
-distribution shifted, so its noise is kept); healed, it is a competent language model again.
-"""
+"""`deltakd init-student`: prune, then heal the copy by KD from the source, running its
+sub-stages (cache-teachers, distill) through the same `run_command` as the pipeline's stages."""
 
 from __future__ import annotations
 
@@ -17,197 +7,41 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from deltakd_cli import __version__, data, faults, models, outputs, sources
+from deltakd_cli.cache.options import CacheOptions
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.init_student import prune
+from deltakd_cli.init_student.layers import (
+    block_influence,
+    choose_layers,
+    parse_layers,
+    resolve_rule,
+)
+from deltakd_cli.init_student.options import InitStudentOptions
 from deltakd_cli.options import check
 from deltakd_cli.options import record as options_record
-from deltakd_cli.pipeline.options import LAYER_RULES, InitStudentOptions
 from deltakd_cli.sources import DataSource
 from deltakd_cli.train.checkpoint import complete_checkpoints
+from deltakd_cli.train.options import DistillOptions
 
-MARKER = "init-student.json"
+Runner = Callable[[str, Any], Any]  # commands.run_command: a command's name and its options
 INFLUENCE_DOCUMENTS = 32  # healing documents the block-influence scores are measured on
 
-
-# ----------------------------------------------------------------------------- choosing layers
-
-
-def resolve_rule(rule: str, have_text: bool) -> str:
-    """auto: block-influence when there is text to measure it on, else uniform."""
-    if rule not in LAYER_RULES:
-        raise DeltakdError(f"unknown layer rule '{rule}' (choose from {', '.join(LAYER_RULES)})")
-    if rule == "auto":
-        return "block-influence" if have_text else "uniform"
-    if rule == "block-influence" and not have_text:
-        raise DeltakdError("--layer-rule block-influence needs text to measure it on (--heal-data)")
-    return rule
-
-
-def choose_layers(
-    num_layers: int, keep: int, rule: str = "uniform", scores: list[float] | None = None
-) -> list[int]:
-    """Indices of the source layers to keep, ascending.
-
-    uniform: evenly spaced from the first layer to the last, both included.
-    block-influence: the `keep` layers that change their input most (ShortGPT, Men et al. 2024:
-    a layer whose output is nearly its input can go); `scores` from block_influence()."""
-    if not 1 <= keep <= num_layers:
-        raise DeltakdError(f"--layers must be between 1 and {num_layers}, got {keep}")
-    if rule == "block-influence":
-        if scores is None or len(scores) != num_layers:
-            raise DeltakdError("block-influence needs one score per source layer")
-        ranked = sorted(range(num_layers), key=lambda index: (-scores[index], index))
-        return sorted(ranked[:keep])
-    if rule != "uniform":
-        raise DeltakdError(f"unknown layer rule '{rule}' (choose from {', '.join(LAYER_RULES)})")
-    if keep == 1:
-        return [num_layers - 1]
-    return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
-
-
-def influence_from_hidden(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-    """Block influence of one layer on one sequence: 1 - mean over tokens of
-    cos(hidden state in, hidden state out); [T, H], [T, H] -> scalar."""
-    cosine = torch.nn.functional.cosine_similarity(inputs.float(), outputs.float(), dim=-1)
-    return 1.0 - cosine.mean()
-
-
-@torch.inference_mode()
-def block_influence(model: nn.Module, sequences: list[list[int]]) -> list[float]:
-    """Per decoder layer, its block influence averaged over `sequences` (one at a time, so no
-    padding enters the average). Hooks read each layer's input and output hidden states."""
-    _, layers = models.decoder_layers(model)
-    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook(index: int):
-        def record(module, args, kwargs, output):
-            hidden_in = args[0] if args else kwargs["hidden_states"]
-            hidden_out = output[0] if isinstance(output, tuple) else output
-            captured[index] = (hidden_in[0], hidden_out[0])
-
-        return record
-
-    handles = [
-        layer.register_forward_hook(hook(index), with_kwargs=True)
-        for index, layer in enumerate(layers)
-    ]
-    totals = torch.zeros(len(layers), dtype=torch.float64)
-    device = next(model.parameters()).device
-    try:
-        for ids in sequences:
-            model(input_ids=torch.tensor([ids], device=device))
-            for index, (hidden_in, hidden_out) in captured.items():
-                totals[index] += float(influence_from_hidden(hidden_in, hidden_out))
-            captured.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return (totals / max(len(sequences), 1)).tolist()
-
-
-def parse_layers(text: str, num_layers: int) -> list[int]:
-    """'0,3,6-9,29' -> [0, 3, 6, 7, 8, 9, 29]: distinct, ascending, within the source."""
-    chosen: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        try:
-            if "-" in part:
-                low, high = (int(v) for v in part.split("-", 1))
-                chosen.extend(range(low, high + 1))
-            else:
-                chosen.append(int(part))
-        except ValueError:
-            raise DeltakdError(
-                f"--keep-layers: '{part}' is not a layer number or range (like 0,3,6-9)"
-            ) from None
-    if not chosen:
-        raise DeltakdError("--keep-layers is empty")
-    if len(set(chosen)) != len(chosen):
-        raise DeltakdError(f"--keep-layers names a layer twice: {text}")
-    outside = [i for i in chosen if not 0 <= i < num_layers]
-    if outside:
-        raise DeltakdError(f"--keep-layers: layer {outside[0]} is outside 0..{num_layers - 1}")
-    return sorted(chosen)
-
-
-# ----------------------------------------------------------------------------- pruning
-
-
-def pruned_config(config: Any, keep: list[int]) -> Any:
-    """The source config with `keep` layers; per-layer lists (e.g. layer_types) follow."""
-    config = config.__class__.from_dict(config.to_dict())
-    count = int(config.num_hidden_layers)
-    for name, value in config.to_dict().items():
-        if isinstance(value, list) and len(value) == count and name != "architectures":
-            setattr(config, name, [value[i] for i in keep])
-    config.num_hidden_layers = len(keep)
-    return config
-
-
-def pruned_state_dict(
-    state: dict[str, torch.Tensor], prefix: str, keep: list[int]
-) -> dict[str, torch.Tensor]:
-    """Layer `keep[j]` of the source becomes layer j; everything outside the layers is kept."""
-    new_index = {old: new for new, old in enumerate(keep)}
-    result = {}
-    for key, value in state.items():
-        if not key.startswith(prefix):
-            result[key] = value
-            continue
-        index, rest = key[len(prefix) :].split(".", 1)
-        if int(index) in new_index:
-            result[f"{prefix}{new_index[int(index)]}.{rest}"] = value
-    return result
-
-
-def prune(
-    source: str, keep: list[int], out_dir: Path, load: models.LoadSettings = models.DEFAULT_LOAD
-) -> Path:
-    """Write a Hugging Face directory holding the source with only the `keep` layers."""
-    from transformers import AutoModelForCausalLM
-
-    dtype = models.stored_dtype(source, load)
-    tokenizer = models.load_tokenizer(source, load)
-    model = models.load_model(source, dtype, torch.device("cpu"), settings=load)
-    prefix, _ = models.decoder_layers(model)
-    config = pruned_config(model.config, keep)
-    state = pruned_state_dict(model.state_dict(), prefix, keep)
-    pruned = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = pruned.load_state_dict(state, strict=False)
-    if getattr(config, "tie_word_embeddings", False):
-        pruned.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise DeltakdError(
-            f"cannot prune {type(model).__name__}: the copy's weights do not line up "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    pruned.generation_config = model.generation_config
-    pruned.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
-    return out_dir
-
-
-# ----------------------------------------------------------------------------- healing data
+MARKER = "init-student.json"
 
 
 def heal_source(options: InitStudentOptions, rows: str) -> tuple[DataSource, data.Columns | None]:
     """The healing rows as a source: the user's own (with --split and the column options), or
     the text rows written from a .txt file (as they are)."""
     if rows == options.heal_data:
-        return options.data_source(rows), options.columns()
+        return options.data_source(rows), data.columns_of(options)
     return DataSource(rows), None
 
 
@@ -220,25 +54,16 @@ def heal_rows(options: InitStudentOptions, work: Path, write: bool = True) -> tu
     they are too, with the plain template for prompt/response rows, else alpaca."""
     source = options.data_source(str(options.heal_data))
     if source.path.suffix == ".txt" and source.path.is_file():
-        try:
-            lines = source.path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise DeltakdError(f"{options.heal_data}: not UTF-8 text") from None
-        rows = [{"id": str(n), "text": line} for n, line in enumerate(lines) if line.strip()]
-        if not rows:
-            raise DeltakdError(f"{options.heal_data}: no text (the file is empty)")
+        rows = sources.text_file_rows(source.path)
         rows_file = work / "heal-rows.jsonl"
         if write:  # (under torchrun only rank 0 writes; the others read the same file)
             rows_file.parent.mkdir(parents=True, exist_ok=True)
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             outputs.atomic_write_text(rows_file, text)
         return str(rows_file), "plain"
-    examples = data.load_examples(source, columns=options.columns(), train_turns="all")
+    examples = data.load_examples(source, columns=data.columns_of(options), train_turns="all")
     first = examples[0]
     return str(options.heal_data), "plain" if first.text or first.raw_prompt else "alpaca"
-
-
-# ----------------------------------------------------------------------------- work dirs
 
 
 def keyed_dir(path: Path, key: dict[str, Any]) -> bool:
@@ -256,9 +81,6 @@ def keyed_dir(path: Path, key: dict[str, Any]) -> bool:
     sidecar.parent.mkdir(parents=True, exist_ok=True)
     sidecar.write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
     return False
-
-
-# ----------------------------------------------------------------------------- the command
 
 
 # Options that do not change the student (where and how fast it is made).
@@ -280,7 +102,7 @@ def read_marker(out: Path) -> dict[str, Any] | None:
         return None
 
 
-def init_student(options: InitStudentOptions) -> dict[str, Any]:
+def init_student(options: InitStudentOptions, run_command: Runner) -> dict[str, Any]:
     """Prune and (with heal data) heal; returns the record written to OUT/init-student.json.
     A rerun with the same settings finds OUT complete and does nothing; an interrupted one
     reuses the pruned copy and the healing cache, and resumes healing from its checkpoint.
@@ -293,7 +115,7 @@ def init_student(options: InitStudentOptions) -> dict[str, Any]:
     out, work = Path(options.out), options.work_path
     load = options.load_settings()
     tokenizer = models.load_tokenizer(options.source, load)
-    num_layers = _source_layers(options.source, load)
+    num_layers = prune.source_layers(options.source, load)
     rule = (
         "explicit"
         if options.keep_layers
@@ -321,7 +143,9 @@ def init_student(options: InitStudentOptions) -> dict[str, Any]:
 
     try:
         distributed.on_main_first(claim)
-        return _init_student(options, tokenizer, num_layers, rule, source_identity, heal_sha, key)
+        return _init_student(
+            options, run_command, tokenizer, num_layers, rule, source_identity, heal_sha, key
+        )
     finally:
         for lock in locks:
             lock.release()
@@ -341,6 +165,7 @@ def _claim_out(out: Path, has_record: bool, overwrite: bool) -> None:
 
 def _init_student(
     options: InitStudentOptions,
+    run_command: Runner,
     tokenizer: Any,
     num_layers: int,
     rule: str,
@@ -349,10 +174,6 @@ def _init_student(
     key: str,
 ) -> dict[str, Any]:
     from deltakd_cli import distributed
-    from deltakd_cli.cache.build import cache_teachers
-    from deltakd_cli.cache.options import CacheOptions
-    from deltakd_cli.train.loop import distill
-    from deltakd_cli.train.options import DistillOptions
 
     main = distributed.is_main_process()
     out, work = Path(options.out), options.work_path
@@ -380,7 +201,7 @@ def _init_student(
             info(f"reusing the pruned copy in {pruned_dir}")
         else:
             info(f"pruning {options.source}: keeping {len(keep)} of {num_layers} layers {keep}")
-            prune(options.source, keep, pruned_dir, options.load_settings())
+            prune.prune(options.source, keep, pruned_dir, options.load_settings())
     distributed.barrier()
 
     record: dict[str, Any] = {
@@ -412,7 +233,8 @@ def _init_student(
             keyed_dir(cache_dir, cache_key)
         distributed.barrier()
         info("healing 1/2: the source's distribution over the healing text (Delta = 0: KD)")
-        manifest = cache_teachers(
+        manifest = run_command(
+            "cache-teachers",
             CacheOptions(
                 teacher_base=options.source,
                 teacher_tuned=options.source,
@@ -428,7 +250,7 @@ def _init_student(
                 batch_size=options.cache_batch_size,
                 dtype=options.dtype,
                 device=options.device,
-            )
+            ),
         )
         resume = False
         if main:
@@ -442,7 +264,8 @@ def _init_student(
         resume = bool(distributed.broadcast_object(resume))
         distributed.barrier()
         info("healing 2/2: distilling the source into the pruned copy (objective kd)")
-        summary = distill(
+        summary = run_command(
+            "distill",
             DistillOptions(
                 cache=str(cache_dir),
                 out=str(healed_dir),
@@ -461,7 +284,7 @@ def _init_student(
                 device=options.device,
                 num_workers=options.num_workers,
                 attn_implementation=options.attn_implementation,
-            )
+            ),
         )
         record["heal"] = {
             "data": {"spec": options.heal_data, "sha256": heal_sha},
@@ -487,20 +310,6 @@ def _data_fields(options: InitStudentOptions) -> dict[str, Any]:
     return {name: getattr(options, name) for name in (*names, "text_field")}
 
 
-def measure_influence(options: InitStudentOptions, rows: str, template: str) -> list:
-    """Block influence of every source layer over the first healing documents."""
-    load = options.load_settings()
-    tokenizer = models.load_tokenizer(options.source, load)
-    source, columns = heal_source(options, rows)
-    examples = data.load_examples(source, columns=columns, train_turns="all")
-    examples = examples[:INFLUENCE_DOCUMENTS]
-    tokenized = data.tokenize_all(examples, template, tokenizer, options.max_length)
-    dtype = models.stored_dtype(options.source, load)
-    model = models.load_model(options.source, dtype, torch.device("cpu"), settings=load)
-    info(f"measuring the block influence of each layer on {len(tokenized)} documents")
-    return block_influence(model, [t.input_ids for t in tokenized])
-
-
 def _finish(out: Path, pruned_dir: Path, healed_dir: Path | None, record: dict) -> None:
     """OUT gets the student's files (checkpoints stay in the work dir) and the record, last.
     Files a previous init-student put there go first; anything else in OUT stays."""
@@ -522,6 +331,7 @@ def _finish(out: Path, pruned_dir: Path, healed_dir: Path | None, record: dict) 
 
 def _validate(options: InitStudentOptions) -> None:
     check(options)
+    options.refuse_float16_training()
     if options.layers is not None and options.keep_layers:
         raise DeltakdError("give either --layers or --keep-layers, not both")
     resolve_rule(options.layer_rule, bool(options.heal_data))
@@ -530,23 +340,20 @@ def _validate(options: InitStudentOptions) -> None:
             raise DeltakdError(f"--heal-data not found: {options.heal_data}")
     options.load_settings().check()
     models.resolve_source(options.source)
-    inputs = {"--source": options.source, "--heal-data": options.heal_data}
+    inputs = {"--student-from": options.source, "--heal-data": options.heal_data}
     outputs.check_not_input(options.out, inputs)
     outputs.check_not_input(options.work_path, inputs, option="--work-dir")
 
 
-def _source_layers(spec: str, load: models.LoadSettings) -> int:
-    from transformers import AutoConfig
-
-    source = models.resolve_source(spec)
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    kwargs.update(load.hub_kwargs(source))
-    try:
-        options = AutoConfig.from_pretrained(source.path, **kwargs)
-    except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DeltakdError(f"cannot read the options of '{spec}': {first}") from None
-    count = getattr(options, "num_hidden_layers", None)
-    if not isinstance(count, int):
-        raise DeltakdError(f"'{spec}': its options gives no number of layers")
-    return count
+def measure_influence(options: InitStudentOptions, rows: str, template: str) -> list:
+    """Block influence of every source layer over the first healing documents."""
+    load = options.load_settings()
+    tokenizer = models.load_tokenizer(options.source, load)
+    source, columns = heal_source(options, rows)
+    examples = data.load_examples(source, columns=columns, train_turns="all")
+    examples = examples[:INFLUENCE_DOCUMENTS]
+    tokenized = data.tokenize_all(examples, template, tokenizer, options.max_length)
+    dtype = models.stored_dtype(options.source, load)
+    model = models.load_model(options.source, dtype, torch.device("cpu"), settings=load)
+    info(f"measuring the block influence of each layer on {len(tokenized)} documents")
+    return block_influence(model, [t.input_ids for t in tokenized])

@@ -13,8 +13,8 @@ from helpers import assert_one_line_error, run_cli
 
 from deltakd_cli import models
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.pipeline import init_student as student
-from deltakd_cli.pipeline.options import InitStudentOptions
+from deltakd_cli.init_student import layers, prune, run
+from deltakd_cli.init_student.options import InitStudentOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,26 +23,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_uniform_layers_span_first_to_last():
-    assert student.choose_layers(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
-    assert student.choose_layers(4, 2) == [0, 3]
-    assert student.choose_layers(5, 5) == [0, 1, 2, 3, 4]
-    assert student.choose_layers(7, 1) == [6]
+    assert layers.choose_layers(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert layers.choose_layers(4, 2) == [0, 3]
+    assert layers.choose_layers(5, 5) == [0, 1, 2, 3, 4]
+    assert layers.choose_layers(7, 1) == [6]
     for total in range(1, 40):
         for keep in range(1, total + 1):
-            chosen = student.choose_layers(total, keep)
+            chosen = layers.choose_layers(total, keep)
             assert len(chosen) == keep and chosen == sorted(set(chosen))
             assert 0 <= chosen[0] and chosen[-1] == total - 1
 
 
 def test_block_influence_keeps_the_layers_that_change_their_input_most():
     scores = [0.9, 0.1, 0.05, 0.3, 0.02, 0.8]
-    assert student.choose_layers(6, 3, "block-influence", scores) == [0, 3, 5]
+    assert layers.choose_layers(6, 3, "block-influence", scores) == [0, 3, 5]
     with pytest.raises(DeltakdError, match="one score per source layer"):
-        student.choose_layers(6, 3, "block-influence", scores[:4])
-    assert student.resolve_rule("auto", have_text=True) == "block-influence"
-    assert student.resolve_rule("auto", have_text=False) == "uniform"
+        layers.choose_layers(6, 3, "block-influence", scores[:4])
+    assert layers.resolve_rule("auto", have_text=True) == "block-influence"
+    assert layers.resolve_rule("auto", have_text=False) == "uniform"
     with pytest.raises(DeltakdError, match="needs text"):
-        student.resolve_rule("block-influence", have_text=False)
+        layers.resolve_rule("block-influence", have_text=False)
 
 
 def test_block_influence_matches_hidden_states_from_the_forward(tiny, tmp_path):
@@ -53,7 +53,7 @@ def test_block_influence_matches_hidden_states_from_the_forward(tiny, tmp_path):
     build_model(source, tiny.tokenizer, layers=4, hidden=32, seed=7)
     model = models.load_model(str(source))
     sequences = [[5, 17, 40, 8, 99, 3], [11, 12, 13]]
-    scores = student.block_influence(model, sequences)
+    scores = layers.block_influence(model, sequences)
     assert len(scores) == 4
     expected = torch.zeros(3)
     with torch.no_grad():
@@ -68,13 +68,13 @@ def test_block_influence_matches_hidden_states_from_the_forward(tiny, tmp_path):
 
 
 def test_layer_lists_parse_and_refuse_nonsense():
-    assert student.parse_layers("0,3,6-9,29", 30) == [0, 3, 6, 7, 8, 9, 29]
-    assert student.parse_layers("5,1", 6) == [1, 5]
+    assert layers.parse_layers("0,3,6-9,29", 30) == [0, 3, 6, 7, 8, 9, 29]
+    assert layers.parse_layers("5,1", 6) == [1, 5]
     for text, fragment in (("1,1", "twice"), ("0,30", "outside"), ("a", "not a layer")):
         with pytest.raises(DeltakdError, match=fragment):
-            student.parse_layers(text, 30)
+            layers.parse_layers(text, 30)
     with pytest.raises(DeltakdError, match="between 1 and 4"):
-        student.choose_layers(4, 5)
+        layers.choose_layers(4, 5)
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -103,7 +103,7 @@ def test_pruned_copy_equals_the_source_with_layers_cut(tiny, tmp_path, tied):
         torch.manual_seed(5)
         AutoModelForCausalLM.from_config(config).save_pretrained(source)
     keep = [0, 3]
-    out = student.prune(str(source), keep, tmp_path / "pruned")
+    out = prune.prune(str(source), keep, tmp_path / "pruned")
     pruned = models.load_model(str(out))
     assert pruned.config.num_hidden_layers == 2
     reference = surgery_reference(source, keep)
@@ -118,7 +118,7 @@ def test_pruned_copy_equals_the_source_with_layers_cut(tiny, tmp_path, tied):
 
 
 def test_keeping_every_layer_reproduces_the_source(tiny, tmp_path):
-    out = student.prune(str(tiny.teacher_base), [0, 1], tmp_path / "all")
+    out = prune.prune(str(tiny.teacher_base), [0, 1], tmp_path / "all")
     ids = torch.randint(0, tiny.vocab_size, (1, 10))
     with torch.no_grad():
         same = models.load_model(str(out))(ids).logits
@@ -131,7 +131,7 @@ def test_per_layer_config_lists_follow_the_kept_layers():
 
     types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
     config = Qwen2Config(num_hidden_layers=4, layer_types=types, use_sliding_window=True)
-    pruned = student.pruned_config(config, [1, 2])
+    pruned = prune.pruned_config(config, [1, 2])
     assert pruned.num_hidden_layers == 2
     assert pruned.layer_types == ["sliding_attention", "full_attention"]
     assert config.num_hidden_layers == 4  # the source config is not touched
@@ -151,11 +151,11 @@ def test_heal_rows_from_text_txt_and_task_files(tmp_path):
         + json.dumps({"text": "short"}) + "\n"
     )  # fmt: skip
     # text rows are used as they are: every token is a target (language-model loss)
-    assert student.heal_rows(options(text), tmp_path / "w") == (str(text), "plain")
+    assert run.heal_rows(options(text), tmp_path / "w") == (str(text), "plain")
 
     plain = tmp_path / "docs.txt"
     plain.write_text("a b c d e f\n\nalpha beta gamma delta epsilon\n")
-    path, template = student.heal_rows(options(plain), tmp_path / "w")
+    path, template = run.heal_rows(options(plain), tmp_path / "w")
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     assert template == "plain"
     assert rows == [{"id": "0", "text": "a b c d e f"},
@@ -163,16 +163,16 @@ def test_heal_rows_from_text_txt_and_task_files(tmp_path):
 
     task = tmp_path / "task.jsonl"
     task.write_text(json.dumps({"instruction": "say hi", "output": "hi"}) + "\n")
-    assert student.heal_rows(options(task), tmp_path / "w") == (str(task), "alpaca")
+    assert run.heal_rows(options(task), tmp_path / "w") == (str(task), "alpaca")
 
     named = tmp_path / "named.jsonl"
     named.write_text(json.dumps({"body": "some document text"}) + "\n")
-    assert student.heal_rows(options(named, text_field="body"), tmp_path / "w")[1] == "plain"
+    assert run.heal_rows(options(named, text_field="body"), tmp_path / "w")[1] == "plain"
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({"text": "a b c d e"}) + "\n{oops\n")
     with pytest.raises(DeltakdError, match="broken.jsonl:2"):
-        student.heal_rows(options(broken), tmp_path / "w")
+        run.heal_rows(options(broken), tmp_path / "w")
 
 
 # ----------------------------------------------------------------------------- the command
@@ -193,6 +193,7 @@ def source_kl(source: Path, candidate: Path, texts: list[str]) -> float:
     return total / count
 
 
+@pytest.mark.slow
 def test_init_student_prunes_heals_and_reuses(tiny, tmp_path):
     heal = tmp_path / "heal.jsonl"
     rows = [json.loads(line) for line in Path(tiny.train).read_text().splitlines()]
@@ -202,7 +203,7 @@ def test_init_student_prunes_heals_and_reuses(tiny, tmp_path):
     out = tmp_path / "s0"
     args = [
         "init-student",
-        "--source", tiny.teacher_base,
+        "--student-from", tiny.teacher_base,
         "--out", out,
         "--layers", 1,
         "--heal-data", heal,
@@ -275,11 +276,11 @@ def test_init_student_without_heal_data_copies_and_warns(tiny, tmp_path):
 )
 def test_init_student_bad_inputs(tiny, tmp_path, extra, fragments):
     result = run_cli(
-        ["init-student", "--source", tiny.teacher_base, "--out", tmp_path / "s", *extra]
+        ["init-student", "--student-from", tiny.teacher_base, "--out", tmp_path / "s", *extra]
     )
     assert_one_line_error(result, *fragments)
 
 
 def test_init_student_missing_source(tmp_path):
-    result = run_cli(["init-student", "--source", tmp_path / "nope", "--out", tmp_path / "s"])
+    result = run_cli(["init-student", "--student-from", tmp_path / "nope", "--out", tmp_path / "s"])
     assert_one_line_error(result, "model not found")
