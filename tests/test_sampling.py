@@ -317,3 +317,14 @@ def test_tail_shift_is_unchanged_by_samples():
     plain = build_cached_targets(tuned.float(), base.float(), student.float(), 4, "target", 1.0,
                                  "mass-matched")  # fmt: skip
     torch.testing.assert_close(tail_shift(cached, 1.0, 1.0), tail_shift(plain, 1.0, 1.0))
+
+
+def test_a_self_normalised_target_is_said_with_its_effective_sample_size(drawn_cache, tiny,
+                                                                          tmp_path):  # fmt: skip
+    result = run_cli(distill_args(drawn_cache, tiny, tmp_path / "a2", "--objective", "delta",
+                                  "--alpha", 2))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "self-normalised" in text and "effective sample size" in text
+    result = run_cli(distill_args(drawn_cache, tiny, tmp_path / "a1", "--objective", "delta"))
+    assert result.exit_code == 0 and "self-normalised" not in result.output

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltakd_cli import data, models, sources, vocab
+from deltakd_cli import data, losses, models, sources, vocab
 from deltakd_cli.cache.store import CacheReader
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.losses import OBJECTIVES
-from deltakd_cli.targets import SAMPLE_FIELDS, grid_column
+from deltakd_cli.targets import SAMPLE_FIELDS, exact_family_log_tail, grid_column
 from deltakd_cli.train import batching
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
@@ -152,6 +152,8 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
     cache_grid = reader.grid_points
     if options.objective == "kd-to-delta":
         family_tail_note(options, cache_grid, use_cached_tail_shift)
+    if tail == "sampled":
+        self_normalised_note(options, reader, use_cached_student, use_cached_tail_shift)
     local = Path(cache_path).exists()
     return TrainingData(
         store=reader,
@@ -185,6 +187,43 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
         tail=tail,
         cache_temperature=reader.temperature,
         template=template if isinstance(template, dict) else None,
+    )
+
+
+# The point of the KD-to-Delta family each distribution objective's sampled target is built on.
+FAMILY_GAMMA = {"kd": 0.0, "delta": 1.0, "delta-mix": 1.0}
+
+
+def self_normalised_note(
+    options: DistillOptions, reader: CacheReader, with_student: bool, with_tail_shift: bool
+) -> None:
+    """One note line where the sampled target's normaliser is not known to the cache (another
+    alpha, an off-grid gamma, another student): its weights are then self-normalised, biased
+    O(1/M); the line gives their mean effective sample size on the cache's first examples (when
+    the cache holds the student they need)."""
+    gamma = (
+        options.gamma if options.objective == "kd-to-delta" else FAMILY_GAMMA.get(options.objective)
+    )
+    if gamma is None:
+        return
+    examples = reader.read_examples(0, 0, min(16, len(reader.shard_lengths(0))))
+    if not examples:
+        return
+    cached = batching.collate(examples, 0, with_student, with_tail_shift)["cached"]
+    cache_alpha = reader.manifest.get("alpha")
+    exact = exact_family_log_tail(cached, gamma, options.alpha, cache_alpha, reader.grid_points)
+    if exact is not None:
+        return
+    size = "the effective sample size needs the live base student and is not shown"
+    if gamma == 0 or cached.sample_student_logprobs is not None:
+        _, _, ess = losses.sampled_family_target(
+            cached, gamma, options.alpha, cache_alpha, reader.grid_points
+        )
+        size = f"mean effective sample size {float(ess.mean()):.1f} of {reader.tail_samples} draws"
+    info(
+        f"[yellow]note:[/yellow] the cache does not know the normaliser of this target (gamma "
+        f"{gamma:g}, alpha {options.alpha:g}): the sampled tail's weights are self-normalised, "
+        f"biased O(1/M) (docs/method.md); {size} on its first examples"
     )
 
 
