@@ -38,7 +38,7 @@ from deltakd_cli.cache.store import CacheReader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CACHE_OPTIONS = ["--top-k", 8, "--batch-size", 2]
+CACHE_OPTIONS = ["--top-k", 8, "--batch-size", 2, "--tail-samples", 8]  # the sampled tail too
 DISTILL_OPTIONS = ["--batch-size", 4, "--num-workers", 0, "--save-every", 2, "--lr", "5e-3",
                    "--objective", "delta", "--sft-weight", "0.2", "--device", "cpu"]  # fmt: skip
 
