@@ -19,6 +19,7 @@ BENCHES = {
     "distill": "distill_bench.py",
     "trl": "trl_bench.py",
     "trl-noise": "trl_noise.py",
+    "sampled-fidelity": "sampled_fidelity.py",
     "memory": "memory_bench.py",
     "startup": "startup_bench.py",
 }
@@ -59,6 +60,56 @@ GOALS = {
         lambda v: v >= 0.7,
         "distill delta with a live frozen S0 tokens/s / sft",
     ),
+    "trl_noise_default_minus_trl_heldout_kl": (
+        "within +-0.02, CI contains 0",
+        None,  # judged with the interval: trl_noise_default_vs_trl_within_noise
+        "held-out KL, default cache's KD student minus TRL GKD's (nats/token, >= 5 seeds each)",
+    ),
+    "trl_noise_default_vs_trl_within_noise": (
+        "yes",
+        lambda v: bool(v),
+        "the 95% interval of default - TRL contains 0 (two-level bootstrap: runs and rows)",
+    ),
+    "trl_noise_default_vs_trl_ci_half_width": (
+        "report",
+        None,
+        "half-width of that interval: a noisy bench cannot pass by being noisy",
+    ),
+    "trl_noise_default_better_than_bucket_k64": (
+        "yes",
+        lambda v: bool(v),
+        "the interval of default - top-64 + bucket excludes 0 in the default's favour",
+    ),
+    "trl_noise_default_bytes_per_response_token": (
+        "<= top-64 + bucket",
+        None,
+        "stored bytes per response token of the default's cache, from its files",
+    ),
+    "trl_noise_many_students_speedup": (
+        ">= 2",
+        lambda v: v >= 2,
+        "9 KD students (3 seeds x 3 lr): TRL's 9 runs / (one cache + 9 distills), end to end",
+    ),
+    "trl_noise_many_students_fraction_of_ceiling": (
+        ">= 0.9",
+        lambda v: v >= 0.9,
+        "that speed-up / its amortisation ceiling (TRL time per run / distill time per run)",
+    ),
+    "trl_noise_many_students_flop_ceiling": (
+        "report",
+        None,
+        "(teacher forward + 3 x student) / (3 x student) FLOPs per token",
+    ),
+    **{
+        f"sampled_fidelity_{student}_expected_grad_cosine_gamma{gamma}": (
+            goal_text,
+            lambda v, goal=goal: v >= goal,
+            f"cosine of the mean (8 draw seeds) sampled kd-to-delta gradient vs the dense one "
+            f"at S0, top-16 + 32 draws, gamma {gamma}, {student} student",
+        )
+        for student in ("copied", "healed")
+        for gamma, goal, goal_text in (("0", 0.99, ">= 0.99"), ("1", 0.97, ">= 0.97"))
+    },
     "cached_vs_online_delta": (
         "report",
         None,
@@ -278,6 +329,69 @@ def render_trl(settings: dict | None) -> str:
     return "\n".join(lines)
 
 
+COMPARISON_TABLE = "<!-- trl_noise table -->"
+
+
+def render_comparison(settings: dict | None) -> str:
+    """bench/trl_noise.py's arms and the 9-student row as tables, for the notes."""
+    if not settings or "arms" not in settings:
+        return "(not measured yet: `python bench/run_all.py --only trl-noise`)"
+    lines = [
+        f"{len(settings['seeds'])} data-order seeds per arm ({settings['seeds']}), 1 epoch, lr "
+        f"{settings['lr']:g}, batch {settings['batch_size']}; {settings['models']} models. "
+        f"Best sampled arm: **{settings['best_sampled_arm']}**.",
+        "",
+        "| arm | k | draws | stored B/token | held-out KL | bucket term | within-tail term "
+        "| minus TRL [95% CI] | distill s | cache s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    comparisons = settings["comparisons"]
+    for arm, row in settings["arms"].items():
+        versus = comparisons.get(f"{arm}_vs_trl")
+        interval = ""
+        if versus:  # stored as TRL - arm; shown as arm - TRL
+            interval = (
+                f"{-versus['difference']:+.4f} [{-versus['ci_high']:+.4f}, "
+                f"{-versus['ci_low']:+.4f}]"
+            )
+
+        def number(key: str, form: str = ".0f", row: dict = row) -> str:
+            value = row.get(key)
+            return "" if value is None else format(value, form)
+
+        lines.append(
+            f"| {arm} | {number('top_k', 'd')} | {number('tail_samples', 'd')} | "
+            f"{number('stored_bytes_per_response_token', '.1f')} | {row['heldout_kl']:.4f} | "
+            f"{row['bucket_term']:.4f} | {row['within_tail_term']:.4f} | {interval} | "
+            f"{number('train_seconds_mean')} | {number('cache_seconds_mean')} | "
+            f"{number('peak_rss_mib_max')} |"
+        )
+    lines += [
+        "",
+        "Sampled arms against top-64 + bucket (arm - bucket, 95% CI over runs and rows):",
+        "",
+    ]
+    for key, value in comparisons.items():
+        if key.endswith("_vs_bucket_k64"):
+            lines.append(
+                f"- {key.replace('_vs_bucket_k64', '')}: {value['difference']:+.4f} "
+                f"[{value['ci_low']:+.4f}, {value['ci_high']:+.4f}]"
+            )
+    many = settings.get("many_students")
+    if many:
+        lines += [
+            "",
+            f"Many students from one cache: {many['students']} KD students (3 seeds x learning "
+            f"rates {settings['many_students_learning_rates']}): TRL {many['trl_seconds']:.0f} s, "
+            f"deltakd {many['deltakd_seconds']:.0f} s (one cache + {many['students']} distills): "
+            f"**{many['speedup']:.2f}x**, amortisation ceiling {many['amortisation_ceiling']:.2f}x "
+            f"({many['fraction_of_ceiling']:.0%} of it); FLOP ceiling "
+            f"{many['flop_ceiling']:.2f} ({many['teacher_parameters'] / 1e6:.0f}M teacher, "
+            f"{many['student_parameters'] / 1e6:.0f}M student).",
+        ]
+    return "\n".join(lines)
+
+
 def render(results: dict) -> str:
     figures = results.get("figures", {})
     lines = [
@@ -306,6 +420,9 @@ def render(results: dict) -> str:
         text = notes.read_text().strip()
         text = text.replace(
             TRL_TABLE, render_trl(results.get("settings", {}).get("trl_comparison"))
+        )
+        text = text.replace(
+            COMPARISON_TABLE, render_comparison(results.get("settings", {}).get("trl_noise"))
         )
         lines += ["", text]
     return "\n".join(lines) + "\n"
