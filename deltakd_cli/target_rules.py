@@ -23,6 +23,11 @@ mass-matched   c = log sum_tail p0 e^{alpha*Delta} - log sum_tail p0, stored at 
 teacher        alpha * (log mT - log mB), from the two teachers' tail masses (any alpha)
 """
 
+# The cache's default shape, chosen on the held-out KL bench (docs/benchmarks.md, "The cache
+# against the teacher online"): the exact top-k head plus this many draws from the tail.
+DEFAULT_TOP_K = 16
+DEFAULT_TAIL_SAMPLES = 32
+
 RULES_NEEDING_STUDENT: frozenset[str] = frozenset({"target", "tuned+student", "grid"})
 RULES_NEEDING_GRID: frozenset[str] = frozenset({"grid"})
 

@@ -63,6 +63,11 @@ def validate(options: CacheOptions) -> None:
         raise DeltakdError(
             "--device-map splits one model over this host's GPUs; not under torchrun"
         )
+    if options.temperature != 1.0 and options.tail_samples == 0:
+        raise DeltakdError(
+            "--temperature needs the sampled tail (--tail-samples > 0): a tail bucket cache is "
+            "stored at temperature 1, and distill tempers it"
+        )
     if options.template_from == "student" and not options.student:
         raise DeltakdError("--template-from student needs --student")
     options.load_settings().check(distributed.device_for(options.device))
@@ -335,6 +340,7 @@ def _cache_teachers(
     vocab_size = compatibility.size
     if options.top_k > vocab_size:
         raise DeltakdError(f"--top-k {options.top_k} is larger than the vocabulary ({vocab_size})")
+    options = replace(options, tail_samples=options.resolved_tail_samples(vocab_size))
     if options.tail_samples and options.top_k >= vocab_size:
         raise DeltakdError(
             f"--tail-samples {options.tail_samples} needs a tail to draw from, but --top-k "

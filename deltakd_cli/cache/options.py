@@ -13,7 +13,14 @@ from deltakd_cli.option_groups import (
     TrainingTemplateOptions,
 )
 from deltakd_cli.options import NUMBER_LIST, opt
-from deltakd_cli.target_rules import SELECTION_RULES, TAIL_RULES, GridPoint, default_rules
+from deltakd_cli.target_rules import (
+    DEFAULT_TAIL_SAMPLES,
+    DEFAULT_TOP_K,
+    SELECTION_RULES,
+    TAIL_RULES,
+    GridPoint,
+    default_rules,
+)
 
 TEMPLATE_ROLES = ("tuned", "base", "student")
 
@@ -31,7 +38,9 @@ class CacheOptions(TrainingTemplateOptions, DataOptions, DeviceOptions, ModelLoa
     student: str | None = opt(
         None, help="Base student S0: store its log-probs and choose ids by the exact target."
     )
-    top_k: int = opt(64, help="Token ids kept per response position.", at_least=1)
+    top_k: int = opt(
+        DEFAULT_TOP_K, help="Token ids kept exactly per response position (the head).", at_least=1
+    )
     max_length: int | None = opt(
         None,
         help="Tokens per example, prompt + response (default 1024, or the models' limit).",
@@ -69,10 +78,11 @@ class CacheOptions(TrainingTemplateOptions, DataOptions, DeviceOptions, ModelLoa
         text=NUMBER_LIST,
         metavar="A1,A2,...",
     )
-    tail_samples: int = opt(
-        0,
-        help="Ids drawn per position, with replacement, from the tail outside the top-k (the "
-        "unbiased sampled tail; 0: one tail bucket). Stored as distinct ids with their counts.",
+    tail_samples: int | None = opt(
+        None,
+        help=f"Ids drawn per position, with replacement, from the tail outside the top-k (the "
+        f"unbiased sampled tail; 0: one tail bucket instead; default {DEFAULT_TAIL_SAMPLES} when "
+        "--top-k leaves a tail). Stored as distinct ids with their counts.",
         at_least=0,
     )
     sample_seed: int = opt(
@@ -95,6 +105,12 @@ class CacheOptions(TrainingTemplateOptions, DataOptions, DeviceOptions, ModelLoa
 
     def resolved_selection(self) -> str:
         return self.selection or default_rules(bool(self.student), bool(self.grid()))[0]
+
+    def resolved_tail_samples(self, vocab_size: int) -> int:
+        """--tail-samples, or by default DEFAULT_TAIL_SAMPLES where the top-k leaves a tail."""
+        if self.tail_samples is not None:
+            return self.tail_samples
+        return DEFAULT_TAIL_SAMPLES if self.top_k < vocab_size else 0
 
     def proposal(self) -> str | None:
         """The tail proposal of the draws (sampling.PROPOSALS), None without draws."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from deltakd_cli.option_groups import DataOptions, DeviceOptions, ModelLoadOptions
 from deltakd_cli.options import opt
+from deltakd_cli.target_rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 
 LAYER_RULES = ("auto", "block-influence", "uniform")
 
@@ -48,7 +49,15 @@ class InitStudentOptions(DataOptions, DeviceOptions, ModelLoadOptions):
     warmup: float = opt(0.05, help="Warmup: steps (>= 1) or a fraction (< 1).", at_least=0)
     batch_size: int = opt(8, help="Healing examples per optimizer step.", at_least=1)
     max_length: int = opt(256, help="Tokens per healing document.", at_least=2)
-    top_k: int = opt(64, help="Ids of the source's distribution kept per position.", at_least=1)
+    top_k: int = opt(
+        DEFAULT_TOP_K, help="Ids of the source's distribution kept per position.", at_least=1
+    )
+    tail_samples: int | None = opt(
+        None,
+        help=f"Ids drawn per position from the source's tail outside the top-k (0: a tail "
+        f"bucket; default {DEFAULT_TAIL_SAMPLES} where the top-k leaves a tail).",
+        at_least=0,
+    )
     sft_weight: float = opt(
         0.0, help="Weight of cross-entropy on the text, 0..1.", at_least=0, at_most=1
     )

@@ -20,6 +20,7 @@ from deltakd_cli.pipeline.options import DemoOptions, PipelineOptions
 from deltakd_cli.pipeline.run import pipeline_output, run_pipeline
 from deltakd_cli.pipeline.stages import KIB_PER_MIB, Runner, peak_rss_kib, reset_peak_rss
 from deltakd_cli.pipeline.sweep import parse_sweep
+from deltakd_cli.target_rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ DEFAULT_PROFILE = DemoProfile(
         "student_layers": 10, "heal_epochs": 1, "heal_lr": 5e-4, "heal_batch_size": 2,
         "heal_max_length": 256,
         "finetune_epochs": 2, "finetune_lr": 5e-5, "finetune_batch_size": 8,
-        "top_k": 64, "max_length": 512,
+        "top_k": DEFAULT_TOP_K, "tail_samples": DEFAULT_TAIL_SAMPLES, "max_length": 512,
         "epochs": 2, "lr": 2e-4, "batch_size": 8, "sft_weight": 0.5,
         # held-out task rows are the validation; without them nothing is split off train
         "validation_fraction": 0.0, "save_every": 0,

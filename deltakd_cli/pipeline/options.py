@@ -19,6 +19,7 @@ from deltakd_cli.option_groups import (
     TrainingTemplateOptions,
 )
 from deltakd_cli.options import opt
+from deltakd_cli.target_rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
 
@@ -111,8 +112,13 @@ class PipelineOptions(
         8, help="Batch size of the tuned teacher.", at_least=1, section="finetune"
     )
     top_k: int = opt(
-        64, help="Ids kept per position in the cache.", at_least=1, section="cache",
-        feeds=("init_student",),
+        DEFAULT_TOP_K, help="Ids kept exactly per position in the cache (the head).", at_least=1,
+        section="cache", feeds=("init_student",),
+    )  # fmt: skip
+    tail_samples: int | None = opt(
+        None, help=f"Ids drawn per position from the tail outside the top-k (0: a tail bucket; "
+        f"default {DEFAULT_TAIL_SAMPLES} where the top-k leaves a tail).", at_least=0,
+        section="cache", feeds=("init_student",),
     )  # fmt: skip
     alpha: float = opt(
         1.0, help="Scale of the teachers' shift.", finite=True, section="distill", feeds=("cache",)
