@@ -328,3 +328,18 @@ def test_a_self_normalised_target_is_said_with_its_effective_sample_size(drawn_c
     assert "self-normalised" in text and "effective sample size" in text
     result = run_cli(distill_args(drawn_cache, tiny, tmp_path / "a1", "--objective", "delta"))
     assert result.exit_code == 0 and "self-normalised" not in result.output
+
+
+def test_inspect_shows_the_draws_with_their_token_text(drawn_cache):
+    result = run_cli(["inspect", drawn_cache, "--example", 0, "--positions", 2, "--json"])
+    assert result.exit_code == 0, result.output
+    decoded = json.loads(result.output)
+    vocabulary = CacheReader(str(drawn_cache)).vocabulary()
+    for entry in decoded["positions"]:
+        assert sum(d["count"] for d in entry["draws"]) == 12
+        for draw in entry["draws"]:
+            assert draw["text"] == vocabulary[draw["id"]] and draw["count"] > 0
+    table = run_cli(["inspect", drawn_cache, "--example", 0, "--positions", 2])
+    assert "drawn tail ids" in table.output
+    summary = json.loads(run_cli(["inspect", drawn_cache, "--json"]).output)
+    assert summary["tail_samples"] == 12 and summary["proposal"] == "tuned+target"

@@ -30,6 +30,11 @@ def summary(reader: CacheReader) -> dict[str, Any]:
         "vocab_size": manifest["vocab_size"],
         "selection": manifest["selection"],
         "tail_rule": manifest["tail_rule"],
+        # the sampled tail (format 5): draws per position, their seed and proposal, temperature
+        "tail_samples": reader.tail_samples,
+        "sample_seed": manifest.get("sample_seed"),
+        "proposal": manifest.get("proposal"),
+        "temperature": reader.temperature,
         "alpha": manifest["alpha"],
         "has_student": manifest["has_student"],
         # (gamma, alpha) points of the KD-to-Delta grid and their bytes; null without a grid
@@ -62,8 +67,14 @@ def example_json(
             if values is not None:
                 value = values[row]
                 entry[name] = value.tolist() if FIELD_KIND[name] != "scalar" else float(value)
-                if FIELD_KIND[name] == "ids":
+                if FIELD_KIND[name] in ("ids", "sample_ids"):
                     entry[name + "_text"] = [_text(vocabulary, i) for i in entry[name]]
+        if targets.sample_counts is not None:  # only the used slots: (text, count) per draw
+            entry["draws"] = [
+                {"id": int(i), "text": _text(vocabulary, int(i)), "count": int(c)}
+                for i, c in zip(targets.sample_ids[row], targets.sample_counts[row], strict=True)
+                if c > 0
+            ]
         positions.append(entry)
     input_ids = example.input_ids.tolist()
     return {
@@ -91,13 +102,21 @@ def _print_example(decoded: dict[str, Any]) -> None:
     )
     console.print(escape("".join(tokens)), soft_wrap=True)
     table = Table(show_header=True)
-    for column in ("position", "next token", f"kept ids (tuned log-prob), first {TABLE_IDS}"):
+    drawn = any("draws" in entry for entry in decoded["positions"])
+    columns = ["position", "next token", f"kept ids (tuned log-prob), first {TABLE_IDS}"]
+    if drawn:
+        columns.append(f"drawn tail ids (count), first {TABLE_IDS}")
+    for column in columns:
         table.add_column(column)
     for entry in decoded["positions"]:
         following = tokens[entry["position"] + 1]
         kept = zip(entry["ids_text"], entry["tuned_logprobs"], strict=True)
         shown = "  ".join(f"{text!r} {logprob:.2f}" for text, logprob in list(kept)[:TABLE_IDS])
-        table.add_row(str(entry["position"]), repr(following), escape(shown))
+        row = [str(entry["position"]), repr(following), escape(shown)]
+        if drawn:
+            draws = entry.get("draws", [])[:TABLE_IDS]
+            row.append(escape("  ".join(f"{d['text']!r} x{d['count']}" for d in draws)))
+        table.add_row(*row)
     console.print(table)
     left = decoded["target_positions"] - len(decoded["positions"])
     if left:
@@ -161,6 +180,13 @@ def _print_table(report: dict[str, Any]) -> None:
             f"yes (alpha {report['alpha']})" if report["has_student"] else "no",
         ),
         ("kd-to-delta grid", _grid_text(report["grid"])),
+        (
+            "sampled tail",
+            f"{report['tail_samples']} draws per position from {report['proposal']} (seed "
+            f"{report['sample_seed']}, temperature {report['temperature']:g})"
+            if report["tail_samples"]
+            else "none (tail bucket)",
+        ),
         ("precision", report["precision"]),
         ("shards", str(report["shards"])),
         ("stored bytes", f"{report['bytes']:,}"),
