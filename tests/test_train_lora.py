@@ -30,7 +30,9 @@ RANK = 4
 @pytest.fixture(scope="module")
 def cache(tiny, tmp_path_factory):
     """A teachers-only cache: the delta objective then runs the live S0, which for a LoRA
-    student is the student with its adapters switched off."""
+    student is the student with its adapters switched off. A tail bucket: drawn from pT alone, a
+    sampled tail would serve Delta with self-normalised, heavy-tailed weights (docs/method.md),
+    noise this test of the adapters does not need."""
     out = tmp_path_factory.mktemp("lora") / "cache"
     args = [
         "cache-teachers",
@@ -39,6 +41,7 @@ def cache(tiny, tmp_path_factory):
         "--data", tiny.train,
         "--out", out,
         "--top-k", 8,
+        "--tail-samples", 0,
         "--device", "cpu",
     ]  # fmt: skip
     result = run_cli(args)
