@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
-from target_fidelity import response_logprobs
+from target_fidelity import demo_paths, response_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -51,12 +51,7 @@ def sampled_gradient(cached: targets.CachedTargets, p0: torch.Tensor, gamma: flo
 
 
 def measure(work: Path, positions: int) -> dict:
-    paths = {
-        "teacher_base": work / "models" / "teacher-base",
-        "teacher_tuned": work / "models" / "teacher-tuned",
-        "copied": work / "init-student" / "pruned",
-        "healed": work / "models" / "student-base",
-    }
+    paths = demo_paths(work)
     tokenizer = models.load_tokenizer(str(paths["teacher_base"]))
     test = data.load_examples(work / "data" / "test.jsonl")
     tokenized = data.tokenize_all(test, "alpaca", tokenizer, 512)

@@ -74,13 +74,18 @@ def entropy(logprobs: torch.Tensor) -> float:
     return float(-(logprobs.exp() * logprobs).sum(-1).mean())
 
 
-def measure(work: Path, positions: int) -> dict:
-    paths = {
+def demo_paths(work: Path) -> dict[str, Path]:
+    """The demo's teachers and its two base students (as copied, and healed)."""
+    return {
         "teacher_base": work / "models" / "teacher-base",
         "teacher_tuned": work / "models" / "teacher-tuned",
         "copied": work / "init-student" / "pruned",
         "healed": work / "models" / "student-base",
     }
+
+
+def measure(work: Path, positions: int) -> dict:
+    paths = demo_paths(work)
     test = work / "data" / "test.jsonl"
     missing = [str(p) for p in [*paths.values(), test] if not p.exists()]
     if missing:
