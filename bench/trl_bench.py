@@ -39,9 +39,11 @@ from heldout import (
 )
 
 from deltakd_cli import data, models
+from deltakd_cli.target_rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 from deltakd_cli.train.batching import RunPlan
 
-ROWS, HELD_OUT, MAX_LENGTH, BATCH, LR, K = 48, 32, 256, 4, 2e-4, 64
+ROWS, HELD_OUT, MAX_LENGTH, BATCH, LR = 48, 32, 256, 4, 2e-4
+K = DEFAULT_TOP_K  # with cache-teachers' default tail draws: the default cache shape
 EPOCHS = (1, 3)
 SFT_EPOCHS = 1
 HERE = Path(__file__).resolve().parent
@@ -338,7 +340,7 @@ def main() -> None:
         "rows": source, "train_rows": ROWS, "held_out_rows": HELD_OUT,
         "target_tokens_per_epoch": tokens, "max_length": MAX_LENGTH, "template": "alpaca",
         "batch_size": BATCH, "lr": LR, "schedule": "cosine to 0, no warmup", "seed": seed,
-        "top_k": K, "dtype": "float32", "device": "cpu",
+        "top_k": K, "tail_samples": DEFAULT_TAIL_SAMPLES, "dtype": "float32", "device": "cpu",
         "trl": metadata.version("trl"), "transformers": metadata.version("transformers"),
         "trl_gkd": "GKDTrainer lmbda=0 beta=0 temperature=1 seq_kd=False disable_dropout=True",
         "trl_sft": "SFTTrainer completion_only_loss=True packing=False",
