@@ -332,6 +332,13 @@ def render_trl(settings: dict | None) -> str:
 COMPARISON_TABLE = "<!-- trl_noise table -->"
 
 
+def end_to_end(trl_seconds: float | None, row: dict) -> str:
+    """TRL's seconds per 1-epoch run over deltakd's (cache + distill), both as measured."""
+    if not trl_seconds or not row.get("cache_seconds_mean") or not row.get("train_seconds_mean"):
+        return ""
+    return f"{trl_seconds / (row['cache_seconds_mean'] + row['train_seconds_mean']):.2f}x"
+
+
 def render_comparison(settings: dict | None) -> str:
     """bench/trl_noise.py's arms and the 9-student row as tables, for the notes."""
     if not settings or "arms" not in settings:
@@ -342,9 +349,10 @@ def render_comparison(settings: dict | None) -> str:
         f"Best sampled arm: **{settings['best_sampled_arm']}**.",
         "",
         "| arm | k | draws | stored B/token | held-out KL | bucket term | within-tail term "
-        "| minus TRL [95% CI] | distill s | cache s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| minus TRL [95% CI] | distill s | cache s | TRL / deltakd, end to end | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    trl_seconds = settings["arms"]["trl"].get("train_seconds_mean")
     comparisons = settings["comparisons"]
     for arm, row in settings["arms"].items():
         versus = comparisons.get(f"{arm}_vs_trl")
@@ -364,7 +372,7 @@ def render_comparison(settings: dict | None) -> str:
             f"{number('stored_bytes_per_response_token', '.1f')} | {row['heldout_kl']:.4f} | "
             f"{row['bucket_term']:.4f} | {row['within_tail_term']:.4f} | {interval} | "
             f"{number('train_seconds_mean')} | {number('cache_seconds_mean')} | "
-            f"{number('peak_rss_mib_max')} |"
+            f"{end_to_end(trl_seconds, row)} | {number('peak_rss_mib_max')} |"
         )
     lines += [
         "",
