@@ -439,3 +439,13 @@ def test_command_lines_come_back_from_records():
     )
     other = {"command": "distill", "options": {"cache": "c", "an_option_of_later": 1}}
     assert collect.command_line(other).startswith("deltakd distill (options: {")
+
+
+def test_labels_are_text_never_mathtext(held_out_run, tmp_path):
+    """Issue 22: a run directory named with `$...$` crashed `deltakd report` in matplotlib's
+    mathtext parser."""
+    named = tmp_path / "run $x^{$ 50%"
+    shutil.copytree(held_out_run, named)
+    result = run_cli(["report", named, "--out", tmp_path / "r"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "loss.png").read_bytes().startswith(PNG_SIGNATURE)
