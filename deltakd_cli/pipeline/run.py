@@ -38,6 +38,8 @@ PIPELINE_NAMES = (
     "summary.json", "models", "cache", "eval", "eval-validation", "init-student", "data",
     "cache-validation", "report", "runs", "wandb", "mlruns", "assets", "wheels",
 )  # fmt: skip
+# A stage's record sits beside its output (stages.py: `<output>.stage.json`).
+PIPELINE_NAMES = (*PIPELINE_NAMES, *(f"{name}.stage.json" for name in PIPELINE_NAMES))
 
 
 def recorded_pipeline_entries(out: Path) -> list[str] | None:
