@@ -187,8 +187,35 @@ def _scalar(value: Any) -> bool:
 
 
 def _shown(value: Any) -> str:
+    if _expanded_size(value) > 1000:  # never build a huge string to show a few characters
+        return f"a {type(value).__name__} of {_expanded_size(value):,} values"
     text = json.dumps(value, default=str)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+# YAML aliases share one object under many names: a few lines can stand for billions of values
+# (an "alias bomb"). A config larger than this once expanded is refused.
+MAX_EXPANDED_VALUES = 100_000
+
+
+def _expanded_size(value: Any, seen: dict[int, int] | None = None) -> int:
+    """How many values `value` stands for with every alias expanded; each shared object is
+    counted once per use, in time proportional to the distinct objects."""
+    seen = {} if seen is None else seen
+    if not isinstance(value, (dict, list)):
+        return 1
+    key = id(value)
+    if key in seen:
+        return seen[key]
+    seen[key] = MAX_EXPANDED_VALUES + 1  # a cycle (a recursive alias) counts as too large
+    children = value.values() if isinstance(value, dict) else value
+    total = 1
+    for child in children:
+        total += _expanded_size(child, seen)
+        if total > MAX_EXPANDED_VALUES:
+            break
+    seen[key] = min(total, MAX_EXPANDED_VALUES + 1)
+    return seen[key]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -221,6 +248,11 @@ def read_mapping(path: Path) -> dict[str, Any]:
             raise DeltakdError(f"config {path} is not valid YAML: {where}{problem}") from None
     if values is None:
         return {}
+    if _expanded_size(values) > MAX_EXPANDED_VALUES:
+        raise DeltakdError(
+            f"config {path} stands for more than {MAX_EXPANDED_VALUES:,} values once its YAML "
+            "aliases are expanded; a config is a few option values: write them out"
+        )
     if not isinstance(values, dict):
         raise DeltakdError(
             f"config {path} must be a mapping of option names to values, "

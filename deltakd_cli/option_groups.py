@@ -54,8 +54,9 @@ class LoadSettings:
         kwargs: dict[str, Any] = {}
         if self.revision and not source.is_local:
             kwargs["revision"] = self.revision
-        if self.trust_remote_code:
-            kwargs["trust_remote_code"] = True
+        # Always explicit: left out, transformers asks on a terminal whether an `auto_map`
+        # model's code may run (and runs it on a yes); files are data unless asked otherwise.
+        kwargs["trust_remote_code"] = bool(self.trust_remote_code)
         return kwargs
 
     def check(self, device: Any = None) -> None:

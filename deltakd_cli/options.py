@@ -270,10 +270,17 @@ def from_values(cls: type, values: dict[str, Any]) -> Any:
 # ----------------------------------------------------------------------------- checks
 
 
+FLOAT32_SAFE = 3.4e35  # float32's largest value / 1e3 (see `_number_problem`)
+
+
 def _number_problem(value: float, meta: dict[str, Any]) -> str | None:
     low, high = meta.get("at_least"), meta.get("at_most")
     if meta.get("finite") and not math.isfinite(value):
         return "must be a finite number"
+    if meta.get("finite") and abs(value) > FLOAT32_SAFE:
+        # float64 on the command line, float32 in the optimizer: AdamW scales lr by moment
+        # ratios up to ~1e3, so a larger lr overflows to inf at the first step
+        return f"must be at most {FLOAT32_SAFE:.1e} (larger overflows float32 in training)"
     if low is not None and high is not None and not low <= value <= high:
         return f"must be between {low:g} and {high:g}"
     if low is not None and meta.get("below") is not None and not low <= value < meta["below"]:

@@ -1,9 +1,9 @@
 """Where deltakd writes, and the promises it keeps there (docs/reliability.md):
 
 - an output is never an input, and never inside or around one (`check_not_input`);
-- an output directory belongs to one kind of deltakd output; a non-empty directory that is not
-  one is refused unless --overwrite, and --overwrite removes only what deltakd wrote
-  (`claim_directory`, `remove_own_files`);
+- ownership by proof: deltakd writes into, and --overwrite removes, only the entries its own
+  marker lists as created by deltakd; a directory holding anything else is refused naming it,
+  --overwrite or not (`claim_directory`, `remove_own_files`);
 - one run at a time per output: an exclusive lock held for the whole run, naming its holder
   (`OutputLock`); the lock of a dead process is no lock (flock is released by the kernel);
 - files appear whole or not at all (`atomic_write_text`: a temp name, then a rename);
@@ -19,7 +19,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,7 @@ class OutputLock:
         self.what = what
         self.fd: int | None = None
         self.made_folder = False  # the lock created its folder: release removes it if empty
+        self.held = False  # release touches the file only when this lock took it
 
     def _refuse(self, holder: dict[str, Any] | None) -> DeltakdError:
         if holder:
@@ -206,6 +207,11 @@ class OutputLock:
     def acquire(self) -> OutputLock:
         import fcntl
 
+        if self.path.exists() and not _is_own_lock(self.path):
+            raise DeltakdError(
+                f"{self.path} exists and is not a deltakd lock file; deltakd does not write "
+                "over it: move it, or choose another output"
+            )
         with writing(self.path):
             self.made_folder = not self.path.parent.exists()
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +237,7 @@ class OutputLock:
                 break
             os.close(fd)
         self.fd = fd
+        self.held = True
         payload = json.dumps(_holder()).encode()
         os.ftruncate(fd, 0)
         os.write(fd, payload)
@@ -243,10 +250,15 @@ class OutputLock:
             if not here or _pid_alive(int(holder.get("pid", -1))):
                 raise self._refuse(holder)
         atomic_write_text(self.path, json.dumps(_holder()))
+        self.held = True
         return self
 
     def release(self) -> None:
-        """Remove the lock file, then drop the lock (in this order, see `acquire`)."""
+        """Remove the lock file, then drop the lock (in this order, see `acquire`); a lock never
+        taken (refused) touches nothing."""
+        if not self.held:
+            return
+        self.held = False
         try:
             self.path.unlink(missing_ok=True)
             if self.made_folder and not any(self.path.parent.iterdir()):
@@ -276,19 +288,38 @@ def file_lock(path: str | Path, what: str) -> OutputLock:
 
 
 # ----------------------------------------------------------------------------- kinds
+#
+# Ownership is proved, never guessed from names: a directory is deltakd's output when it holds
+# deltakd's marker, and only the entries the marker lists (by name, relative to the directory)
+# were created by deltakd. deltakd writes into, and --overwrite removes, those entries and
+# nothing else; a directory holding any other entry is refused, naming it.
+
+
+def parse_marker(text: str) -> dict[str, Any] | None:
+    """deltakd's marker from its text, or None: a file of that name that is not deltakd's
+    marker (not a JSON object written by deltakd) is no marker, and is the user's."""
+    try:
+        marker = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(marker, dict) or marker.get("tool") != "deltakd":
+        return None
+    if not isinstance(marker.get("kind"), str) or not isinstance(marker.get("files", []), list):
+        return None
+    return marker
 
 
 def read_marker(directory: str | Path) -> dict[str, Any] | None:
+    """deltakd's marker of `directory`, or None (see `parse_marker`)."""
     try:
-        marker = json.loads((Path(directory) / MARKER).read_text())
-    except (OSError, json.JSONDecodeError):
+        return parse_marker((Path(directory) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
         return None
-    return marker if isinstance(marker, dict) else None
 
 
 def marker_text(kind: str, files: Iterable[str] = ()) -> str:
-    """The marker of an output of `kind`, and the files deltakd put there (what --overwrite
-    may remove)."""
+    """The marker of an output of `kind`, and the entries deltakd created there (all it may
+    write into or remove)."""
     marker = {
         "tool": "deltakd",
         "version": __version__,
@@ -305,22 +336,71 @@ def write_marker(directory: str | Path, kind: str, files: Iterable[str] = ()) ->
 
 
 def add_marker_files(directory: str | Path, files: Iterable[str]) -> None:
-    """Add names to the marker's list of files deltakd wrote."""
-    marker = read_marker(directory) or {}
-    kind = marker.get("kind")
-    if kind is None:
+    """Add names to the marker's list of entries deltakd created (before creating them)."""
+    marker = read_marker(directory)
+    if marker is None:
         return
-    write_marker(directory, kind, [*marker.get("files", []), *files])
+    write_marker(directory, marker["kind"], [*marker.get("files", []), *files])
+
+
+def _is_own_lock(path: Path) -> bool:
+    """A lock file deltakd wrote (its holder record), or an empty one (being written)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not text.strip():
+        return True
+    try:
+        holder = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(holder, dict) and "pid" in holder and "command" in holder
 
 
 def visible_entries(directory: Path) -> list[str]:
-    """Names in a directory, leaving out deltakd's own lock and half-written files."""
+    """Names in a directory, leaving out deltakd's own lock file (a user's file of that name
+    is kept in)."""
     if not directory.is_dir():
         return []
+    return sorted(p.name for p in directory.iterdir() if not (p.name == LOCK and _is_own_lock(p)))
+
+
+def foreign_names(names: Iterable[str], owned: Iterable[str]) -> list[str]:
+    """Those of `names` deltakd did not create: not in `owned`, nor a half-written
+    `NAME.partial` of an owned NAME."""
+    own = set(owned)
     return sorted(
-        p.name
-        for p in directory.iterdir()
-        if p.name != LOCK and not p.name.endswith(PARTIAL_SUFFIX)
+        name
+        for name in names
+        if name not in own
+        and not (name.endswith(PARTIAL_SUFFIX) and name[: -len(PARTIAL_SUFFIX)] in own)
+    )
+
+
+def foreign_entries(directory: str | Path, owned: Iterable[str]) -> list[str]:
+    """The entries of `directory` deltakd did not create (`foreign_names`), its own marker and
+    lock left out."""
+    path = Path(directory)
+    own = set(owned)
+    if read_marker(path) is not None:
+        own.add(MARKER)
+    return foreign_names(visible_entries(path), own)
+
+
+def _named(entries: list[str], limit: int = 6) -> str:
+    shown = ", ".join(entries[:limit])
+    return shown + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+def refuse_foreign(
+    directory: str | Path, entries: list[str], label: str, option: str = "--out"
+) -> DeltakdError:
+    """The one line for an output directory holding entries deltakd did not create."""
+    return DeltakdError(
+        f"{option} {directory} holds entries deltakd did not create ({_named(entries)}); it is "
+        f"not taken for the {label}, and --overwrite never touches them; choose a new or empty "
+        "directory"
     )
 
 
@@ -329,60 +409,73 @@ def claim_directory(
     kind: str,
     label: str,
     overwrite: bool,
-    legacy: Iterable[str] = (),
+    planned: Iterable[str] = (),
+    recognise: Callable[[Path], Iterable[str] | None] | None = None,
+    option: str = "--out",
 ) -> str:
-    """Decide whether a run may write `directory` as an output of `kind`:
+    """Decide whether a run may write `directory` as an output of `kind`, by proof:
 
-    'new'   it does not exist or is empty (it is created, and marked as `kind`);
-    'ours'  it holds a deltakd output of the same kind (the caller decides: resume, complete,
-            or refuse); older outputs without a marker are recognised by any of `legacy` names;
-    with `overwrite`, a directory that is another kind of output or not deltakd's at all is
-    taken too ('new'); without, it is refused with one line.
+    'new'   it does not exist or is empty: created, and marked as `kind`;
+    'ours'  its marker says `kind` and every entry is one the marker lists (the caller decides:
+            resume, complete, or refuse; under --overwrite it removes the listed entries);
+    with `overwrite`, a deltakd output of another kind whose entries are all listed has them
+    removed and is taken ('new').
 
-    Under --overwrite the caller removes its own files (`remove_own_files`); nothing else in the
-    directory is touched."""
+    A directory holding any entry its marker does not list (or holding anything, without a
+    marker) is refused naming those entries, --overwrite or not. `recognise(path)` proves an
+    output of an earlier deltakd without a marker from its own record (a run's run.json), and
+    returns the entries that record makes deltakd's (None: not such an output). `planned`:
+    entries the run will create, listed at the claim (the directory holds none of them then
+    that is not deltakd's)."""
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise DeltakdError(f"--out {directory} exists and is not a directory")
-    entries = [name for name in visible_entries(path) if name != MARKER]
+    planned = list(planned)
     marker = read_marker(path)
-    if marker is not None and marker.get("kind") == kind:
+    if marker is None:
+        entries = visible_entries(path)
+        if not entries:
+            with writing(path):
+                path.mkdir(parents=True, exist_ok=True)
+            write_marker(path, kind, planned)
+            return "new"
+        owned = recognise(path) if recognise is not None else None
+        if owned is None:
+            raise refuse_foreign(directory, entries, label, option)
+        owned = list(owned)
+        foreign = foreign_entries(path, owned)
+        if foreign:
+            raise refuse_foreign(directory, foreign, label, option)
+        write_marker(path, kind, [*owned, *planned])
         return "ours"
-    if marker is None and entries and any((path / name).exists() for name in legacy):
-        write_marker(path, kind, [name for name in legacy if (path / name).exists()])
+    listed = [name for name in marker.get("files", []) if isinstance(name, str)]
+    foreign = foreign_entries(path, listed)
+    if foreign:
+        raise refuse_foreign(directory, foreign, label, option)
+    if marker["kind"] == kind:
+        if planned:
+            write_marker(path, kind, [*listed, *planned])
         return "ours"
-    if entries and not overwrite:
-        what = (
-            f"a deltakd {marker.get('kind')} output"
-            if marker
-            else "files that deltakd did not write"
-        )
+    if not overwrite and any(name != MARKER for name in visible_entries(path)):
         raise DeltakdError(
-            f"--out {directory} is not empty: it holds {what}, not a {label}; choose a new or "
-            "empty directory, or pass --overwrite (which removes only what deltakd wrote there)"
+            f"--out {directory} holds a deltakd {marker['kind']} output, not a {label}; choose "
+            "another directory, or pass --overwrite (which removes only what deltakd created "
+            "there)"
         )
-    if marker is not None and overwrite:
-        remove_own_files(path, marker.get("files", []))
-    with writing(path):
-        path.mkdir(parents=True, exist_ok=True)
-    write_marker(path, kind)
+    remove_own_files(path, listed)
+    write_marker(path, kind, planned)
     return "new"
 
 
 def remove_own_files(directory: str | Path, names: Iterable[str]) -> None:
-    """Remove the named entries of an output directory (what deltakd wrote), and any
-    half-written file it left; everything else stays."""
+    """Remove the named entries of an output directory (what deltakd created, as its marker
+    lists them) and their half-written `NAME.partial`; everything else stays."""
     path = Path(directory)
     for name in set(names):
         if not name or "/" in name or name in (".", "..", LOCK, MARKER):
             continue
-        target = path / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-    for leftover in path.glob(f"*{PARTIAL_SUFFIX}"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover)
-        else:
-            leftover.unlink()
+        for target in (path / name, path / (name + PARTIAL_SUFFIX)):
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()

@@ -146,13 +146,12 @@ def test_refuses_a_directory_that_is_not_a_cache(tiny, tmp_path):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
     result = run_cli(cache_args(tiny, tmp_path / "precious", "--top-k", 4))
-    assert_one_line_error(result, "is not empty", "not a cache", "--overwrite")
+    assert_one_line_error(result, "did not create (notes.txt)", "not taken for the cache")
     assert sorted(p.name for p in (tmp_path / "precious").iterdir()) == ["notes.txt"]
-    # --overwrite writes the cache there and removes only what deltakd wrote: nothing of theirs
+    # --overwrite never writes into a folder deltakd did not create
     result = run_cli(cache_args(tiny, tmp_path / "precious", "--top-k", 4, "--overwrite"))
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
-    assert (tmp_path / "precious" / "manifest.json").is_file()
+    assert_one_line_error(result, "did not create (notes.txt)", "--overwrite never touches")
+    assert sorted(p.name for p in (tmp_path / "precious").iterdir()) == ["notes.txt"]
 
 
 def test_inspect_summary_json_and_example(good_cache):

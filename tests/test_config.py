@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from deltakd_cli import cli, config
 from deltakd_cli.commands import COMMANDS
+from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import REQUIRED, choices_of, option_fields, to_argv
 from deltakd_cli.pipeline.options import PipelineOptions
 
@@ -247,3 +248,17 @@ def test_yaml_floats_round_trip():
     """YAML 1.1 reads `2e-05` as a string; what `show` writes must read back as the number."""
     for value in (2e-05, 1e-4, 3.0, 0.1, 1e20):
         assert yaml.safe_load(f"x: {config._yaml_value(value)}")["x"] == value
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_line_quickly(tmp_path):
+    """Issue 22: nine levels of nine aliases (387 million strings once expanded) hung `config`
+    with growing memory while a value was serialised to be shown."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in "bcdefghi":
+        previous = chr(ord(level) - 1)
+        lines.append(f"{level}: &{level} [{', '.join([f'*{previous}'] * 9)}]")
+    lines.append("lr: *i")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DeltakdError, match="more than 100,000 values"):
+        config.read_mapping(bomb)

@@ -190,3 +190,26 @@ def test_a_tied_output_layer_is_not_missing(tiny, tmp_path):
     config.save_pretrained(tied)
     with pytest.raises(DeltakdError, match=r"1 missing \(lm_head.weight\)"):
         models.load_model(str(tied))
+
+
+def test_remote_code_is_refused_explicitly_so_no_prompt_appears(tiny, monkeypatch):
+    """Issue 22: without --trust-remote-code deltakd passed nothing, and transformers asked on
+    the terminal whether an `auto_map` model's code may run. Every load now says False."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    seen = []
+    for cls in (AutoConfig, AutoTokenizer):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _original=original, **kwargs):
+            seen.append(kwargs.get("trust_remote_code", "absent"))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    models.load_tokenizer(str(tiny.student))
+    models.model_config(str(tiny.student))
+    assert seen and all(value is False for value in seen), seen
+    asked = models.LoadSettings(trust_remote_code=True).hub_kwargs(
+        models.resolve_source(str(tiny.student))
+    )
+    assert asked["trust_remote_code"] is True

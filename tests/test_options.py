@@ -49,6 +49,8 @@ def test_checks_name_the_flag():
         ({"objective": "nope"}, "unknown --objective 'nope' \\(choose from sft, kd, delta"),
         ({"alpha": float("nan")}, "--alpha must be a finite number"),
         ({"max_steps": -1}, "--max-steps must be >= 0"),
+        # issue 22: 1e38 is finite, and overflowed float32 in AdamW at the first step
+        ({"lr": 1e38}, "--lr must be at most 3.4e\\+35 \\(larger overflows float32"),
     ]
     for change, message in cases:
         with pytest.raises(DeltakdError, match=message):

@@ -360,16 +360,17 @@ def test_outputs_never_overwrite_inputs(tiny, world, tmp_path):
     foreign.mkdir()
     (foreign / "config.json").write_text("theirs")
     args = distill_args(world["cache"], tiny.student, foreign, "--max-steps", 2)
-    assert_one_line_error(run_cli(args), "not empty", "not a training run", "--overwrite")
-    assert (foreign / "config.json").read_text() == "theirs"
-    # With --overwrite the run goes there; a second --overwrite removes only deltakd's files.
-    assert run_cli([*args, "--overwrite"]).exit_code == 0
-    (foreign / "notes.txt").write_text("mine")
-    assert run_cli([*args, "--overwrite"]).exit_code == 0
-    assert (foreign / "notes.txt").read_text() == "mine"
-    assert (foreign / "run.json").is_file()
-    # A finished run is not replaced without --overwrite.
+    for overwrite in ([], ["--overwrite"]):
+        result = run_cli([*args, *overwrite])
+        assert_one_line_error(result, "did not create (config.json)", "not taken for the training")
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
+    # A run's own folder: a finished run is not replaced without --overwrite, and is with it.
+    own = tmp_path / "own"
+    args = distill_args(world["cache"], tiny.student, own, "--max-steps", 2)
+    assert run_cli(args).exit_code == 0
     assert_one_line_error(run_cli(args), "already holds a finished run", "--overwrite")
+    assert run_cli([*args, "--overwrite"]).exit_code == 0
+    assert (own / "run.json").is_file()
 
 
 # ----------------------------------------------------------------------------- 4: broken models
@@ -571,14 +572,14 @@ def test_an_out_that_is_a_file_is_one_line(tiny, world, tmp_path):
 
 def test_a_leftover_partial_record_does_not_block_later_runs(tiny, tmp_path):
     out = tmp_path / "c"
-    out.mkdir()
-    (out / "run.json.partial").write_text('{"settin')
     result = run_cli(cache_args(tiny, out, "--top-k", 4))
     assert result.exit_code == 0, result.output
-    (out / "run.json.partial").write_text('{"settin')
+    (out / "settings.json.partial").write_text('{"settin')  # a write cut by a kill
+    result = run_cli(cache_args(tiny, out, "--top-k", 4))
+    assert result.exit_code == 0, result.output
     result = run_cli(cache_args(tiny, out, "--top-k", 8, "--overwrite"))
     assert result.exit_code == 0, result.output
-    assert not (out / "run.json.partial").exists()
+    assert not (out / "settings.json.partial").exists()
 
 
 # ----------------------------------------------------------------------------- 10: smaller

@@ -398,25 +398,28 @@ def test_rerun_replaces_our_report_and_foreign_directories_are_refused(
     out = tmp_path / "report"
     assert run_cli(["report", distill_run, plain_report, "--out", out]).exit_code == 0
     first = (out / "loss.png").read_bytes()
+    # a file of the user's in the report's folder: refused naming it, nothing touched
     (out / "mine.txt").write_text("a note of my own")
+    result = run_cli(["report", distill_run, "--out", out])
+    assert_one_line_error(result, "did not create (mine.txt)")
+    assert (out / "mine.txt").read_text() == "a note of my own" and (out / "rougeL.png").exists()
+    (out / "mine.txt").unlink()
     # the same report again: replaced, byte for byte the same picture
     result = run_cli(["report", distill_run, "--out", out])
     assert result.exit_code == 0, result.output
     assert (out / "loss.png").read_bytes() == first
-    # the eval's plots of the first report are gone (they are no longer in it); mine stays
+    # the eval's plots of the first report are gone (they are no longer in it)
     assert not (out / "rougeL.png").exists() and not (out / "differences.csv").exists()
-    assert (out / "mine.txt").read_text() == "a note of my own"
     assert outputs.read_marker(out)["kind"] == "report"
     assert set(outputs.read_marker(out)["files"]) == {"loss.png", "loss.csv", "index.html"}
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "data.txt").write_text("not deltakd's")
-    result = run_cli(["report", distill_run, "--out", foreign])
-    assert_one_line_error(result, "is not empty", "--overwrite")
-    result = run_cli(["report", distill_run, "--out", foreign, "--overwrite"])
-    assert result.exit_code == 0, result.output
-    assert (foreign / "data.txt").exists() and (foreign / "index.html").exists()
+    for overwrite in ([], ["--overwrite"]):
+        result = run_cli(["report", distill_run, "--out", foreign, *overwrite])
+        assert_one_line_error(result, "did not create (data.txt)", "--overwrite never touches")
+    assert sorted(p.name for p in foreign.iterdir()) == ["data.txt"]
 
 
 def test_without_matplotlib_one_line(distill_run, tmp_path, monkeypatch):
@@ -436,3 +439,13 @@ def test_command_lines_come_back_from_records():
     )
     other = {"command": "distill", "options": {"cache": "c", "an_option_of_later": 1}}
     assert collect.command_line(other).startswith("deltakd distill (options: {")
+
+
+def test_labels_are_text_never_mathtext(held_out_run, tmp_path):
+    """Issue 22: a run directory named with `$...$` crashed `deltakd report` in matplotlib's
+    mathtext parser."""
+    named = tmp_path / "run $x^{$ 50%"
+    shutil.copytree(held_out_run, named)
+    result = run_cli(["report", named, "--out", tmp_path / "r"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "loss.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -45,9 +45,12 @@ from deltakd_cli.outputs import (
     MARKER,
     PARTIAL_SUFFIX,
     atomic_write_text,
+    foreign_names,
     is_url,
     local_path,
     marker_text,
+    parse_marker,
+    refuse_foreign,
     write_error,
     writing,
 )
@@ -418,33 +421,54 @@ def read_run_state(location: Location) -> dict[str, Any] | None:
 OWN_NAMES = ("manifest.json", SETTINGS_FILE, VOCABULARY_FILE, "shards", MARKER)
 
 
-def _read_marker_kind(location: Location) -> str | None:
+def _read_marker(location: Location) -> dict[str, Any] | None:
     if not location.exists(MARKER):
         return None
     try:
-        return json.loads(location.read_text(MARKER)).get("kind")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return parse_marker(location.read_text(MARKER))
+    except UnicodeDecodeError:
         return None
+
+
+def _recorded_cache_names(location: Location) -> list[str] | None:
+    """A cache of an earlier deltakd without a marker, proved by its own valid manifest: the
+    names it created. None when there is no such manifest (nothing is guessed from names)."""
+    try:
+        manifest = read_manifest(location)
+    except DeltakdError:
+        return None
+    if manifest is None:
+        return None
+    return [name for name in OWN_NAMES if location.exists(name)]
 
 
 def prepare_output(location: Location, settings: dict[str, Any], overwrite: bool) -> str:
     """Decide what to do with `--out` before any compute: 'fresh', 'resume' or 'complete'.
-    Refuses a path that holds a cache of other settings (unless --overwrite) or anything that
-    is not a cache (unless --overwrite, which then removes only what cache-teachers writes)."""
+    Ownership by proof (outputs.py): a path holding anything its deltakd marker does not list
+    (or anything, without a marker) is refused naming it, --overwrite or not; a cache of other
+    settings, or another kind of deltakd output, is refused unless --overwrite, which then
+    removes only the entries deltakd's marker lists."""
     if not location.url and Path(location.root).exists() and not Path(location.root).is_dir():
         raise DeltakdError(f"--out {location.root} exists and is not a directory")
-    names = {
-        name
-        for name in location.list()
-        if not name.endswith(PARTIAL_SUFFIX) and name not in (LOCK, MARKER)
-    }
-    kind = _read_marker_kind(location)
+    names = {name for name in location.list() if name != LOCK}
+    marker = _read_marker(location)
+    listed = [name for name in (marker or {}).get("files", []) if isinstance(name, str)]
+    if marker is None and names:
+        recorded = _recorded_cache_names(location)
+        if recorded is None:
+            raise refuse_foreign(location.root, sorted(names), "cache")
+        marker = {"kind": "cache"}
+        listed = recorded
+    foreign = foreign_names(names - {MARKER}, listed)
+    if foreign:
+        raise refuse_foreign(location.root, foreign, "cache")
+    names = {name for name in names if not name.endswith(PARTIAL_SUFFIX) and name != MARKER}
+    kind = (marker or {}).get("kind")
     is_cache = kind == "cache"
     if names and not is_cache and not overwrite:
-        what = f"a deltakd {kind} output" if kind else "files that deltakd did not write"
         raise DeltakdError(
-            f"--out {location.root} is not empty: it holds {what}, not a cache; choose a new or "
-            "empty path, or pass --overwrite (which removes only what cache-teachers writes)"
+            f"--out {location.root} holds a deltakd {kind} output, not a cache; choose another "
+            "path, or pass --overwrite (which removes only what deltakd created there)"
         )
     if is_cache and names:
         previous = read_run_state(location)
@@ -460,10 +484,11 @@ def prepare_output(location: Location, settings: dict[str, Any], overwrite: bool
             )
     # Fresh: the manifest goes first, so nothing looks complete while the rest is cleared.
     # Only a cache's own names go; in a directory that was not a cache nothing is removed.
-    for name in OWN_NAMES if is_cache else ():
-        location.remove(name)
+    for name in listed:
+        if name and "/" not in name and name not in (LOCK, MARKER):
+            location.remove(name)
     for name in location.list():
-        if name.endswith(PARTIAL_SUFFIX):
+        if name.endswith(PARTIAL_SUFFIX):  # a listed name's leftover (anything else was refused)
             location.remove(name)
     location.write_text(MARKER, marker_text("cache", OWN_NAMES))
     location.write_text(SETTINGS_FILE, json.dumps({"settings": settings}, indent=2))

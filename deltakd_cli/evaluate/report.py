@@ -137,6 +137,19 @@ def _is_report(path: Path) -> bool:
     return isinstance(report, dict) and (report.get("tool") or {}).get("name") == "deltakd"
 
 
+def _own_eval_files(report_path: Path) -> set[str]:
+    """The names of REPORT and its generations file that a deltakd eval wrote, proved by the
+    report itself (a deltakd report naming its generations file)."""
+    if not _is_report(report_path):
+        return set()
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    named = report.get("generations_file")
+    own = {report_path.name}
+    if named == generations_path(report_path).name:
+        own.add(named)
+    return own
+
+
 def prepare_output(
     report_path: str | Path,
     inputs: dict[str, Any] | None = None,
@@ -149,12 +162,19 @@ def prepare_output(
         raise DeltakdError(f"--out {report_path} is a directory; give a file name like report.json")
     for path in (report_path, generations_path(report_path)):
         outputs.check_not_input(path, inputs or {})
+    owned = _own_eval_files(report_path)
     for path in (report_path, generations_path(report_path)):
-        if path.exists() and not overwrite:
-            what = "an eval report of an earlier run" if _is_report(path) else "a file"
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if path.name not in owned:  # ownership by proof: a file deltakd did not write stays
             raise DeltakdError(
-                f"{path} already exists ({what}); choose another --out, or pass --overwrite "
-                "to replace it"
+                f"{path} already exists and is not an eval output deltakd wrote; deltakd never "
+                "replaces it (--overwrite neither): choose another --out"
+            )
+        if not overwrite:
+            raise DeltakdError(
+                f"{path} already exists (an eval report of an earlier run); choose another "
+                "--out, or pass --overwrite to replace it"
             )
     with outputs.writing(report_path.parent):
         report_path.parent.mkdir(parents=True, exist_ok=True)

@@ -139,7 +139,7 @@ def init_student(options: InitStudentOptions, run_command: Runner) -> dict[str, 
             raise DeltakdError(f"--out {out} exists and is not a directory")
         locks.append(outputs.directory_lock(out, f"student {out}").acquire())
         locks.append(outputs.directory_lock(work, f"work directory {work}").acquire())
-        _claim_out(out, bool(marker), options.overwrite)
+        _claim_out(out, work, bool(marker), options.overwrite)
 
     try:
         distributed.on_main_first(claim)
@@ -151,16 +151,31 @@ def init_student(options: InitStudentOptions, run_command: Runner) -> dict[str, 
             lock.release()
 
 
-def _claim_out(out: Path, has_record: bool, overwrite: bool) -> None:
-    """OUT may be empty, an unfinished init-student output, or anything with --overwrite."""
-    entries = [name for name in outputs.visible_entries(out) if name != outputs.MARKER]
-    unfinished = (outputs.read_marker(out) or {}).get("kind") == "student" and not has_record
-    if entries and not overwrite and not unfinished:
-        what = "a student made with other settings" if has_record else "other files"
+# What init-student creates in its work dir: listed in the work dir's marker when it is claimed.
+WORK_NAMES = (
+    "heal-rows.jsonl", "pruned", "pruned.key.json", "healed", "healed.key.json", "heal-cache",
+    "heal-cache.key.json",
+)  # fmt: skip
+
+
+def _claim_out(out: Path, work: Path, has_record: bool, overwrite: bool) -> None:
+    """OUT may be new, empty, or an init-student output (one made with other settings only with
+    --overwrite); the work dir new, empty or init-student's. Ownership by proof (outputs.py):
+    a directory holding anything deltakd did not create is refused naming it."""
+    state = outputs.claim_directory(out, "student", "student directory", overwrite)
+    if state == "ours" and has_record and not overwrite:
         raise DeltakdError(
-            f"{out} already exists and holds {what}; pass --overwrite to replace it (only the "
-            "files deltakd wrote are removed), or choose another --out"
+            f"{out} already holds a student made with other settings; pass --overwrite to "
+            "replace it (only the files deltakd created are removed), or choose another --out"
         )
+    outputs.claim_directory(
+        work,
+        "init-student-work",
+        "init-student work directory",
+        overwrite,
+        planned=WORK_NAMES,
+        option="--work-dir",
+    )
 
 
 def _init_student(
@@ -316,7 +331,8 @@ def _finish(out: Path, pruned_dir: Path, healed_dir: Path | None, record: dict) 
     """OUT gets the student's files (checkpoints stay in the work dir) and the record, last.
     Files a previous init-student put there go first; anything else in OUT stays."""
     source = healed_dir or pruned_dir
-    names = [p.name for p in source.iterdir() if p.is_file() and p.name != MARKER]
+    skip = (MARKER, outputs.MARKER, outputs.LOCK)  # the healing run's own marker stays there
+    names = [p.name for p in source.iterdir() if p.is_file() and p.name not in skip]
     previous = outputs.read_marker(out) or {}
     with outputs.writing(out):
         out.mkdir(parents=True, exist_ok=True)

@@ -32,10 +32,28 @@ from deltakd_cli.pipeline.sweep import choose
 from deltakd_cli.tracking import open_trackers, parse_report_to
 from deltakd_cli.train.export import write_card
 
+# Every entry a pipeline (or the demo) creates in OUT: listed in OUT's marker when OUT is
+# claimed, the only entries a pipeline writes into.
 PIPELINE_NAMES = (
-    "summary.json", "models", "cache", "eval", "init-student", "data", "cache-validation",
-    "report", "runs", "wandb", "mlruns",
+    "summary.json", "models", "cache", "eval", "eval-validation", "init-student", "data",
+    "cache-validation", "report", "runs", "wandb", "mlruns", "assets", "wheels",
 )  # fmt: skip
+# A stage's record sits beside its output (stages.py: `<output>.stage.json`).
+PIPELINE_NAMES = (*PIPELINE_NAMES, *(f"{name}.stage.json" for name in PIPELINE_NAMES))
+
+
+def recorded_pipeline_entries(out: Path) -> list[str] | None:
+    """What a pipeline of an earlier deltakd (no output marker) created in OUT, as proved by
+    its own record: summary.json written by deltakd pipeline or demo. None otherwise."""
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(summary, dict) or summary.get("tool") != "deltakd":
+        return None
+    if summary.get("command") != "pipeline":
+        return None
+    return [name for name in PIPELINE_NAMES if (out / name).exists()]
 
 
 @contextmanager
@@ -46,7 +64,12 @@ def pipeline_output(out: Path) -> Iterator[None]:
         raise DeltakdError(f"--out {out} exists and is not a directory")
     with outputs.directory_lock(out, f"pipeline directory {out}"):
         outputs.claim_directory(
-            out, "pipeline", "pipeline directory", overwrite=False, legacy=PIPELINE_NAMES
+            out,
+            "pipeline",
+            "pipeline directory",
+            overwrite=False,
+            planned=PIPELINE_NAMES,
+            recognise=recorded_pipeline_entries,
         )
         yield
 

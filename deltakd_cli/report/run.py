@@ -182,7 +182,11 @@ def write_report(
             earlier = outputs.read_marker(out) or {}
             outputs.remove_own_files(out, earlier.get("files", []))
             outputs.write_marker(out, KIND)
-        _write(collected, out)
+        import matplotlib
+
+        # Labels are data (run directories named with `$`): never parsed as mathtext.
+        with matplotlib.rc_context({"text.parse_math": False}):
+            _write(collected, out)
     index = out / INDEX
     info(f"report: {escape(str(index))}")
     return index

@@ -25,6 +25,37 @@ RUN_FILES = (
     "checkpoints", "metrics.jsonl", "run.json", "README.md", ".export.partial", *TRACKER_DIRS
 )  # fmt: skip
 CARD = "README.md"  # the model card (card.py)
+# The files a Hugging Face model directory is written as (save_pretrained of a model, its
+# tokenizer and generation config, a LoRA adapter dir): what a run record proves deltakd's in
+# the OUT of a run from before output markers.
+MODEL_FILE_PATTERNS = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
+    "model.safetensors.index.json", "pytorch_model*.bin", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.*",
+    "tokenizer.model", "adapter",
+)  # fmt: skip
+
+
+def recorded_run_entries(out: Path) -> list[str] | None:
+    """The entries a training run of an earlier deltakd (no output marker) created in OUT, as
+    proved by its own record: run.json written by deltakd distill/finetune. None when OUT holds
+    no such record; nothing is recognised by folder names alone."""
+    import fnmatch
+
+    try:
+        record = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("tool") != "deltakd":
+        return None
+    if record.get("command") not in ("distill", "finetune"):
+        return None
+    return [
+        entry.name
+        for entry in out.iterdir()
+        if entry.name in RUN_FILES
+        or any(fnmatch.fnmatch(entry.name, pattern) for pattern in MODEL_FILE_PATTERNS)
+    ]
 
 
 def stop_tokens(student: Any, tokenizer: Any, template: dict[str, Any] | None) -> list[int]:

@@ -28,7 +28,13 @@ from deltakd_cli.options import record
 from deltakd_cli.tracking import Trackers, log_record, open_trackers
 from deltakd_cli.train import batching, checkpoint, lora, preflight
 from deltakd_cli.train import step as step_math
-from deltakd_cli.train.export import RUN_FILES, export_model, write_card, write_record
+from deltakd_cli.train.export import (
+    RUN_FILES,
+    export_model,
+    recorded_run_entries,
+    write_card,
+    write_record,
+)
 from deltakd_cli.train.inputs import TrainingData, distill_data, finetune_data, with_eval_data
 from deltakd_cli.train.objective import (
     ObjectiveModule,
@@ -92,12 +98,13 @@ class Trainer:
             "training-run",
             "training run",
             options.overwrite,
-            legacy=("run.json", "checkpoints"),
+            planned=RUN_FILES,
+            recognise=recorded_run_entries,
         )
         if claim == "ours" and options.overwrite:
             marker = outputs.read_marker(self.out) or {}
-            outputs.remove_own_files(self.out, [*RUN_FILES, *marker.get("files", [])])
-            outputs.write_marker(self.out, "training-run")
+            outputs.remove_own_files(self.out, marker.get("files", []))
+            outputs.write_marker(self.out, "training-run", RUN_FILES)
             return None
         if (self.out / "run.json").exists():
             raise DeltakdError(
