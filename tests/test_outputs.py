@@ -15,7 +15,7 @@ from helpers import assert_one_line_error, cache_args, run_cli
 from deltakd_cli import faults, outputs
 from deltakd_cli.cache import store as cache_store
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.pipeline import init_student
+from deltakd_cli.init_student import run as init_student
 from deltakd_cli.pipeline.run import PIPELINE_NAMES, pipeline_output
 from deltakd_cli.report import run as report_run
 from deltakd_cli.train.export import RUN_FILES
