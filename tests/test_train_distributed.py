@@ -12,6 +12,8 @@ import torch
 from helpers import run_cli, torchrun
 from safetensors.torch import load_file
 
+from deltakd_cli.outputs import MARKER
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -103,6 +105,8 @@ def test_fsdp2_matches_one_process_and_resumes(tiny, caches, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(sharded / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    # the run's own marker comes along: deltakd resumes only into a folder it proves it made
+    shutil.copy(sharded / MARKER, resumed / MARKER)
     process = torchrun(distill_args(tiny, caches["teachers"], resumed, *extra, "--resume"))
     assert process.returncode == 0, process.stderr[-3000:]
     assert "resuming from" in process.stderr + process.stdout
