@@ -20,6 +20,7 @@ from torch import nn
 
 from deltakd_cli import faults, models
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.outputs import MARKER
 from deltakd_cli.train.options import DEFAULT_LORA_TARGETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,6 +242,7 @@ def test_lora_fsdp2_matches_one_process_and_resumes(tiny, cache, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(sharded / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    shutil.copy(sharded / MARKER, resumed / MARKER)  # resume only into a folder deltakd made
     process = torchrun(lora_args(tiny, cache, resumed, *extra, "--resume"))
     assert process.returncode == 0, process.stderr[-3000:]
     assert "resuming from" in process.stderr + process.stdout
