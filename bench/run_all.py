@@ -85,6 +85,11 @@ GOALS = {
         None,
         "stored bytes per response token of the default's cache, from its files",
     ),
+    "trl_noise_default_kd_end_to_end_vs_trl_1_epoch": (
+        ">= 1.3",
+        lambda v: v >= 1.3,
+        "TRL GKD seconds per 1-epoch run / the default's (cache + distill), means over the runs",
+    ),
     "trl_noise_many_students_speedup": (
         ">= 2",
         lambda v: v >= 2,
