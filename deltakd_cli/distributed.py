@@ -117,9 +117,16 @@ def on_main_first(fn: Callable[[], T]) -> T:
     return outcome[1]
 
 
-def shutdown() -> None:
-    if is_distributed():
-        _dist().destroy_process_group()
+def shutdown(clean: bool = True) -> None:
+    """End the process group. After a run that ended well every rank first meets at a barrier:
+    a rank that tears the group down while a peer is still finishing the last collective leaves
+    that peer aborting ("terminate called without an active exception") or hanging. After an
+    error there is no barrier, since a peer that stopped elsewhere would never reach it."""
+    if not is_distributed():
+        return
+    if clean:
+        _dist().barrier()
+    _dist().destroy_process_group()
 
 
 def device_for(requested: str) -> torch.device:

@@ -349,6 +349,7 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
         if distributed.is_main_process():
             what = f"eval report {options.out}"
             lock = outputs.file_lock(outputs.local_path(options.out), what).acquire()
+    succeeded = False
     try:
         if options.predictions is not None:
             report, records = evaluate_predictions(
@@ -400,10 +401,11 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
             else:
                 paths = report_files.write_outputs(report, records, options.out)
                 info(f"wrote {paths[0]} and {paths[1]}")
+        succeeded = True
         return report
     except KeyboardInterrupt:
         raise Interrupted("eval stopped; rerun the same command (it starts over)") from None
     finally:
         if lock is not None:
             lock.release()
-        distributed.shutdown()
+        distributed.shutdown(clean=succeeded)

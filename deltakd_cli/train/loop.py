@@ -632,6 +632,7 @@ def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[
         if options.fsdp:
             raise DeltakdError("--lora-4bit does not shard: drop --fsdp (4-bit weights are small)")
     trainer = None
+    succeeded = False
     try:
         options.load_settings().check(device)
         tokenizer = models.load_tokenizer(options.student, options.load_settings())
@@ -641,13 +642,14 @@ def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[
         trainer = Trainer(options, training_data, tokenizer)
         summary = trainer.run()
         print_summary(summary, options.out)
+        succeeded = True
         return summary
     except KeyboardInterrupt:
         raise Interrupted(_resume_hint(options)) from None
     finally:
         if trainer is not None:
             trainer.release()
-        distributed.shutdown()
+        distributed.shutdown(clean=succeeded)
 
 
 def _resume_hint(options: TrainOptions) -> str:
