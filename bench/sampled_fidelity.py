@@ -28,7 +28,7 @@ from target_fidelity import demo_paths, response_logprobs
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from deltakd_cli import data, losses, models, targets  # noqa: E402
+from deltakd_cli import data, fidelity, losses, models, targets  # noqa: E402
 
 GRID = ((0.0, 1.0), (0.5, 1.0), (1.0, 1.0))
 SHAPE = (16, 32)  # (top-k, draws): the cache-teachers default
@@ -67,7 +67,7 @@ def measure(work: Path, positions: int) -> dict:
             p0 = l0.double().exp()
             rows = l0.shape[0]
             index, position = torch.arange(start, start + rows), torch.zeros(rows, dtype=torch.long)
-            bucket = targets.family_fidelity(l0, lt, lb, 64, GRID)
+            bucket = fidelity.family_fidelity(l0, lt, lb, 64, GRID)
             per_seed = []
             for seed in range(DRAW_SEEDS):
                 draws = targets.TailDraws(samples, seed, index, position)

@@ -10,13 +10,13 @@ student, it reports the mean over positions of
   target_grad_cosine: cosine between the exact gradient of KL(p*||p_theta) with respect to the
                       student's logits at theta = S0 (p0 - p*) and the cached one (p0 - p*_cached)
   target_tv:          total variation between the exact p* and the cached target
-(targets.target_fidelity). A configuration is "with student" when the cache needs S0's log-probs
+(fidelity.target_fidelity). A configuration is "with student" when the cache needs S0's log-probs
 (selection target or tuned+student, or the mass-matched tail); the others are teacher-only caches.
 
 The KD-to-Delta family (docs/method.md): for a grid cache (selection "grid", --gammas 0,0.5,1
 --alphas 1) it reports, per grid point (gamma, alpha), student and k, the cosine between the dense
 full-vocabulary gradient of KL(p_gamma,alpha || p_theta) at theta = S0 and the gradient of the
-cached kd-to-delta loss (targets.family_fidelity), with the stored exact tail and with the
+cached kd-to-delta loss (fidelity.family_fidelity), with the stored exact tail and with the
 fallback tail, and the bytes per response token the grid costs. Goal: >= 0.97 at k = 64.
 Without the demo's models it measures the grid on the stand-ins (SmolLM2-135M-Instruct as base
 teacher, a perturbed copy as tuned teacher, distill_bench's untrained 16M student, which is far
@@ -42,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from deltakd_cli import data, models, targets  # noqa: E402
+from deltakd_cli import data, fidelity, models, targets  # noqa: E402
 
 KS = (8, 32, 64)
 CHUNK = 200  # positions per fidelity call (a few [200, 49152] float32 tensors at a time)
@@ -103,7 +103,7 @@ def measure(work: Path, positions: int) -> dict:
                     cosines, tvs = [], []
                     for start in range(0, count, CHUNK):
                         at = slice(start, start + CHUNK)
-                        result = targets.target_fidelity(
+                        result = fidelity.target_fidelity(
                             logprobs[student][at],
                             logprobs["teacher_tuned"][at],
                             logprobs["teacher_base"][at],
@@ -150,7 +150,7 @@ def grid_result(logprobs: dict, students: tuple[str, ...]) -> dict:
             sums = {point: {"cosine": [], "cosine_fallback": []} for point in GRID}
             for start in range(0, count, CHUNK):
                 at = slice(start, start + CHUNK)
-                measured = targets.family_fidelity(
+                measured = fidelity.family_fidelity(
                     logprobs[student][at],
                     logprobs["teacher_tuned"][at],
                     logprobs["teacher_base"][at],

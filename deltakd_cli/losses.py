@@ -1,4 +1,5 @@
-"""Per-position training losses: SFT, KD to the tuned teacher, Delta-KD, and two variants.
+"""Per-position training losses: SFT, KD to the tuned teacher, Delta-KD, its variants and family,
+and the divergences of the field (reverse KL, generalised JSD, skew KL, total variation).
 
 Pure tensor functions, no I/O. Every loss returns one value per target position ([N]); the trainer
 sums over positions and divides by the number of target tokens. Student logits may be float32 or
@@ -16,18 +17,25 @@ Missing probability mass is always named and kept, by one of two tail rules:
 Per-position KL uses 0 * log 0 = 0, so an empty tail (k = |V|, tail mass exactly 0) gives neither
 NaN values nor NaN gradients.
 
-Objectives (the registry OBJECTIVES, name -> Objective: its pure loss, whether it needs the
-teachers' cache and the base student S0, and how tables label a student trained with it):
+The objectives (objectives.py registers each: its settings, this module's function, what it
+needs, its label), every one a divergence over K + the tail:
     sft        cross-entropy on the reference token
-    kd         KL(pT || p_theta) over K + tail bucket
+    kd         KL(pT || p_theta)
     delta      KL(p* || p_theta), p* = softmax(l0 + alpha * (lT - lB)), from the cache
     delta-mse  variant: MSE between the student's own shift log p_theta - l0 and alpha*Delta at K
-    delta-mix  variant: KL(mix * p* + (1 - mix) * pT || p_theta) over K + tail bucket
-    kd-to-delta  KL(p_gamma || p_theta) over K + tail bucket, log p_gamma ∝ (1 - gamma) lT +
-               gamma (l0 + alpha Delta): gamma 0 is kd, gamma 1 is delta (docs/method.md)
+    delta-mix  variant: KL(mix * p* + (1 - mix) * pT || p_theta)
+    kd-to-delta  KL(p_gamma || p_theta), log p_gamma ∝ (1 - gamma) lT + gamma (l0 + alpha Delta):
+               gamma 0 is kd, gamma 1 is delta (docs/method.md)
+    reverse-kl KL(p_theta || pT)
+    gjsd       beta KL(pT || m) + (1 - beta) KL(p_theta || m), m = beta pT + (1 - beta) p_theta
+               (TRL's convention: beta 0 and 1 are the two KLs)
+    skew-kl    KL(pT || skew pT + (1 - skew) p_theta)
+    tv         1/2 sum |pT - p_theta|
+Over K + one tail bucket each is the divergence of the coarsened distributions, a lower bound of
+the full one; over K + the drawn ids, weighted, an unbiased estimate of it.
 
-Adding an objective is one pure function of (student logits, cached targets, settings, frozen
-S0 logits) and one registry entry.
+Adding an objective: one function with the signature (student logits, cached targets, its
+settings, LossContext) -> [N] here, and one registry entry in objectives.py.
 
 The two variants are this tool's own choices, offered for experiments, not as defaults: only the
 Delta-KD paper's abstract is known, which does not define them. delta-mse in particular is an
@@ -38,13 +46,15 @@ docs/method.md).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from deltakd_cli import objectives
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.objectives import Objective
 from deltakd_cli.targets import (
     CachedTargets,
     bucket_logprobs,
@@ -67,43 +77,14 @@ from deltakd_cli.targets import (
 
 
 @dataclass(frozen=True)
-class LossSettings:
-    """The numbers a loss takes besides the tensors."""
+class LossContext:
+    """What a loss knows besides the tensors and its objective's settings (objectives.py)."""
 
-    alpha: float = 1.0
     temperature: float = 1.0
     cache_alpha: float | None = None  # the alpha the cache's mass-matched tail was made for
-    mix: float = 0.5
-    gamma: float = 1.0  # kd-to-delta: 0 is KD, 1 is Delta-KD
     cache_grid: tuple[tuple[float, float], ...] = ()  # the cache's (gamma, alpha) points
     cache_temperature: float = 1.0  # the temperature the cache's distributions are stored at
-
-
-DistillLoss = Callable[
-    [torch.Tensor, CachedTargets, LossSettings, "torch.Tensor | None"], torch.Tensor
-]
-
-
-@dataclass(frozen=True)
-class Objective:
-    """One training objective: its per-position divergence (None: cross-entropy only) and what
-    it needs."""
-
-    name: str
-    label: str  # a student trained with it, as tables name it
-    distill: DistillLoss | None
-    needs_student: bool = False  # its target is built from S0 (cached log-probs or a frozen copy)
-    takes_temperature: bool = True
-
-    @property
-    def needs_cache(self) -> bool:
-        return self.distill is not None
-
-
-def _check_objective(objective: str) -> Objective:
-    if objective not in OBJECTIVES:
-        raise DeltakdError(f"unknown objective {objective!r}; choose one of {tuple(OBJECTIVES)}")
-    return OBJECTIVES[objective]
+    frozen_student_logits: torch.Tensor | None = None  # a live frozen S0's logits [N,V]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,19 +185,38 @@ def sampled_family_target(
 def _sampled_family_kl(
     student_logits: torch.Tensor,
     cached: CachedTargets,
-    settings: LossSettings,
     gamma: float,
-    frozen_student_logits: torch.Tensor | None,
+    alpha: float,
+    context: LossContext,
 ) -> torch.Tensor:
     """KL(p_gamma,alpha || p_theta) per position [N] with the sampled tail (kd, delta and
     kd-to-delta): the target as stored (at the cache's temperature), the student at tau."""
-    if frozen_student_logits is not None and gamma > 0:
-        cached = with_live_student(cached, frozen_student_logits, settings.cache_temperature)
+    frozen = context.frozen_student_logits
+    if frozen is not None and gamma > 0:
+        cached = with_live_student(cached, frozen, context.cache_temperature)
     target, weights, _ = sampled_family_target(
-        cached, gamma, settings.alpha, settings.cache_alpha, settings.cache_grid
+        cached, gamma, alpha, context.cache_alpha, context.cache_grid
     )
-    student = student_support_logprobs(student_logits, cached, settings.temperature)
+    student = student_support_logprobs(student_logits, cached, context.temperature)
     return kl_divergence(target, student, weights)
+
+
+def teacher_pair(
+    student_logits: torch.Tensor, cached: CachedTargets, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The tuned teacher pT and the student p_theta on the same columns, as log-probs, with the
+    columns' log inclusion weights: (target, student, log weights).
+
+    Tail bucket: K plus one bucket each [N,k+1], weights None (a partition: every divergence
+    over it is exact for the coarsened distributions, and a lower bound of the full one, by the
+    data-processing inequality). Sampled tail: K plus the drawn ids [N,k+M] with weights
+    c_j / (M q(j)), so that a sum over the columns of any per-token term, weighted, is an
+    unbiased estimate of its sum over the vocabulary."""
+    if cached.has_samples:
+        target, weights, _ = sampled_family_target(cached, 0.0, 1.0, None)
+        return target, student_support_logprobs(student_logits, cached, temperature), weights
+    target = torch.log_softmax(kd_target_bucket_logits(cached) / temperature, dim=-1)
+    return target, student_bucketed_logprobs(student_logits, cached.ids, temperature), None
 
 
 def _check_temperature(temperature: float) -> None:
@@ -305,13 +305,7 @@ def kd_loss(
     token of mass mT."""
     _check_temperature(temperature)
     _check_shapes(student_logits, cached)
-    if cached.has_samples:
-        return _sampled_family_kl(
-            student_logits, cached, LossSettings(temperature=temperature), 0.0, None
-        )
-    target = torch.log_softmax(kd_target_bucket_logits(cached) / temperature, dim=-1)
-    student = student_bucketed_logprobs(student_logits, cached.ids, temperature)
-    return kl_divergence(target, student)
+    return kl_divergence(*teacher_pair(student_logits, cached, temperature))
 
 
 def delta_loss(
@@ -336,8 +330,13 @@ def delta_loss(
     if cached.has_samples:
         if frozen_student_logits is None:
             _use_cached_student(cached, None, "delta")
-        settings = LossSettings(alpha=alpha, temperature=temperature, cache_alpha=cache_alpha)
-        return _sampled_family_kl(student_logits, cached, settings, 1.0, frozen_student_logits)
+        context = LossContext(
+            temperature=temperature,
+            cache_alpha=cache_alpha,
+            cache_temperature=temperature,
+            frozen_student_logits=frozen_student_logits,
+        )
+        return _sampled_family_kl(student_logits, cached, 1.0, alpha, context)
     target, bucketed = _delta_target_bucketed_or_full(
         cached, alpha, temperature, cache_alpha, frozen_student_logits, "delta"
     )
@@ -445,10 +444,10 @@ def kd_to_delta_loss(
         live_temperature = temperature if cached.has_samples else 1.0
         cached = with_live_student(cached, frozen_student_logits, live_temperature)
     if cached.has_samples:
-        settings = LossSettings(
-            alpha=alpha, temperature=temperature, cache_alpha=cache_alpha, cache_grid=cache_grid
+        context = LossContext(
+            temperature=temperature, cache_alpha=cache_alpha, cache_grid=cache_grid
         )
-        return _sampled_family_kl(student_logits, cached, settings, gamma, None)
+        return _sampled_family_kl(student_logits, cached, gamma, alpha, context)
     shift = tail_shift(cached, alpha, cache_alpha)
     exact_log_tail = None
     column = grid_column(cache_grid, gamma, alpha)
@@ -460,19 +459,177 @@ def kd_to_delta_loss(
     return kl_divergence(target, student)
 
 
+# ---------------------------------------------------------------------------------------------
+# Divergences over the columns of `teacher_pair` (K + tail bucket, or K + drawn ids, weighted)
+# ---------------------------------------------------------------------------------------------
+
+
+def _weighted_sum(terms: torch.Tensor, log_weights: torch.Tensor | None) -> torch.Tensor:
+    """sum_s w_s terms_s per row [N] (w = 1 without weights)."""
+    if log_weights is None:
+        return terms.sum(dim=-1)
+    return (terms * log_weights.detach().exp()).sum(dim=-1)
+
+
+def _p_log_ratio(p_logprobs: torch.Tensor, other_logprobs: torch.Tensor) -> torch.Tensor:
+    """p (log p - log other) per column, 0 where p is 0 (0 log 0 = 0, and no NaN gradient
+    reaches a -inf on either side)."""
+    support = p_logprobs > float("-inf")
+    zero = torch.zeros((), dtype=p_logprobs.dtype, device=p_logprobs.device)
+    safe_p = torch.where(support, p_logprobs, zero)
+    safe_other = torch.where(support, other_logprobs, zero)
+    return torch.where(support, safe_p.exp() * (safe_p - safe_other), zero)
+
+
+def reverse_kl_divergence(
+    target_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    log_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(student || target) per row [N]: sum_s w_s p_s (log p_s - log r_s)."""
+    return _weighted_sum(_p_log_ratio(student_logprobs, target_logprobs.detach()), log_weights)
+
+
+def generalized_jsd(
+    target_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    beta: float,
+    log_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The generalised Jensen-Shannon divergence per row [N], in TRL's `generalized_jsd_loss`
+    convention: with m = beta r + (1 - beta) p, beta KL(r || m) + (1 - beta) KL(p || m); beta 0
+    is the forward KL(r || p), beta 1 the reverse KL(p || r) (the two ends are the plain KLs, as
+    in TRL, not the mixture's limits, which vanish)."""
+    target_logprobs = target_logprobs.detach()
+    if beta == 0:
+        return _weighted_sum(_p_log_ratio(target_logprobs, student_logprobs), log_weights)
+    if beta == 1:
+        return reverse_kl_divergence(target_logprobs, student_logprobs, log_weights)
+    mixture = torch.logaddexp(
+        target_logprobs + math.log(beta), student_logprobs + math.log1p(-beta)
+    )
+    terms = beta * _p_log_ratio(target_logprobs, mixture) + (1 - beta) * _p_log_ratio(
+        student_logprobs, mixture
+    )
+    return _weighted_sum(terms, log_weights)
+
+
+def skew_kl_divergence(
+    target_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    skew: float,
+    log_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The skew KL of DistiLLM (Ko et al., 2024) per row [N]: KL(r || skew r + (1 - skew) p);
+    skew 0 is the forward KL. At most log(1 / skew) where skew > 0."""
+    target_logprobs = target_logprobs.detach()
+    mixture = student_logprobs
+    if skew > 0:
+        mixture = torch.logaddexp(
+            target_logprobs + math.log(skew), student_logprobs + math.log1p(-skew)
+        )
+    return _weighted_sum(_p_log_ratio(target_logprobs, mixture), log_weights)
+
+
+def total_variation_distance(
+    target_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    log_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Total variation per row [N]: 1/2 sum_s w_s |r_s - p_s|."""
+    terms = (target_logprobs.detach().exp() - student_logprobs.exp()).abs()
+    return 0.5 * _weighted_sum(terms, log_weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered objectives (objectives.py names each): one signature,
+# (student logits [N,V], cached targets, the objective's settings, LossContext) -> [N]
+# ---------------------------------------------------------------------------------------------
+
+
+def kd_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
+    return kd_loss(student_logits, cached, context.temperature)
+
+
+def delta_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
+    return delta_loss(
+        student_logits,
+        cached,
+        settings.alpha,
+        context.temperature,
+        context.cache_alpha,
+        context.frozen_student_logits,
+    )
+
+
+def delta_mse_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
+    return delta_mse_loss(student_logits, cached, settings.alpha, context.frozen_student_logits)
+
+
+def delta_mix_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
+    return delta_mix_loss(
+        student_logits,
+        cached,
+        settings.alpha,
+        context.temperature,
+        context.cache_alpha,
+        context.frozen_student_logits,
+        settings.mix,
+    )
+
+
+def kd_to_delta_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
+    return kd_to_delta_loss(
+        student_logits,
+        cached,
+        settings.gamma,
+        settings.alpha,
+        context.temperature,
+        context.cache_alpha,
+        context.frozen_student_logits,
+        context.cache_grid,
+    )
+
+
+def reverse_kl_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
+    """KL(p_theta || pT) over K + tail: mode-seeking (the student need not cover the teacher)."""
+    _check_shapes(student_logits, cached)
+    return reverse_kl_divergence(*teacher_pair(student_logits, cached, context.temperature))
+
+
+def gjsd_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
+    _check_shapes(student_logits, cached)
+    target, student, weights = teacher_pair(student_logits, cached, context.temperature)
+    return generalized_jsd(target, student, settings.beta, weights)
+
+
+def skew_kl_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
+    _check_shapes(student_logits, cached)
+    target, student, weights = teacher_pair(student_logits, cached, context.temperature)
+    return skew_kl_divergence(target, student, settings.skew, weights)
+
+
+def tv_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
+    _check_shapes(student_logits, cached)
+    return total_variation_distance(*teacher_pair(student_logits, cached, context.temperature))
+
+
+# ---------------------------------------------------------------------------------------------
+# One chunk's training loss
+# ---------------------------------------------------------------------------------------------
+
+
 def objective_loss(
-    objective: str,
+    objective: str | Objective,
     student_logits: torch.Tensor,
     labels: torch.Tensor,
     cached: CachedTargets | None,
     *,
-    alpha: float = 1.0,
+    settings: Any = None,
     temperature: float = 1.0,
     sft_weight: float = 0.0,
     cache_alpha: float | None = None,
     frozen_student_logits: torch.Tensor | None = None,
-    mix: float = 0.5,
-    gamma: float = 1.0,
     cache_grid: tuple[tuple[float, float], ...] = (),
     cache_temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
@@ -480,20 +637,22 @@ def objective_loss(
 
     "sft" (cross-entropy), "distill" (the objective's divergence, zeros for "sft") and "loss" =
     sft_weight * sft + (1 - sft_weight) * distill * temperature**2 (the tau^2 keeps gradient
-    scales comparable across temperatures); for objective "sft", loss = sft."""
-    entry = _check_objective(objective)
+    scales comparable across temperatures); for objective "sft", loss = sft. `settings`: the
+    objective's own (objectives.py; None: their defaults)."""
+    entry = objective if isinstance(objective, Objective) else objectives.get(objective)
     _check_temperature(temperature)
     if not 0.0 <= sft_weight <= 1.0:
         raise DeltakdError(f"sft weight must be between 0 and 1, got {sft_weight}")
     logits = student_logits.float()
     sft = sft_loss(logits, labels)
-    if entry.distill is None:
+    divergence = entry.loss_function()
+    if divergence is None:
         return {"loss": sft, "sft": sft, "distill": torch.zeros_like(sft)}
     if cached is None:
-        raise DeltakdError(f"objective {objective!r} needs cached teacher targets")
+        raise DeltakdError(f"objective {entry.name!r} needs cached teacher targets")
     if not entry.takes_temperature and temperature != 1.0:
         raise DeltakdError(
-            f"objective {objective!r} matches log-prob shifts and takes no temperature; "
+            f"objective {entry.name!r} matches log-prob shifts and takes no temperature; "
             "use temperature 1"
         )
     if cached.has_samples and not math.isclose(temperature, cache_temperature, rel_tol=1e-6):
@@ -501,53 +660,9 @@ def objective_loss(
             f"cache drawn at temperature {cache_temperature:g}; use {cache_temperature:g} or "
             "rebuild the cache at the temperature you want"
         )
-    settings = LossSettings(
-        alpha, temperature, cache_alpha, mix, gamma, tuple(cache_grid), cache_temperature
+    context = LossContext(
+        temperature, cache_alpha, tuple(cache_grid), cache_temperature, frozen_student_logits
     )
-    distill = entry.distill(logits, cached, settings, frozen_student_logits)
+    distill = divergence(logits, cached, settings or entry.settings(), context)
     loss = sft_weight * sft + (1.0 - sft_weight) * distill * temperature**2
     return {"loss": loss, "sft": sft, "distill": distill}
-
-
-OBJECTIVES: dict[str, Objective] = {
-    entry.name: entry
-    for entry in (
-        Objective("sft", "SFT student", None),
-        Objective(
-            "kd",
-            "KD student",
-            lambda logits, cached, s, frozen: kd_loss(logits, cached, s.temperature),
-        ),
-        Objective(
-            "delta",
-            "Delta-KD student",
-            lambda logits, cached, s, frozen: delta_loss(
-                logits, cached, s.alpha, s.temperature, s.cache_alpha, frozen
-            ),
-            needs_student=True,
-        ),
-        Objective(
-            "delta-mse",
-            "Delta-MSE student",
-            lambda logits, cached, s, frozen: delta_mse_loss(logits, cached, s.alpha, frozen),
-            needs_student=True,
-            takes_temperature=False,
-        ),
-        Objective(
-            "delta-mix",
-            "Delta-mix student",
-            lambda logits, cached, s, frozen: delta_mix_loss(
-                logits, cached, s.alpha, s.temperature, s.cache_alpha, frozen, s.mix
-            ),
-            needs_student=True,
-        ),
-        Objective(
-            "kd-to-delta",
-            "KD-to-Delta student",
-            lambda logits, cached, s, frozen: kd_to_delta_loss(
-                logits, cached, s.gamma, s.alpha, s.temperature, s.cache_alpha, frozen, s.cache_grid
-            ),
-            needs_student=True,
-        ),
-    )
-}

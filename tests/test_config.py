@@ -178,7 +178,7 @@ def test_a_run_record_fed_back_reproduces_the_weights(tiny, tmp_path):
     result = run_cli(
         [
             "distill", "--cache", cache, "--student", tiny.student, "--out", first,
-            "--lr", "5e-3", "--batch-size", 4, "--max-steps", 3, "--objective", "kd",
+            "--lr", "5e-3", "--batch-size", 4, "--max-steps", 3, "--objective", "delta",
             "--alpha", 2.0, "--num-workers", 0, "--device", "cpu",
         ]
     )  # fmt: skip

@@ -16,7 +16,7 @@ LEVELS = {
     "distributed": 1, "sampling": 1,
     "console": 2, "tracking": 2,
     "data": 2, "models": 2, "memory": 2, "targets": 2, "sources": 2, "option_groups": 2,
-    "vocab": 2, "losses": 3,
+    "vocab": 2, "objectives": 2, "losses": 3, "fidelity": 3,
     "cache": 4, "train": 5, "evaluate": 5, "init_student": 6, "report": 6, "pipeline": 7,
     "commands": 8, "cli": 9,
     "__init__": 0, "__main__": 10,

@@ -6,6 +6,13 @@ import pytest
 import torch
 
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.fidelity import (
+    delta_grad_cosine,
+    family_fidelity,
+    family_grad_cosine,
+    target_fidelity,
+    total_variation,
+)
 from deltakd_cli.targets import (
     RULES_NEEDING_GRID,
     SELECTION_RULES,
@@ -13,13 +20,10 @@ from deltakd_cli.targets import (
     CachedTargets,
     bucket_logprobs,
     build_cached_targets,
-    delta_grad_cosine,
     delta_target_bucket_logits,
     delta_target_full,
     exact_delta_target,
     exact_family_target,
-    family_fidelity,
-    family_grad_cosine,
     family_target_bucket_logits,
     grid_column,
     kd_target_bucket_logits,
@@ -27,8 +31,6 @@ from deltakd_cli.targets import (
     select_ids,
     tail_mass,
     tail_shift,
-    target_fidelity,
-    total_variation,
 )
 
 # The rules that choose K for one target (the grid rule needs a grid of them).

@@ -11,7 +11,7 @@ import torch
 from conftest import build_model
 from helpers import cache_args, run_cli
 
-from deltakd_cli import data, losses, models
+from deltakd_cli import data, losses, models, objectives
 from deltakd_cli.cache.store import CacheReader
 from deltakd_cli.train import batching, checkpoint, loop
 from deltakd_cli.train import step as step_math
@@ -62,11 +62,16 @@ def reference_sums(student, batch, objective, vocab_size, frozen=None, **loss_op
         with torch.no_grad():
             full = frozen(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             frozen_logits = full.logits[batch["target_batch"], batch["target_pos"]][:, :vocab_size]
+    given = {
+        name: loss_options.pop(name) for name in objectives.setting_fields() if name in loss_options
+    }
+    settings = objectives.get(objective).settings_from({**objectives.setting_defaults(), **given})
     parts = losses.objective_loss(
         objective,
         picked,
         batch["labels"],
         batch["cached"],
+        settings=settings,
         frozen_student_logits=frozen_logits,
         **loss_options,
     )

@@ -12,10 +12,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from deltakd_cli import objectives
 from deltakd_cli.config import section_of
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.evaluate.protocol import parse_seeds
-from deltakd_cli.losses import OBJECTIVES
+from deltakd_cli.objectives import OBJECTIVES
 from deltakd_cli.option_groups import LoraOptions
 from deltakd_cli.options import option_fields
 from deltakd_cli.pipeline.options import PipelineOptions
@@ -102,12 +103,39 @@ ROW_READING = ("split", "data_config", "prompt_field", "response_field", "messag
                "text_field")  # fmt: skip
 # The students' LoRA options: not the tuned teacher's (it trains every weight).
 LORA = tuple(f.name for f in dataclasses.fields(LoraOptions))
-# What a student trained by cross-entropy alone keeps at its default (no teacher, no lambda).
-SFT_DEFAULTS = {
-    f.name: f.default
-    for f in dataclasses.fields(DistillOptions)
-    if f.name in ("alpha", "sft_weight")
-}
+
+
+def unread_defaults(objective: str) -> dict[str, Any]:
+    """The settings a student's objective does not read, at their defaults (the pipeline's
+    --alpha feeds the delta student and the cache, not the KD student); a student trained by
+    cross-entropy alone also keeps lambda at its default."""
+    entry = objectives.get(objective)
+    unread = {
+        name: value
+        for name, value in objectives.setting_defaults().items()
+        if name not in entry.reads
+    }
+    if not entry.needs_cache:
+        unread["sft_weight"] = next(
+            f.default for f in dataclasses.fields(DistillOptions) if f.name == "sft_weight"
+        )
+    return unread
+
+
+def check_settings_read(options: PipelineOptions) -> None:
+    """A setting the config's distill section gives must be read by some student's objective."""
+    given = options.stage_options.get("distill", {})
+    reading = {
+        name
+        for _, _, chosen in students(options)
+        for name in objectives.get(chosen["objective"]).reads
+    }
+    for name in given:
+        if name in objectives.setting_fields() and name not in reading:
+            readers = ", ".join(objectives.readers_of(name))
+            raise DeltakdError(
+                f"distill.{name} is read by no student of this pipeline (only by: {readers})"
+            )
 
 
 def _sources(section: str) -> dict[str, str]:
@@ -188,6 +216,7 @@ def _held_out_training(options: PipelineOptions, eval_data: str | None) -> dict[
 def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[str]]]:
     """The stages in order, and the models of each role (what the table shows): one model per
     role, except the students when they are trained with several seeds."""
+    check_settings_read(options)
     out = options.out_path
     models_dir = out / "models"
     train = training_rows(options)
@@ -296,8 +325,6 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
             # one seed keeps the plain name; several get a suffix each
             suffix = "" if len(seeds) == 1 else f"-seed{seed}"
             student_out = models_dir / f"{role}{suffix}"
-            if not OBJECTIVES[objective].needs_cache:
-                settings = {**settings, **SFT_DEFAULTS}
             distill = stage_options(
                 options,
                 "distill",
@@ -309,6 +336,7 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
                 **_held_out_training(options, held_out_cache and str(held_out_cache.out)),
                 keep_best=options.keep_best and held_out_cache is not None,
             )
+            distill = dataclasses.replace(distill, **unread_defaults(objective))
             what = objective if objective != SWEEP_OBJECTIVE else role.removeprefix("student-")
             stages.append(
                 Stage(

@@ -7,11 +7,32 @@ from __future__ import annotations
 
 from typing import Any
 
-OBJECTIVE_NAMES = {
-    "sft": "supervised fine-tuning (cross-entropy on the reference responses)",
-    "kd": "token-level KD (forward KL to the tuned teacher)",
-    "delta": "Delta-KD (forward KL to the base student shifted by tuned - base teacher)",
-}
+from deltakd_cli import objectives
+
+
+def objective_rows(options: dict[str, Any]) -> list[str]:
+    """The card's rows for the run's objective: its name, every setting it reads (from the
+    registry, so a new objective's settings are recorded without a change here), and lambda for
+    an objective that distils."""
+    name = options.get("objective", "sft")
+    entry = objectives.OBJECTIVES.get(name)
+    rows = [f"| objective | `{name}` |"]
+    if entry is None:
+        return rows
+    rows += [f"| {setting} | {options.get(setting)} |" for setting in entry.reads]
+    if entry.needs_cache:
+        rows.append(f"| sft weight (lambda) | {options.get('sft_weight')} |")
+        rows.append(f"| temperature | {options.get('temperature')} |")
+    return rows
+
+
+def objective_summary(options: dict[str, Any]) -> tuple[str, list[str]]:
+    """(what the objective is, in one phrase; its model card tags)."""
+    name = options.get("objective", "sft")
+    entry = objectives.OBJECTIVES.get(name)
+    if entry is None:
+        return name, []
+    return entry.description, list(entry.tags)
 
 
 def _short(sha: Any) -> str:
@@ -53,20 +74,19 @@ def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None = None)
     provenance = record.get("provenance") or {}
     metrics = record.get("final_metrics") or {}
     command = record.get("command", "distill")
-    objective = options.get("objective", "sft")
+    description, tags = objective_summary(options)
     student = record.get("student") or {}
     cached = provenance.get("cache_provenance") or {}
     lines = [
         "---",
         "library_name: transformers",
-        "tags: [deltakd, knowledge-distillation" + (", delta-kd" if objective == "delta" else "")
-        + "]",
+        "tags: [" + ", ".join(["deltakd", "knowledge-distillation", *tags]) + "]",
         "---",
         "",
         f"# {options.get('out', 'model')}",
         "",
         f"Trained with deltakd {record.get('version', '?')} (`deltakd {command}`): "
-        f"{OBJECTIVE_NAMES.get(objective, objective)}.",
+        f"{description}.",
         "",
         "## Made from",
         "",
@@ -106,11 +126,8 @@ def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None = None)
         "",
         "| | |",
         "|---|---|",
-        f"| objective | `{objective}` |",
+        *objective_rows(options),
     ]
-    if objective in ("kd", "delta"):
-        lines.append(f"| alpha | {options.get('alpha')} |")
-        lines.append(f"| sft weight (lambda) | {options.get('sft_weight')} |")
     lines += [
         f"| steps | {resolved.get('total_steps', metrics.get('steps', '-'))} |",
         f"| target tokens | {metrics.get('target_tokens', '-'):,} |"

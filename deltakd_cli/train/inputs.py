@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltakd_cli import data, losses, models, sources, vocab
+from deltakd_cli import data, losses, models, objectives, sources, vocab
 from deltakd_cli.cache.store import CacheReader
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.losses import OBJECTIVES
 from deltakd_cli.targets import SAMPLE_FIELDS, exact_family_log_tail, grid_column
 from deltakd_cli.train import batching
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
@@ -123,7 +122,7 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
             )
     for note in compatibility.notes:
         info(f"[yellow]note:[/yellow] {note}")
-    objective = OBJECTIVES[options.objective]
+    objective = objectives.get(options.objective)
     use_cached_student = (
         objective.needs_student and reader.has_student and not options.frozen_student
     )
@@ -190,10 +189,6 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
     )
 
 
-# The point of the KD-to-Delta family each distribution objective's sampled target is built on.
-FAMILY_GAMMA = {"kd": 0.0, "delta": 1.0, "delta-mix": 1.0}
-
-
 def self_normalised_note(
     options: DistillOptions, reader: CacheReader, with_student: bool, with_tail_shift: bool
 ) -> None:
@@ -201,11 +196,10 @@ def self_normalised_note(
     alpha, an off-grid gamma, another student): its weights are then self-normalised, biased
     O(1/M); the line gives their mean effective sample size on the cache's first examples (when
     the cache holds the student they need)."""
-    gamma = (
-        options.gamma if options.objective == "kd-to-delta" else FAMILY_GAMMA.get(options.objective)
-    )
-    if gamma is None:
+    objective = objectives.get(options.objective)
+    if objective.target_gamma is None:
         return
+    gamma = objective.target_gamma(objective.settings_from(options))
     examples = reader.read_examples(0, 0, min(16, len(reader.shard_lengths(0))))
     if not examples:
         return
@@ -246,7 +240,7 @@ def tail_estimator(options: DistillOptions, reader: CacheReader) -> str:
             )
         reader.skip_fields = SAMPLE_FIELDS
         return tail
-    if OBJECTIVES[options.objective].needs_cache and options.temperature != temperature:
+    if objectives.get(options.objective).needs_cache and options.temperature != temperature:
         raise DeltakdError(
             f"cache drawn at temperature {temperature:g}; use --temperature {temperature:g} or "
             "rebuild the cache at the temperature you want"

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deltakd_cli import losses, models
-from deltakd_cli.train.options import TrainOptions
+from deltakd_cli.train.options import TrainOptions, objective_settings
 
 LOGIT_ELEMENTS_PER_CHUNK = 1 << 25  # ~128 MiB of float32 logits per chunk by default
 
@@ -70,12 +70,10 @@ class ObjectiveModule(nn.Module):
         self.chunk_size = options.logit_chunk_size or default_chunk_size(vocab_size)
         self.compute_dtype = compute_dtype
         self.loss_options = {
-            "alpha": options.alpha,
+            "settings": objective_settings(options),
             "temperature": options.temperature,
             "sft_weight": options.sft_weight,
             "cache_alpha": cache_alpha,
-            "mix": options.mix,
-            "gamma": options.gamma,
             "cache_grid": tuple(cache_grid),
             "cache_temperature": cache_temperature,
         }

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from deltakd_cli import objectives
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.option_groups import (
     DEFAULT_LORA_TARGETS,
@@ -23,25 +24,16 @@ from deltakd_cli.tracking import parse_report_to
 TAIL_ESTIMATORS = ("sampled", "bucket")
 
 
-def objective_names() -> tuple[str, ...]:
-    """The objectives' names, from their registry (losses.py, which needs torch: read when the
-    options are checked, not when the CLI shows its help)."""
-    from deltakd_cli.losses import OBJECTIVES
-
-    return tuple(OBJECTIVES)
-
-
-# Options whose change would make a resumed run differ from the interrupted one.
+# Options whose change would make a resumed run differ from the interrupted one (with every
+# objective's settings, objectives.py).
 OPTIONS_THAT_MATTER = (
     "command",
     "student",
     "source",
     "objective",
-    "alpha",
+    *objectives.setting_fields(),
     "temperature",
     "sft_weight",
-    "mix",
-    "gamma",
     "frozen_student",
     "tail",
     "epochs",
@@ -78,6 +70,7 @@ OPTIONS_ADDED_LATER = {
     "lora_target_modules": DEFAULT_LORA_TARGETS,
     "lora_4bit": False,
     "tail": None,
+    **objectives.setting_defaults(),  # a setting added later: runs before it used its default
 }
 
 # How the resume check names an option that is not a flag of its own.
@@ -183,39 +176,34 @@ class TrainOptions(LoraOptions, DeviceOptions, ModelLoadOptions):
             self.batch_size = 8
 
 
+# Every objective's settings (alpha, gamma, mix, beta, ...) as options, from the registry.
+ObjectiveOptions = objectives.options_class()
+
+
 @dataclass(kw_only=True)
-class DistillOptions(TrainOptions):
-    """Train the student from the teachers' cache (Delta-KD, KD or SFT); no teacher is loaded."""
+class DistillOptions(TrainOptions, ObjectiveOptions):
+    """Train the student from the teachers' cache (Delta-KD, KD or SFT); no teacher is loaded.
+    Each objective's own settings (--alpha, --gamma, ...) come from objectives.py."""
 
     command: ClassVar[str] = "distill"
     PANELS: ClassVar[dict[str, str]] = dict.fromkeys(
-        ("objective", "alpha", "sft_weight", "temperature", "mix", "gamma", "frozen_student"),
-        "Objective",
+        ("objective", "sft_weight", "temperature", "frozen_student"), objectives.PANEL
     )
 
     cache: str = opt(help="Teachers' cache written by cache-teachers.")
     student: str = opt(help="Student S0: HF dir, hub id, or .gguf file.")
     objective: str = opt(
         "delta",
-        help="delta, kd, sft, delta-mse, delta-mix or kd-to-delta.",
-        choices=objective_names,
+        help="The training objective: "
+        + ", ".join(objectives.objective_names())
+        + " (docs/method.md).",
+        choices=objectives.objective_names,
     )
-    alpha: float = opt(1.0, help="Scale of the teachers' shift in the delta target.", finite=True)
     sft_weight: float = opt(
         0.0, help="Weight of cross-entropy on the reference, 0..1.", at_least=0, at_most=1
     )
     temperature: float = opt(
         1.0, help="Softmax temperature of target and student.", above=0, finite=True
-    )
-    mix: float = opt(
-        0.5, help="delta-mix: weight of the delta target vs the teacher.", at_least=0, at_most=1
-    )
-    gamma: float = opt(
-        1.0,
-        help="kd-to-delta: 0 is KD to the tuned teacher, 1 is Delta-KD, between: the geometric "
-        "mix of the two targets.",
-        at_least=0,
-        at_most=1,
     )
     frozen_student: bool = opt(
         False,
@@ -248,13 +236,11 @@ class FinetuneOptions(TrainOptions, TrainingTemplateOptions, DataOptions):
     )
     num_workers: int = opt(0, help="DataLoader workers (0: collate inline).", at_least=0)
 
-    # The training loop reads these of every run; finetuning is cross-entropy only.
+    # The training loop reads these of every run; finetuning is cross-entropy only (its
+    # objective reads no setting: objectives.setting_values gives their defaults).
     objective: ClassVar[str] = "sft"
-    alpha: ClassVar[float] = 1.0
     temperature: ClassVar[float] = 1.0
     sft_weight: ClassVar[float] = 0.0
-    mix: ClassVar[float] = 0.5
-    gamma: ClassVar[float] = 1.0
     frozen_student: ClassVar[bool] = False
     tail: ClassVar[str | None] = None
 
@@ -280,11 +266,15 @@ def validate(options: TrainOptions) -> None:
         )
     options.refuse_float16_training()
     validate_lora(options)
-    from deltakd_cli.losses import OBJECTIVES
-
-    objective = OBJECTIVES[options.objective]
+    objective = objectives.get(options.objective)
     if not objective.takes_temperature and options.temperature != 1.0:
         raise DeltakdError(f"--objective {objective.name} takes no --temperature (use 1)")
+    objectives.refuse_unread(objective, objectives.setting_values(options))
+
+
+def objective_settings(options: TrainOptions) -> Any:
+    """The run's objective's own settings (a frozen dataclass of objectives.py)."""
+    return objectives.get(options.objective).settings_from(options)
 
 
 def validate_lora(options: TrainOptions) -> None:
