@@ -266,6 +266,15 @@ def _quiet_broken_pipe() -> None:
     sys.exit(141)
 
 
+def _reported(raised: BaseException) -> int:
+    """Print a user-facing error as one line and give its exit code; re-raise anything else."""
+    error = as_deltakd_error(raised)
+    if error is None:
+        raise raised
+    report_error(error)
+    return error.exit_code
+
+
 def run_guarded(fn: Callable[[], Any]) -> Any:
     """Call `fn`; a user-facing error becomes one line and its exit code (2, or 130 for Ctrl-C)."""
     try:
@@ -273,11 +282,7 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
     except BrokenPipeError:
         _quiet_broken_pipe()
     except (DeltakdError, KeyboardInterrupt, OSError) as raised:
-        error = as_deltakd_error(raised)
-        if error is None:
-            raise
-        report_error(error)
-        sys.exit(error.exit_code)
+        sys.exit(_reported(raised))
 
 
 class GuardedGroup(TyperGroup):
@@ -290,8 +295,4 @@ class GuardedGroup(TyperGroup):
         except BrokenPipeError:
             _quiet_broken_pipe()
         except (DeltakdError, KeyboardInterrupt, OSError) as raised:
-            error = as_deltakd_error(raised)
-            if error is None:
-                raise
-            report_error(error)
-            ctx.exit(error.exit_code)
+            ctx.exit(_reported(raised))

@@ -591,27 +591,28 @@ def kd_to_delta_objective(student_logits, cached, settings, context: LossContext
     )
 
 
+def _to_the_teacher(divergence, student_logits, cached, context: LossContext, *setting):
+    """`divergence`(pT, p_theta, *setting) over `teacher_pair`'s columns and weights."""
+    _check_shapes(student_logits, cached)
+    target, student, weights = teacher_pair(student_logits, cached, context.temperature)
+    return divergence(target, student, *setting, log_weights=weights)
+
+
 def reverse_kl_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
     """KL(p_theta || pT) over K + tail: mode-seeking (the student need not cover the teacher)."""
-    _check_shapes(student_logits, cached)
-    return reverse_kl_divergence(*teacher_pair(student_logits, cached, context.temperature))
+    return _to_the_teacher(reverse_kl_divergence, student_logits, cached, context)
 
 
 def gjsd_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
-    _check_shapes(student_logits, cached)
-    target, student, weights = teacher_pair(student_logits, cached, context.temperature)
-    return generalized_jsd(target, student, settings.beta, weights)
+    return _to_the_teacher(generalized_jsd, student_logits, cached, context, settings.beta)
 
 
 def skew_kl_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
-    _check_shapes(student_logits, cached)
-    target, student, weights = teacher_pair(student_logits, cached, context.temperature)
-    return skew_kl_divergence(target, student, settings.skew, weights)
+    return _to_the_teacher(skew_kl_divergence, student_logits, cached, context, settings.skew)
 
 
 def tv_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
-    _check_shapes(student_logits, cached)
-    return total_variation_distance(*teacher_pair(student_logits, cached, context.temperature))
+    return _to_the_teacher(total_variation_distance, student_logits, cached, context)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ from deltakd_cli.targets import (
     TAIL_RULES_NEEDING_STUDENT,
 )
 
-POSITION_CHUNK = 1024  # positions whose full-vocabulary log-probs are held at once
+POSITIONS_PER_PASS = 1024  # positions whose full-vocabulary log-probs are held at once (not
+# the zarr chunk, schema.ZARR_POSITION_CHUNK)
 CHECK_POSITIONS = 64  # leading positions of one row on which the logits path is checked
 
 
@@ -258,7 +259,7 @@ def cache_estimate(
     return memory.inference_estimate(
         shapes,
         batch_tokens=(batch_size or options.batch_size) * length,
-        position_chunk=POSITION_CHUNK,
+        position_chunk=POSITIONS_PER_PASS,
         weight_bytes=torch.finfo(weight_dtype).bits // 8,
         roles=3 if options.student else 2,
     )
@@ -564,8 +565,8 @@ def _batch_entries(
         hidden[role] = states[rows.to(states.device), positions.to(states.device)]
     chunks = []
     grid = options.grid()
-    for start in range(0, len(rows), POSITION_CHUNK):
-        at = slice(start, start + POSITION_CHUNK)
+    for start in range(0, len(rows), POSITIONS_PER_PASS):
+        at = slice(start, start + POSITIONS_PER_PASS)
         logprobs = {
             role: loaded[role].logprobs(hidden[role][at]).to(input_ids.device) for role in loaded
         }

@@ -27,7 +27,7 @@ from deltakd_cli.targets import (
 # format-4 cache is a format-5 cache without samples drawn at temperature 1.
 FORMAT_VERSION = 5
 READABLE_FORMAT_VERSIONS = (3, 4, 5)
-POSITION_CHUNK = 2048  # positions per zarr chunk: one chunk is ~256 KiB of ids at k=64
+ZARR_POSITION_CHUNK = 2048  # positions per zarr chunk: one chunk is ~256 KiB of ids at k=64
 TOKEN_CHUNK = 65536
 EXAMPLE_CHUNK = 16384
 SHARD_NAME = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
@@ -81,7 +81,7 @@ def array_specs(
         if name in SAMPLE_FIELDS and not tail_samples:
             continue
         dtype, trailing = by_kind[FIELD_KIND[name]]
-        specs[name] = (dtype, trailing, POSITION_CHUNK, "shuffle")
+        specs[name] = (dtype, trailing, ZARR_POSITION_CHUNK, "shuffle")
     return specs
 
 

@@ -30,9 +30,9 @@ import zarr
 from deltakd_cli import data, faults
 from deltakd_cli.cache.schema import (
     FORMAT_VERSION,
-    POSITION_CHUNK,
     READABLE_FORMAT_VERSIONS,
     SHARD_NAME,
+    ZARR_POSITION_CHUNK,
     BatchRecord,
     codec,
     decode_positions,
@@ -153,11 +153,6 @@ class Location:
             with self.fs.open(self._path(relative), "rb") as handle:
                 return handle.read()
         return Path(self.join(relative)).read_bytes()
-
-    def size(self, relative: str) -> int:
-        if self.url:
-            return int(self.fs.size(self._path(relative)))
-        return Path(self.join(relative)).stat().st_size
 
     def zarr_store(self, relative: str, read_only: bool = False) -> Any:
         if self.url:
@@ -298,7 +293,7 @@ class ShardWriter:
                 self.pending.append(record)
                 self.pending_positions += len(record.positions["ids"])
                 overdue = time.monotonic() - self.last_flush >= FLUSH_SECONDS
-                if self.pending_positions >= POSITION_CHUNK or overdue:
+                if self.pending_positions >= ZARR_POSITION_CHUNK or overdue:
                     self._flush()
         except BaseException as error:  # surfaced on the compute side by put()/close()
             self.error = error
