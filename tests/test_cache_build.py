@@ -13,8 +13,9 @@ from helpers import assert_one_line_error, cache_args, flat, run_cli
 from transformers import AutoModelForCausalLM
 
 from deltakd_cli import data, models, sources
-from deltakd_cli.cache import store
-from deltakd_cli.cache.store import CacheReader
+from deltakd_cli.cache import location
+from deltakd_cli.cache.manifest import write_manifest
+from deltakd_cli.cache.reader import CacheReader
 
 
 def reference_logprobs(model_dir, input_ids: np.ndarray) -> torch.Tensor:
@@ -195,7 +196,7 @@ def test_a_format_3_cache_without_a_grid_is_still_read(sparse_cache, tmp_path):
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["format_version"] = 3
     del manifest["grid"], manifest["manifest_sha256"]
-    store.write_manifest(store.Location(str(old)), manifest)
+    write_manifest(location.Location(str(old)), manifest)
     reader = CacheReader(str(old))
     reader.check_structure()
     assert reader.grid_points == ()

@@ -220,7 +220,7 @@ def test_python_dash_m_entry_point(good_cache):
 
 def test_fsspec_url_output_round_trips(tiny, good_cache):
     """--out takes an fsspec URL (here the in-memory filesystem) and the reader reads it back."""
-    from deltakd_cli.cache.store import CacheReader
+    from deltakd_cli.cache.reader import CacheReader
 
     url = "memory://deltakd-test/cache"
     result = run_cli(cache_args(tiny, url, "--top-k", 4))

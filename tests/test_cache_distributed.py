@@ -10,7 +10,7 @@ import pytest
 from conftest import make_rows
 from helpers import cache_args, run_module, torchrun
 
-from deltakd_cli.cache.store import CacheReader
+from deltakd_cli.cache.reader import CacheReader
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 from helpers import assert_one_line_error, cache_args, run_cli
 
 from deltakd_cli import faults, outputs
-from deltakd_cli.cache import store as cache_store
+from deltakd_cli.cache import manifest
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.init_student import run as init_student
 from deltakd_cli.pipeline.run import PIPELINE_NAMES, pipeline_output
@@ -251,7 +251,7 @@ def small_cache(tiny, tmp_path_factory):
 
 
 def test_cache_teachers_never_touches_a_folder_it_did_not_create(tiny, tmp_path):
-    names = [*cache_store.OWN_NAMES, *OWN_MARKS]
+    names = [*manifest.OWN_NAMES, *OWN_MARKS]
     folder = user_folder(tmp_path / "c", names)
     assert_refused_untouched(cache_args(tiny, folder, "--top-k", 4), folder, "did not create",
                              "manifest.json", "shards")  # fmt: skip

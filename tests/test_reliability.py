@@ -33,8 +33,9 @@ from safetensors.torch import load_file, save_file
 from zygote import Zygote
 
 from deltakd_cli import faults, outputs
-from deltakd_cli.cache import store as cache_store
-from deltakd_cli.cache.store import CacheReader
+from deltakd_cli.cache import writer as cache_writer
+from deltakd_cli.cache.manifest import manifest_checksum
+from deltakd_cli.cache.reader import CacheReader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,7 +93,7 @@ def world(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     data = write_jsonl(root / "rows.jsonl", make_rows(24, seed=5))
     mp = pytest.MonkeyPatch()
-    mp.setattr(cache_store, "FLUSH_SECONDS", 0.0)  # every batch is flushed: more points to hit
+    mp.setattr(cache_writer, "FLUSH_SECONDS", 0.0)  # every batch is flushed: more points to hit
     try:
         cache = root / "cache"
         cache_points = traced(
@@ -207,7 +208,7 @@ def run_with_fault(args: list, fault: str, monkeypatch):
 
 @pytest.mark.slow
 def test_cache_teachers_full_disk_at_20_points(tiny, world, tmp_path, monkeypatch, watchdog):
-    monkeypatch.setattr(cache_store, "FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr(cache_writer, "FLUSH_SECONDS", 0.0)
     out = tmp_path / "cache"
     args = cache_args(tiny, out, *CACHE_OPTIONS, "--data", world["data"])
     points = world["cache_points"]
@@ -482,7 +483,7 @@ def test_an_edited_manifest_fails_verification(tiny, world, tmp_path, field, val
 def test_a_shard_name_outside_the_cache_is_refused(world, tmp_path):
     def escape(manifest):
         manifest["shards"][0]["name"] = "../../../outside/x"
-        manifest["manifest_sha256"] = cache_store.manifest_checksum(manifest)
+        manifest["manifest_sha256"] = manifest_checksum(manifest)
 
     cache = edited_cache(world, tmp_path, escape)
     assert_one_line_error(run_cli(["inspect", cache]), "'../../../outside/x' is not a shard name")
@@ -535,7 +536,7 @@ def test_file_urls_are_local_paths(tiny, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_full_disk_at_each_kind_of_write_is_one_line(tiny, world, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_store, "FLUSH_SECONDS", 0.0)  # as in the traced reference
+    monkeypatch.setattr(cache_writer, "FLUSH_SECONDS", 0.0)  # as in the traced reference
     cache_args_ = cache_args(tiny, tmp_path / "c", *CACHE_OPTIONS, "--data", world["data"])
     for name in ("write settings.json", "write manifest.json"):
         index = point_index(world["cache_points"], name)

@@ -12,8 +12,10 @@ import torch
 from helpers import assert_one_line_error, cache_args, run_cli
 
 from deltakd_cli import losses, sampling
-from deltakd_cli.cache import schema, store
-from deltakd_cli.cache.store import CacheReader
+from deltakd_cli.cache import manifest as cache_manifest
+from deltakd_cli.cache import schema
+from deltakd_cli.cache.manifest import manifest_checksum
+from deltakd_cli.cache.reader import CacheReader
 from deltakd_cli.targets import TailDraws, build_cached_targets, exact_delta_target, tail_shift
 from deltakd_cli.train.batching import collate
 
@@ -224,7 +226,7 @@ def test_distill_refuses_another_temperature(drawn_cache, tiny, tmp_path):
 
 
 def test_an_older_reader_refuses_format_5_in_one_line(drawn_cache, monkeypatch):
-    monkeypatch.setattr(store, "READABLE_FORMAT_VERSIONS", (3, 4))
+    monkeypatch.setattr(cache_manifest, "READABLE_FORMAT_VERSIONS", (3, 4))
     with pytest.raises(Exception) as raised:
         CacheReader(str(drawn_cache))
     assert "cache format 5 is not supported" in str(raised.value)
@@ -261,7 +263,7 @@ def test_a_format_4_cache_still_trains(tiny, tmp_path):
     for key in ("tail_samples", "sample_seed", "proposal", "temperature"):
         manifest.pop(key)
     manifest["format_version"] = 4
-    manifest["manifest_sha256"] = store.manifest_checksum(manifest)
+    manifest["manifest_sha256"] = manifest_checksum(manifest)
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert CacheReader(str(out)).tail_samples == 0
     result = run_cli(distill_args(out, tiny, tmp_path / "run", "--objective", "delta"))

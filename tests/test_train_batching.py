@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from deltakd_cli.cache.store import CachedExample
+from deltakd_cli.cache.reader import CachedExample
 from deltakd_cli.data import TokenizedExample
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.targets import CachedTargets

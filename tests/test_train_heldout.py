@@ -14,7 +14,7 @@ from helpers import assert_one_line_error, cache_args, run_cli, train_and_held_o
 from transformers import AutoModelForCausalLM
 
 from deltakd_cli import data, losses, models
-from deltakd_cli.cache.store import CacheReader
+from deltakd_cli.cache.reader import CacheReader
 from deltakd_cli.option_groups import DataOptions
 from deltakd_cli.train import batching
 

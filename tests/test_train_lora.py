@@ -150,7 +150,7 @@ def test_adapter_disabled_s0_equals_a_frozen_copy(tiny, cache):
     """The live-S0 delta loss and its gradients are the same whether S0 is the LoRA student with
     its adapters off or a separate frozen copy of the student (adapters made non-zero, so the
     student and S0 differ)."""
-    from deltakd_cli.cache.store import CacheReader
+    from deltakd_cli.cache.reader import CacheReader
     from deltakd_cli.train import batching, lora
     from deltakd_cli.train.objective import ObjectiveModule
     from deltakd_cli.train.options import DistillOptions

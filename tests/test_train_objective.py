@@ -12,7 +12,7 @@ from conftest import build_model
 from helpers import cache_args, run_cli
 
 from deltakd_cli import data, losses, models, objectives
-from deltakd_cli.cache.store import CacheReader
+from deltakd_cli.cache.reader import CacheReader
 from deltakd_cli.train import batching, checkpoint, loop
 from deltakd_cli.train import step as step_math
 from deltakd_cli.train.objective import ObjectiveModule, enable_activation_checkpointing

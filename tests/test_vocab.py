@@ -16,7 +16,7 @@ from conftest import write_jsonl
 from helpers import assert_one_line_error, cache_args, flat, run_cli
 
 from deltakd_cli import models, vocab
-from deltakd_cli.cache.store import CacheReader
+from deltakd_cli.cache.reader import CacheReader
 from deltakd_cli.errors import DeltakdError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

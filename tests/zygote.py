@@ -25,12 +25,12 @@ def child(request: dict) -> None:
     import torch
 
     from deltakd_cli import faults
-    from deltakd_cli.cache import store
+    from deltakd_cli.cache import writer
     from deltakd_cli.cli import main
 
     torch.set_num_threads(1)
     faults.reset()
-    store.FLUSH_SECONDS = float(os.environ.get("DELTAKD_FLUSH_SECONDS", "60"))
+    writer.FLUSH_SECONDS = float(os.environ.get("DELTAKD_FLUSH_SECONDS", "60"))
     sys.argv = ["deltakd", *request["args"]]
     code = 0
     try:

@@ -25,8 +25,16 @@ from deltakd_cli import (
     targets,
     vocab,
 )
-from deltakd_cli.cache import schema, store
+from deltakd_cli.cache import schema
+from deltakd_cli.cache.location import VOCABULARY_FILE, Location
+from deltakd_cli.cache.manifest import (
+    prepare_output,
+    read_manifest,
+    shard_checksums,
+    write_manifest,
+)
 from deltakd_cli.cache.options import CacheOptions
+from deltakd_cli.cache.writer import ShardWriter
 from deltakd_cli.console import info, progress
 from deltakd_cli.distributed import on_main_first
 from deltakd_cli.errors import DeltakdError, Interrupted
@@ -325,7 +333,7 @@ def _cache_teachers(
     options: CacheOptions, device: torch.device, lock: outputs.OutputLock | None
 ) -> dict[str, Any]:
     rank, world = distributed.rank(), distributed.world_size()
-    location = store.Location(options.out)
+    location = Location(options.out)
 
     roles = {"teacher_base": options.teacher_base, "teacher_tuned": options.teacher_tuned}
     if options.student:
@@ -387,14 +395,14 @@ def _cache_teachers(
                 raise DeltakdError(f"--out {options.out} exists and is not a directory")
         if lock is not None:
             lock.acquire()
-        return store.prepare_output(location, settings, options.overwrite)
+        return prepare_output(location, settings, options.overwrite)
 
     state = on_main_first(claim)
     if state != "complete" and rank == 0:
-        location.write_text(store.VOCABULARY_FILE, json.dumps(vocabulary, ensure_ascii=False))
+        location.write_text(VOCABULARY_FILE, json.dumps(vocabulary, ensure_ascii=False))
     if state == "complete":
         info(f"[green]{options.out} is already complete[/green] for these settings; nothing to do")
-        return store.read_manifest(location) or {}
+        return read_manifest(location) or {}
 
     dtype = models.resolve_dtype(options.dtype, device)
     loaded: dict[str, PositionLogprobs] = {}
@@ -421,7 +429,7 @@ def _cache_teachers(
         len(grid),
         options.tail_samples,
     )
-    writer = store.ShardWriter(location, rank, world, specs)
+    writer = ShardWriter(location, rank, world, specs)
     batches = plan_batches([len(t.input_ids) for t in tokenized], rank, world, options.batch_size)
     done = writer.committed["batches"]
     if done:
@@ -476,7 +484,7 @@ def _cache_teachers(
         )
 
     shard_summary = {"name": writer.name, **committed}
-    shard_summary.update(store.shard_checksums(location, writer.group_path))
+    shard_summary.update(shard_checksums(location, writer.group_path))
     shards = distributed.all_gather_objects(shard_summary)
     manifest: dict[str, Any] = {}
     if rank == 0:
@@ -490,7 +498,7 @@ def _cache_teachers(
             "response_tokens_per_second": tokens_done / max(loop_seconds, 1e-9),
             "world_size": world,
         }
-        store.write_manifest(location, manifest)
+        write_manifest(location, manifest)
         elapsed = time.perf_counter() - started
         info(
             f"[green]wrote {options.out}[/green]: {manifest['counts']['examples']} examples, "

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from deltakd_cli.cache.options import InspectOptions
-from deltakd_cli.cache.store import CachedExample, CacheReader
+from deltakd_cli.cache.reader import CachedExample, CacheReader
 from deltakd_cli.console import console
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import check

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deltakd_cli.cache.store import CachedExample
+from deltakd_cli.cache.reader import CachedExample
 from deltakd_cli.data import TokenizedExample, target_positions
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.targets import (
@@ -35,7 +35,7 @@ from deltakd_cli.targets import (
 
 
 class ExampleStore(Protocol):
-    """What the planner and the dataset need; `cache.store.CacheReader` is one."""
+    """What the planner and the dataset need; `cache.reader.CacheReader` is one."""
 
     @property
     def num_shards(self) -> int: ...

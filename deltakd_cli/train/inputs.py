@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from deltakd_cli import data, losses, models, objectives, sources, vocab
-from deltakd_cli.cache.store import CacheReader
+from deltakd_cli.cache.reader import CacheReader
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.targets import SAMPLE_FIELDS, exact_family_log_tail, grid_column

@@ -1,0 +1,252 @@
+"""The reader: `CacheReader` checks a cache (format, checksums, the grid: the grid's one reader) and
+reads ranges of examples."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from deltakd_cli import data
+from deltakd_cli.cache.location import SETTINGS_FILE, VOCABULARY_FILE, Location
+from deltakd_cli.cache.manifest import read_manifest, shard_checksums
+from deltakd_cli.cache.schema import (
+    decode_positions,
+    expected_rows,
+)
+from deltakd_cli.errors import DeltakdError
+from deltakd_cli.targets import FIELD_KIND, PER_POSITION_FIELDS, CachedTargets, GridPoint
+
+
+@dataclass
+class CachedExample:
+    """One example as stored: its tokens and, from a cache, the entries of its target positions
+    (None for rows that are only tokenised, as `finetune` trains on)."""
+
+    example_index: int
+    input_ids: np.ndarray
+    target_mask: np.ndarray  # bool per token: the token is a target
+    targets: CachedTargets | None = None  # numpy arrays, one row per target position
+
+    @property
+    def target_positions(self) -> np.ndarray:
+        return data.target_positions(self.target_mask)
+
+
+class CacheReader:
+    """Reads a complete cache; memory stays at what a caller asks for (per-range reads)."""
+
+    def __init__(self, path: str):
+        self.location = Location(str(path))
+        if not self.location.exists():
+            raise DeltakdError(f"cache not found: {path}")
+        manifest = read_manifest(self.location)
+        if manifest is None:
+            unfinished = self.location.exists(SETTINGS_FILE)
+            state = "an unfinished cache" if unfinished else "not a cache"
+            raise DeltakdError(f"{path}: {state} (no manifest.json); run cache-teachers to finish")
+        self.manifest = manifest
+        self.path = str(path)
+        self.shard_names = [shard["name"] for shard in manifest["shards"]]
+        self._groups: dict[int, Any] = {}
+        self.skip_fields: tuple[str, ...] = ()  # per-position arrays a reader leaves unread
+        self._offsets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_names)
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["k"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def has_student(self) -> bool:
+        return bool(self.manifest["has_student"])
+
+    @property
+    def grid_points(self) -> tuple[GridPoint, ...]:
+        """The (gamma, alpha) grid points in column order, as floats: the one reader of the
+        manifest's grid (() without a grid; format 3 has none)."""
+        points = (self.manifest.get("grid") or {}).get("points", ())
+        return tuple((float(gamma), float(alpha)) for gamma, alpha in points)
+
+    @property
+    def tail_samples(self) -> int:
+        """Draws per position of the sampled tail (0: none; formats 3 and 4 have none)."""
+        return int(self.manifest.get("tail_samples") or 0)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature the cache's distributions (and draws) are at (1 before format 5)."""
+        return float(self.manifest.get("temperature") or 1.0)
+
+    def vocabulary(self) -> list[str | None]:
+        """The token string of every id the cache uses (checked against the manifest)."""
+        try:
+            tokens = json.loads(self.location.read_text(VOCABULARY_FILE))
+        except (FileNotFoundError, json.JSONDecodeError):
+            raise DeltakdError(f"{self.path}: {VOCABULARY_FILE} is missing or damaged") from None
+        from deltakd_cli.vocab import vocabulary_sha256
+
+        if vocabulary_sha256(tokens) != self.manifest.get("vocabulary_sha256"):
+            raise DeltakdError(f"{self.path}: {VOCABULARY_FILE} does not match the manifest")
+        return tokens
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen zarr groups lazily
+        state = dict(self.__dict__)
+        state["_groups"] = {}
+        return state
+
+    def group(self, shard: int) -> Any:
+        if shard not in self._groups:
+            store = self.location.zarr_store(f"shards/{self.shard_names[shard]}.zarr", True)
+            try:
+                self._groups[shard] = zarr.open_group(store, mode="r")
+            except Exception as error:
+                raise DeltakdError(
+                    f"{self.path}: shard {self.shard_names[shard]}: {error}"
+                ) from None
+        return self._groups[shard]
+
+    def offsets(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token_offsets [E+1], target_offsets [E+1]) of a shard."""
+        if shard not in self._offsets:
+            group = self.group(shard)
+            self._offsets[shard] = (group["token_offsets"][:], group["target_offsets"][:])
+        return self._offsets[shard]
+
+    def shard_lengths(self, shard: int) -> np.ndarray:
+        """[E, 2] int64: (num_tokens, num_targets) of each example in stored order."""
+        token_offsets, target_offsets = self.offsets(shard)
+        return np.stack([np.diff(token_offsets), np.diff(target_offsets)], axis=1)
+
+    def check_structure(self) -> None:
+        """Cheap checks that need no checksum pass (they also run with --no-verify-cache):
+        every array is there with the manifest's dtype, rows and chunk files (zarr would read a
+        missing chunk back as zeros), and the offsets agree with each other. Kept ids are
+        checked against the vocabulary as batches are read."""
+        dtypes = self.manifest.get("dtypes", {})
+        trailing_of_kind = {"ids": (self.k,), "logprobs": (self.k,), "scalar": ()}
+        trailing_of_kind["grid"] = (len(self.grid_points),)
+        for kind in ("sample_ids", "counts", "sample_logprobs"):
+            trailing_of_kind[kind] = (self.tail_samples,)
+        total_examples = 0
+        for shard, entry in enumerate(self.manifest["shards"]):
+            where = f"{self.path}: shard {entry['name']}"
+            group = self.group(shard)
+            for name, dtype in dtypes.items():
+                if name not in group:
+                    raise DeltakdError(f"{where}: the array {name} is missing; rebuild the cache")
+                array = group[name]
+                rows = expected_rows(name, entry)
+                trailing = trailing_of_kind[FIELD_KIND.get(name, "scalar")]
+                if array.shape != (rows, *trailing) or str(array.dtype) != dtype:
+                    raise DeltakdError(
+                        f"{where}: {name} has shape {array.shape} and dtype {array.dtype}, the "
+                        f"manifest says {(rows, *trailing)} and {dtype}; rebuild the cache"
+                    )
+                self._check_chunks(shard, name, array)
+            token_offsets, target_offsets = self.offsets(shard)
+            mask = group["target_mask"][:].astype(np.int64)
+            running = np.concatenate([[0], np.cumsum(mask)])
+            starts, ends = token_offsets[:-1], token_offsets[1:]
+            consistent = (
+                token_offsets[0] == 0
+                and target_offsets[0] == 0
+                and (ends - starts >= 2).all()
+                and token_offsets[-1] == entry["tokens"] == len(mask)
+                and target_offsets[-1] == entry["positions"]
+                and (mask[starts] == 0).all()  # nothing predicts an example's first token
+                and (np.diff(target_offsets) == running[ends] - running[starts + 1]).all()
+            )
+            if not consistent:
+                raise DeltakdError(f"{where}: its offsets do not add up; rebuild the cache")
+            total_examples += entry["examples"]
+        if total_examples != self.manifest["counts"]["examples"]:
+            raise DeltakdError(
+                f"{self.path}: the shards hold {total_examples} examples, the "
+                f"manifest {self.manifest['counts']['examples']}; rebuild the cache"
+            )
+
+    def _check_chunks(self, shard: int, name: str, array: Any) -> None:
+        """One chunk file per chunk of rows (the writer writes every chunk)."""
+        if array.shape[0] == 0:
+            return
+        chunk_files = self.location.files_under(f"shards/{self.shard_names[shard]}.zarr/{name}")
+        present = sum(1 for relative in chunk_files if relative.startswith("c/"))
+        wanted = -(-array.shape[0] // array.chunks[0])
+        if present != wanted:
+            raise DeltakdError(
+                f"{self.path}: shard {self.shard_names[shard]}: {name} has {present} of its "
+                f"{wanted} chunk files; the cache is damaged, rebuild it"
+            )
+
+    def read_examples(self, shard: int, start: int, stop: int) -> list[CachedExample]:
+        """Examples [start, stop) of a shard, with one contiguous read per array."""
+        group = self.group(shard)
+        token_offsets, target_offsets = self.offsets(shard)
+        token_lo, token_hi = int(token_offsets[start]), int(token_offsets[stop])
+        target_lo, target_hi = int(target_offsets[start]), int(target_offsets[stop])
+        tokens = group["input_ids"][token_lo:token_hi].astype(np.int64)
+        masks = group["target_mask"][token_lo:token_hi].astype(bool)
+        example_index = group["example_index"][start:stop]
+        per_position: dict[str, np.ndarray] = {}
+        for name in PER_POSITION_FIELDS:
+            if name in group and name not in self.skip_fields:
+                per_position[name] = decode_positions(name, group[name][target_lo:target_hi])
+        for name in ("ids", "sample_ids"):
+            ids = per_position.get(name)
+            if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                raise DeltakdError(
+                    f"{self.path}: shard {self.shard_names[shard]} holds token ids outside the "
+                    f"vocabulary of {self.vocab_size}; the cache is damaged, rebuild it"
+                )
+        examples = []
+        for offset, row in enumerate(range(start, stop)):
+            tokens_at = slice(
+                int(token_offsets[row]) - token_lo, int(token_offsets[row + 1]) - token_lo
+            )
+            targets_at = slice(
+                int(target_offsets[row]) - target_lo, int(target_offsets[row + 1]) - target_lo
+            )
+            entries = {name: values[targets_at] for name, values in per_position.items()}
+            examples.append(
+                CachedExample(
+                    example_index=int(example_index[offset]),
+                    input_ids=tokens[tokens_at],
+                    target_mask=masks[tokens_at],
+                    targets=CachedTargets(**entries),
+                )
+            )
+        return examples
+
+    def find_example(self, example_index: int) -> CachedExample:
+        """The example with a given global index (its row number in the data file)."""
+        for shard in range(self.num_shards):
+            indices = self.group(shard)["example_index"][:]
+            hits = np.nonzero(indices == example_index)[0]
+            if len(hits):
+                row = int(hits[0])
+                return self.read_examples(shard, row, row + 1)[0]
+        total = int(self.manifest["counts"]["examples"])
+        raise DeltakdError(f"no example {example_index} in this cache (it has {total} examples)")
+
+    def verify(self) -> list[str]:
+        """Names of shards whose bytes no longer match the manifest's checksums."""
+        damaged = []
+        for shard in self.manifest["shards"]:
+            group_path = f"shards/{shard['name']}.zarr"
+            if not self.location.exists(group_path):
+                damaged.append(f"{shard['name']} (missing)")
+                continue
+            if shard_checksums(self.location, group_path)["sha256"] != shard["sha256"]:
+                damaged.append(shard["name"])
+        return damaged
