@@ -103,7 +103,17 @@ def options_of(
     from_config = {}
     if config_file is not None:
         from_config = config.load(config_file, command.name, command.options, OPTIONS_BY_COMMAND)
-    return from_values(command.options, config.merge(command.options, values, given, from_config))
+    options = from_values(
+        command.options, config.merge(command.options, values, given, from_config)
+    )
+    out = getattr(options, "out", None)
+    if config_file is not None and isinstance(out, str) and "://" not in out:
+        if Path(out).expanduser().resolve() == config_file.expanduser().resolve():
+            raise DeltakdError(
+                f"--out {out} is the config file itself: an output never replaces an input; "
+                "choose another path"
+            )
+    return options
 
 
 CONFIG_OPTION = typer.Option(

@@ -245,11 +245,21 @@ def report_error(error: DeltakdError) -> None:
     console.print(f"{label} {escape(prefix + str(error))}", soft_wrap=True)
 
 
+def _from_worker(error: DeltakdError) -> DeltakdError:
+    """A DeltakdError raised in a DataLoader worker comes back as "Caught DeltakdError in
+    DataLoader worker process N" plus the worker's traceback: keep its own one line."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and "DataLoader worker process" in lines[0]:
+        message = lines[-1].split(": ", 1)[-1]
+        return type(error)(message)
+    return error
+
+
 def as_deltakd_error(error: BaseException) -> DeltakdError | None:
     """The one-line form of an error that is the user's or the machine's, not a bug: Ctrl-C,
     and OS errors that escaped the places that name their path (a full disk, a permission)."""
     if isinstance(error, DeltakdError):
-        return error
+        return _from_worker(error)
     if isinstance(error, KeyboardInterrupt):
         return Interrupted("stopped by the user; rerun the same command to continue")
     if isinstance(error, OSError) and not os.environ.get(DEBUG_ENV):

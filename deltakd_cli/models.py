@@ -57,10 +57,13 @@ def looks_local(spec: str) -> bool:
 
 def _not_found(spec: str) -> DeltakdError:
     path = Path(local_path(spec))
+    if path.is_symlink() and not path.exists():
+        return DeltakdError(f"model {spec} is a broken symlink (to {os.readlink(path)})")
     parent = path.parent if str(path.parent) else Path(".")
     hint = ""
     if parent.is_dir():
-        close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1)
+        others = [p.name for p in parent.iterdir() if p.name != path.name]
+        close = difflib.get_close_matches(path.name, others, n=1)
         if close:
             hint = f"; did you mean {parent / close[0]}?"
     return DeltakdError(
@@ -104,8 +107,20 @@ def check_device(device: torch.device) -> None:
         raise DeltakdError(f"device {device} requested but CUDA is not available")
 
 
+ERROR_TEXT_LIMIT = 400  # characters of a library's own message kept in the one line
+
+
+def _one_line(error: Exception) -> str:
+    """A library's message as one line, whole up to ERROR_TEXT_LIMIT characters (its first line
+    alone can stop mid-sentence, e.g. at "from one of:")."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if len(text) > ERROR_TEXT_LIMIT:
+        text = text[: ERROR_TEXT_LIMIT - 3] + "..."
+    return text
+
+
 def _hub_error(source: ModelSource, error: Exception) -> DeltakdError:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = _one_line(error)
     if source.is_local:
         return DeltakdError(f"cannot load model '{source.spec}': {first}")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
@@ -180,8 +195,23 @@ def load_model(
         model.config.quantization_config = None
     if device is not None and not device_map:
         model.to(device)
+    check_finite_weights(spec, model)
     model.eval()
     return model
+
+
+def check_finite_weights(spec: str, model: Any) -> None:
+    """Refuse a model with a NaN or infinite weight, naming the first such tensor (it would train
+    to NaN, or generate nothing and score 0 with no word). Integer (quantized) tensors are
+    skipped. One reduction per tensor, on the device the model is on."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise DeltakdError(
+                    f"model {spec}: the weight {name} holds {bad} NaN or infinite values; "
+                    "the checkpoint is damaged or diverged"
+                )
 
 
 def _matches_any(key: str, patterns: Any) -> bool:

@@ -63,15 +63,52 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def unreadable_file(path: Path, what: str) -> str:
+    """Why `path` cannot be read as a file, in one line: missing, a broken symlink, a directory,
+    or not a regular file (a FIFO: deltakd reads its inputs twice, to hash and to read)."""
+    if path.is_symlink() and not path.exists():
+        return f"{what} {path} is a broken symlink (to {os.readlink(path)})"
+    if not path.exists():
+        return f"{what} not found: {path}"
+    if path.is_dir():
+        return f"{what} {path} is a directory, not a file"
+    return (
+        f"{what} {path} is not a regular file (a FIFO, socket or device): deltakd hashes its "
+        "inputs and then reads them, so write it to a file first"
+    )
+
+
+def check_text(where: str, value: Any) -> Any:
+    """`value` (a row or one of its fields) unchanged, or one line naming the row and field
+    when a string in it holds a lone surrogate (which no UTF-8 file can encode). A NUL is
+    ordinary text (tokenizers read it; models generate it) and passes through."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise DeltakdError(
+                f"{where}: text holds a lone surrogate ({value[error.start]!a} at character "
+                f"{error.start}), not valid Unicode; fix the row"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(f"{where} field {key!r}" if " field " not in where else where, item)
+    elif isinstance(value, list):
+        for item in value:
+            check_text(where, item)
+    return value
+
+
 def read_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str, Any]]:
     """(where, value) for every non-blank line of a JSONL file, `where` being PATH:LINE. A
-    missing or unreadable file, a line that is not JSON or text that is not UTF-8 raises one
-    DeltakdError naming the file (and the line)."""
+    missing or unreadable file, a line that is not JSON, text that is not UTF-8 (a leading
+    byte-order mark is allowed) or a string no UTF-8 file can hold raises one DeltakdError naming
+    the file (and the line)."""
     path = Path(path)
     if not path.is_file():
-        raise DeltakdError(f"{what} not found: {path}")
+        raise DeltakdError(unreadable_file(path, what))
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -80,7 +117,7 @@ def read_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str,
                     value = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise DeltakdError(f"{where}: not valid JSON ({error.msg})") from None
-                yield where, value
+                yield where, check_text(where, value)
     except UnicodeDecodeError:
         raise DeltakdError(f"{path}: not UTF-8 text") from None
     except OSError as error:
@@ -111,7 +148,7 @@ def _datasets() -> Any:
 
 def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
         raise DeltakdError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as error:
@@ -187,17 +224,19 @@ def read_rows(source: DataSource, what: str = "data file") -> Iterator[tuple[str
         raise DeltakdError(f"--split {source.split}: {source.spec} is one file, it has no splits")
     if kind == "json":
         if not source.path.is_file():
-            raise DeltakdError(f"{what} not found: {source.spec}")
-        yield from _read_json_array(source.path)
+            raise DeltakdError(unreadable_file(source.path, what))
+        for where, row in _read_json_array(source.path):
+            yield where, check_text(where, row)
         return
     if kind in ("parquet", "csv") and not source.path.is_file():
-        raise DeltakdError(f"{what} not found: {source.spec}")
+        raise DeltakdError(unreadable_file(source.path, what))
     dataset = _load_with_datasets(source)
     if len(dataset) == 0:
         raise DeltakdError(f"{source.spec}: no rows")
     name = source.spec + (f" split {source.split}" if source.split else "")
     for index, row in enumerate(dataset):
-        yield f"{name}[row {index}]", dict(row)
+        where = f"{name}[row {index}]"
+        yield where, check_text(where, dict(row))
 
 
 def columns_of(source: DataSource) -> list[str]:
@@ -231,7 +270,7 @@ def fingerprint(source: DataSource) -> dict[str, Any]:
         return {"path": str(source.path.resolve()), "split": source.split,
                 "sha256": digest.hexdigest()}  # fmt: skip
     if not source.path.is_file():
-        raise DeltakdError(f"data file not found: {source.spec}")
+        raise DeltakdError(unreadable_file(source.path, "data file"))
     return {"path": str(source.path.resolve()), "sha256": file_sha256(source.path)}
 
 

@@ -644,3 +644,106 @@ def test_truncation_is_reported_and_max_length_checked(tiny, tmp_path):
     assert "24 of 24 examples are longer than --max-length 12 and were cut" in flat(result.output)
     result = run_cli(cache_args(tiny, tmp_path / "d", "--top-k", 4, "--max-length", 512))
     assert_one_line_error(result, "--max-length 512 is longer than", "max_position_embeddings 256")
+
+
+# ----------------------------------------------------------------------------- the right words
+
+
+@pytest.fixture(scope="module")
+def small_cache(tiny, tmp_path_factory):
+    """A cache of its own (these tests damage copies of it)."""
+    cache = tmp_path_factory.mktemp("words") / "cache"
+    result = run_cli(cache_args(tiny, cache, *CACHE_OPTIONS))
+    assert result.exit_code == 0, result.output
+    return cache
+
+
+def damaged_copy(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the cache and the path of one chunk file of its tuned log-probs."""
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    chunk = next(p for p in (copy / "shards").rglob("tuned_logprobs/c/*/*") if p.is_file())
+    return copy, chunk
+
+
+def test_inspect_example_refuses_a_cache_with_a_deleted_chunk(small_cache, tmp_path):
+    copy, chunk = damaged_copy(small_cache, tmp_path)
+    chunk.unlink()
+    result = run_cli(["inspect", copy, "--example", 0])
+    assert_one_line_error(result, "tuned_logprobs has 0 of its 1 chunk files", "damaged")
+
+
+def test_a_flipped_byte_read_without_verification_is_one_line(tiny, small_cache, tmp_path):
+    copy, chunk = damaged_copy(small_cache, tmp_path)
+    data = bytearray(chunk.read_bytes())
+    data[4:12] = bytes(b ^ 0xFF for b in data[4:12])  # the codec's header: sizes no longer agree
+    chunk.write_bytes(bytes(data))
+    for workers in (0, 2):  # read inline, and in DataLoader workers
+        out = tmp_path / f"run-{workers}"
+        args = distill_args(copy, tiny.student, out, "--no-verify-cache", "--max-steps", 2)
+        args[args.index("--num-workers") + 1] = workers
+        result = run_cli(args)
+        assert_one_line_error(result, "a chunk does not decode", "inspect", "--verify")
+        assert "Traceback" not in result.output and "worker process" not in result.output
+
+
+def test_weights_with_nan_are_refused_at_load_naming_the_tensor(tiny, tmp_path):
+    broken = tmp_path / "nan-student"
+    shutil.copytree(tiny.student, broken)
+    tensors = load_file(broken / "model.safetensors")
+    name = sorted(tensors)[1]
+    tensors[name][0] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    result = run_cli(["eval", "--model", broken, "--data", tiny.test, "--limit", 2,
+                      "--device", "cpu"])  # fmt: skip
+    assert_one_line_error(result, f"the weight {name}", "NaN or infinite")
+
+
+def test_a_model_whose_vocabulary_is_below_its_tokenizers_is_refused_by_eval(tiny, tmp_path):
+    from conftest import build_model
+
+    small = build_model(tmp_path / "small", tiny.tokenizer, 1, 32, seed=4,
+                        vocab_rows=tiny.vocab_size - 8)  # fmt: skip
+    result = run_cli(["eval", "--model", small, "--data", tiny.test, "--limit", 2,
+                      "--device", "cpu"])  # fmt: skip
+    assert_one_line_error(result, f"output layer has {tiny.vocab_size - 8} rows")
+
+
+def test_a_broken_symlink_model_is_named_as_such(tiny, tmp_path):
+    link = tmp_path / "student"
+    link.symlink_to(tmp_path / "deleted-student")
+    result = run_cli(["eval", "--model", link, "--data", tiny.test, "--device", "cpu"])
+    assert_one_line_error(result, "is a broken symlink")
+    assert "did you mean" not in result.output
+
+
+def test_a_missing_tokenizer_message_is_whole(tiny, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny.student, bare)
+    for path in bare.iterdir():
+        if "token" in path.name or path.name == "special_tokens_map.json":
+            path.unlink()
+    result = run_cli(["eval", "--model", bare, "--data", tiny.test, "--device", "cpu"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert not flat(result.output).rstrip().endswith("from one of:")
+
+
+def test_a_config_whose_out_is_the_config_itself_is_refused(tiny, small_cache, tmp_path):
+    config = tmp_path / "run.yaml"
+    text = (f"cache: {small_cache}\nstudent: {tiny.student}\nout: {config}\noverwrite: true\n"
+            "max_steps: 1\n")  # fmt: skip
+    config.write_text(text)
+    result = run_cli(["distill", "--config", config])
+    assert_one_line_error(result, "is the config file itself")
+    assert config.read_text() == text
+
+
+def test_a_damaged_student_is_not_called_only_another_student(tiny, small_cache, tmp_path):
+    changed = tmp_path / "student"
+    shutil.copytree(tiny.student, changed)
+    tensors = load_file(changed / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, changed / "model.safetensors", metadata={"format": "pt"})
+    result = run_cli(distill_args(small_cache, changed, tmp_path / "out", "--max-steps", 1))
+    assert_one_line_error(result, "changed or damaged", "--frozen-student")

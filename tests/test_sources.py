@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_rows
+from conftest import make_rows, write_jsonl
 from helpers import assert_one_line_error, cache_args, run_cli
 
 from deltakd_cli.errors import DeltakdError
@@ -109,3 +109,68 @@ def test_bad_sources_are_one_line(tiny, formats, tmp_path, monkeypatch):
 def test_a_directory_that_is_not_a_saved_dataset(tmp_path):
     with pytest.raises(DeltakdError, match="not one saved with datasets.save_to_disk"):
         _ = DataSource(str(tmp_path)).kind
+
+
+# ----------------------------------------------------------------------------- what a path is
+
+
+def test_a_path_that_is_not_a_readable_file_is_named_for_what_it_is(tmp_path):
+    import os
+
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    dangling = tmp_path / "gone.jsonl"
+    dangling.symlink_to(tmp_path / "deleted.jsonl")
+    cases = {
+        fifo: "is not a regular file (a FIFO",
+        dangling: "is a broken symlink (to",
+        tmp_path / "missing.jsonl": "data file not found",
+    }
+    for path, words in cases.items():
+        with pytest.raises(DeltakdError) as error:
+            list(read_rows(DataSource(str(path))))
+        assert words in str(error.value) and "\n" not in str(error.value)
+        if path != fifo:  # never opened: a FIFO would block
+            with pytest.raises(DeltakdError, match=words.split(" (")[0]):
+                fingerprint(DataSource(str(path)))
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path):
+    rows = make_rows(3, seed=4)
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    assert [row for _, row in read_rows(DataSource(str(path)))] == rows
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    assert [row for _, row in read_rows(DataSource(str(array)))] == rows
+
+
+def test_text_no_utf8_file_can_hold_is_refused_naming_row_and_field(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    good = json.dumps(make_rows(1, seed=5)[0])
+    path.write_text(good + "\n" + '{"prompt": "p", "response": "bad \\ud800 text"}\n')
+    with pytest.raises(DeltakdError) as error:
+        list(read_rows(DataSource(str(path))))
+    message = str(error.value)
+    assert f"{path}:2" in message and "'response'" in message and "lone surrogate" in message
+
+
+def test_a_nul_in_a_row_is_text_and_passes_through(tiny, tmp_path):
+    rows = make_rows(4, seed=7)
+    rows[1]["response"] = "before\x00after"
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert [row for _, row in read_rows(DataSource(str(path)))][1]["response"] == "before\x00after"
+    result = run_cli(cache_args(tiny, tmp_path / "cache", "--data", path))
+    assert result.exit_code == 0, result.output
+
+
+def test_lone_surrogates_are_one_line_in_cache_teachers_and_eval_predictions(tiny, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(make_rows(1, seed=6)[0]) + "\n" + '{"prompt": "\\ud800", '
+                    '"response": "r"}\n')  # fmt: skip
+    result = run_cli(cache_args(tiny, tmp_path / "cache", "--data", rows))
+    assert_one_line_error(result, "lone surrogate", f"{rows}:2")
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text('{"id": "0", "prediction": "x \\udfff"}\n')
+    result = run_cli(["eval", "--predictions", predictions, "--data", tiny.test])
+    assert_one_line_error(result, "lone surrogate", f"{predictions}:1")

@@ -276,16 +276,23 @@ def test_resume_rules(tiny, cache, tmp_path):
     )
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
+def test_non_finite_loss_stops_and_names_the_newest_sound_checkpoint(tiny, tmp_path):
+    """The stop names the newest checkpoint whose weights are all finite, with its largest
+    weight (a diverging run's finite weights can be huge: it never calls them "good")."""
     out = tmp_path / "diverged"
     args = finetune_args(tiny, out, "--max-steps", 10, "--save-every", 1, "--warmup", 0)
     args[args.index("--lr") + 1] = "1e30"
     result = run_cli([*args, "--max-grad-norm", 0])
-    assert_one_line_error(result, "non-finite", "training stopped", "last good checkpoint")
+    assert_one_line_error(result, "non-finite", "training stopped", "finite weights")
+    assert "good" not in result.output
     assert not (out / "run.json").exists()
-    steps = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert steps and all(name.startswith("step-") for name in steps)
-    assert steps[-1] in result.output
+    steps = sorted(p for p in (out / "checkpoints").iterdir())
+    assert steps and all(p.name.startswith("step-") for p in steps)
+    named = [p for p in steps if f"{p}" in flat(result.output)]
+    assert len(named) == 1
+    weights = torch.load(named[0] / "model.pt", weights_only=True)
+    largest = max(float(t.abs().max()) for t in weights.values() if t.is_floating_point())
+    assert math.isfinite(largest) and f"largest weight is {largest:.3g}" in flat(result.output)
 
 
 def test_fsdp_without_torchrun_is_refused(tiny, cache, tmp_path):

@@ -132,6 +132,7 @@ def inspect_cache(options: InspectOptions) -> None:
         raise DeltakdError("--positions needs --example (the example whose positions to show)")
     if options.example is not None:
         limit = options.positions or (None if options.json else TABLE_POSITIONS)
+        reader.check_structure()  # zarr reads a missing chunk back as zeros: refuse, never show
         example = reader.find_example(options.example)
         decoded = example_json(example, reader.vocabulary(), limit)
         if options.json:

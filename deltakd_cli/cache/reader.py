@@ -190,7 +190,22 @@ class CacheReader:
             )
 
     def read_examples(self, shard: int, start: int, stop: int) -> list[CachedExample]:
-        """Examples [start, stop) of a shard, with one contiguous read per array."""
+        """Examples [start, stop) of a shard, with one contiguous read per array. A chunk that
+        does not decode (a damaged file read with --no-verify-cache) is one line naming it."""
+        try:
+            return self._read_examples(shard, start, stop)
+        except DeltakdError:
+            raise
+        except Exception as error:  # a damaged chunk: blosc/zstd raise RuntimeError,
+            # ValueError, even SystemError, depending on which bytes changed
+            text = f"{type(error).__name__}: " + " ".join(str(error).split())[:200]
+            raise DeltakdError(
+                f"{self.path}: shard {self.shard_names[shard]}: a chunk does not decode ({text}); "
+                f"the cache is damaged: check it with deltakd inspect {self.path} --verify, "
+                "then rebuild it"
+            ) from None
+
+    def _read_examples(self, shard: int, start: int, stop: int) -> list[CachedExample]:
         group = self.group(shard)
         token_offsets, target_offsets = self.offsets(shard)
         token_lo, token_hi = int(token_offsets[start]), int(token_offsets[stop])

@@ -197,6 +197,7 @@ def evaluate_models(
         for spec in model_specs:
             tokenizer, prompts = tokenizers[spec], prompts_of[spec]
             model = models.load_model(spec, torch_dtype, torch_device, settings=load)
+            models.check_model_vocab(model, len(tokenizer), f"model {spec} (its tokenizer's ids)")
             if rank == 0:
                 identities[spec] = models.model_identity(spec, tokenizer, load)
             _warn_if_too_long(spec, model, prompts, protocol, info)

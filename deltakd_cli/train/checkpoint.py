@@ -14,6 +14,7 @@ partial one never matches `complete_checkpoints`. The .pt files are read back wi
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import shutil
@@ -44,6 +45,40 @@ def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
         if match and (path / "state.json").is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def logged_losses(metrics_path: Path) -> dict[int, float]:
+    """step -> training loss of every line of a run's metrics.jsonl (NaN logged as null)."""
+    found: dict[int, float] = {}
+    if not metrics_path.is_file():
+        return found
+    for line in metrics_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record and "loss" in record:
+            loss = record["loss"]
+            found[int(record["step"])] = float(loss) if loss is not None else float("nan")
+    return found
+
+
+def last_sound_checkpoint(out: Path) -> tuple[int, Path, float] | None:
+    """(step, dir, largest |weight|) of the newest complete checkpoint whose weights are all
+    finite and whose last logged loss at or before it is finite; None if there is none."""
+    losses = logged_losses(out / "metrics.jsonl")
+    for step, path in reversed(complete_checkpoints(out)):
+        before = [losses[s] for s in sorted(losses) if s <= step]
+        if before and not math.isfinite(before[-1]):
+            continue
+        weights = load_tensors(path / "model.pt")
+        largest = max(
+            (float(t.abs().max()) for t in weights.values() if t.is_floating_point() and t.numel()),
+            default=0.0,
+        )
+        if math.isfinite(largest):
+            return step, path, largest
+    return None
 
 
 def _rng_state() -> dict[str, Any]:

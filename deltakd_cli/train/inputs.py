@@ -130,8 +130,10 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
         cached_student = provenance.get("student") or {}
         if cached_student.get("weights_sha256") != models.weights_fingerprint(student):
             raise DeltakdError(
-                f"the cache holds the log-probs of another student ({cached_student.get('spec')}), "
-                f"not of {student}: rebuild the cache with --student {student}, or pass "
+                f"the cache holds the log-probs of the student {cached_student.get('spec')} "
+                f"(weights sha256 {str(cached_student.get('weights_sha256'))[:12]}), but the "
+                f"weights of {student} differ: another student, or the same one changed or "
+                f"damaged since; rebuild the cache with --student {student}, or pass "
                 "--frozen-student to run a frozen copy of the student instead"
             )
     needs_frozen = objective.needs_student and not use_cached_student

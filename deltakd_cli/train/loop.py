@@ -565,12 +565,16 @@ class Trainer:
 
     def _stop_on_non_finite(self, step: int, loss: float, grad_norm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        found = checkpoint.complete_checkpoints(self.out)
+        sound = checkpoint.last_sound_checkpoint(self.out) if self.rank == 0 else None
         kept = (
-            f"the last good checkpoint is {found[-1][1]}"
-            if found
-            else "no checkpoint was written before it"
+            f"the newest checkpoint with a finite loss and finite weights is {sound[1]} (its "
+            f"largest weight is {sound[2]:.3g}: a diverging run can have huge finite weights; "
+            "check metrics.jsonl before resuming from it)"
+            if sound
+            else "no checkpoint with finite weights was written before it"
         )
+        if self.rank != 0:
+            kept = "rank 0 names the checkpoint to resume from"
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
         raise DeltakdError(f"non-finite {what} at step {step}: training stopped; {kept}")
 
