@@ -95,7 +95,7 @@ def test_finetune_writes_a_model_dir_that_feeds_cache_teachers(tiny, tmp_path):
         assert (out / name).is_file(), name
     assert (out / "tokenizer.json").is_file()
     assert not (out / ".export.partial").exists()
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "finetune" and run["version"]
     assert run["options"]["lr"] == 1e-2 and run["resolved"]["objective"] == "sft"
@@ -179,7 +179,8 @@ def test_kill_9_then_resume_ends_with_identical_weights(tiny, cache, tmp_path, m
         assert torch.equal(resumed[name], reference[name]), name
     metrics = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2", "step-4"]
+    # the last two kept: step-6 is the final step's (a finished run can be trained further)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-4", "step-6"]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -267,12 +268,12 @@ def test_resume_rules(tiny, cache, tmp_path):
     changed = distill_args(tiny, cache, out, *common, "--resume")
     changed[changed.index("--lr") + 1] = "1e-3"
     assert_one_line_error(run_cli(changed), "--lr changed", "was 0.005, now 0.001")
-    longer = distill_args(tiny, cache, out, "--max-steps", 5, "--save-every", 2, "--resume")
-    assert_one_line_error(run_cli(longer), "--max-steps changed")
+    shorter = distill_args(tiny, cache, out, "--max-steps", 3, "--save-every", 2, "--resume")
+    assert_one_line_error(run_cli(shorter), "--max-steps changed", "was 4, now 3")
     result = run_cli(distill_args(tiny, cache, out, *common, "--resume"))
     assert result.exit_code == 0, result.output
     assert_one_line_error(
-        run_cli(distill_args(tiny, cache, out, *common, "--resume")), "already holds a finished run"
+        run_cli(distill_args(tiny, cache, out, *common, "--resume")), "trains it further only"
     )
 
 
@@ -342,3 +343,34 @@ def test_distill_kd_to_delta_uses_the_grid_or_says_it_falls_back(tiny, tmp_path)
     bad = run_cli(distill_args(tiny, cache, tmp_path / "bad", "--objective", "kd-to-delta",
                                "--gamma", "1.5"))  # fmt: skip
     assert_one_line_error(bad, "--gamma")
+
+
+def test_resume_trains_a_finished_run_further_from_a_moved_cache(tiny, cache, tmp_path):
+    """--resume with a larger --max-steps continues a finished run (the schedule's new length
+    noted and recorded); a cache moved to another path is the same cache (its manifest hash):
+    the run resumes from it and ends with the same weights as from the original path."""
+    moved = tmp_path / "moved-cache"
+    shutil.copytree(cache, moved)
+    ends = {}
+    for name, source in (("here", cache), ("moved", moved)):
+        out = tmp_path / name
+        first = run_cli(distill_args(tiny, cache, out, "--max-steps", 2, "--save-every", 2))
+        assert first.exit_code == 0, first.output
+        further = run_cli(distill_args(tiny, source, out, "--max-steps", 4, "--save-every", 2,
+                                       "--resume"))  # fmt: skip
+        assert further.exit_code == 0, further.output
+        text = flat(further.output)
+        assert "training further (--max-steps 2 -> 4)" in text and "spans 4 steps (was 2" in text
+        run = json.loads((out / "run.json").read_text())
+        resumed = run["resolved"]["resumed"]
+        assert resumed["from_step"] == 2 and resumed["extended"] == {"max_steps": [2, 4]}
+        assert resumed["schedule"]["total_steps"] == [2, 4]
+        assert run["final_metrics"]["steps"] == 4
+        steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()
+                 if "loss" in json.loads(line)]  # fmt: skip
+        assert max(steps) == 4
+        if name == "moved":
+            assert "the cache moved" in text
+            assert resumed["cache_moved"] == [str(cache), str(moved)]
+        ends[name] = load_file(out / "model.safetensors")
+    assert all(torch.equal(ends["here"][k], ends["moved"][k]) for k in ends["here"])

@@ -328,7 +328,7 @@ def test_resume_refuses_to_switch_lora_on_or_off(tiny, cache, tmp_path):
     _interrupted_run(tiny, cache, lora_run)
     result = run_cli(lora_args(tiny, cache, lora_run, "--max-steps", 2, "--save-every", 1,
                                "--resume", "--lora-r", 0))  # fmt: skip
-    assert_one_line_error(result, "step-1 is of a LoRA run (--lora-r 4)", "same --lora-*")
+    assert_one_line_error(result, "step-2 is of a LoRA run (--lora-r 4)", "same --lora-*")
 
     full_run = tmp_path / "full"
     _interrupted_run(tiny, cache, full_run, "--lora-r", 0)
@@ -339,7 +339,7 @@ def test_resume_refuses_to_switch_lora_on_or_off(tiny, cache, tmp_path):
 
     result = run_cli(lora_args(tiny, cache, lora_run, "--max-steps", 2, "--save-every", 1,
                                "--resume", "--lora-r", 8))  # fmt: skip
-    assert_one_line_error(result, "--lora-r changed since step-1 (was 4, now 8)")
+    assert_one_line_error(result, "--lora-r changed since step-2 (was 4, now 8)")
 
 
 # ----------------------------------------------------------------------------- pipeline

@@ -314,6 +314,11 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return checkpoint
 
 
+def saved_total_steps(path: Path) -> int | None:
+    """The total steps of the run that wrote the checkpoint (its schedule's length)."""
+    return json.loads((path / "state.json").read_text()).get("total_steps")
+
+
 def saved_options(path: Path) -> dict[str, Any]:
     """The options that matter, as the checkpoint recorded them."""
     return json.loads((path / "state.json").read_text())["options"]
@@ -322,24 +327,67 @@ def saved_options(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- resume
 
 
-def check_resumable(path: Path, identity: dict[str, Any]) -> None:
+# Options a resume may change, each in one direction only: training further.
+EXTENDABLE = ("max_steps", "epochs")
+
+
+def check_resumable(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     """Refuse, in one line, to resume from the checkpoint at `path` when an option that matters
-    (OPTIONS_THAT_MATTER; `identity` holds this run's values) differs from what it recorded."""
+    (OPTIONS_THAT_MATTER; `identity` holds this run's values) differs from what it recorded.
+    Two changes are allowed, and returned (for a note and run.json): a larger --max-steps or
+    --epochs (the run trains further: {"extended": {name: [was, now]}}), and a cache at another
+    path with the same manifest checksum (moved or copied: {"cache_moved": [was, now]})."""
     saved = saved_options(path)
+    allowed: dict[str, Any] = {}
     for name in OPTIONS_THAT_MATTER:
         was = saved.get(name, OPTIONS_ADDED_LATER.get(name))
-        if was != identity[name]:
-            raise DeltakdError(_resume_mismatch(name, path, was, identity))
+        now = identity[name]
+        if was == now:
+            continue
+        if _same_cache(name, was, now):
+            allowed["cache_moved"] = [was["cache"], now["cache"]]
+            continue
+        if _trains_further(name, was, now, saved, identity):
+            allowed.setdefault("extended", {})[name] = [was, now]
+            continue
+        raise DeltakdError(_resume_mismatch(name, path, was, identity))
+    return allowed
+
+
+def _same_cache(name: str, was: Any, now: Any) -> bool:
+    """The same cache content at another path: a cache is identified by its manifest hash."""
+    return (
+        name == "source"
+        and isinstance(was, dict)
+        and isinstance(now, dict)
+        and bool(now.get("manifest_sha256"))
+        and was.get("manifest_sha256") == now.get("manifest_sha256")
+        and {k: v for k, v in was.items() if k != "cache"}
+        == {k: v for k, v in now.items() if k != "cache"}
+    )
+
+
+def _trains_further(
+    name: str, was: Any, now: Any, saved: dict[str, Any], identity: dict[str, Any]
+) -> bool:
+    """A larger --max-steps (both set), or more --epochs while --max-steps stays 0."""
+    if name not in EXTENDABLE or not isinstance(was, int) or not isinstance(now, int):
+        return False
+    if name == "epochs" and (saved.get("max_steps") or identity.get("max_steps")):
+        return False
+    if name == "max_steps" and not was:
+        return False
+    return now > was
 
 
 def _resume_mismatch(name: str, path: Path, was: Any, identity: dict[str, Any]) -> str:
     now = identity[name]
     if name == "source" and isinstance(was, dict) and isinstance(now, dict):
-        if "manifest_sha256" in now and was.get("cache") == now.get("cache"):
+        if "manifest_sha256" in now:
             return (
-                f"--resume: the cache {now['cache']} changed since {path.name} (its manifest "
-                "checksum differs: it was rebuilt); resume needs the same cache, or start a new "
-                "--out"
+                f"--resume: the cache {now['cache']} is not the one {path.name} trained on (its "
+                "manifest checksum differs: another cache, or this one rebuilt); resume needs "
+                "the same cache (it may have moved), or start a new --out"
             )
         if "data_sha256" in now and was.get("data") == now.get("data"):
             if was.get("data_sha256") != now.get("data_sha256"):

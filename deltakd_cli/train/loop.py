@@ -76,7 +76,7 @@ class Trainer:
 
     # -- OUT ----------------------------------------------------------------------------------
 
-    def _claim_output(self) -> tuple[int, Path] | None:
+    def _claim_output(self) -> tuple[int, Path, dict[str, Any]] | None:
         """(rank 0) Lock OUT for the whole run, then decide fresh start or resume."""
         if self.out.exists() and not self.out.is_dir():
             raise DeltakdError(f"--out {self.out} exists and is not a directory")
@@ -88,10 +88,11 @@ class Trainer:
             self.lock.release()
             self.lock = None
 
-    def check_output(self) -> tuple[int, Path] | None:
-        """(rank 0, lock held) The checkpoint to resume from, or None for a fresh start; refuse
-        what cannot work: a directory that is not a training run, a finished run, checkpoints
-        without --resume (each unless --overwrite)."""
+    def check_output(self) -> tuple[int, Path, dict[str, Any]] | None:
+        """(rank 0, lock held) The checkpoint to resume from with what the resume changes
+        (`checkpoint.check_resumable`), or None for a fresh start; refuse what cannot work: a
+        directory that is not a training run, a finished run (unless --resume trains it
+        further), checkpoints without --resume (each unless --overwrite)."""
         options = self.options
         claim = outputs.claim_directory(
             self.out,
@@ -106,12 +107,14 @@ class Trainer:
             outputs.remove_own_files(self.out, marker.get("files", []))
             outputs.write_marker(self.out, "training-run", RUN_FILES)
             return None
-        if (self.out / "run.json").exists():
-            raise DeltakdError(
-                f"{self.out} already holds a finished run (run.json); choose another --out, or "
-                "pass --overwrite to replace it"
-            )
         found = checkpoint.complete_checkpoints(self.out)
+        finished = (self.out / "run.json").exists()
+        if finished and not (options.resume and found):
+            raise DeltakdError(
+                f"{self.out} already holds a finished run (run.json); choose another --out, "
+                "pass --overwrite to replace it, or --resume with a larger --max-steps or "
+                "--epochs to train it further"
+            )
         if options.resume:
             if not found:
                 raise DeltakdError(
@@ -119,8 +122,16 @@ class Trainer:
                     "drop --resume to start the run"
                 )
             step, path = found[-1]
-            checkpoint.check_resumable(path, self.identity)
-            return step, path
+            changes = checkpoint.check_resumable(path, self.identity)
+            if finished:
+                if "extended" not in changes:
+                    raise DeltakdError(
+                        f"{self.out} already holds a finished run (run.json): --resume trains it "
+                        "further only with a larger --max-steps or --epochs"
+                    )
+                # the record describes the weights about to be replaced: gone until the export
+                (self.out / "run.json").unlink()
+            return step, path, changes
         if found:
             raise DeltakdError(
                 f"{self.out} has checkpoints of an earlier run: pass --resume to continue it, "
@@ -266,6 +277,13 @@ class Trainer:
         checkpoint.load_model_state(self.module, self.student, fsdp, saved.model)
         checkpoint.load_optimizer_state(self.module, self.optimizer, fsdp, saved.optimizer)
         self.scheduler.load_state_dict(saved.scheduler)
+        # the lr of the next step from this run's schedule (the same value unless a resume
+        # trains further, which stretches the cosine)
+        step = self.scheduler.last_epoch
+        factor = step_math.lr_factor(step, self.warmup_steps, self.total_steps)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         return saved.step
 
     # -- the run ------------------------------------------------------------------------------
@@ -276,15 +294,41 @@ class Trainer:
         self._setup_data()
         self._setup_optimizer()
         start_step = 0
+        self.resumed: dict[str, Any] | None = None
         if resume_from is not None:
             start_step = self._load_checkpoint(resume_from[1])
             info(f"resuming from {resume_from[1]} (step {start_step} of {self.total_steps})")
+            self._resume_notes(resume_from[1], resume_from[2])
+            self.resumed = {"from_step": start_step, **resume_from[2]}
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             _truncate_metrics(self.out / "metrics.jsonl", start_step)
         distributed.barrier()
         metrics = self._loop(start_step)
         return self._export(metrics)
+
+    def _resume_notes(self, path: Path, changes: dict[str, Any]) -> None:
+        """One note per change a resume is allowed: a moved cache, a run trained further (with
+        the schedule's new shape, which run.json records too)."""
+        if "cache_moved" in changes:
+            was, now = changes["cache_moved"]
+            info(f"[yellow]note:[/yellow] the cache moved: {was} -> {now} (the same manifest "
+                 "checksum, so the same content)")  # fmt: skip
+        if "extended" in changes:
+            saved_total = checkpoint.saved_total_steps(path)
+            lr_next = self.scheduler.get_last_lr()[0]
+            grown = ", ".join(f"--{k.replace('_', '-')} {a} -> {b}"
+                              for k, (a, b) in changes["extended"].items())  # fmt: skip
+            changes["schedule"] = {
+                "total_steps": [saved_total, self.total_steps],
+                "warmup_steps": self.warmup_steps,
+            }
+            info(
+                f"[yellow]note:[/yellow] training further ({grown}): the warmup-cosine "
+                f"schedule now spans {self.total_steps} steps (was {saved_total}; warmup "
+                f"{self.warmup_steps}), so the lr resumes at {lr_next:.3g} and decays to 0 by "
+                f"step {self.total_steps}"
+            )
 
     def _export(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """The model directory and the run's record (every rank gathers the state; rank 0
@@ -316,6 +360,7 @@ class Trainer:
                 "trackers": self.trackers_used,
                 "exported_step": best["step"] if best is not None else self.total_steps,
                 "lora": self._lora_record(),
+                "resumed": self.resumed,
             },
             "provenance": self.data.provenance,
             "student": None,
@@ -456,10 +501,10 @@ class Trainer:
                             metrics_file.flush()
                         log_record(trackers, record)
                     bar.update(task, completed=step + 1, status=_status(record, options.objective))
-                    if (
-                        options.save_every
-                        and (step + 1) % options.save_every == 0
-                        and step + 1 < self.total_steps
+                    # the last step too: a finished run can then be trained further (--resume
+                    # with a larger --max-steps or --epochs)
+                    if options.save_every and (
+                        (step + 1) % options.save_every == 0 or step + 1 == self.total_steps
                     ):
                         self._save_checkpoint(step + 1)
             failed = False
