@@ -29,12 +29,12 @@ test-fast: install $(VENV)/.test-extras
 	$(PY) -m pytest -m "not slow" tests
 
 lint: install
-	$(VENV)/bin/ruff check deltakd_cli tests bench
-	$(VENV)/bin/ruff format --check deltakd_cli tests bench
+	$(VENV)/bin/ruff check deltakd deltakd_cli tests bench
+	$(VENV)/bin/ruff format --check deltakd deltakd_cli tests bench
 
 format: install
-	$(VENV)/bin/ruff format deltakd_cli tests bench
-	$(VENV)/bin/ruff check --fix deltakd_cli tests bench
+	$(VENV)/bin/ruff format deltakd deltakd_cli tests bench
+	$(VENV)/bin/ruff check --fix deltakd deltakd_cli tests bench
 
 bench: install $(VENV)/.demo-assets $(VENV)/.bench-extra
 	$(PY) bench/run_all.py
