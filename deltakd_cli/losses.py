@@ -551,15 +551,14 @@ def kd_objective(student_logits, cached, settings, context: LossContext) -> torc
     return kd_loss(student_logits, cached, context.temperature)
 
 
+def _delta_arguments(settings, context: LossContext) -> tuple:
+    """What delta_loss and delta_mix_loss take after the tensors: alpha, temperature, the cache's
+    alpha, the frozen S0's logits."""
+    return settings.alpha, context.temperature, context.cache_alpha, context.frozen_student_logits
+
+
 def delta_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
-    return delta_loss(
-        student_logits,
-        cached,
-        settings.alpha,
-        context.temperature,
-        context.cache_alpha,
-        context.frozen_student_logits,
-    )
+    return delta_loss(student_logits, cached, *_delta_arguments(settings, context))
 
 
 def delta_mse_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
@@ -567,15 +566,8 @@ def delta_mse_objective(student_logits, cached, settings, context: LossContext) 
 
 
 def delta_mix_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
-    return delta_mix_loss(
-        student_logits,
-        cached,
-        settings.alpha,
-        context.temperature,
-        context.cache_alpha,
-        context.frozen_student_logits,
-        settings.mix,
-    )
+    arguments = _delta_arguments(settings, context)
+    return delta_mix_loss(student_logits, cached, *arguments, settings.mix)
 
 
 def kd_to_delta_objective(student_logits, cached, settings, context: LossContext) -> torch.Tensor:
