@@ -17,7 +17,7 @@ from deltakd_cli.config import section_of
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.evaluate.protocol import parse_seeds
 from deltakd_cli.objectives import OBJECTIVES
-from deltakd_cli.option_groups import LoraOptions
+from deltakd_cli.option_groups import DataOptions, LoraOptions
 from deltakd_cli.options import option_fields
 from deltakd_cli.pipeline.options import PipelineOptions
 from deltakd_cli.pipeline.stages import Stage, data_key, file_key
@@ -99,8 +99,7 @@ def student_seeds(options: PipelineOptions) -> list[int]:
 
 
 # How --train's rows are read (DataOptions): not how init-student reads its healing text.
-ROW_READING = ("split", "data_config", "prompt_field", "response_field", "messages_field",
-               "text_field")  # fmt: skip
+ROW_READING = tuple(f.name for f in dataclasses.fields(DataOptions))
 # The students' LoRA options: not the tuned teacher's (it trains every weight).
 LORA = tuple(f.name for f in dataclasses.fields(LoraOptions))
 
