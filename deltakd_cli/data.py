@@ -313,15 +313,16 @@ def load_examples(
     if not isinstance(source, DataSource):
         source = DataSource(str(source))
     examples = []
-    left_out: dict[str, None] = {}  # in the order the formats list them
+    left_out: set[str] = set()
     for index, (where, row) in enumerate(read_rows(source)):
         if columns is not None and isinstance(row, dict):
-            left_out.update(dict.fromkeys(columns.left_out(row)))
+            left_out.update(columns.left_out(row))
         examples.append(parse_row(row, where, str(index), need_response, columns, train_turns))
     if not examples:
         raise DeltakdError(f"{source.spec}: no examples (the file is empty)")
     if left_out:
-        info(f"[yellow]note:[/yellow] {escape(left_out_note(source.spec, list(left_out)))}")
+        named = [name for name in FORMAT_COLUMNS if name in left_out]
+        info(f"[yellow]note:[/yellow] {escape(left_out_note(source.spec, named))}")
     return examples
 
 
