@@ -470,6 +470,11 @@ def test_make_pipeline_and_demo_call_the_cli():
         made.stdout.replace("\\\n", " ")
     )
 
+    cut = make_dry_run(
+        "pipeline", "TEACHER_BASE=base", "STUDENT=small", "TRAIN=t", "TEST_ROWS=500",
+    )  # fmt: skip
+    assert '--train "t" --test-rows 500 --out' in flat(cut.stdout.replace("\\\n", " "))
+
     missing = make_dry_run("pipeline", "TEACHER_BASE=base")
     assert missing.returncode != 0 and "usage: make pipeline" in missing.stderr
 
