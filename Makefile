@@ -70,11 +70,11 @@ pipeline: install
 ifdef CONFIG
 	$(PY) -m deltakd_cli pipeline --config "$(CONFIG)" $(PIPELINE_ARGS)
 else
-	$(if $(and $(TEACHER_BASE),$(TRAIN),$(TEST),$(or $(STUDENT),$(STUDENT_FROM))),,$(error usage: make pipeline CONFIG=file.yaml [PIPELINE_ARGS=...], or make pipeline TEACHER_BASE=... [TEACHER_TUNED=...] STUDENT=... (or STUDENT_FROM=... STUDENT_LAYERS=... [HEAL_DATA=...]) TRAIN=... TEST=... [NPROC=8] [PIPELINE_OUT=...] [PIPELINE_ARGS="--epochs 3 ..."]))
+	$(if $(and $(TEACHER_BASE),$(TRAIN),$(or $(STUDENT),$(STUDENT_FROM))),,$(error usage: make pipeline CONFIG=file.yaml [PIPELINE_ARGS=...], or make pipeline TEACHER_BASE=... [TEACHER_TUNED=...] STUDENT=... (or STUDENT_FROM=... STUDENT_LAYERS=... [HEAL_DATA=...]) TRAIN=... TEST=... (or TEST_ROWS=500: cut from TRAIN) [NPROC=8] [PIPELINE_OUT=...] [PIPELINE_ARGS="--epochs 3 ..."]))
 	$(PY) -m deltakd_cli pipeline --teacher-base "$(TEACHER_BASE)" \
 	  $(if $(TEACHER_TUNED),--teacher-tuned "$(TEACHER_TUNED)") \
 	  $(if $(STUDENT),--student "$(STUDENT)",--student-from "$(STUDENT_FROM)" --student-layers "$(STUDENT_LAYERS)" $(if $(HEAL_DATA),--heal-data "$(HEAL_DATA)")) \
-	  --train "$(TRAIN)" --test "$(TEST)" --out "$(PIPELINE_OUT)" --nproc $(NPROC) $(PIPELINE_ARGS)
+	  --train "$(TRAIN)" $(if $(TEST),--test "$(TEST)") $(if $(TEST_ROWS),--test-rows $(TEST_ROWS)) --out "$(PIPELINE_OUT)" --nproc $(NPROC) $(PIPELINE_ARGS)
 endif
 
 clean:

@@ -9,8 +9,9 @@ Supported row formats (from any source of sources.py: JSONL, JSON, parquet, CSV,
                       last one: --train-turns; the last assistant turn is the reference)
   - evals registry:   {"input": [chat messages], "ideal": str | [str, ...]}
   - plain text:       {"text": ...} (training only: language-model loss on every token)
-Other column names map onto these with `Columns` (--prompt-field, --response-field,
---messages-field, --text-field). Any row may carry "id"; otherwise the 0-based row number is its
+Other column names map onto these with `Columns` (--prompt-field, --context-field,
+--response-field, --messages-field, --text-field); a format's column that a mapping leaves out is
+named in a note. Any row may carry "id"; otherwise the 0-based row number is its
 id. For evaluation, a row's references are its response, or all of `references`/`ideal` when
 those hold a list.
 """
@@ -21,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 
+from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.option_groups import TEMPLATES, DataOptions
 from deltakd_cli.sources import DataSource, read_rows
@@ -39,42 +42,99 @@ ALPACA_NO_INPUT = (
 )
 
 
+# Columns a supported row format reads (besides "id"): a column mapping that leaves one of these
+# out is named in a note, never dropped without a word. `system` is no format's, but a dataset
+# that has it means it as part of the prompt.
+FORMAT_COLUMNS = (
+    "prompt", "instruction", "context", "input", "system", "response", "output", "references",
+    "ideal", "messages", "text",
+)  # fmt: skip
+# The option that maps a left-out column into its role, where one does.
+COLUMN_OPTIONS = {
+    "prompt": "--prompt-field", "instruction": "--prompt-field", "context": "--context-field",
+    "input": "--context-field", "response": "--response-field", "output": "--response-field",
+    "messages": "--messages-field", "text": "--text-field",
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Columns:
-    """Which columns hold the prompt, the response, a chat conversation or plain text, when a
-    dataset does not use the names of the supported formats."""
+    """Which columns hold each role of a row, when a dataset does not use the names of the
+    supported formats: the prompt (the instruction, when a context column is mapped too), the
+    context or input that goes with the instruction, the response, a chat conversation, or
+    plain text. Once any is mapped, only the mapped columns are read."""
 
     prompt: str | None = None
     response: str | None = None
     messages: str | None = None
     text: str | None = None
+    context: str | None = None
+
+    @property
+    def mapped(self) -> bool:
+        return any((self.prompt, self.response, self.messages, self.text, self.context))
+
+    def _roles(self) -> tuple[tuple[str, str, str | None], ...]:
+        """(name in the mapped row, option, column) of every role. With a context column the
+        row is an instruction/input row (Dolly, Alpaca), else a prompt/response row."""
+        prompt_as = "instruction" if self.context else "prompt"
+        return (
+            (prompt_as, "prompt", self.prompt),
+            ("input", "context", self.context),
+            ("response", "response", self.response),
+            ("messages", "messages", self.messages),
+            ("text", "text", self.text),
+        )
 
     def apply(self, row: dict[str, Any], where: str) -> dict[str, Any]:
         """The row with the mapped columns under the names parse_row knows."""
-        if not any((self.prompt, self.response, self.messages, self.text)):
+        if not self.mapped:
             return row
+        if self.context and not self.prompt:
+            raise DeltakdError(
+                "--context-field needs --prompt-field: the column holding the instruction"
+            )
         mapped: dict[str, Any] = {"id": row["id"]} if "id" in row else {}
-        for name, column in (
-            ("prompt", self.prompt),
-            ("response", self.response),
-            ("messages", self.messages),
-            ("text", self.text),
-        ):
+        for name, option, column in self._roles():
             if column is None:
                 continue
             if column not in row:
                 have = ", ".join(sorted(row)) or "none"
                 raise DeltakdError(
-                    f"{where}: no column '{column}' (--{name}-field); the columns are: {have}"
+                    f"{where}: no column '{column}' (--{option}-field); the columns are: {have}"
                 )
             mapped[name] = row[column]
         return mapped
+
+    def left_out(self, row: dict[str, Any]) -> list[str]:
+        """The columns of `row` a supported format would read that the mapping does not (none
+        when nothing is mapped: the row is read by its own names)."""
+        if not self.mapped:
+            return []
+        used = {column for _, _, column in self._roles() if column is not None}
+        return [name for name in FORMAT_COLUMNS if name in row and name not in used]
+
+
+def left_out_note(spec: str, left_out: list[str]) -> str:
+    """One line naming the columns a mapping leaves out, and the option that would map each."""
+    named = [
+        f"'{name}'" + (f" (map it with {COLUMN_OPTIONS[name]})" if name in COLUMN_OPTIONS else "")
+        for name in left_out
+    ]
+    return (
+        f"{spec}: the column mapping leaves out {', '.join(named)}; "
+        f"{'it is' if len(named) == 1 else 'they are'} not read"
+    )
 
 
 def columns_of(options: DataOptions) -> Columns:
     """The column mapping a command's --*-field options give."""
     return Columns(
-        options.prompt_field, options.response_field, options.messages_field, options.text_field
+        options.prompt_field,
+        options.response_field,
+        options.messages_field,
+        options.text_field,
+        options.context_field,
     )
 
 
@@ -252,12 +312,17 @@ def load_examples(
     raises one DeltakdError naming the file and row. `train_turns` as in parse_row."""
     if not isinstance(source, DataSource):
         source = DataSource(str(source))
-    examples = [
-        parse_row(row, where, str(index), need_response, columns, train_turns)
-        for index, (where, row) in enumerate(read_rows(source))
-    ]
+    examples = []
+    left_out: set[str] = set()
+    for index, (where, row) in enumerate(read_rows(source)):
+        if columns is not None and isinstance(row, dict):
+            left_out.update(columns.left_out(row))
+        examples.append(parse_row(row, where, str(index), need_response, columns, train_turns))
     if not examples:
         raise DeltakdError(f"{source.spec}: no examples (the file is empty)")
+    if left_out:
+        named = [name for name in FORMAT_COLUMNS if name in left_out]
+        info(f"[yellow]note:[/yellow] {escape(left_out_note(source.spec, named))}")
     return examples
 
 

@@ -31,7 +31,12 @@ class DataOptions:
 
     split: str | None = opt(None, help="Split of a Hub dataset or a saved datasets directory.")
     data_config: str | None = opt(None, help="Configuration (subset) of a Hub dataset.")
-    prompt_field: str | None = opt(None, help="Column holding the prompt (prompt/response rows).")
+    prompt_field: str | None = opt(
+        None, help="Column holding the prompt (the instruction, with --context-field)."
+    )
+    context_field: str | None = opt(
+        None, help="Column holding the context or input that goes with the instruction."
+    )
     response_field: str | None = opt(None, help="Column holding the response.")
     messages_field: str | None = opt(None, help="Column holding a chat conversation.")
     text_field: str | None = opt(None, help="Column holding plain text (training only).")

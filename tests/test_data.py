@@ -188,3 +188,40 @@ def test_plain_text_rows_are_targets_on_every_token(tiny):
     assert cut.input_ids == ids[:3] and cut.truncated
     with pytest.raises(DeltakdError, match="no reference to evaluate against"):
         data.parse_row({"text": "t"}, "x:1", "0")  # evaluation needs a reference
+
+
+def test_a_context_column_maps_an_instruction_row():
+    row = {"q": "i", "ctx": "c", "a": "r", "category": "x"}
+    columns = data.Columns(prompt="q", response="a", context="ctx")
+    example = data.parse_row(row, "x:1", "0", columns=columns)
+    assert (example.instruction, example.input, example.response) == ("i", "c", "r")
+    assert example.raw_prompt is None  # an instruction/input row, rendered as Dolly's is
+    assert example == data.parse_row({"instruction": "i", "context": "c", "response": "r"}, "", "0")
+    assert columns.left_out(row) == []  # `category` is no format's column
+    with pytest.raises(DeltakdError, match="--context-field needs --prompt-field"):
+        data.Columns(response="a", context="ctx").apply(row, "x:1")
+    with pytest.raises(DeltakdError, match=r"no column 'context' \(--context-field\)"):
+        data.Columns(prompt="q", response="a", context="context").apply(row, "x:1")
+
+
+def test_a_mapping_names_the_format_columns_it_leaves_out(tmp_path, capsys):
+    rows = [
+        {"instruction": "i", "context": "c", "system": "s", "response": "r", "category": "x"},
+        {"instruction": "i", "input": "c", "response": "r"},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    columns = data.Columns(prompt="instruction", response="response")
+    assert columns.left_out(rows[0]) == ["context", "system"]
+    assert data.Columns().left_out(rows[0]) == []  # unmapped: read by its own names
+    examples = data.load_examples(str(path), columns=columns)
+    assert [e.input for e in examples] == ["", ""]  # left out, as the note says
+    printed = capsys.readouterr()
+    notes = [line for line in (printed.out + printed.err).splitlines() if "leaves out" in line]
+    assert notes == [
+        f"note: {path}: the column mapping leaves out 'context' (map it with --context-field), "
+        "'input' (map it with --context-field), 'system'; they are not read"
+    ]
+    assert [e.input for e in data.load_examples(str(path))] == ["c", "c"]
+    printed = capsys.readouterr()
+    assert "leaves out" not in printed.out + printed.err  # unmapped rows lose nothing

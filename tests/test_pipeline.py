@@ -142,6 +142,42 @@ def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
     assert "student-kd-seed{3,4}" in flat(seeded.output)  # the table folds a role's seeds
 
 
+@pytest.mark.slow
+def test_pipeline_cuts_its_test_rows_from_train_and_records_them(tiny, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "pipeline",
+        "--teacher-base", tiny.teacher_base,
+        "--teacher-tuned", tiny.teacher_tuned,
+        "--student", tiny.student,
+        "--train", tiny.train,
+        "--test-rows", 4,
+        "--test-seed", 7,
+        "--out", out,
+        "--epochs", 1,
+        "--max-length", 64,
+        "--top-k", 8,
+        "--protocol", "greedy",
+        "--max-new-tokens", 4,
+        "--device", "cpu",
+    ]  # fmt: skip
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    set_aside = summary["held_out"]["set_aside"]
+    assert set_aside["test"]["seed"] == 7 and set_aside["test"]["rows"] == 4
+    test_file = out / "data" / "test.jsonl"
+    assert summary["held_out"]["test"] == str(test_file)
+    test_ids = [json.loads(line)["id"] for line in test_file.read_text().splitlines()]
+    assert set_aside["test"]["ids"] == test_ids
+    train_ids = [json.loads(line)["id"] for line in (out / "data" / "train.jsonl").open()]
+    assert not set(test_ids) & (set(train_ids) | set(set_aside["validation_ids"]))
+    assert len(train_ids) + len(test_ids) + len(set_aside["validation_ids"]) == 24
+    assert all(row["rows"] == 4 for row in summary["results"]["rows"])  # scored on the cut rows
+    cache = json.loads((out / "cache" / "manifest.json").read_text())
+    assert cache["counts"]["examples"] == len(train_ids)
+
+
 def check_held_out_and_outputs(tiny, out: Path, summary: dict) -> None:
     """The held-out split is train rows only (never test), every training stage logged a
     held-out loss on it, each trained model has a card with its eval result, and the report."""
@@ -469,6 +505,11 @@ def test_make_pipeline_and_demo_call_the_cli():
     assert '--student-from "base" --student-layers "4" --heal-data "h.jsonl"' in flat(
         made.stdout.replace("\\\n", " ")
     )
+
+    cut = make_dry_run(
+        "pipeline", "TEACHER_BASE=base", "STUDENT=small", "TRAIN=t", "TEST_ROWS=500",
+    )  # fmt: skip
+    assert '--train "t" --test-rows 500 --out' in flat(cut.stdout.replace("\\\n", " "))
 
     missing = make_dry_run("pipeline", "TEACHER_BASE=base")
     assert missing.returncode != 0 and "usage: make pipeline" in missing.stderr

@@ -3,6 +3,7 @@ sub-stages (cache-teachers, distill) through the same `run_command` as the pipel
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from deltakd_cli.init_student.layers import (
     resolve_rule,
 )
 from deltakd_cli.init_student.options import InitStudentOptions
+from deltakd_cli.option_groups import DataOptions
 from deltakd_cli.options import check
 from deltakd_cli.options import record as options_record
 from deltakd_cli.sources import DataSource
@@ -323,8 +325,7 @@ def _init_student(
 
 def _data_fields(options: InitStudentOptions) -> dict[str, Any]:
     """The reading options of the user's healing data, for the healing cache."""
-    names = ("split", "data_config", "prompt_field", "response_field", "messages_field")
-    return {name: getattr(options, name) for name in (*names, "text_field")}
+    return {field.name: getattr(options, field.name) for field in dataclasses.fields(DataOptions)}
 
 
 def _finish(out: Path, pruned_dir: Path, healed_dir: Path | None, record: dict) -> None:

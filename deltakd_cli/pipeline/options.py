@@ -44,8 +44,22 @@ class PipelineOptions(
 
     teacher_base: str = opt(help="Base teacher: HF dir, hub id, or .gguf.")
     train: str = opt(help="Training rows (JSONL, JSON, parquet, CSV, datasets dir, Hub name).")
-    test: str = opt(help="Held-out rows with references (same formats).")
+    test: str | None = opt(
+        None,
+        help="Held-out rows with references (same formats), or cut from --train with "
+        "--test-rows / --test-fraction.",
+    )
     test_split: str | None = opt(None, help="Split of --test when it is a datasets source.")
+    test_rows: int | None = opt(
+        None,
+        help="Instead of --test: cut this many test rows from --train (seeded by --test-seed, "
+        "recorded, never trained on or used as validation).",
+        at_least=1,
+    )
+    test_fraction: float | None = opt(
+        None, help="Instead of --test: the share of --train cut as test rows.", above=0, below=1
+    )
+    test_seed: int = opt(0, help="Seed of the test rows cut from --train.")
     validation: str | None = opt(
         None,
         help="Held-out rows for the held-out loss while training (same formats as --train; "

@@ -17,7 +17,7 @@ from deltakd_cli.config import section_of
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.evaluate.protocol import parse_seeds
 from deltakd_cli.objectives import OBJECTIVES
-from deltakd_cli.option_groups import LoraOptions
+from deltakd_cli.option_groups import DataOptions, LoraOptions
 from deltakd_cli.options import option_fields
 from deltakd_cli.pipeline.options import PipelineOptions
 from deltakd_cli.pipeline.stages import Stage, data_key, file_key
@@ -99,8 +99,7 @@ def student_seeds(options: PipelineOptions) -> list[int]:
 
 
 # How --train's rows are read (DataOptions): not how init-student reads its healing text.
-ROW_READING = ("split", "data_config", "prompt_field", "response_field", "messages_field",
-               "text_field")  # fmt: skip
+ROW_READING = tuple(f.name for f in dataclasses.fields(DataOptions))
 # The students' LoRA options: not the tuned teacher's (it trains every weight).
 LORA = tuple(f.name for f in dataclasses.fields(LoraOptions))
 
@@ -188,6 +187,14 @@ def training_rows(options: PipelineOptions) -> dict[str, Any]:
     if options.held_out.get("train"):
         return {"data": options.held_out["train"], "split": None, "data_config": None}
     return {"data": options.train, "split": options.split, "data_config": options.data_config}
+
+
+def test_rows(options: PipelineOptions) -> dict[str, Any]:
+    """Where the final eval reads its rows: --test, or the test rows the run cut from --train
+    (--test-rows, --test-fraction; a JSONL file of the same rows: no split, no config)."""
+    if options.held_out.get("test"):
+        return {"data": options.held_out["test"], "split": None, "data_config": None}
+    return {"data": options.test, "split": options.test_split, "data_config": options.data_config}
 
 
 def validation_rows(options: PipelineOptions) -> str | None:
@@ -388,13 +395,14 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
     eval_dir = out / "eval"
     labels = role_labels(options)
     ordered = [model for role in labels for model in role_models[role]]
+    test = test_rows(options)
     evaluation = stage_options(
         options,
         "eval",
         template_from=roles[template_role[options.template_from]],
         model=ordered,
-        data=options.test,
-        split=options.test_split,
+        data=test["data"],
+        split=test["split"],
         out=str(eval_dir / "report.json"),
         baseline=role_models["student-kd" if "student-kd" in role_models else "student-sft"][0],
         limit=options.eval_limit,
@@ -410,7 +418,7 @@ def plan_stages(options: PipelineOptions) -> tuple[list[Stage], dict[str, list[s
             "report.json",
             distributed=True,
             inputs={
-                "test": data_key(DataSource(options.test, options.test_split, options.data_config)),
+                "test": data_key(DataSource(test["data"], test["split"], test["data_config"])),
                 "models": [base_key, *[s.key for s in stages]],
             },
         )
@@ -432,7 +440,19 @@ def check_inputs(options: PipelineOptions) -> None:
     parse_sweep(options.sweep, options.alpha)
     if options.student_from is not None and options.student_layers is None:
         raise DeltakdError("--student-from needs --student-layers")
-    named = [("--train", options.train), ("--test", options.test)]
+    cut = [name for name, value in (("--test-rows", options.test_rows),
+           ("--test-fraction", options.test_fraction)) if value is not None]  # fmt: skip
+    if len(cut) == 2:
+        raise DeltakdError("give --test-rows or --test-fraction, not both")
+    if (options.test is None) == (not cut):
+        raise DeltakdError(
+            "give --test, or --test-rows / --test-fraction to cut the test rows from --train"
+            if options.test is None
+            else f"give --test or {cut[0]}, not both"
+        )
+    named = [("--train", options.train)]
+    if options.test is not None:
+        named.append(("--test", options.test))
     if options.validation is not None:
         named.append(("--validation", options.validation))
     for name, spec in named:

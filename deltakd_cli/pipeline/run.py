@@ -17,13 +17,14 @@ from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.evaluate.report import protocol_line
 from deltakd_cli.options import record
-from deltakd_cli.pipeline.heldout import hold_out, resolve_eval_every
+from deltakd_cli.pipeline.heldout import hold_out, resolve_eval_every, split_record
 from deltakd_cli.pipeline.options import PipelineOptions
 from deltakd_cli.pipeline.plan import (
     check_inputs,
     plan_stages,
     role_labels,
     sweep_roles,
+    test_rows,
     validation_rows,
 )
 from deltakd_cli.pipeline.results import print_results, results_table
@@ -109,7 +110,10 @@ def run_pipeline(
         "roles": roles,
         "held_out": {
             "validation": validation_rows(options),
+            "test": test_rows(options)["data"],
             "split": held_out or None,
+            # What OUT/data/split.json records: the test split's seed, size, row numbers, ids.
+            "set_aside": split_record(options),
             "eval_every": options.eval_every,
         },
         "stages": records,
