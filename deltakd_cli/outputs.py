@@ -360,10 +360,15 @@ def _is_own_lock(path: Path) -> bool:
 
 def visible_entries(directory: Path) -> list[str]:
     """Names in a directory, leaving out deltakd's own lock file (a user's file of that name
-    is kept in)."""
+    is kept in) and the marker's half-written `.partial` (a run killed while claiming the
+    folder left it; the marker's next write replaces it)."""
     if not directory.is_dir():
         return []
-    return sorted(p.name for p in directory.iterdir() if not (p.name == LOCK and _is_own_lock(p)))
+    return sorted(
+        p.name
+        for p in directory.iterdir()
+        if not (p.name == LOCK and _is_own_lock(p)) and p.name != MARKER + PARTIAL_SUFFIX
+    )
 
 
 def foreign_names(names: Iterable[str], owned: Iterable[str]) -> list[str]:

@@ -350,3 +350,14 @@ def test_pipeline_and_demo_never_take_a_folder_they_did_not_create(tmp_path, nam
         (own / "data").mkdir()
     with pipeline_output(own):
         pass
+
+
+def test_a_marker_left_half_written_by_a_kill_does_not_lock_the_folder_out(tmp_path):
+    """A run killed while writing the marker of a new folder leaves only MARKER.partial: the
+    rerun claims the folder as new (found by the distill kill test at a random point)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / (outputs.MARKER + outputs.PARTIAL_SUFFIX)).write_text('{"kind": "trai')
+    assert outputs.claim_directory(out, "training-run", "training run", False) == "new"
+    assert outputs.read_marker(out)["kind"] == "training-run"
+    assert not (out / (outputs.MARKER + outputs.PARTIAL_SUFFIX)).exists()
