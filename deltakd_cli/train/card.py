@@ -193,9 +193,12 @@ def adapter_card(record: dict[str, Any]) -> str:
         f"`deltakd {record.get('command', 'distill')}`, {objective_summary(options)[0]}); the "
         "parent directory holds the same model with the adapter merged into its weights.",
         "",
+        "| role | model | sha256 |",
+        "|---|---|---|",
+        *[row for row in [_model_row("base student", student)] if row],
+        "",
         "| | |",
         "|---|---|",
-        *[row for row in [_model_row("base student", student)] if row],
         *_lora_rows(resolved.get("lora"), "LoRA"),
         "",
         "```python",
