@@ -284,3 +284,16 @@ def test_a_local_student_and_local_rows_give_no_hub_metadata():
 )
 def test_a_location_is_shown_by_name_never_by_path(given, shown):
     assert card.public_name(given) == shown
+
+
+def test_a_pipeline_stage_key_ignores_the_push_options(tmp_path):
+    """The push options change nothing a stage makes: a pipeline made before they existed is
+    not redone."""
+    from deltakd_cli.pipeline.stages import Stage
+    from deltakd_cli.train.options import DistillOptions
+
+    def key(**push) -> str:
+        options = DistillOptions(cache="c", student="s", out=str(tmp_path), **push)
+        return Stage("distill delta", "distill", options, tmp_path, "run.json").key
+
+    assert key() == key(push_to_hub="me/x", hub_private=True)
