@@ -13,7 +13,7 @@ from deltakd_cli.evaluate.options import EvalOptions
 from deltakd_cli.init_student.options import InitStudentOptions
 from deltakd_cli.pipeline.options import DemoOptions, PipelineOptions
 from deltakd_cli.report.options import ReportOptions
-from deltakd_cli.train.options import DistillOptions, FinetuneOptions
+from deltakd_cli.train.options import DistillOptions, FinetuneOptions, PushOptions
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("pipeline", PipelineOptions, "deltakd_cli.pipeline.run:pipeline", takes_runner=True),
     Command("demo", DemoOptions, "deltakd_cli.pipeline.demo:run_demo", takes_runner=True),
     Command("report", ReportOptions, "deltakd_cli.report.run:make_report"),
+    Command("push", PushOptions, "deltakd_cli.train.hub:push"),
 )
 BY_NAME = {command.name: command for command in COMMANDS}
 

@@ -450,7 +450,25 @@ def model_identity(
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "tokenizer_roles": vocab.roles_of(tokenizer),
         "trust_remote_code": settings.trust_remote_code,
+        "license": card_license(source, settings),
     }
+
+
+def card_license(source: ModelSource, settings: LoadSettings = DEFAULT_LOAD) -> str | None:
+    """The license a model's own card declares (README.md metadata): a local directory's, or a
+    Hub model's from the local Hugging Face cache (never downloaded). None when it has none."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    readme: Any = Path(source.path) / "README.md"
+    if not source.is_local:
+        readme = try_to_load_from_cache(source.path, "README.md", revision=settings.revision)
+    if not isinstance(readme, (str, Path)) or not Path(readme).is_file():
+        return None
+    try:
+        declared = ModelCard.load(readme).data.to_dict().get("license")
+    except Exception:  # a card that does not parse declares nothing we can read
+        return None
+    return declared if isinstance(declared, str) and declared else None
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:

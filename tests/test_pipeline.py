@@ -207,6 +207,13 @@ def check_held_out_and_outputs(tiny, out: Path, summary: dict) -> None:
         assert "## Evaluation" in card and "ROUGE-L" in card, name
     card = (out / "models" / "student-delta" / "README.md").read_text()
     assert "Delta-KD" in card and "held-out loss" in card
+    # The card's metadata holds the eval's ROUGE-L (model-index), and no local path.
+    from huggingface_hub import ModelCard
+
+    (result,) = ModelCard(card).data.eval_results
+    row = next(r for r in summary["results"]["rows"] if r["role"] == "student-delta")
+    assert result.metric_type == "rougeL" and result.metric_value == round(row["rougeL"], 2)
+    assert str(out) not in card and str(tiny.root) not in card
     assert (out / "report" / "index.html").is_file() and (out / "report" / "rougeL.png").is_file()
     assert summary["report_html"] == str(out / "report" / "index.html")
 

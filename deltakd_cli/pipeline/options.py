@@ -207,6 +207,25 @@ class PipelineOptions(
         help="Log every training stage, and the eval's ROUGE-L, to trackers: tensorboard, "
         "wandb, mlflow (comma-separated) or none. Needs pip install 'deltakd[tracking]'.",
     )
+    push_to_hub: str | None = opt(
+        None,
+        help="At the end, upload one trained student (--push-role) to this Hub repository "
+        "(owner/name; created if missing; needs a token: HF_TOKEN or hf auth login).",
+        metavar="REPO",
+        panel="Output",
+    )
+    push_role: str | None = opt(
+        None,
+        help="With --push-to-hub: the student to upload, by role (student-delta, student-kd, "
+        "student-sft, or a --sweep point's); default student-delta, or with --sweep the point "
+        "chosen on validation. With several --student-seeds, the first seed's.",
+        metavar="ROLE",
+        panel="Output",
+    )
+    hub_private: bool = opt(
+        False, help="With --push-to-hub: create the repository private.", flags=("--hub-private",),
+        panel="Output",
+    )  # fmt: skip
     # The held-out split the run made of --train (train and validation files), if any.
     held_out: dict[str, str] = opt(default_factory=dict, cli=False)
     # Fingerprints the caller knows for model specs (e.g. the demo's converted GGUF hash).

@@ -23,7 +23,7 @@ from deltakd_cli.pipeline.options import PipelineOptions
 from deltakd_cli.pipeline.stages import Stage, data_key, file_key
 from deltakd_cli.pipeline.sweep import SweepPoint, parse_sweep
 from deltakd_cli.sources import DataSource
-from deltakd_cli.train.options import DistillOptions, validate_lora
+from deltakd_cli.train.options import DistillOptions, validate_lora, validate_push
 
 STUDENT_OBJECTIVES = ("sft", "kd", "delta")
 SWEEP_OBJECTIVE = "kd-to-delta"  # the family's objective (losses.py): one student per point
@@ -98,6 +98,9 @@ def student_seeds(options: PipelineOptions) -> list[int]:
     return list(parse_seeds(options.student_seeds, "--student-seeds"))
 
 
+# The pipeline's own options that share a stage option's name but are not the stage's: the
+# pipeline pushes one student at its end; no training stage pushes.
+PIPELINE_ONLY = ("push_to_hub", "hub_private")
 # How --train's rows are read (DataOptions): not how init-student reads its healing text.
 ROW_READING = tuple(f.name for f in dataclasses.fields(DataOptions))
 # The students' LoRA options: not the tuned teacher's (it trains every weight).
@@ -144,6 +147,8 @@ def _sources(section: str) -> dict[str, str]:
     stage_fields = {f.name for f in option_fields(PipelineOptions.STAGE_SECTIONS[section])}
     ranked: dict[str, tuple[int, str]] = {}
     for field in dataclasses.fields(PipelineOptions):
+        if field.name in PIPELINE_ONLY:
+            continue
         own_section, key = section_of(field)
         if own_section == section:
             rank = 0
@@ -460,3 +465,22 @@ def check_inputs(options: PipelineOptions) -> None:
         if source.kind not in ("hub", "saved") and not source.path.is_file():
             raise DeltakdError(f"{name} not found: {spec}")
     student_seeds(options)
+    validate_push(options.push_to_hub, options.hub_private)
+    if options.push_role is not None:
+        if options.push_to_hub is None:
+            raise DeltakdError("--push-role needs --push-to-hub (the repository)")
+        push_role(options)
+
+
+def push_role(options: PipelineOptions) -> str | None:
+    """The role of the student --push-to-hub uploads: --push-role (one the pipeline trains),
+    else student-delta, else (with --sweep) None: the point chosen on validation."""
+    trained = [role for role, _, _ in students(options)]
+    if options.push_role is None:
+        return "student-delta" if "student-delta" in trained else None
+    if options.push_role not in trained:
+        raise DeltakdError(
+            f"--push-role {options.push_role}: the pipeline trains no such student "
+            f"(it trains {', '.join(trained)})"
+        )
+    return options.push_role

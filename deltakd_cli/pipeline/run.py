@@ -22,6 +22,7 @@ from deltakd_cli.pipeline.options import PipelineOptions
 from deltakd_cli.pipeline.plan import (
     check_inputs,
     plan_stages,
+    push_role,
     role_labels,
     sweep_roles,
     test_rows,
@@ -32,6 +33,7 @@ from deltakd_cli.pipeline.stages import Runner, Stage, run_stage
 from deltakd_cli.pipeline.sweep import choose
 from deltakd_cli.tracking import open_trackers, parse_report_to
 from deltakd_cli.train.export import write_card
+from deltakd_cli.train.hub import push_folder
 
 # Every entry a pipeline (or the demo) creates in OUT: listed in OUT's marker when OUT is
 # claimed, the only entries a pipeline writes into.
@@ -87,6 +89,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run (or skip) every stage, print the table, write OUT/summary.json (OUT already held:
     see `pipeline_output`)."""
+    offline_by_caller = "HF_HUB_OFFLINE" in os.environ  # a push never overrides theirs
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_inputs(options)
@@ -131,7 +134,26 @@ def run_pipeline(
     summary["report_html"] = write_pipeline_report(options.out_path)
     outputs.atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str) + "\n")
     print_results(summary, summary_path)
+    if options.push_to_hub:
+        push_student(options, roles, sweep, go_online=not offline_by_caller)
     return summary
+
+
+def push_student(
+    options: PipelineOptions,
+    roles: dict[str, list[str]],
+    sweep: dict[str, Any] | None,
+    go_online: bool,
+) -> None:
+    """--push-to-hub: upload the student of --push-role (default student-delta; with --sweep the
+    point chosen on validation), its card holding the eval result; the first seed's model when
+    it was trained with several."""
+    role = push_role(options) or (sweep or {}).get("chosen")
+    if role is None or not roles.get(role):
+        raise DeltakdError("--push-to-hub: no trained student to push (give --push-role)")
+    model = roles[role][0]
+    info(f"--push-to-hub: the {role} student ({model})")
+    push_folder(model, options.push_to_hub, private=options.hub_private, go_online=go_online)
 
 
 def chosen_on_validation(options: PipelineOptions, results: dict[str, Any]) -> dict | None:
@@ -170,6 +192,7 @@ def write_model_cards(stages: list[Stage], report: dict[str, Any], report_path: 
             "rows": model["n_rows"],
             "protocol": protocol_line(report.get("protocol"), model["n_rows"]),
             "report": str(report_path),
+            "data": report.get("data"),  # the held-out rows (the card names them, no path)
         }
         write_card(stage.out, run_record, evaluation)
 

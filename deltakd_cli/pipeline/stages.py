@@ -44,6 +44,11 @@ from deltakd_cli.train.checkpoint import complete_checkpoints
 Runner = Callable[[str, Any], Any]  # (command name, its options) -> runs it in this process
 
 
+# Stage options that do not change what a stage makes (a pipeline's stages never push): left
+# out of its key, so a pipeline made before they existed is not redone.
+NOT_IN_KEY = ("push_to_hub", "hub_private")
+
+
 @dataclass
 class Stage:
     """One `deltakd` command of the pipeline and what it writes."""
@@ -59,8 +64,9 @@ class Stage:
 
     @property
     def key(self) -> str:
+        options = {k: v for k, v in record(self.options).items() if k not in NOT_IN_KEY}
         payload = json.dumps(
-            {"command": self.command, "options": record(self.options), "inputs": self.inputs},
+            {"command": self.command, "options": options, "inputs": self.inputs},
             sort_keys=True,
             default=str,
         )

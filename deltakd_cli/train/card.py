@@ -5,6 +5,7 @@ A pure function of the run's record; `pipeline` calls it again with the eval res
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from deltakd_cli import objectives
@@ -39,17 +40,60 @@ def _short(sha: Any) -> str:
     return f"`{str(sha)[:12]}`" if sha else "-"
 
 
+def _is_local(text: str) -> bool:
+    """A recorded location that is a path on this machine (absolute, ~, ./, ../ or a Windows
+    drive), not a Hub id."""
+    return text.startswith(("/", "~", "./", "../", "file://", "\\")) or (
+        len(text) > 1 and text[1] == ":"
+    )
+
+
+def public_name(text: str) -> str:
+    """A recorded location as a card shows it: a Hub id as it is, a local path by its last
+    part only (`/tmp/x/student` -> `student`): a card never shows where a file lay here."""
+    text = str(text)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    if not _is_local(text) and text.count("/") <= 1 and not text.endswith("/"):
+        return text  # a Hub id (org/name, or name), or a bare file name
+    return re.split(r"[/\\]", text.rstrip("/\\"))[-1] or text
+
+
+def model_hub_id(entry: Any) -> str | None:
+    """The Hub id of a recorded model (models.model_identity), or None for a local one: a Hub
+    model is recorded with `path` equal to its id; a local one with its resolved path."""
+    if not isinstance(entry, dict) or not entry.get("spec") or entry.get("gguf_file"):
+        return None
+    spec, path = str(entry["spec"]), str(entry.get("path") or "")
+    if path and path != spec:
+        return None
+    if _is_local(spec) or spec.count("/") != 1:
+        return None
+    return spec
+
+
+def data_hub_id(entry: Any) -> str | None:
+    """The Hub id of a recorded data source (sources.fingerprint), or None for local rows."""
+    return str(entry["hub"]) if isinstance(entry, dict) and entry.get("hub") else None
+
+
+def _data_name(entry: dict[str, Any]) -> str:
+    """A recorded data source as a card names it: its Hub id, else its file or folder name."""
+    return data_hub_id(entry) or public_name(entry.get("spec") or entry.get("path") or "?")
+
+
 def _model_row(role: str, entry: Any) -> str | None:
     if not isinstance(entry, dict) or not entry.get("spec"):
         return None
     revision = f" @ {entry['revision']}" if entry.get("revision") else ""
     return (
-        f"| {role} | `{entry['spec']}`{revision} | weights {_short(entry.get('weights_sha256'))},"
-        f" tokenizer {_short(entry.get('tokenizer_sha256'))} |"
+        f"| {role} | `{public_name(entry['spec'])}`{revision} | weights "
+        f"{_short(entry.get('weights_sha256'))}, "
+        f"tokenizer {_short(entry.get('tokenizer_sha256'))} |"
     )
 
 
-def _lora_rows(described: Any) -> list[str]:
+def _lora_rows(described: Any, label: str = "LoRA (merged into the weights)") -> list[str]:
     """The LoRA settings of a LoRA student (exported merged), or nothing."""
     if not isinstance(described, dict):
         return []
@@ -57,13 +101,118 @@ def _lora_rows(described: Any) -> list[str]:
     trainable, total = described.get("trainable_parameters"), described.get("parameters")
     counts = f"; trainable {trainable:,} of {total:,}" if trainable and total else ""
     return [
-        f"| LoRA (merged into the weights) | r {described.get('r')}, alpha "
+        f"| {label} | r {described.get('r')}, alpha "
         f"{described.get('alpha')}, on {targets}{counts} |"
     ]
 
 
 def _number(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+TAGS = ("deltakd", "knowledge-distillation")  # every card's; the objective's follow (objectives.py)
+ROUGE_L = "rougeL"  # the model-index metric type of the pipeline's ROUGE-L
+
+
+def training_data(record: dict[str, Any]) -> dict[str, Any]:
+    """The recorded source of the rows a run trained on: the cache's data for distill, the rows
+    themselves for finetune."""
+    provenance = record.get("provenance") or {}
+    cached = provenance.get("cache_provenance") or {}
+    return cached.get("data") or provenance.get("data") or {}
+
+
+def _eval_data(evaluation: dict[str, Any]) -> str:
+    data = evaluation.get("data")
+    return f" of `{_data_name(data)}`" if isinstance(data, dict) and data else ""
+
+
+def card_data(record: dict[str, Any], evaluation: dict[str, Any] | None = None) -> Any:
+    """The card's metadata (huggingface_hub's ModelCardData): base_model when the student came
+    from the Hub, datasets when the rows did, the student's own license, the tags, and a
+    model-index entry with the pipeline's ROUGE-L when there is one. Nothing local is named."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    options = record.get("options") or {}
+    student = record.get("student") or {}
+    dataset = data_hub_id(training_data(record))
+    name = public_name(options.get("out") or "model")
+    results = None
+    if evaluation and isinstance(evaluation.get("rouge_l"), (int, float)):
+        held_out = evaluation.get("data") if isinstance(evaluation.get("data"), dict) else {}
+        results = [
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=data_hub_id(held_out) or "json",
+                dataset_name=_data_name(held_out) if held_out else "held-out rows",
+                dataset_split=held_out.get("split") if data_hub_id(held_out) else None,
+                metric_type=ROUGE_L,
+                metric_name="ROUGE-L",
+                metric_value=round(float(evaluation["rouge_l"]), 2),
+            )
+        ]
+    return ModelCardData(
+        model_name=name,
+        base_model=model_hub_id(student),
+        datasets=[dataset] if dataset else None,
+        license=student.get("license") or None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=[*TAGS, *objective_summary(options)[1]],
+        eval_results=results,
+    )
+
+
+def _with_metadata(data: Any, body: str) -> str:
+    """The card's text: the metadata as YAML front matter, then the body (huggingface_hub's
+    ModelCard reads it back)."""
+    return f"---\n{data.to_yaml()}\n---\n\n{body}"
+
+
+def adapter_card(record: dict[str, Any]) -> str:
+    """README.md of OUT/adapter (--save-adapter): the LoRA adapter alone, loaded with peft on
+    top of the base student (base_model when that is on the Hub)."""
+    from huggingface_hub import ModelCardData
+
+    options = record.get("options") or {}
+    resolved = record.get("resolved") or {}
+    student = record.get("student") or {}
+    name = public_name(options.get("out") or "model")
+    base = model_hub_id(student)
+    data = ModelCardData(
+        model_name=f"{name}-adapter",
+        base_model=base,
+        license=student.get("license") or None,
+        library_name="peft",
+        tags=[*TAGS, *objective_summary(options)[1], "lora"],
+    )
+    lines = [
+        f"# {name}: the LoRA adapter",
+        "",
+        f"The LoRA adapter alone of `{name}` (deltakd {record.get('version', '?')}, "
+        f"`deltakd {record.get('command', 'distill')}`, {objective_summary(options)[0]}); the "
+        "parent directory holds the same model with the adapter merged into its weights.",
+        "",
+        "| role | model | sha256 |",
+        "|---|---|---|",
+        *[row for row in [_model_row("base student", student)] if row],
+        "",
+        "| | |",
+        "|---|---|",
+        *_lora_rows(resolved.get("lora"), "LoRA"),
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base or "BASE"}")',
+        'model = PeftModel.from_pretrained(base, "ADAPTER")  # this directory or its Hub id',
+        "```",
+        "",
+    ]
+    if not base:
+        lines.append("BASE: the base student named above (its sha256 identifies it).\n")
+    return _with_metadata(data, "\n".join(lines))
 
 
 def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None = None) -> str:
@@ -77,13 +226,9 @@ def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None = None)
     description, tags = objective_summary(options)
     student = record.get("student") or {}
     cached = provenance.get("cache_provenance") or {}
+    name = public_name(options.get("out") or "model")
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [" + ", ".join(["deltakd", "knowledge-distillation", *tags]) + "]",
-        "---",
-        "",
-        f"# {options.get('out', 'model')}",
+        f"# {name}",
         "",
         f"Trained with deltakd {record.get('version', '?')} (`deltakd {command}`): "
         f"{description}.",
@@ -104,11 +249,13 @@ def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None = None)
     cache = provenance.get("cache") or {}
     lines += ["", "| | |", "|---|---|"]
     if data:
-        where = data.get("spec") or data.get("path") or "?"
-        lines.append(f"| training data | `{where}` (sha256 {_short(data.get('sha256'))}) |")
+        lines.append(
+            f"| training data | `{_data_name(data)}` (sha256 {_short(data.get('sha256'))}) |"
+        )
     if cache:
         lines.append(
-            f"| teachers' cache | `{cache.get('path')}`: top-{cache.get('k')} "
+            f"| teachers' cache | `{public_name(cache.get('path') or '?')}`: "
+            f"top-{cache.get('k')} "
             f"({cache.get('selection')}), {cache.get('tail_rule')} tail, "
             f"{(cache.get('counts') or {}).get('response_tokens', '?')} response tokens, "
             f"manifest {_short(cache.get('manifest_sha256'))} |"
@@ -117,7 +264,7 @@ def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None = None)
     for key in ("cache", "data"):
         entry = held_out.get(key)
         if isinstance(entry, dict):
-            where = entry.get("path") or entry.get("spec")
+            where = data_hub_id(entry) or public_name(entry.get("path") or entry.get("spec") or "?")
             sha = entry.get("manifest_sha256") or entry.get("sha256")
             lines.append(f"| held-out data | `{where}` ({_short(sha)}) |")
     lines += [
@@ -154,19 +301,19 @@ def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None = None)
             "## Evaluation",
             "",
             f"ROUGE-L **{evaluation['rouge_l']:.2f}**{spread} on {evaluation.get('rows', '?')} "
-            f"held-out rows ({evaluation.get('protocol', '')}); the full table: "
-            f"`{evaluation.get('report', '')}`.",
+            f"held-out rows{_eval_data(evaluation)} ({evaluation.get('protocol', '')}); the "
+            f"full table: `{public_name(evaluation.get('report') or '?')}` of the pipeline.",
         ]
     lines += [
         "",
         "## Reproduce",
         "",
         "```bash",
-        f"deltakd {command} --config {options.get('out', 'OUT')}/run.json --out NEW_DIR",
+        f"deltakd {command} --config {name}/run.json --out NEW_DIR",
         "```",
         "",
-        "`run.json` next to this card records every option and input hash; `metrics.jsonl` "
-        "every logged step.",
+        "`run.json` in the run's directory records every option and input hash; "
+        "`metrics.jsonl` every logged step.",
         "",
     ]
-    return "\n".join(lines)
+    return _with_metadata(card_data(record, evaluation), "\n".join(lines))

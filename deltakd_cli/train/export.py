@@ -15,6 +15,7 @@ import torch
 
 from deltakd_cli import faults, outputs
 from deltakd_cli.train.checkpoint import state_bytes
+from deltakd_cli.train.hub import ADAPTER_DIR, MODEL_FILE_PATTERNS
 
 EXPORT_FILE_ORDER_LAST = ("config.json",)  # moved last: before it arrives, OUT does not load
 # What --report-to writes into OUT (tracking.py): TensorBoard, W&B, a local MLflow store.
@@ -25,15 +26,6 @@ RUN_FILES = (
     "checkpoints", "metrics.jsonl", "run.json", "README.md", ".export.partial", *TRACKER_DIRS
 )  # fmt: skip
 CARD = "README.md"  # the model card (card.py)
-# The files a Hugging Face model directory is written as (save_pretrained of a model, its
-# tokenizer and generation config, a LoRA adapter dir): what a run record proves deltakd's in
-# the OUT of a run from before output markers.
-MODEL_FILE_PATTERNS = (
-    "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-    "model.safetensors.index.json", "pytorch_model*.bin", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.*",
-    "tokenizer.model", "adapter",
-)  # fmt: skip
 
 
 def recorded_run_entries(out: Path) -> list[str] | None:
@@ -126,11 +118,15 @@ def export_model(
 
 
 def write_card(out: Path, record: dict[str, Any], evaluation: dict[str, Any] | None = None) -> None:
-    """(rank 0) OUT/README.md, the model card of the run's record (and its eval result)."""
-    from deltakd_cli.train.card import model_card
+    """(rank 0) OUT/README.md, the model card of the run's record (and its eval result), and
+    OUT/adapter/README.md, the adapter's own card, when --save-adapter wrote one (in place of
+    peft's empty template)."""
+    from deltakd_cli.train.card import adapter_card, model_card
 
     outputs.add_marker_files(out, [CARD])
     outputs.atomic_write_text(out / CARD, model_card(record, evaluation))
+    if (out / ADAPTER_DIR / "adapter_config.json").is_file():
+        outputs.atomic_write_text(out / ADAPTER_DIR / CARD, adapter_card(record))
 
 
 def write_record(out: Path, record: dict[str, Any]) -> None:

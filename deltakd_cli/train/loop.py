@@ -35,6 +35,7 @@ from deltakd_cli.train.export import (
     write_card,
     write_record,
 )
+from deltakd_cli.train.hub import push_folder
 from deltakd_cli.train.inputs import TrainingData, distill_data, finetune_data, with_eval_data
 from deltakd_cli.train.objective import (
     ObjectiveModule,
@@ -692,13 +693,15 @@ def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[
         summary = trainer.run()
         print_summary(summary, options.out)
         succeeded = True
-        return summary
     except KeyboardInterrupt:
         raise Interrupted(_resume_hint(options)) from None
     finally:
         if trainer is not None:
             trainer.release()
         distributed.shutdown(clean=succeeded)
+    if options.push_to_hub and distributed.is_main_process():  # after the group: no timeout
+        push_folder(options.out, options.push_to_hub, private=options.hub_private)
+    return summary
 
 
 def _resume_hint(options: TrainOptions) -> str:

@@ -20,9 +20,9 @@ from torch import nn
 
 from deltakd_cli import models
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.train.hub import ADAPTER_DIR  # noqa: F401  (OUT/adapter with --save-adapter)
 from deltakd_cli.train.options import TrainOptions
 
-ADAPTER_DIR = "adapter"  # OUT/adapter with --save-adapter
 ADAPTER_NAME = "default"  # peft's name of the one adapter
 PEFT_PREFIX = "base_model.model."  # PeftModel state-dict keys = this + the HF model's keys
 FOUR_BIT_NEEDS = "--lora-4bit needs a CUDA device and bitsandbytes: pip install bitsandbytes"

@@ -4,6 +4,7 @@ the checks and the record from them; `validate` adds the checks that involve sev
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -98,7 +99,7 @@ class TrainOptions(LoraOptions, DeviceOptions, ModelLoadOptions):
         ),
         **dict.fromkeys(
             ("out", "save_every", "keep_checkpoints", "resume", "overwrite", "log_every",
-             "report_to"),
+             "report_to", "push_to_hub", "hub_private"),
             "Output",
         ),
         **dict.fromkeys(("eval_data", "eval_every", "keep_best"), "Held-out loss"),
@@ -167,6 +168,15 @@ class TrainOptions(LoraOptions, DeviceOptions, ModelLoadOptions):
     )
     overwrite: bool = opt(
         False, help="Replace a finished run or checkpoints in OUT (only the files deltakd wrote)."
+    )
+    push_to_hub: str | None = opt(
+        None,
+        help="Then upload OUT's model files and card (not checkpoints/ or run.json) to this Hub "
+        "repository (owner/name; created if missing; needs a token: HF_TOKEN or hf auth login).",
+        metavar="REPO",
+    )
+    hub_private: bool = opt(
+        False, help="With --push-to-hub: create the repository private.", flags=("--hub-private",)
     )
     # Set by the program, recorded with the rest: what the run trains on, by content.
     source: dict[str, Any] = opt(default_factory=dict, cli=False)
@@ -252,6 +262,7 @@ class FinetuneOptions(TrainOptions, TrainingTemplateOptions, DataOptions):
 def validate(options: TrainOptions) -> None:
     """Refuse bad numbers before anything is loaded."""
     check(options)
+    validate_push(options.push_to_hub, options.hub_private)
     parse_report_to(options.report_to)
     if options.eval_data is None:
         for flag, given in (
@@ -297,3 +308,48 @@ def validate_lora(options: TrainOptions) -> None:
         import peft  # noqa: F401
     except ImportError:
         raise DeltakdError("--lora-r needs peft: pip install 'deltakd[lora]'") from None
+
+
+@dataclass(kw_only=True)
+class PushOptions:
+    """Upload a model directory to the Hugging Face Hub: its model files, its card (README.md)
+    and its adapter/ directory; never checkpoints/, run.json or metrics.jsonl."""
+
+    dir: str = opt(
+        help="The model directory (the OUT of distill or finetune, its adapter/, or any Hugging "
+        "Face model directory).",
+        argument=True,
+        metavar="DIR",
+    )
+    repo: str = opt(
+        help="The Hub repository (owner/name), created if missing. The token: HF_TOKEN or "
+        "hf auth login.",
+        argument=True,
+        metavar="REPO",
+    )
+    private: bool = opt(
+        False, help="Create the repository private (when it does not exist yet).",
+        flags=("--private",),
+    )  # fmt: skip
+
+
+# Hub repository ids: `name` or `owner/name` (letters, digits, - _ .), at most 96 characters.
+REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_REPO_ID = 96
+
+
+def check_repo_id(repo: str, flag: str) -> None:
+    """Refuse a repository id the Hub would refuse, before anything is trained."""
+    if len(repo) > MAX_REPO_ID or not REPO_ID.match(repo) or ".." in repo or "--" in repo:
+        raise DeltakdError(
+            f"{flag} {repo!r} is not a Hub repository id (owner/name: letters, digits, - _ .)"
+        )
+
+
+def validate_push(repo: str | None, private: bool) -> None:
+    """--push-to-hub REPO names a repository the Hub accepts; --hub-private needs it."""
+    if repo is None:
+        if private:
+            raise DeltakdError("--hub-private needs --push-to-hub (the repository)")
+        return
+    check_repo_id(repo, "--push-to-hub")
