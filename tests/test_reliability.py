@@ -419,7 +419,7 @@ def test_resume_over_a_rebuilt_cache_is_refused(tiny, world, tmp_path, monkeypat
     rebuilt = run_cli(cache_args(tiny, cache, *CACHE_OPTIONS, "--data", other_rows, "--overwrite"))
     assert rebuilt.exit_code == 0, rebuilt.output
     result = run_cli([*args, "--resume"])
-    assert_one_line_error(result, f"the cache {cache} changed", "rebuilt")
+    assert_one_line_error(result, f"the cache {cache} is not the one", "rebuilt")
 
 
 def test_finetune_resume_over_changed_data_is_refused(tiny, tmp_path, monkeypatch):

@@ -90,7 +90,7 @@ def test_fsdp2_matches_one_process_and_resumes(tiny, caches, tmp_path):
     """FSDP2 over 2 ranks, with the frozen S0 also sharded (teachers-only cache): same result as
     one process, and a run resumed from its checkpoint ends at the same weights."""
     sharded = tmp_path / "fsdp"
-    extra = ("--fsdp", "--num-workers", 0, "--save-every", 2)
+    extra = ("--fsdp", "--num-workers", 0, "--save-every", 2, "--keep-checkpoints", 0)
     process = torchrun(distill_args(tiny, caches["teachers"], sharded, *extra))
     assert process.returncode == 0, process.stderr[-3000:]
     run = json.loads((sharded / "run.json").read_text())
