@@ -8,6 +8,10 @@ class DeltakdError(Exception):
     exit_code = 2
 
 
+class WriteFailed(DeltakdError):
+    """A write that failed (a full disk, a read-only file system), named with its path."""
+
+
 class Interrupted(DeltakdError):
     """The user stopped a run (SIGINT); the message says how to continue it."""
 

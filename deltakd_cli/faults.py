@@ -7,6 +7,9 @@ Every place where deltakd writes something that a kill or a full disk could cut 
     kill@N     SIGKILL this process (kill -9 at an exact, reproducible place)
     enospc@N   raise OSError(ENOSPC) (a full disk at that write)
     pause@N    sleep 60 s (so a test can start a second process or send SIGINT meanwhile)
+    fill@N     fill the file system of the folder $DELTAKD_FAULT_FILL to its last byte, so the
+               write that follows meets a real full disk (its library's own error: torch.save's
+               RuntimeError, safetensors' SafetensorError, zarr's OSError)
 
 `DELTAKD_FAULT_TRACE=FILE` appends the name of every point reached, one per line, so a test
 knows how many points a run has before it picks where to strike."""
@@ -18,10 +21,13 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 FAULT_ENV = "DELTAKD_FAULT"
 TRACE_ENV = "DELTAKD_FAULT_TRACE"
-ACTIONS = ("kill", "enospc", "pause")
+FILL_ENV = "DELTAKD_FAULT_FILL"
+FILLER = "deltakd-fault-filler"  # the file fill@N writes (a test deletes it to free the space)
+ACTIONS = ("kill", "enospc", "pause", "fill")
 
 _lock = threading.Lock()
 _count = 0
@@ -63,5 +69,25 @@ def point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<injected at {name}>")
+    elif action == "fill":
+        fill(Path(os.environ[FILL_ENV]))
     else:
         time.sleep(60)
+
+
+def fill(folder: Path) -> Path:
+    """Write FOLDER/FILLER until its file system has no byte left (blocks of 1 MiB down to one
+    byte); returns the filler's path."""
+    path = folder / FILLER
+    with open(path, "ab", buffering=0) as handle:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1 << 8, 1):
+            block = bytes(size)
+            while True:
+                try:
+                    if handle.write(block) < size:
+                        break
+                except OSError as error:
+                    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    break
+    return path

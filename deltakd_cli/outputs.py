@@ -7,14 +7,15 @@
 - one run at a time per output: an exclusive lock held for the whole run, naming its holder
   (`OutputLock`); the lock of a dead process is no lock (flock is released by the kernel);
 - files appear whole or not at all (`atomic_write_text`: a temp name, then a rename);
-- a failed write (a full disk) is one line naming the path and the bytes it needed
-  (`writing`, `write_error`)."""
+- a failed write (a full disk), whichever library raised it, is one line naming the path, the
+  bytes it needed and what is free (`writing`, `failed_write`, `write_error`)."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from deltakd_cli import __version__, faults
-from deltakd_cli.errors import DeltakdError
+from deltakd_cli.errors import DeltakdError, WriteFailed
 
 MARKER = ".deltakd-output.json"  # the kind of output a directory holds
 LOCK = ".deltakd.lock"  # held (flock) by the run writing the directory
@@ -104,29 +105,82 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
-def write_error(error: OSError, path: str | Path, needed: int | None = None) -> DeltakdError:
-    """One line for a failed write: a full disk names the path, the bytes and what is free."""
+# torch.save's stream writer reports a short write without the OS's reason (a full disk, mostly).
+TORCH_SHORT_WRITE = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+NEARLY_FULL_BYTES = 1 << 20  # a short write with less free than this (or than it needed): no space
+
+
+def failed_write(
+    error: BaseException, path: str | Path, needed: int | None = None
+) -> OSError | None:
+    """The OS error behind a failed write, whichever library raised it; None when `error` is
+    not a failed write. An OSError is itself; safetensors' SafetensorError carries the code in
+    its text ('... No space left on device (os error 28)'); torch.save's RuntimeError ('unexpected
+    pos N vs M', 'file write failed') carries none, so a short write onto a file system with
+    less free than it needed (or than 1 MiB) is a full disk, any other an I/O error."""
+    if isinstance(error, OSError):
+        return error
+    text = str(error)
+    if type(error).__name__ == "SafetensorError":
+        match = _OS_ERROR_CODE.search(text)
+        if match is None:
+            return None
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code))
+    if isinstance(error, RuntimeError) and any(mark in text for mark in TORCH_SHORT_WRITE):
+        free = _free_bytes(Path(local_path(path)) if not is_url(str(path)) else Path(str(path)))
+        full = free is not None and free < max(needed or 0, NEARLY_FULL_BYTES)
+        if full:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return OSError(errno.EIO, f"the write was cut short (torch.save: {text.strip()})")
+    return None
+
+
+def write_error(error: OSError, path: str | Path, needed: int | None = None) -> WriteFailed:
+    """One line for a failed write: the path, and for a full disk the bytes it needed and what
+    is free there."""
     path = Path(local_path(path)) if not is_url(str(path)) else Path(str(path))
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        detail = "no space left on the device"
-        if needed:
-            detail += f" (needed about {_size(needed)}"
-            free = _free_bytes(path)
-            detail += f", {_size(free)} free)" if free is not None else ")"
-        return DeltakdError(
+        free = _free_bytes(path)
+        sizes = [f"needed about {_size(needed)}"] if needed else []
+        sizes += [f"{_size(free)} free"] if free is not None else []
+        detail = "no space left on the device" + (f" ({', '.join(sizes)})" if sizes else "")
+        return WriteFailed(
             f"cannot write {path}: {detail}; free some space and rerun the same command"
         )
     reason = error.strerror or type(error).__name__
-    return DeltakdError(f"cannot write {path}: {reason}")
+    return WriteFailed(f"cannot write {path}: {reason}")
+
+
+def _discard(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
-def writing(path: str | Path, needed: int | None = None) -> Iterator[None]:
-    """Turn an OSError raised while writing `path` into one clear line."""
+def writing(
+    path: str | Path, needed: int | None = None, discard: str | Path | None = None
+) -> Iterator[None]:
+    """The one place a failed write becomes one clear line (an OSError, torch.save's short write
+    or safetensors' I/O error: `failed_write`), naming `path` and the free space; `discard` (a
+    temp file or folder) is removed first, so nothing half-written stays behind. Any other
+    error passes through unchanged."""
     try:
         yield
-    except OSError as error:
-        raise write_error(error, path, needed) from None
+    except WriteFailed:  # a write inside this one, already named
+        if discard is not None:
+            _discard(Path(discard))
+        raise
+    except Exception as error:
+        cause = failed_write(error, path, needed)
+        if cause is None:
+            raise
+        if discard is not None:
+            _discard(Path(discard))
+        raise write_error(cause, path, needed) from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

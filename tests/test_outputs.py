@@ -14,7 +14,7 @@ from helpers import assert_one_line_error, cache_args, run_cli
 
 from deltakd_cli import faults, outputs
 from deltakd_cli.cache import manifest
-from deltakd_cli.errors import DeltakdError
+from deltakd_cli.errors import DeltakdError, WriteFailed
 from deltakd_cli.init_student import run as init_student
 from deltakd_cli.pipeline.run import PIPELINE_NAMES, pipeline_output
 from deltakd_cli.report import run as report_run
@@ -192,6 +192,45 @@ def test_disk_full_names_the_path_and_the_bytes(tmp_path):
     assert "free" in str(error)
     other = outputs.write_error(OSError(errno.EACCES, "Permission denied"), tmp_path / "y")
     assert str(other) == f"cannot write {tmp_path / 'y'}: Permission denied"
+
+
+def test_the_libraries_write_errors_are_failed_writes(tmp_path, monkeypatch):
+    """torch.save's short write (a RuntimeError, no errno) and safetensors' SafetensorError are
+    failed writes like an OSError; other errors are not."""
+    from safetensors import SafetensorError
+
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    full = SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"
+    )
+    assert outputs.failed_write(full, tmp_path).errno == errno.ENOSPC
+    quota = SafetensorError("I/O error: Disk quota exceeded (os error 122)")
+    assert outputs.failed_write(quota, tmp_path).errno == errno.EDQUOT
+    # torch does not say why: on a nearly full file system it is no space, otherwise an I/O error
+    assert outputs.failed_write(short, tmp_path).errno == errno.EIO
+    monkeypatch.setattr(outputs, "_free_bytes", lambda path: 1000)
+    assert outputs.failed_write(short, tmp_path).errno == errno.ENOSPC
+    assert outputs.failed_write(RuntimeError("CUDA out of memory"), tmp_path) is None
+    assert outputs.failed_write(SafetensorError("invalid header"), tmp_path) is None
+    assert outputs.failed_write(ValueError("unexpected pos"), tmp_path) is None
+
+
+def test_writing_maps_every_failed_write_to_one_line_and_discards_the_partial(tmp_path):
+    from safetensors import SafetensorError
+
+    partial = tmp_path / ".step-2.partial"
+    partial.mkdir()
+    (partial / "model.pt").write_bytes(b"half")
+    error = SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"
+    )
+    with pytest.raises(WriteFailed) as raised, outputs.writing(tmp_path / "step-2", 10, partial):
+        raise error
+    assert str(raised.value).startswith(f"cannot write {tmp_path / 'step-2'}: no space left")
+    assert "needed about 10 bytes" in str(raised.value) and " free)" in str(raised.value)
+    assert not partial.exists()
+    with pytest.raises(KeyError), outputs.writing(tmp_path / "x"):  # not a write: untouched
+        raise KeyError("x")
 
 
 # ----------------------------------------------------------------------------- every command

@@ -290,6 +290,152 @@ def test_a_real_full_disk_on_a_small_tmpfs(tiny, zygote, tmp_path):
         subprocess.run(["umount", str(mount)], check=False)
 
 
+# ----------------------------------------------------------------------------- a real full disk
+
+
+@pytest.fixture(scope="module")
+def small_disk(tmp_path_factory):
+    """A real 64 MiB tmpfs, mounted for these tests (skipped, with the reason, where the suite
+    may not mount one: the injected faults above and below cover the same writes)."""
+    mount = tmp_path_factory.mktemp("small-disk")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        reason = (mounted.stderr.strip() or f"exit {mounted.returncode}").splitlines()[0]
+        pytest.skip(f"cannot mount a tmpfs here ({reason}); the injected faults cover it")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture()
+def disk(small_disk, monkeypatch):
+    """The small disk, empty; fill@N fills it (faults.fill)."""
+    for entry in small_disk.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    monkeypatch.setenv(faults.FILL_ENV, str(small_disk))
+    return small_disk
+
+
+def fill_at(args: list, out: Path, name: str, monkeypatch, occurrence: int = 1):
+    """Run `args` (writing `out`, on the small disk) once traced, then again into an empty
+    `out`, the disk filled for real just before the point `name`: the write that follows meets a
+    full disk with its library's own error."""
+    trace = out.parent / "trace.txt"
+    points = traced(args, trace, monkeypatch)
+    trace.unlink()
+    shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if callable(name):
+        name = next(point for point in points if name(point))
+    fault = f"fill@{point_index(points, name, occurrence)}"
+    return run_with_fault(args, fault, monkeypatch), name
+
+
+def assert_full_disk_line(result, path: Path) -> None:
+    assert_one_line_error(result, f"cannot write {path}:", "no space left on the device", " free")
+
+
+def free_the_disk(disk: Path) -> None:
+    (disk / faults.FILLER).unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "point, named, exception",
+    [("checkpoint model.pt", "checkpoints/step-4", "torch.save's RuntimeError"),
+     ("export save", "", "safetensors' SafetensorError"),
+     ("write run.json", "run.json", "OSError")],
+)  # fmt: skip
+def test_distill_on_a_real_full_disk(tiny, world, disk, monkeypatch, point, named, exception):
+    out = disk / "run"
+    args = distill_args(world["cache"], tiny.student, out, "--epochs", 2)
+    occurrence = 2 if point == "checkpoint model.pt" else 1  # step-2 is there to resume from
+    result, _ = fill_at(args, out, point, monkeypatch, occurrence)
+    assert_full_disk_line(result, out / named if named else out)  # not {exception}'s traceback
+    assert not (out / "checkpoints" / "step-4").exists() or point != "checkpoint model.pt"
+    assert not (out / "run.json").exists() and not list(out.rglob("*.partial"))
+    if point != "write run.json":  # the model is exported before its record
+        assert not (out / "config.json").exists()
+    free_the_disk(disk)
+    result = run_cli([*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert same_weights(weights(out), weights(world["run"]))  # as the uninterrupted run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["append tuned_logprobs", "write settings.json",
+                                   "write manifest.json"])  # fmt: skip
+def test_cache_teachers_on_a_real_full_disk(tiny, world, disk, monkeypatch, point):
+    monkeypatch.setattr(cache_writer, "FLUSH_SECONDS", 0.0)  # as in the traced reference
+    out = disk / "cache"
+    args = cache_args(tiny, out, *CACHE_OPTIONS, "--data", world["data"])
+    result, _ = fill_at(args, out, point, monkeypatch)
+    assert_one_line_error(result, str(out), "no space left on the device", " free")
+    assert not (out / "manifest.json").exists()
+    free_the_disk(disk)
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert digests(out) == digests(world["cache"])
+
+
+@pytest.mark.slow
+def test_eval_predictions_on_a_real_full_disk(tiny, disk, monkeypatch):
+    report = disk / "eval" / "REPORT.json"
+    args = ["eval", "--model", tiny.student, "--data", tiny.test, "--protocol", "greedy",
+            "--max-new-tokens", 4, "--out", report, "--device", "cpu"]  # fmt: skip
+    result, generations = fill_at(args, report.parent, lambda p: "generations" in p, monkeypatch)
+    assert_full_disk_line(result, report.parent / generations.removeprefix("write "))
+    assert not report.exists() and not list(report.parent.glob("*.partial"))
+    free_the_disk(disk)
+    assert run_cli(args).exit_code == 0 and report.exists()
+
+
+@pytest.mark.slow
+def test_report_on_a_real_full_disk(world, disk, monkeypatch):
+    out = disk / "report"
+    args = ["report", world["run"], "--out", out]
+    result, figure = fill_at(args, out, lambda p: p.endswith(".png"), monkeypatch)
+    assert_full_disk_line(result, out / figure.removeprefix("write "))
+    assert not (out / "index.html").exists() and not list(out.glob("*.partial"))
+    free_the_disk(disk)
+    assert run_cli(args).exit_code == 0 and (out / "index.html").exists()
+
+
+TORCH_SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+@pytest.mark.slow
+def test_the_libraries_own_write_errors_are_one_line(tiny, world, tmp_path, monkeypatch):
+    """Where no tmpfs can be mounted: the exact exceptions torch.save and safetensors raise on a
+    full disk (a RuntimeError without errno, a SafetensorError), raised at their real call sites."""
+    from safetensors import SafetensorError
+    from transformers import modeling_utils
+
+    from deltakd_cli.train import checkpoint
+
+    def short_write(value, path):
+        Path(path).write_bytes(b"half")  # what torch leaves behind
+        raise RuntimeError(TORCH_SHORT_WRITE)
+
+    def no_space(*args, **kwargs):
+        raise SafetensorError(SAFETENSORS_FULL)
+
+    out = tmp_path / "run"
+    args = distill_args(world["cache"], tiny.student, out, "--epochs", 2)
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.torch, "save", short_write)
+        result = run_cli(args)
+    # torch says nothing of why; with plenty free here it is an I/O error, not a full disk
+    assert_one_line_error(result, f"cannot write {out / 'checkpoints' / 'step-2'}:", "cut short")
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+    shutil.rmtree(out)
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_utils, "safe_save_file", no_space)
+        result = run_cli(args)
+    assert_one_line_error(result, f"cannot write {out}:", "no space left on the device", " free")
+    assert not (out / "config.json").exists() and not (out / ".export.partial").exists()
+
+
 # ----------------------------------------------------------------------------- 2: two writers
 
 

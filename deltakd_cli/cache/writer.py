@@ -24,6 +24,7 @@ from deltakd_cli.cache.schema import (
 )
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.outputs import (
+    failed_write,
     write_error,
     writing,
 )
@@ -147,8 +148,9 @@ class ShardWriter:
         if isinstance(self.error, DeltakdError):
             raise self.error
         where = self.location.join(self.group_path)
-        if isinstance(self.error, OSError):
-            raise write_error(self.error, where, self.error_bytes)
+        cause = failed_write(self.error, where, self.error_bytes)
+        if cause is not None:
+            raise write_error(cause, where, self.error_bytes)
         raise DeltakdError(f"writing shard {where} failed: {self.error}")
 
     # -- the writer thread

@@ -81,7 +81,7 @@ def keyed_dir(path: Path, key: dict[str, Any]) -> bool:
     if path.exists():
         shutil.rmtree(path)
     sidecar.parent.mkdir(parents=True, exist_ok=True)
-    sidecar.write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
+    outputs.atomic_write_text(sidecar, json.dumps(key, indent=2, sort_keys=True) + "\n")
     return False
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deltakd_cli import outputs
 from deltakd_cli.console import console, info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import record, to_argv
@@ -222,7 +223,9 @@ def run_stage(stage: Stage, runner: Runner, nproc: int = 1) -> dict[str, Any]:
             info(f"{stage.name}: its inputs changed since {stage.out} was made; redoing it")
             shutil.rmtree(stage.out)
         stage.sidecar.parent.mkdir(parents=True, exist_ok=True)
-        stage.sidecar.write_text(json.dumps({"key": key, "done": False}, indent=2) + "\n")
+        outputs.atomic_write_text(
+            stage.sidecar, json.dumps({"key": key, "done": False}, indent=2) + "\n"
+        )
     options = stage.options
     if stage.resumable and same and complete_checkpoints(stage.out):
         options = dataclasses.replace(options, resume=True)
@@ -249,7 +252,7 @@ def run_stage(stage: Stage, runner: Runner, nproc: int = 1) -> dict[str, Any]:
         **memory,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    stage.sidecar.write_text(json.dumps(done, indent=2) + "\n")
+    outputs.atomic_write_text(stage.sidecar, json.dumps(done, indent=2) + "\n")
     info(
         f"[green]✓ {stage.name}[/green]: {seconds:.1f}s, peak RSS {memory['peak_rss_mib']:,} MiB"
         + (

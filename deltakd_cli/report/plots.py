@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deltakd_cli import outputs
+from deltakd_cli import faults, outputs
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.report.collect import Evaluation, Run, Sweep
 
@@ -44,8 +44,9 @@ def save_png(figure: Any, path: Path) -> None:
     """Write the figure whole or not at all (a temp name, then a rename); no software version or
     time in the file, so the same data gives the same bytes."""
     partial = path.with_name(path.name + outputs.PARTIAL_SUFFIX)
-    with outputs.writing(path):
+    with outputs.writing(path, discard=partial):
         try:
+            faults.point(f"write {path.name}")
             figure.savefig(partial, format="png", metadata={"Software": None})
             os.replace(partial, path)
         except BaseException:

@@ -220,7 +220,7 @@ def write_checkpoint(
     final = out / "checkpoints" / f"step-{step}"
     partial = out / "checkpoints" / f".step-{step}.partial"
     needed = 2 * state_bytes(model) + state_bytes(optimizer)
-    with outputs.writing(partial, needed):
+    with outputs.writing(final, needed, discard=partial if rank == 0 else None):
         if rank == 0:
             if partial.exists():
                 shutil.rmtree(partial)
@@ -254,7 +254,7 @@ def write_best(out: Path, step: int, model: dict[str, torch.Tensor], eval_loss: 
     the old one goes."""
     final = out / "checkpoints" / BEST_DIR
     partial = out / "checkpoints" / f".{BEST_DIR}.partial"
-    with outputs.writing(partial, 2 * state_bytes(model)):
+    with outputs.writing(final, 2 * state_bytes(model), discard=partial):
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)

@@ -86,7 +86,7 @@ def export_model(
 
     staging = out / ".export.partial"
     export_state = {k: v.to(export_dtype) for k, v in model_state.items()}
-    with outputs.writing(staging, state_bytes(export_state)):
+    with outputs.writing(out, state_bytes(export_state), discard=staging):
         if staging.exists():
             shutil.rmtree(staging)
         student.config.use_cache = True

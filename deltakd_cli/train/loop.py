@@ -639,7 +639,7 @@ def _truncate_metrics(path: Path, keep_through_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError):
             continue  # a line cut by the kill
-    path.write_text("".join(line + "\n" for line in kept))
+    outputs.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _status(record: dict[str, Any], objective: str) -> str:
