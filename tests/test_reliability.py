@@ -568,6 +568,22 @@ def test_resume_over_a_rebuilt_cache_is_refused(tiny, world, tmp_path, monkeypat
     assert_one_line_error(result, f"the cache {cache} is not the one", "rebuilt")
 
 
+@pytest.mark.slow
+def test_resume_with_a_moved_cache_works_and_is_recorded(tiny, world, tmp_path, monkeypatch):
+    cache, moved, out = tmp_path / "cache", tmp_path / "elsewhere" / "cache", tmp_path / "run"
+    shutil.copytree(world["cache"], cache)
+    args = distill_args(cache, tiny.student, out, "--epochs", 2)
+    index = point_index(world["distill_points"], "checkpoint model.pt", occurrence=2)
+    assert_one_line_error(run_with_fault(args, f"enospc@{index}", monkeypatch), "no space left")
+    moved.parent.mkdir()
+    shutil.move(cache, moved)
+    result = run_cli([*distill_args(moved, tiny.student, out, "--epochs", 2), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert same_weights(weights(out), weights(world["run"]))  # as the uninterrupted run
+    record = json.loads((out / "run.json").read_text())
+    assert record["resolved"]["resumed"]["cache_moved"] == [str(cache), str(moved)]
+
+
 def test_finetune_resume_over_changed_data_is_refused(tiny, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "rows.jsonl", make_rows(16, seed=3))
     out = tmp_path / "tuned"
