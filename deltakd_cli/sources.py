@@ -6,6 +6,8 @@ fingerprint of its content for provenance and resume checks."""
 
 from __future__ import annotations
 
+import codecs
+import csv
 import hashlib
 import json
 import os
@@ -99,27 +101,60 @@ def check_text(where: str, value: Any) -> Any:
     return value
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object that names one key twice (json keeps the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def parse_json(where: str, text: str) -> Any:
+    """One JSON value; not JSON, or an object naming a key twice, is one line naming `where`."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as error:
+        raise DeltakdError(
+            f"{where}: the key {error.args[0]!r} appears twice in one object (JSON would keep "
+            "only the last); give each field its own name"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise DeltakdError(f"{where}: not valid JSON ({error.msg})") from None
+
+
+def _decoded(where: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DeltakdError(
+            f"{where}: not UTF-8 text (byte {raw[error.start]:#04x} at byte {error.start} of the "
+            "line); save the file as UTF-8"
+        ) from None
+
+
 def read_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str, Any]]:
     """(where, value) for every non-blank line of a JSONL file, `where` being PATH:LINE. A
-    missing or unreadable file, a line that is not JSON, text that is not UTF-8 (a leading
-    byte-order mark is allowed) or a string no UTF-8 file can hold raises one DeltakdError naming
-    the file (and the line)."""
+    missing or unreadable file, a line that is not JSON (or names a key twice), bytes that are
+    not UTF-8 (a leading byte-order mark is allowed) or a string no UTF-8 file can hold raises
+    one DeltakdError naming the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise DeltakdError(unreadable_file(path, what))
     try:
-        with open(path, encoding="utf-8-sig") as handle:
-            for number, line in enumerate(handle, start=1):
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                where = f"{path}:{number}"
+                if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8) :]
+                line = _decoded(where, raw)
                 if not line.strip():
                     continue
-                where = f"{path}:{number}"
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DeltakdError(f"{where}: not valid JSON ({error.msg})") from None
-                yield where, check_text(where, value)
-    except UnicodeDecodeError:
-        raise DeltakdError(f"{path}: not UTF-8 text") from None
+                yield where, check_text(where, parse_json(where, line))
     except OSError as error:
         raise DeltakdError(f"cannot read {what} {path}: {error.strerror}") from None
 
@@ -147,10 +182,20 @@ def _datasets() -> Any:
 
 
 def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:
+    raw = path.read_bytes()
+    raw = raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw
     try:
-        value = json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError:
-        raise DeltakdError(f"{path}: not UTF-8 text") from None
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DeltakdError(
+            f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x}); save the file as UTF-8"
+        ) from None
+    except _DuplicateKey as error:
+        raise DeltakdError(
+            f"{path}: the key {error.args[0]!r} appears twice in one object (JSON would keep "
+            "only the last); give each field its own name"
+        ) from None
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # JSON Lines under a .json name
             yield from read_jsonl(path)
@@ -181,9 +226,41 @@ def _pick_split(found: Any, source: DataSource) -> Any:
     return found
 
 
+def _header(source: DataSource) -> list[str]:
+    """The column names a parquet or CSV file declares, read before `datasets` (which fails on
+    two parquet columns of one name with a DatasetGenerationError, and renames a CSV's second
+    one to NAME.1)."""
+    path = source.path
+    if source.kind == "parquet":
+        import pyarrow.parquet as parquet
+
+        try:
+            return list(parquet.read_schema(path).names)
+        except Exception:  # not parquet: `datasets` says so below
+            return []
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+            return next(csv.reader(handle, delimiter=delimiter), [])
+    except (OSError, csv.Error):
+        return []
+
+
+def check_columns(source: DataSource, names: list[str]) -> None:
+    """One line when a column name appears more than once."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        listed = ", ".join(f"{name!r} ({names.count(name)} times)" for name in repeated)
+        raise DeltakdError(
+            f"{source.spec}: more than one column named {listed}; give each column its own name"
+        )
+
+
 def _load_with_datasets(source: DataSource) -> Any:
     datasets = _datasets()
     kind = source.kind
+    if kind in ("parquet", "csv"):
+        check_columns(source, _header(source))
     try:
         if kind == "saved":
             found = datasets.load_from_disk(str(source.path))
@@ -211,7 +288,13 @@ def _load_with_datasets(source: DataSource) -> Any:
         if "corresponds to no data" in first:
             raise DeltakdError(f"{source.spec}: no rows") from None
         raise DeltakdError(f"cannot read {source.spec}: {first}") from None
-    return _pick_split(found, source)
+    except datasets.exceptions.DatasetsError as error:  # the generation failed: say why
+        cause = error.__cause__ or error.__context__ or error
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise DeltakdError(f"cannot read {source.spec}: {first}") from None
+    found = _pick_split(found, source)
+    check_columns(source, list(found.column_names or []))
+    return found
 
 
 def read_rows(source: DataSource, what: str = "data file") -> Iterator[tuple[str, Any]]:

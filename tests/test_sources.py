@@ -174,3 +174,65 @@ def test_lone_surrogates_are_one_line_in_cache_teachers_and_eval_predictions(tin
     predictions.write_text('{"id": "0", "prediction": "x \\udfff"}\n')
     result = run_cli(["eval", "--predictions", predictions, "--data", tiny.test])
     assert_one_line_error(result, "lone surrogate", f"{predictions}:1")
+
+
+BAD_ROWS = {
+    "invalid UTF-8": (b'{"prompt": "p", "response": "caf\xe9"}\n', "not UTF-8 text"),
+    "a lone surrogate": (b'{"prompt": "p", "response": "\\udfff"}\n', "lone surrogate"),
+    "a key twice": (b'{"prompt": "p", "response": "r", "response": "s"}\n', "appears twice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_a_bad_row_is_one_line_naming_it_in_every_command(tiny, tmp_path, case):
+    bad, words = BAD_ROWS[case]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(json.dumps(make_rows(1, seed=6)[0]).encode() + b"\n" + bad)
+    commands = {
+        "cache-teachers": cache_args(tiny, tmp_path / "cache", "--data", rows),
+        "eval": ["eval", "--model", tiny.student, "--data", rows, "--protocol", "greedy",
+                 "--max-new-tokens", 2, "--device", "cpu", "--out", tmp_path / "r.json"],
+        "finetune": ["finetune", "--model", tiny.student, "--data", rows, "--out",
+                     tmp_path / "tuned", "--max-steps", 1, "--device", "cpu"],
+    }  # fmt: skip
+    for args in commands.values():
+        assert_one_line_error(run_cli(args), words, f"{rows}:2")
+    array = tmp_path / "rows.json"  # the same row in a JSON array: the line is named
+    array.write_bytes(b"[\n" + json.dumps(make_rows(1, seed=6)[0]).encode() + b",\n" + bad + b"]")
+    assert_one_line_error(run_cli(commands["eval"][:4] + [array] + commands["eval"][5:]), words)
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_bytes(b'{"id": "0", "prediction": "x"}\n' + bad.replace(b"prompt", b"id"))
+    result = run_cli(["eval", "--predictions", predictions, "--data", tiny.test])
+    assert_one_line_error(result, words, f"{predictions}:2")
+
+
+def test_a_column_named_twice_is_refused_in_every_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    pytest.importorskip("datasets")
+    table = pa.Table.from_arrays([pa.array(["p"]), pa.array(["r"]), pa.array(["s"])],
+                                 names=["prompt", "response", "response"])  # fmt: skip
+    parquet.write_table(table, tmp_path / "rows.parquet")
+    (tmp_path / "rows.csv").write_text("prompt,response,response\np,r,s\n")
+    (tmp_path / "rows.tsv").write_text("prompt\tprompt\tresponse\np\tq\tr\n")
+    (tmp_path / "rows.json").write_text('[\n{"prompt": "p", "prompt": "q", "response": "r"}\n]\n')
+    for name, repeated in [("rows.parquet", "'response' (2 times)"),
+                           ("rows.csv", "'response' (2 times)"),
+                           ("rows.tsv", "'prompt' (2 times)"),
+                           ("rows.json", "'prompt' appears twice")]:  # fmt: skip
+        with pytest.raises(DeltakdError) as error:
+            list(read_rows(DataSource(str(tmp_path / name))))
+        assert repeated in str(error.value) and str(tmp_path / name) in str(error.value)
+
+
+def test_a_duplicate_parquet_column_is_one_line_on_the_command_line(tiny, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    pytest.importorskip("datasets")
+    table = pa.Table.from_arrays([pa.array(["p"]), pa.array(["q"]), pa.array(["r"])],
+                                 names=["prompt", "prompt", "response"])  # fmt: skip
+    parquet.write_table(table, tmp_path / "rows.parquet")
+    result = run_cli(cache_args(tiny, tmp_path / "cache", "--data", tmp_path / "rows.parquet"))
+    assert_one_line_error(result, "more than one column named 'prompt' (2 times)")
