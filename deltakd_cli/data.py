@@ -19,6 +19,7 @@ those hold a list.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -350,6 +351,32 @@ def target_positions(target_mask: Any) -> np.ndarray:
     return np.flatnonzero(mask[1:]).astype(np.int64)
 
 
+def template_source(tokenizer: Any) -> str:
+    """Where a tokenizer's chat template was read: its chat_template.jinja, or its
+    tokenizer_config.json."""
+    root = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        if (root / name).is_file():
+            return str(root / name)
+    return f"{root}/tokenizer_config.json"
+
+
+def apply_chat_template(tokenizer: Any, messages: list[dict], example: Example, **kwargs) -> str:
+    """The tokenizer's chat template over `messages`, as text; a template that fails (its own
+    raise_exception, a syntax error, a missing variable) is one line naming the model, the
+    template's file, the example and the template's message."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except jinja2.TemplateError as error:
+        where = f" (line {error.lineno})" if getattr(error, "lineno", None) else ""
+        raise DeltakdError(
+            f"the chat template of {tokenizer.name_or_path} ({template_source(tokenizer)}"
+            f"{where}) failed on example {example.id}: {error.message or type(error).__name__}"
+        ) from None
+
+
 def render_prompt(example: Example, template: str, tokenizer: Any = None) -> str:
     """The prompt text under a template (`alpaca`, `chat`, `plain`)."""
     if template == "alpaca":
@@ -367,7 +394,7 @@ def render_prompt(example: Example, template: str, tokenizer: Any = None) -> str
         if messages is None:
             content = example.instruction + (f"\n\n{example.input}" if example.input else "")
             messages = [{"role": "user", "content": content}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return apply_chat_template(tokenizer, messages, example, add_generation_prompt=True)
     raise DeltakdError(f"unknown template '{template}' (choose from {', '.join(TEMPLATES)})")
 
 
@@ -404,8 +431,8 @@ def chat_segments(
     consumed = ""  # the rendered text the segments so far stand for
     eos_text = tokenizer.eos_token or ""
     for turn in trained:
-        prefix = tokenizer.apply_chat_template(
-            messages[:turn], tokenize=False, add_generation_prompt=True
+        prefix = apply_chat_template(
+            tokenizer, messages[:turn], example, add_generation_prompt=True
         )
         if not prefix.startswith(consumed):
             raise DeltakdError(
@@ -413,8 +440,8 @@ def chat_segments(
                 f"turn {turn} differently once later turns exist; use --train-turns last"
             )
         segments.append((_encode(tokenizer, prefix[len(consumed) :]), False))
-        full = tokenizer.apply_chat_template(
-            messages[: turn + 1], tokenize=False, add_generation_prompt=False
+        full = apply_chat_template(
+            tokenizer, messages[: turn + 1], example, add_generation_prompt=False
         )
         content = messages[turn]["content"]
         if eos_text and full.startswith(prefix + content + eos_text):

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import assert_one_line_error, cache_args, run_cli
 
 from deltakd_cli import data, models, sources, vocab
 from deltakd_cli.errors import DeltakdError
@@ -225,3 +226,42 @@ def test_a_mapping_names_the_format_columns_it_leaves_out(tmp_path, capsys):
     assert [e.input for e in data.load_examples(str(path))] == ["c", "c"]
     printed = capsys.readouterr()
     assert "leaves out" not in printed.out + printed.err  # unmapped rows lose nothing
+
+
+RAISING_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ raise_exception('this template takes no user turns') }}{% endif %}{% endfor %}"
+)
+
+
+def model_with_a_raising_template(tiny, tmp_path):
+    """A copy of the student whose chat template raises (its own raise_exception)."""
+    import shutil
+
+    broken = tmp_path / "raising"
+    shutil.copytree(tiny.student, broken)
+    (broken / "chat_template.jinja").write_text(RAISING_TEMPLATE)
+    return broken
+
+
+def test_a_chat_template_that_raises_is_one_line_in_cache_teachers(tiny, tmp_path):
+    broken = model_with_a_raising_template(tiny, tmp_path)
+    args = cache_args(tiny, tmp_path / "cache", "--template", "chat", "--template-from",
+                      "student", student=False) + ["--student", str(broken)]  # fmt: skip
+    result = run_cli(args)
+    assert_one_line_error(result, f"the chat template of {broken}",
+                          str(broken / "chat_template.jinja"), "failed on example",
+                          "this template takes no user turns")  # fmt: skip
+
+
+def test_a_chat_template_that_raises_is_one_line_in_eval_template_from(tiny, tmp_path):
+    broken = model_with_a_raising_template(tiny, tmp_path)
+    result = run_cli(["eval", "--model", tiny.student, "--data", tiny.test, "--template", "chat",
+                      "--template-from", broken, "--limit", 2, "--max-new-tokens", 2,
+                      "--device", "cpu"])  # fmt: skip
+    assert_one_line_error(
+        result,
+        f"the chat template of {broken}",
+        str(broken / "chat_template.jinja"),
+        "this template takes no user turns",
+    )
