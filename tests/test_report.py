@@ -13,7 +13,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, cache_args, run_cli
+from helpers import assert_one_line_error, cache_args, flat, run_cli
 
 from deltakd_cli import outputs
 from deltakd_cli.data import Example
@@ -449,3 +449,23 @@ def test_labels_are_text_never_mathtext(held_out_run, tmp_path):
     result = run_cli(["report", named, "--out", tmp_path / "r"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "r" / "loss.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize("extremes", [(1e308,), (-1e308,), (1e308, -1e308), (1e308, 1e-308)])
+def test_extreme_losses_are_drawn_or_skipped_with_a_note(held_out_run, tmp_path, extremes):
+    """Issue 22: a crafted ±1e308 loss crashed `deltakd report` in matplotlib."""
+    run = tmp_path / "run"
+    shutil.copytree(held_out_run, run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    for index, extreme in enumerate(extremes, start=1):
+        entry = json.loads(lines[index])
+        entry["loss"] = extreme
+        lines[index] = json.dumps(entry)
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    result = run_cli(["report", run, "--out", tmp_path / "r"])
+    assert result.exit_code == 0, result.output
+    assert_valid_png(tmp_path / "r" / "loss.png")
+    beyond = sum(abs(value) > 3.4028234e38 for value in extremes)
+    assert (f"run: {beyond} loss value(s) beyond" in flat(result.output)) == (beyond > 0)
+    shown = [number(row["loss"]) for row in read_csv(tmp_path / "r" / "loss.csv")]
+    assert all(value in shown for value in extremes)  # the numbers stay in the table

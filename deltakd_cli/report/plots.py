@@ -54,9 +54,33 @@ def save_png(figure: Any, path: Path) -> None:
             raise
 
 
+# float32's largest value: training computes its losses in float32 or wider and stops on an
+# infinite one, so a logged loss beyond this was not computed by a run; matplotlib cannot draw
+# an axis spanning two such values (its span overflows).
+DRAWABLE = 3.4028234e38
+
+
+def _drawable(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    return [(step, value) for step, value in points if abs(value) <= DRAWABLE]
+
+
+def undrawable(runs: list[Run]) -> list[str]:
+    """One note per run with losses the loss figure leaves out (beyond ±DRAWABLE)."""
+    notes = []
+    for run in runs:
+        points = [*run.training, *run.held_out]
+        left_out = len(points) - len(_drawable(points))
+        if left_out:
+            notes.append(
+                f"{run.label}: {left_out} loss value(s) beyond ±{DRAWABLE:.1e} (float32's range) "
+                "left out of the loss figure"
+            )
+    return notes
+
+
 def uses_log_scale(runs: list[Run]) -> bool:
     """Log-y helps when the losses span more than LOG_SCALE_RATIO (and all are positive)."""
-    values = [v for run in runs for _, v in (*run.training, *run.held_out)]
+    values = [v for run in runs for _, v in _drawable([*run.training, *run.held_out])]
     if not values or min(values) <= 0:
         return False
     return max(values) / min(values) > LOG_SCALE_RATIO
@@ -64,7 +88,8 @@ def uses_log_scale(runs: list[Run]) -> bool:
 
 def loss_figure(runs: list[Run]) -> Any | None:
     """Training loss (solid) and held-out loss (dashed, same colour) against the step, one line
-    per run; None when no run has a logged step."""
+    per run; None when no run has a logged step. Losses beyond ±DRAWABLE are left out, with a
+    note under the axes (`undrawable`)."""
     drawn = [run for run in runs if run.points]
     if not drawn:
         return None
@@ -73,7 +98,7 @@ def loss_figure(runs: list[Run]) -> Any | None:
     colours = [f"C{index % 10}" for index in range(len(drawn))]
     any_held_out = False
     for run, colour in zip(drawn, colours, strict=True):
-        training, held_out = run.training, run.held_out
+        training, held_out = _drawable(run.training), _drawable(run.held_out)
         if training:
             steps, values = zip(*training, strict=True)
             marker = "o" if len(training) <= 25 else None
@@ -98,6 +123,9 @@ def loss_figure(runs: list[Run]) -> Any | None:
     axes.set_title(title)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
+    notes = undrawable(drawn)
+    if notes:
+        figure.supxlabel("\n".join(_short(note) for note in notes), fontsize="small")
     return figure
 
 

@@ -136,6 +136,8 @@ def _write(collected: Collected, out: Path) -> set[str]:
     texts: dict[str, str] = {}
     if collected.runs:
         figures.append(("loss.png", plots.loss_figure(collected.runs)))
+        for note in plots.undrawable(collected.runs):
+            info(f"note: {escape(note)}")
         texts["loss.csv"] = loss_csv(collected.runs)
     if collected.evaluations:
         figures.append(("rougeL.png", plots.rouge_figure(collected.evaluations)))
