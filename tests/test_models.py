@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import assert_one_line_error, cache_args, run_cli
 
 from deltakd_cli import models
 from deltakd_cli.cache.build import PositionLogprobs
@@ -213,3 +214,38 @@ def test_remote_code_is_refused_explicitly_so_no_prompt_appears(tiny, monkeypatc
         models.resolve_source(str(tiny.student))
     )
     assert asked["trust_remote_code"] is True
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model(tiny, tmp_path_factory):
+    """A model whose output layer (config vocab_size) is 8 rows below its tokenizer."""
+    from conftest import build_model
+
+    root = tmp_path_factory.mktemp("small-vocab")
+    return build_model(root / "small", tiny.tokenizer, 2, 32, seed=4,
+                       vocab_rows=tiny.vocab_size - 8)  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["cache-teachers", "distill", "finetune", "eval",
+                                     "init-student"])  # fmt: skip
+def test_a_vocabulary_below_the_tokenizers_is_refused_by_every_command(
+    tiny, small_vocab_model, tmp_path, command
+):
+    """Issue 22: a config vocab_size below the tokenizer's was an IndexError in eval."""
+    small, rows = small_vocab_model, f"{tiny.vocab_size - 8} rows"
+    args = {
+        "cache-teachers": cache_args(tiny, tmp_path / "c", "--top-k", 4, student=False)
+        + ["--student", small],
+        "finetune": ["finetune", "--model", small, "--data", tiny.train, "--out", tmp_path / "f",
+                     "--max-steps", 1, "--device", "cpu"],
+        "eval": ["eval", "--model", small, "--data", tiny.test, "--limit", 2, "--device", "cpu",
+                 "--max-new-tokens", 2, "--protocol", "greedy"],
+        "init-student": ["init-student", "--student-from", small, "--out", tmp_path / "s",
+                         "--layers", 1, "--device", "cpu"],
+    }  # fmt: skip
+    if command == "distill":
+        cache = tmp_path / "cache"  # teachers only: any student may train on it
+        assert run_cli(cache_args(tiny, cache, "--top-k", 4, student=False)).exit_code == 0
+        args[command] = ["distill", "--cache", cache, "--student", small, "--out", tmp_path / "d",
+                         "--max-steps", 1, "--device", "cpu", "--objective", "kd"]  # fmt: skip
+    assert_one_line_error(run_cli(args[command]), "output layer has", rows)

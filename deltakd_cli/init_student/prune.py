@@ -50,6 +50,7 @@ def prune(
     dtype = models.stored_dtype(source, load)
     tokenizer = models.load_tokenizer(source, load)
     model = models.load_model(source, dtype, torch.device("cpu"), settings=load)
+    models.check_model_vocab(model, len(tokenizer), f"model {source} (its tokenizer's ids)")
     prefix, _ = models.decoder_layers(model)
     config = pruned_config(model.config, keep)
     state = pruned_state_dict(model.state_dict(), prefix, keep)

@@ -374,5 +374,6 @@ def measure_influence(options: InitStudentOptions, rows: str, template: str) -> 
     tokenized = data.tokenize_all(examples, template, tokenizer, options.max_length)
     dtype = models.stored_dtype(options.source, load)
     model = models.load_model(options.source, dtype, torch.device("cpu"), settings=load)
+    models.check_model_vocab(model, len(tokenizer), f"model {options.source} (its tokenizer's ids)")
     info(f"measuring the block influence of each layer on {len(tokenized)} documents")
     return block_influence(model, [t.input_ids for t in tokenized])
