@@ -60,3 +60,14 @@ def test_a_moved_cache_is_the_same_cache_by_its_manifest(tmp_path):
         check_resumable(path, identity(source=rebuilt))
     with pytest.raises(DeltakdError, match="--lr changed"):
         check_resumable(path, identity(source=moved, lr=2e-3))
+
+
+def test_a_moved_finetune_data_file_is_the_same_data_by_its_sha256(tmp_path):
+    data = {"data": "/rows/train.jsonl", "data_sha256": "123", "template": "alpaca"}
+    path = checkpoint_of(tmp_path, source=data)
+    moved = {**data, "data": "/elsewhere/train.jsonl"}
+    assert check_resumable(path, identity(source=moved)) == {
+        "data_moved": ["/rows/train.jsonl", "/elsewhere/train.jsonl"]
+    }
+    with pytest.raises(DeltakdError, match="--cache/--data/--template"):
+        check_resumable(path, identity(source={**moved, "template": "chat"}))

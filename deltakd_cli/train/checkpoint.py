@@ -336,7 +336,8 @@ def check_resumable(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     (OPTIONS_THAT_MATTER; `identity` holds this run's values) differs from what it recorded.
     Two changes are allowed, and returned (for a note and run.json): a larger --max-steps or
     --epochs (the run trains further: {"extended": {name: [was, now]}}), and a cache at another
-    path with the same manifest checksum (moved or copied: {"cache_moved": [was, now]})."""
+    path with the same manifest checksum, or a finetune data file with the same sha256 (moved or
+    copied: {"cache_moved": [was, now]} or {"data_moved": [...]})."""
     saved = saved_options(path)
     allowed: dict[str, Any] = {}
     for name in OPTIONS_THAT_MATTER:
@@ -344,8 +345,9 @@ def check_resumable(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
         now = identity[name]
         if was == now:
             continue
-        if _same_cache(name, was, now):
-            allowed["cache_moved"] = [was["cache"], now["cache"]]
+        moved = _moved_input(name, was, now)
+        if moved is not None:
+            allowed[f"{moved}_moved"] = [was[moved], now[moved]]
             continue
         if _trains_further(name, was, now, saved, identity):
             allowed.setdefault("extended", {})[name] = [was, now]
@@ -354,17 +356,23 @@ def check_resumable(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     return allowed
 
 
-def _same_cache(name: str, was: Any, now: Any) -> bool:
-    """The same cache content at another path: a cache is identified by its manifest hash."""
-    return (
-        name == "source"
-        and isinstance(was, dict)
-        and isinstance(now, dict)
-        and bool(now.get("manifest_sha256"))
-        and was.get("manifest_sha256") == now.get("manifest_sha256")
-        and {k: v for k, v in was.items() if k != "cache"}
-        == {k: v for k, v in now.items() if k != "cache"}
-    )
+# An input is its content: a cache by its manifest checksum, a finetune data file by its sha256.
+CONTENT_OF = {"cache": "manifest_sha256", "data": "data_sha256"}
+
+
+def _moved_input(name: str, was: Any, now: Any) -> str | None:
+    """The input ("cache" or "data") that `now` names at another path with the same content
+    (moved or copied), everything else about the source unchanged; None if none."""
+    if name != "source" or not isinstance(was, dict) or not isinstance(now, dict):
+        return None
+    for key, content in CONTENT_OF.items():
+        same_content = bool(now.get(content)) and was.get(content) == now.get(content)
+        rest_same = {k: v for k, v in was.items() if k != key} == {
+            k: v for k, v in now.items() if k != key
+        }
+        if key in now and was.get(key) != now.get(key) and same_content and rest_same:
+            return key
+    return None
 
 
 def _trains_further(

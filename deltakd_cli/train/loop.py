@@ -311,10 +311,11 @@ class Trainer:
     def _resume_notes(self, path: Path, changes: dict[str, Any]) -> None:
         """One note per change a resume is allowed: a moved cache, a run trained further (with
         the schedule's new shape, which run.json records too)."""
-        if "cache_moved" in changes:
-            was, now = changes["cache_moved"]
-            info(f"[yellow]note:[/yellow] the cache moved: {was} -> {now} (the same manifest "
-                 "checksum, so the same content)")  # fmt: skip
+        for what in ("cache", "data"):
+            if f"{what}_moved" in changes:
+                was, now = changes[f"{what}_moved"]
+                info(f"[yellow]note:[/yellow] the {what} moved: {was} -> {now} (the same "
+                     "checksum, so the same content)")  # fmt: skip
         if "extended" in changes:
             saved_total = checkpoint.saved_total_steps(path)
             lr_next = self.scheduler.get_last_lr()[0]
