@@ -138,9 +138,15 @@ def test_pipeline_max_steps_reaches_every_student(monkeypatch, tmp_path):
 def test_shell_completion_is_installable():
     """`deltakd --show-completion SHELL` prints the script `--install-completion` installs, and
     the completion itself answers with the commands."""
-    shown = run_cli(["--show-completion", "bash"])
-    assert shown.exit_code == 0, shown.output
-    assert "complete" in shown.output and "COMP_WORDS" in shown.output
+    # typer reads the shell from the parent processes unless told not to (under make the parent
+    # may be sh, which it does not support): name it, as a user does on a new machine
+    shown = subprocess.run(
+        [sys.executable, "-m", "deltakd_cli", "--show-completion", "bash"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+        env={**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"},
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "complete" in shown.stdout and "COMP_WORDS" in shown.stdout
     env = {"_DELTAKD_COMPLETE": "complete_bash", "COMP_WORDS": "deltakd ca", "COMP_CWORD": "1"}
     completed = CliRunner().invoke(app, [], env={**os.environ, **env}, prog_name="deltakd")
     assert "cache-teachers" in completed.output
