@@ -53,7 +53,7 @@ class ShiftSettings:
 class MixSettings(ShiftSettings):
     mix: float = opt(
         0.5,
-        help="delta-mix: weight of the delta target vs the teacher.",
+        help="Weight of the delta target vs the teacher.",
         at_least=0,
         at_most=1,
         panel=PANEL,
@@ -64,8 +64,8 @@ class MixSettings(ShiftSettings):
 class FamilySettings(ShiftSettings):
     gamma: float = opt(
         1.0,
-        help="kd-to-delta: 0 is KD to the tuned teacher, 1 is Delta-KD, between: the geometric "
-        "mix of the two targets.",
+        help="0 is KD to the tuned teacher, 1 is Delta-KD, between: the geometric mix of the two "
+        "targets.",
         at_least=0,
         at_most=1,
         panel=PANEL,
@@ -76,8 +76,8 @@ class FamilySettings(ShiftSettings):
 class JsdSettings:
     beta: float = opt(
         0.5,
-        help="gjsd: the generalised Jensen-Shannon divergence's beta (TRL's convention): 0 is "
-        "the forward KL to the tuned teacher, 1 the reverse KL.",
+        help="The generalised Jensen-Shannon divergence's beta (TRL's convention): 0 is the "
+        "forward KL to the tuned teacher, 1 the reverse KL.",
         at_least=0,
         at_most=1,
         panel=PANEL,
@@ -88,7 +88,7 @@ class JsdSettings:
 class SkewSettings:
     skew: float = opt(
         0.1,
-        help="skew-kl: the teacher's share lambda in KL(pT || lambda pT + (1 - lambda) p_theta).",
+        help="The teacher's share lambda in KL(pT || lambda pT + (1 - lambda) p_theta).",
         at_least=0,
         below=1,
         panel=PANEL,
@@ -211,8 +211,13 @@ def options_class(name: str = "ObjectiveOptions") -> type:
     for field in setting_fields().values():
         owner = next(o.settings for o in OBJECTIVES.values() if field.name in o.reads)
         hint = typing.get_type_hints(owner)[field.name]
+        # the help says which objectives read the setting (from the registry, never by hand)
+        metadata = {
+            **field.metadata,
+            "help": f"{field.metadata['help']} Read by: {', '.join(readers_of(field.name))}.",
+        }
         fields.append(
-            (field.name, hint, dataclasses.field(default=field.default, metadata=field.metadata))
+            (field.name, hint, dataclasses.field(default=field.default, metadata=metadata))
         )
     cls = dataclasses.make_dataclass(name, fields, kw_only=True)
     cls.__module__ = __name__

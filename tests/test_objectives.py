@@ -29,7 +29,10 @@ from deltakd_cli.train.options import (
 def test_every_setting_is_a_distill_option_declared_once():
     fields = {f.name: f for f in dataclasses.fields(DistillOptions)}
     for name, declared in objectives.setting_fields().items():
-        assert dict(fields[name].metadata) == dict(declared.metadata)  # help, checks, panel
+        given, shown = dict(declared.metadata), dict(fields[name].metadata)
+        readers = ", ".join(objectives.readers_of(name))
+        assert shown.pop("help") == f"{given.pop('help')} Read by: {readers}."
+        assert shown == given  # checks, panel: the declaration's own
         assert fields[name].default == declared.default
         assert name in OPTIONS_THAT_MATTER  # a resume compares it
         assert objectives.readers_of(name)  # some objective reads it

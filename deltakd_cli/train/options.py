@@ -208,6 +208,7 @@ class DistillOptions(TrainOptions, ObjectiveOptions):
         + ", ".join(objectives.objective_names())
         + " (docs/method.md).",
         choices=objectives.objective_names,
+        metavar="NAME",
     )
     sft_weight: float = opt(
         0.0, help="Weight of cross-entropy on the reference, 0..1.", at_least=0, at_most=1
