@@ -9,27 +9,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Column
-from rich.text import Text
 from typer.core import TyperGroup
 
 from deltakd_cli import distributed
 from deltakd_cli.errors import DeltakdError, Interrupted
+
+if TYPE_CHECKING:  # imported when a bar is shown, not to print --help
+    import click
+    from rich.progress import Progress
 
 DEBUG_ENV = "DELTAKD_DEBUG"  # set: OS errors keep their traceback
 LOG_SECONDS_ENV = "DELTAKD_LOG_SECONDS"  # plain progress lines: at most one every N seconds
@@ -47,17 +38,6 @@ def info(message: str) -> None:
         console.print(message)
 
 
-class StatusColumn(ProgressColumn):
-    """A task's free text (its `status` field): the column that gives way first, cut with an
-    ellipsis to the width the other columns leave, so the bar's count and ETA always show."""
-
-    def __init__(self) -> None:
-        super().__init__(table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"))
-
-    def render(self, task: Task) -> Text:
-        return Text(str(task.fields.get("status", "")), no_wrap=True, overflow="ellipsis")
-
-
 def progress(unit: str = "step") -> Progress | PlainProgress:
     """The progress of a stage, silent on ranks other than 0. Tasks take a `status` field (free
     text: losses, rates, which model).
@@ -68,6 +48,29 @@ def progress(unit: str = "step") -> Progress | PlainProgress:
     disabled = not distributed.is_main_process()
     if not disabled and not console.is_terminal and not console.is_jupyter:
         return PlainProgress(unit, log_seconds())
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        Task,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.table import Column
+    from rich.text import Text
+
+    class StatusColumn(ProgressColumn):
+        """A task's free text (its `status` field): the column that gives way first, cut with an
+        ellipsis to the width the other columns leave, so the bar's count and ETA always show."""
+
+        def __init__(self) -> None:
+            super().__init__(table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"))
+
+        def render(self, task: Task) -> Text:
+            return Text(str(task.fields.get("status", "")), no_wrap=True, overflow="ellipsis")
+
     return Progress(
         TextColumn(
             "[bold]{task.description}",
