@@ -473,7 +473,8 @@ def _weighted_sum(terms: torch.Tensor, log_weights: torch.Tensor | None) -> torc
 
 def _p_log_ratio(p_logprobs: torch.Tensor, other_logprobs: torch.Tensor) -> torch.Tensor:
     """p (log p - log other) per column, 0 where p is 0 (0 log 0 = 0, and no NaN gradient
-    reaches a -inf on either side)."""
+    reaches a -inf on either side). Unlike `kl_divergence`, p keeps its gradient: the student's
+    side of reverse KL and of the JSD."""
     support = p_logprobs > float("-inf")
     zero = torch.zeros((), dtype=p_logprobs.dtype, device=p_logprobs.device)
     safe_p = torch.where(support, p_logprobs, zero)
@@ -490,6 +491,13 @@ def reverse_kl_divergence(
     return _weighted_sum(_p_log_ratio(student_logprobs, target_logprobs.detach()), log_weights)
 
 
+def _log_mixture(
+    target_logprobs: torch.Tensor, student_logprobs: torch.Tensor, share: float
+) -> torch.Tensor:
+    """log(share r + (1 - share) p) per column, for 0 < share < 1."""
+    return torch.logaddexp(target_logprobs + math.log(share), student_logprobs + math.log1p(-share))
+
+
 def generalized_jsd(
     target_logprobs: torch.Tensor,
     student_logprobs: torch.Tensor,
@@ -502,16 +510,12 @@ def generalized_jsd(
     in TRL, not the mixture's limits, which vanish)."""
     target_logprobs = target_logprobs.detach()
     if beta == 0:
-        return _weighted_sum(_p_log_ratio(target_logprobs, student_logprobs), log_weights)
+        return kl_divergence(target_logprobs, student_logprobs, log_weights)
     if beta == 1:
         return reverse_kl_divergence(target_logprobs, student_logprobs, log_weights)
-    mixture = torch.logaddexp(
-        target_logprobs + math.log(beta), student_logprobs + math.log1p(-beta)
-    )
-    terms = beta * _p_log_ratio(target_logprobs, mixture) + (1 - beta) * _p_log_ratio(
-        student_logprobs, mixture
-    )
-    return _weighted_sum(terms, log_weights)
+    mixture = _log_mixture(target_logprobs, student_logprobs, beta)
+    student_side = _weighted_sum(_p_log_ratio(student_logprobs, mixture), log_weights)
+    return beta * kl_divergence(target_logprobs, mixture, log_weights) + (1 - beta) * student_side
 
 
 def skew_kl_divergence(
@@ -525,10 +529,8 @@ def skew_kl_divergence(
     target_logprobs = target_logprobs.detach()
     mixture = student_logprobs
     if skew > 0:
-        mixture = torch.logaddexp(
-            target_logprobs + math.log(skew), student_logprobs + math.log1p(-skew)
-        )
-    return _weighted_sum(_p_log_ratio(target_logprobs, mixture), log_weights)
+        mixture = _log_mixture(target_logprobs, student_logprobs, skew)
+    return kl_divergence(target_logprobs, mixture, log_weights)
 
 
 def total_variation_distance(
