@@ -281,9 +281,13 @@ class Trainer:
         # the lr of the next step from this run's schedule (the same value unless a resume
         # trains further, which stretches the cosine)
         step = self.scheduler.last_epoch
-        factor = step_math.lr_factor(step, self.warmup_steps, self.total_steps)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
-            group["lr"] = base * factor
+        for group, base, factor in zip(
+            self.optimizer.param_groups,
+            self.scheduler.base_lrs,
+            self.scheduler.lr_lambdas,
+            strict=True,
+        ):
+            group["lr"] = base * factor(step)
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         return saved.step
 
@@ -299,8 +303,14 @@ class Trainer:
         if resume_from is not None:
             start_step = self._load_checkpoint(resume_from[1])
             info(f"resuming from {resume_from[1]} (step {start_step} of {self.total_steps})")
-            self._resume_notes(resume_from[1], resume_from[2])
-            self.resumed = {"from_step": start_step, **resume_from[2]}
+            _, path, changes = resume_from
+            self.resumed = {"from_step": start_step, **changes}
+            if "extended" in changes:
+                self.resumed["schedule"] = {
+                    "total_steps": [checkpoint.saved_total_steps(path), self.total_steps],
+                    "warmup_steps": self.warmup_steps,
+                }
+            self._resume_notes(self.resumed)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             _truncate_metrics(self.out / "metrics.jsonl", start_step)
@@ -308,28 +318,23 @@ class Trainer:
         metrics = self._loop(start_step)
         return self._export(metrics)
 
-    def _resume_notes(self, path: Path, changes: dict[str, Any]) -> None:
-        """One note per change a resume is allowed: a moved cache, a run trained further (with
-        the schedule's new shape, which run.json records too)."""
+    def _resume_notes(self, resumed: dict[str, Any]) -> None:
+        """One note per change a resume is allowed (its record, `self.resumed`): a moved cache or
+        data file, a run trained further with the schedule's new shape."""
         for what in ("cache", "data"):
-            if f"{what}_moved" in changes:
-                was, now = changes[f"{what}_moved"]
+            if f"{what}_moved" in resumed:
+                was, now = resumed[f"{what}_moved"]
                 info(f"[yellow]note:[/yellow] the {what} moved: {was} -> {now} (the same "
                      "checksum, so the same content)")  # fmt: skip
-        if "extended" in changes:
-            saved_total = checkpoint.saved_total_steps(path)
-            lr_next = self.scheduler.get_last_lr()[0]
+        if "extended" in resumed:
+            saved_total, total = resumed["schedule"]["total_steps"]
             grown = ", ".join(f"--{k.replace('_', '-')} {a} -> {b}"
-                              for k, (a, b) in changes["extended"].items())  # fmt: skip
-            changes["schedule"] = {
-                "total_steps": [saved_total, self.total_steps],
-                "warmup_steps": self.warmup_steps,
-            }
+                              for k, (a, b) in resumed["extended"].items())  # fmt: skip
             info(
                 f"[yellow]note:[/yellow] training further ({grown}): the warmup-cosine "
-                f"schedule now spans {self.total_steps} steps (was {saved_total}; warmup "
-                f"{self.warmup_steps}), so the lr resumes at {lr_next:.3g} and decays to 0 by "
-                f"step {self.total_steps}"
+                f"schedule now spans {total} steps (was {saved_total}; warmup "
+                f"{self.warmup_steps}), so the lr resumes at {self.scheduler.get_last_lr()[0]:.3g} "
+                f"and decays to 0 by step {total}"
             )
 
     def _export(self, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -613,15 +618,16 @@ class Trainer:
     def _stop_on_non_finite(self, step: int, loss: float, grad_norm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         sound = checkpoint.last_sound_checkpoint(self.out) if self.rank == 0 else None
-        kept = (
-            f"the newest checkpoint with a finite loss and finite weights is {sound[1]} (its "
-            f"largest weight is {sound[2]:.3g}: a diverging run can have huge finite weights; "
-            "check metrics.jsonl before resuming from it)"
-            if sound
-            else "no checkpoint with finite weights was written before it"
-        )
         if self.rank != 0:
             kept = "rank 0 names the checkpoint to resume from"
+        elif sound is None:
+            kept = "no checkpoint with finite weights was written before it"
+        else:
+            kept = (
+                f"the newest checkpoint with a finite loss and finite weights is {sound[1]} (its "
+                f"largest weight is {sound[2]:.3g}: a diverging run can have huge finite "
+                "weights; check metrics.jsonl before resuming from it)"
+            )
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
         raise DeltakdError(f"non-finite {what} at step {step}: training stopped; {kept}")
 
