@@ -114,15 +114,24 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
+def _twice(where: str, error: _DuplicateKey) -> DeltakdError:
+    return DeltakdError(
+        f"{where}: the key {error.args[0]!r} appears twice in one object (JSON would keep only "
+        "the last); give each field its own name"
+    )
+
+
+def _without_bom(raw: bytes) -> bytes:
+    """Text without a leading UTF-8 byte-order mark (some editors write one)."""
+    return raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw
+
+
 def parse_json(where: str, text: str) -> Any:
     """One JSON value; not JSON, or an object naming a key twice, is one line naming `where`."""
     try:
         return json.loads(text, object_pairs_hook=_unique_keys)
     except _DuplicateKey as error:
-        raise DeltakdError(
-            f"{where}: the key {error.args[0]!r} appears twice in one object (JSON would keep "
-            "only the last); give each field its own name"
-        ) from None
+        raise _twice(where, error) from None
     except json.JSONDecodeError as error:
         raise DeltakdError(f"{where}: not valid JSON ({error.msg})") from None
 
@@ -149,9 +158,7 @@ def read_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str,
         with open(path, "rb") as handle:
             for number, raw in enumerate(handle, start=1):
                 where = f"{path}:{number}"
-                if number == 1 and raw.startswith(codecs.BOM_UTF8):
-                    raw = raw[len(codecs.BOM_UTF8) :]
-                line = _decoded(where, raw)
+                line = _decoded(where, _without_bom(raw) if number == 1 else raw)
                 if not line.strip():
                     continue
                 yield where, check_text(where, parse_json(where, line))
@@ -182,8 +189,7 @@ def _datasets() -> Any:
 
 
 def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:
-    raw = path.read_bytes()
-    raw = raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw
+    raw = _without_bom(path.read_bytes())
     try:
         value = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError as error:
@@ -192,10 +198,7 @@ def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:
             f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x}); save the file as UTF-8"
         ) from None
     except _DuplicateKey as error:
-        raise DeltakdError(
-            f"{path}: the key {error.args[0]!r} appears twice in one object (JSON would keep "
-            "only the last); give each field its own name"
-        ) from None
+        raise _twice(str(path), error) from None
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # JSON Lines under a .json name
             yield from read_jsonl(path)
