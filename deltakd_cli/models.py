@@ -16,7 +16,7 @@ import torch
 
 from deltakd_cli import vocab
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.option_groups import DTYPES, LoadSettings
+from deltakd_cli.option_groups import DTYPES, HUB_ID, LoadSettings
 from deltakd_cli.outputs import local_path
 
 DEFAULT_LOAD = LoadSettings()
@@ -36,9 +36,6 @@ class ModelSource:
     @property
     def is_local(self) -> bool:
         return Path(self.path).exists()
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 def looks_local(spec: str) -> bool:

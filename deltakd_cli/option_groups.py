@@ -6,6 +6,7 @@ importing torch."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,6 +17,8 @@ from deltakd_cli.sources import DataSource
 TEMPLATES = ("alpaca", "chat", "plain")
 TRAIN_TURNS = ("all", "last")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# A Hugging Face Hub repository id: `name` or `owner/name` (letters, digits, - _ .).
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 # The LoRA defaults: every linear projection of a Llama/Qwen/SmolLM-style decoder layer (never the
 # output layer or the embeddings, which the frozen S0 and the cache's logits share).

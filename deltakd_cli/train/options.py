@@ -4,7 +4,6 @@ the checks and the record from them; `validate` adds the checks that involve sev
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -12,6 +11,7 @@ from deltakd_cli import objectives
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.option_groups import (
     DEFAULT_LORA_TARGETS,
+    HUB_ID,
     DataOptions,
     DeviceOptions,
     LoraOptions,
@@ -334,14 +334,12 @@ class PushOptions:
     )  # fmt: skip
 
 
-# Hub repository ids: `name` or `owner/name` (letters, digits, - _ .), at most 96 characters.
-REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
-MAX_REPO_ID = 96
+MAX_REPO_ID = 96  # characters the Hub allows in a repository id
 
 
 def check_repo_id(repo: str, flag: str) -> None:
     """Refuse a repository id the Hub would refuse, before anything is trained."""
-    if len(repo) > MAX_REPO_ID or not REPO_ID.match(repo) or ".." in repo or "--" in repo:
+    if len(repo) > MAX_REPO_ID or not HUB_ID.match(repo) or ".." in repo or "--" in repo:
         raise DeltakdError(
             f"{flag} {repo!r} is not a Hub repository id (owner/name: letters, digits, - _ .)"
         )
