@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from deltakd_cli import vocab
-from deltakd_cli.errors import DeltakdError
+from deltakd_cli.errors import DeltakdError, one_line
 from deltakd_cli.option_groups import DTYPES, HUB_ID, LoadSettings
 from deltakd_cli.outputs import local_path
 
@@ -104,20 +104,8 @@ def check_device(device: torch.device) -> None:
         raise DeltakdError(f"device {device} requested but CUDA is not available")
 
 
-ERROR_TEXT_LIMIT = 400  # characters of a library's own message kept in the one line
-
-
-def _one_line(error: Exception) -> str:
-    """A library's message as one line, whole up to ERROR_TEXT_LIMIT characters (its first line
-    alone can stop mid-sentence, e.g. at "from one of:")."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    if len(text) > ERROR_TEXT_LIMIT:
-        text = text[: ERROR_TEXT_LIMIT - 3] + "..."
-    return text
-
-
 def _hub_error(source: ModelSource, error: Exception) -> DeltakdError:
-    first = _one_line(error)
+    first = one_line(error)
     if source.is_local:
         return DeltakdError(f"cannot load model '{source.spec}': {first}")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):

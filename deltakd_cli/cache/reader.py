@@ -17,7 +17,7 @@ from deltakd_cli.cache.schema import (
     decode_positions,
     expected_rows,
 )
-from deltakd_cli.errors import DeltakdError
+from deltakd_cli.errors import DeltakdError, one_line
 from deltakd_cli.targets import FIELD_KIND, PER_POSITION_FIELDS, CachedTargets, GridPoint
 
 
@@ -198,7 +198,7 @@ class CacheReader:
             raise
         except Exception as error:  # a damaged chunk: blosc/zstd raise RuntimeError,
             # ValueError, even SystemError, depending on which bytes changed
-            text = f"{type(error).__name__}: " + " ".join(str(error).split())[:200]
+            text = f"{type(error).__name__}: {one_line(error, 200)}"
             raise DeltakdError(
                 f"{self.path}: shard {self.shard_names[shard]}: a chunk does not decode ({text}); "
                 f"the cache is damaged: check it with deltakd inspect {self.path} --verify, "
