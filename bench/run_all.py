@@ -19,7 +19,7 @@ BENCHES = {
     "distill": "distill_bench.py",
     "trl": "trl_bench.py",
     "trl-noise": "trl_noise.py",
-    "sampled-fidelity": "sampled_fidelity.py",
+    "tail-fidelity": "tail_fidelity.py",
     "memory": "memory_bench.py",
     "startup": "startup_bench.py",
 }

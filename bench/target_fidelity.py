@@ -42,7 +42,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from deltakd_cli import data, fidelity, models, targets  # noqa: E402
+from deltakd_cli import data, models  # noqa: E402
+from deltakd_cli.method import fidelity, targets  # noqa: E402
 
 KS = (8, 32, 64)
 CHUNK = 200  # positions per fidelity call (a few [200, 49152] float32 tensors at a time)

@@ -39,7 +39,7 @@ from heldout import (
 )
 
 from deltakd_cli import data, models
-from deltakd_cli.target_rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
+from deltakd_cli.method.rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 from deltakd_cli.train.batching import RunPlan
 
 ROWS, HELD_OUT, MAX_LENGTH, BATCH, LR = 48, 32, 256, 4, 2e-4

@@ -22,7 +22,6 @@ from deltakd_cli import (
     models,
     outputs,
     sources,
-    targets,
     vocab,
 )
 from deltakd_cli.cache import schema
@@ -38,13 +37,14 @@ from deltakd_cli.cache.writer import ShardWriter
 from deltakd_cli.console import info, progress
 from deltakd_cli.distributed import on_main_first
 from deltakd_cli.errors import DeltakdError, Interrupted
-from deltakd_cli.options import check
-from deltakd_cli.options import record as options_record
-from deltakd_cli.targets import (
+from deltakd_cli.method import targets
+from deltakd_cli.method.targets import (
     RULES_NEEDING_GRID,
     RULES_NEEDING_STUDENT,
     TAIL_RULES_NEEDING_STUDENT,
 )
+from deltakd_cli.options import check
+from deltakd_cli.options import record as options_record
 
 POSITIONS_PER_PASS = 1024  # positions whose full-vocabulary log-probs are held at once (not
 # the zarr chunk, schema.ZARR_POSITION_CHUNK)

@@ -12,8 +12,8 @@ from deltakd_cli.cache.options import InspectOptions
 from deltakd_cli.cache.reader import CachedExample, CacheReader
 from deltakd_cli.console import console
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.method.targets import FIELD_KIND, PER_POSITION_FIELDS
 from deltakd_cli.options import check
-from deltakd_cli.targets import FIELD_KIND, PER_POSITION_FIELDS
 
 
 def summary(reader: CacheReader) -> dict[str, Any]:

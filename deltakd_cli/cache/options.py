@@ -6,14 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.option_groups import (
-    DataOptions,
-    DeviceOptions,
-    ModelLoadOptions,
-    TrainingTemplateOptions,
-)
-from deltakd_cli.options import NUMBER_LIST, opt
-from deltakd_cli.target_rules import (
+from deltakd_cli.method.rules import (
     DEFAULT_TAIL_SAMPLES,
     DEFAULT_TOP_K,
     SELECTION_RULES,
@@ -21,6 +14,13 @@ from deltakd_cli.target_rules import (
     GridPoint,
     default_rules,
 )
+from deltakd_cli.option_groups import (
+    DataOptions,
+    DeviceOptions,
+    ModelLoadOptions,
+    TrainingTemplateOptions,
+)
+from deltakd_cli.options import NUMBER_LIST, opt
 
 TEMPLATE_ROLES = ("tuned", "base", "student")
 

@@ -18,7 +18,7 @@ from deltakd_cli.cache.schema import (
     expected_rows,
 )
 from deltakd_cli.errors import DeltakdError, one_line
-from deltakd_cli.targets import FIELD_KIND, PER_POSITION_FIELDS, CachedTargets, GridPoint
+from deltakd_cli.method.targets import FIELD_KIND, PER_POSITION_FIELDS, CachedTargets, GridPoint
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from zarr.codecs import BloscCodec
 
-from deltakd_cli.targets import (
+from deltakd_cli.method.targets import (
     FIELD_KIND,
     NEEDS_STUDENT,
     PER_POSITION_FIELDS,

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from deltakd_cli.method.rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 from deltakd_cli.option_groups import DataOptions, DeviceOptions, ModelLoadOptions
 from deltakd_cli.options import opt
-from deltakd_cli.target_rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 
 LAYER_RULES = ("auto", "block-influence", "uniform")
 

@@ -14,13 +14,13 @@ from typing import Any
 
 from deltakd_cli import outputs
 from deltakd_cli.console import console, info
+from deltakd_cli.method.rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 from deltakd_cli.options import check
 from deltakd_cli.pipeline import assets
 from deltakd_cli.pipeline.options import DemoOptions, PipelineOptions
 from deltakd_cli.pipeline.run import pipeline_output, run_pipeline
 from deltakd_cli.pipeline.stages import KIB_PER_MIB, Runner, peak_rss_kib, reset_peak_rss
 from deltakd_cli.pipeline.sweep import parse_sweep
-from deltakd_cli.target_rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 
 
 @dataclass(frozen=True)

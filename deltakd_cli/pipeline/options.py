@@ -11,6 +11,7 @@ from deltakd_cli.cache.options import TEMPLATE_ROLES, CacheOptions
 from deltakd_cli.evaluate.options import EvalOptions
 from deltakd_cli.evaluate.protocol import PROTOCOLS
 from deltakd_cli.init_student.options import InitStudentOptions
+from deltakd_cli.method.rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 from deltakd_cli.option_groups import (
     DataOptions,
     DeviceOptions,
@@ -19,7 +20,6 @@ from deltakd_cli.option_groups import (
     TrainingTemplateOptions,
 )
 from deltakd_cli.options import opt
-from deltakd_cli.target_rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
 

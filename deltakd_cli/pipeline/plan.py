@@ -12,11 +12,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from deltakd_cli import objectives
 from deltakd_cli.config import section_of
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.evaluate.protocol import parse_seeds
-from deltakd_cli.objectives import OBJECTIVES
+from deltakd_cli.method import objectives
+from deltakd_cli.method.objectives import OBJECTIVES
 from deltakd_cli.option_groups import DataOptions, LoraOptions
 from deltakd_cli.options import option_fields
 from deltakd_cli.pipeline.options import PipelineOptions

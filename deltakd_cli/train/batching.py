@@ -1,11 +1,13 @@
 """Length-grouped batch plans and the collation of examples into the trainer's batch dict.
 
 A *store* holds examples in shards, each shard sorted by length (the cache's layout; JSONL data
-is put in the same shape by `TokenizedStore`). A batch is a contiguous run of examples inside one
-shard, so reading it is one slice per array. The plan of an epoch is a deterministic function of
-(seed, epoch): per shard a seeded offset shifts the batch boundaries (so batch composition changes
-from epoch to epoch), then the order of all batches is shuffled with the same generator. The
-position in the data is therefore just the optimizer step.
+is put in the same shape by `TokenizedStore`). The plan of an epoch is a deterministic function of
+(seed, epoch): per shard, the length-sorted rows are cut into windows of a few batches
+(`WINDOW_BATCHES`, boundaries shifted by a seeded offset); the rows of each window are shuffled
+and dealt into batches, so the seed decides which rows share a batch, not only the order of the
+batches, while every batch keeps rows of similar length (little padding) that lie in one window
+(read as one slice per array). Then the order of all batches is shuffled with the same generator.
+The position in the data is therefore just the optimizer step.
 
 Optimizer step s of an epoch uses the micro-batches plan[s*W*A : (s+1)*W*A] (W ranks, A
 accumulation steps); rank r takes those whose plan index is r modulo W, i.e. plan[r::W]. An
@@ -26,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from deltakd_cli.cache.reader import CachedExample
 from deltakd_cli.data import TokenizedExample, target_positions
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.targets import (
+from deltakd_cli.method.targets import (
     CACHED_STUDENT_TAIL_FIELDS,
     PER_POSITION_FIELDS,
     STUDENT_FIELDS,
@@ -75,15 +77,26 @@ class TokenizedStore:
         return self.examples[start:stop]
 
 
+# Rows of how many full batches one window of the length-sorted shard holds: the rows a seed may
+# deal into different batches. Wider windows mix more and pad more (docs/benchmarks.md).
+WINDOW_BATCHES = 4
+
+
 @dataclass(frozen=True)
 class BatchSpec:
-    """One micro-batch: examples [start, stop) of a shard."""
+    """One micro-batch: the rows `rows` (ascending) of a shard, all inside [start, stop), the
+    slice a reader reads for it."""
 
     shard: int
     start: int
     stop: int
     num_targets: int
     padded_tokens: int  # rows x longest example
+    rows: tuple[int, ...] = ()  # empty: every row of [start, stop)
+
+    @property
+    def row_indices(self) -> tuple[int, ...]:
+        return self.rows or tuple(range(self.start, self.stop))
 
 
 def shard_boundaries(
@@ -130,6 +143,69 @@ def batch_specs(
     ]
 
 
+def window_batches(
+    rows: np.ndarray,
+    lengths: np.ndarray,
+    batch_size: int | None,
+    max_tokens: int | None,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """The rows of one window dealt into batches: shuffled, then filled in that order while a
+    batch stays within `batch_size` rows and `max_tokens` padded tokens; each batch's rows
+    ascending (the store's length order)."""
+    shuffled = rows[rng.permutation(len(rows))]
+    batches, current, longest = [], [], 0
+    for row in shuffled.tolist():
+        length = int(lengths[row, 0])
+        new_longest = max(longest, length)
+        full = (batch_size is not None and len(current) + 1 > batch_size) or (
+            max_tokens is not None and (len(current) + 1) * new_longest > max_tokens
+        )
+        if full and current:
+            batches.append(np.sort(np.array(current)))
+            current, new_longest = [], length
+        current.append(row)
+        longest = new_longest
+    if current:
+        batches.append(np.sort(np.array(current)))
+    return batches
+
+
+def shard_plan(
+    shard: int,
+    lengths: np.ndarray,
+    batch_size: int | None,
+    max_tokens: int | None,
+    rng: np.random.Generator,
+) -> list[BatchSpec]:
+    """One shard's micro-batches for one epoch: windows of `WINDOW_BATCHES` full batches of the
+    length-sorted rows (the first window cut short by a seeded offset, which moves every later
+    window), each dealt into batches by `window_batches`."""
+    num_tokens = lengths[:, 0]
+    sorted_batches = shard_boundaries(num_tokens, batch_size, max_tokens)
+    rows_per_batch = max(1, round(len(num_tokens) / len(sorted_batches)))
+    window = WINDOW_BATCHES * rows_per_batch
+    offset = int(rng.integers(0, window))
+    edges = [0, *range(offset or window, len(num_tokens), window), len(num_tokens)]
+    target_counts = lengths[:, 1]
+    specs = []
+    for start, stop in zip(edges[:-1], edges[1:], strict=True):
+        if stop <= start:
+            continue
+        for batch in window_batches(np.arange(start, stop), lengths, batch_size, max_tokens, rng):
+            specs.append(
+                BatchSpec(
+                    shard=shard,
+                    start=int(batch[0]),
+                    stop=int(batch[-1]) + 1,
+                    num_targets=int(target_counts[batch].sum()),
+                    padded_tokens=int(len(batch) * num_tokens[batch].max()),
+                    rows=tuple(int(r) for r in batch),
+                )
+            )
+    return specs
+
+
 def epoch_plan(
     shard_lengths: list[np.ndarray],
     epoch: int,
@@ -149,15 +225,24 @@ def epoch_plan(
                 f"--max-tokens-per-batch {max_tokens} is smaller than the longest example "
                 f"({int(num_tokens.max())} tokens)"
             )
-        # The offset: the first batch of the shard holds a random number of rows below a full
-        # one, which moves every later boundary (and so the composition) from epoch to epoch.
-        first_full = shard_boundaries(num_tokens, batch_size, max_tokens)[0]
-        first_rows = first_full[1] - first_full[0]
-        offset = int(rng.integers(0, first_rows))
-        boundaries = shard_boundaries(num_tokens, batch_size, max_tokens, offset)
-        specs += batch_specs(shard, lengths, boundaries)
+        specs += shard_plan(shard, lengths, batch_size, max_tokens, rng)
     order = rng.permutation(len(specs))
     return [specs[i] for i in order]
+
+
+def padding_fraction(specs: list[BatchSpec], shard_lengths: list[np.ndarray]) -> float:
+    """The share of padded tokens that are padding: 1 - real tokens / (rows x longest)."""
+    real = sum(int(shard_lengths[s.shard][list(s.row_indices), 0].sum()) for s in specs)
+    padded = sum(s.padded_tokens for s in specs)
+    return 1.0 - real / padded if padded else 0.0
+
+
+def read_batch(store: ExampleStore, spec: BatchSpec) -> list[Any]:
+    """The examples of one micro-batch: one read of its slice, then its rows."""
+    examples = store.read_examples(spec.shard, spec.start, spec.stop)
+    if not spec.rows:
+        return examples
+    return [examples[row - spec.start] for row in spec.rows]
 
 
 class RunPlan:
@@ -336,8 +421,7 @@ class MicroBatchDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        spec = self.spec(index)
-        examples = self.store.read_examples(spec.shard, spec.start, spec.stop)
+        examples = read_batch(self.store, self.spec(index))
         return collate(examples, self.pad_id, self.with_student, self.with_tail_shift)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from deltakd_cli import objectives
+from deltakd_cli.method import objectives
 
 
 def objective_rows(options: dict[str, Any]) -> list[str]:

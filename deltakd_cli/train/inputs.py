@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltakd_cli import data, losses, models, objectives, sources, vocab
+from deltakd_cli import data, models, sources, vocab
 from deltakd_cli.cache.reader import CacheReader
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.targets import SAMPLE_FIELDS, exact_family_log_tail, grid_column
+from deltakd_cli.method import objectives
+from deltakd_cli.method.spec import CacheFacts, Tail, tail_estimator
+from deltakd_cli.method.targets import SAMPLE_FIELDS, grid_column
+from deltakd_cli.method.view import build_view
 from deltakd_cli.train import batching
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
@@ -25,16 +28,16 @@ class TrainingData:
     provenance: dict[str, Any]
     source: dict[str, Any] = field(default_factory=dict)  # what a resume must find unchanged
     vocab_size: int = 0  # the working vocabulary: the student's logits are cut to it
-    cache_alpha: float | None = None
-    # The cache's (gamma, alpha) grid points, in the order of its family_tail_logmass columns.
-    cache_grid: tuple[tuple[float, float], ...] = ()
+    # The cache's alpha, (gamma, alpha) grid (in the order of its family_tail_logmass columns)
+    # and the temperature its distributions are stored at.
+    facts: CacheFacts = field(default_factory=CacheFacts)
     use_cached_student: bool = False  # read and use the cache's S0 log-probs
     # Use the cache's mass-matched tail shift: it was computed with the cache's own base student,
     # so it holds only for that student (with another one the teacher tail rule is used).
     use_cached_tail_shift: bool = True
     needs_frozen_student: bool = False  # run a frozen copy of the initial student
-    tail: str = "bucket"  # how the tail outside K is trained: "sampled" or "bucket"
-    cache_temperature: float = 1.0  # the temperature the cache's distributions are stored at
+    tail: Tail | None = None  # how the tail outside K is trained (None: no cache, finetune)
+    tail_is_default: bool = False  # the objective's default, not --tail
     template: dict[str, Any] | None = None  # how prompts were rendered (the cache's record)
     eval_store: batching.ExampleStore | None = None  # --eval-data: the held-out examples
 
@@ -45,11 +48,11 @@ def with_eval_data(training: TrainingData, held_out: TrainingData, eval_data: st
     pairs = (
         ("vocabulary size", training.vocab_size, held_out.vocab_size),
         ("cached base-student log-probs", training.use_cached_student, held_out.use_cached_student),
-        ("alpha", training.cache_alpha, held_out.cache_alpha),
-        ("(gamma, alpha) grid", training.cache_grid, held_out.cache_grid),
+        ("alpha", training.facts.alpha, held_out.facts.alpha),
+        ("(gamma, alpha) grid", training.facts.grid, held_out.facts.grid),
         ("use of its tail shift", training.use_cached_tail_shift, held_out.use_cached_tail_shift),
         ("tail", training.tail, held_out.tail),
-        ("temperature", training.cache_temperature, held_out.cache_temperature),
+        ("temperature", training.facts.temperature, held_out.facts.temperature),
     )
     for what, trained, held in pairs:
         if trained != held:
@@ -148,13 +151,29 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
                     f"own base student ({cached_student.get('spec')}), not {student}: the "
                     "teacher tail rule is used instead (docs/method.md)"
                 )
-    tail = tail_estimator(options, reader)
+    tail, tail_is_default = resolve_tail(options, reader)
+    if tail.uses_draws:
+        check_draw_temperature(options, reader)
+    else:
+        reader.skip_fields = SAMPLE_FIELDS  # a tail without draws never reads them
     alpha = manifest.get("alpha")
-    cache_grid = reader.grid_points
-    if options.objective == "kd-to-delta":
-        family_tail_note(options, cache_grid, use_cached_tail_shift)
-    if tail == "sampled":
-        self_normalised_note(options, reader, use_cached_student, use_cached_tail_shift)
+    facts = CacheFacts(
+        alpha=None if alpha is None else float(alpha),
+        grid=reader.grid_points,
+        temperature=reader.temperature,
+    )
+    if objective.needs_cache:
+        info(
+            f"tail: {tail.label} ("
+            + (f"the default for {objective.name}" if tail_is_default else "--tail")
+            + "; docs/method.md)"
+        )
+    if not tail.uses_draws:
+        family_tail_note(options, facts.grid, use_cached_tail_shift)
+    else:
+        self_normalised_note(
+            options, reader, tail, facts, use_cached_student, use_cached_tail_shift
+        )
     local = Path(cache_path).exists()
     return TrainingData(
         store=reader,
@@ -180,90 +199,110 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
             "cache_provenance": provenance,
         },
         vocab_size=int(manifest["vocab_size"]),
-        cache_alpha=None if alpha is None else float(alpha),
-        cache_grid=cache_grid,
+        facts=facts,
         use_cached_student=use_cached_student,
         needs_frozen_student=needs_frozen,
         use_cached_tail_shift=use_cached_tail_shift,
         tail=tail,
-        cache_temperature=reader.temperature,
+        tail_is_default=tail_is_default,
         template=template if isinstance(template, dict) else None,
     )
 
 
 def self_normalised_note(
-    options: DistillOptions, reader: CacheReader, with_student: bool, with_tail_shift: bool
+    options: DistillOptions,
+    reader: CacheReader,
+    tail: Tail,
+    facts: CacheFacts,
+    with_student: bool,
+    with_tail_shift: bool,
 ) -> None:
-    """One note line where the sampled target's normaliser is not known to the cache (another
+    """One note line where the drawn target's normaliser is not known to the cache (another
     alpha, an off-grid gamma, another student): its weights are then self-normalised, biased
     O(1/M); the line gives their mean effective sample size on the cache's first examples (when
     the cache holds the student they need)."""
     objective = objectives.get(options.objective)
-    if objective.target_gamma is None:
+    if not objective.needs_cache:
         return
-    gamma = objective.target_gamma(objective.settings_from(options))
+    spec = objective.target(objective.settings_from(options))
     examples = reader.read_examples(0, 0, min(16, len(reader.shard_lengths(0))))
     if not examples:
         return
     cached = batching.collate(examples, 0, with_student, with_tail_shift)["cached"]
-    cache_alpha = reader.manifest.get("alpha")
-    exact = exact_family_log_tail(cached, gamma, options.alpha, cache_alpha, reader.grid_points)
-    if exact is not None:
-        return
-    size = "the effective sample size needs the live base student and is not shown"
-    if gamma == 0 or cached.sample_student_logprobs is not None:
-        _, _, ess = losses.sampled_family_target(
-            cached, gamma, options.alpha, cache_alpha, reader.grid_points
-        )
-        size = f"mean effective sample size {float(ess.mean()):.1f} of {reader.tail_samples} draws"
+    if spec.needs_student and cached.student_logprobs is None:
+        size = "the effective sample size needs the live base student and is not shown"
+    else:
+        view = build_view(cached, spec, tail, facts, facts.temperature)
+        if view.ess is None:
+            return
+        mean = float(view.ess.mean())
+        size = f"mean effective sample size {mean:.1f} of {reader.tail_samples} draws"
+    gammas = ", ".join(f"{gamma:g}" for _, gamma in spec.points)
     info(
         f"[yellow]note:[/yellow] the cache does not know the normaliser of this target (gamma "
-        f"{gamma:g}, alpha {options.alpha:g}): the sampled tail's weights are self-normalised, "
+        f"{gammas}, alpha {spec.alpha:g}): the drawn tail's weights are self-normalised, "
         f"biased O(1/M) (docs/method.md); {size} on its first examples"
     )
 
 
-def tail_estimator(options: DistillOptions, reader: CacheReader) -> str:
-    """--tail resolved against the cache: "sampled" when it has draws (unless --tail bucket),
-    else "bucket"; the temperature the sampled estimator needs. A bucket run skips reading the
-    draws."""
-    temperature = reader.temperature
-    if options.tail == "sampled" and not reader.tail_samples:
+def resolve_tail(options: DistillOptions, reader: CacheReader) -> tuple[Tail, bool]:
+    """The tail estimator of the run and whether it is the objective's default: --tail, else
+    the objective's measured default when the cache has draws, else the bucket."""
+    objective = objectives.get(options.objective)
+    if options.tail is None:
+        name = objective.default_tail if reader.tail_samples else "bucket"
+        is_default = True
+    else:
+        name, is_default = options.tail, False
+    if name != "bucket" and not reader.tail_samples:
         raise DeltakdError(
-            f"--tail sampled needs a cache with drawn tail ids; {options.cache} has none "
-            "(rebuild it with cache-teachers --tail-samples M)"
+            f"--tail {name} needs a cache with drawn tail ids; {options.cache} has none "
+            "(rebuild it with cache-teachers --tail-samples M, or use --tail bucket)"
         )
-    tail = options.tail or ("sampled" if reader.tail_samples else "bucket")
-    if tail == "bucket":
-        if temperature != 1.0:
-            raise DeltakdError(
-                f"cache drawn at temperature {temperature:g} serves only its sampled tail; "
-                "drop --tail bucket, or rebuild the cache at temperature 1"
-            )
-        reader.skip_fields = SAMPLE_FIELDS
-        return tail
+    if name != "corrected" and options.tail_beta != 1.0:
+        raise DeltakdError(
+            f"--tail-beta is read by the corrected tail only; this run's tail is {name}"
+        )
+    if name == "bucket" and reader.temperature != 1.0:
+        raise DeltakdError(
+            f"cache drawn at temperature {reader.temperature:g} serves only its drawn tails; "
+            "use --tail sampled or corrected, or rebuild the cache at temperature 1"
+        )
+    return tail_estimator(name, options.tail_beta), is_default
+
+
+def check_draw_temperature(options: DistillOptions, reader: CacheReader) -> None:
+    """The draws, masses and shifts were computed at the cache's temperature: train at it."""
+    temperature = reader.temperature
     if objectives.get(options.objective).needs_cache and options.temperature != temperature:
         raise DeltakdError(
             f"cache drawn at temperature {temperature:g}; use --temperature {temperature:g} or "
             "rebuild the cache at the temperature you want"
         )
-    return tail
 
 
 def family_tail_note(
     options: DistillOptions, cache_grid: tuple[tuple[float, float], ...], usable: bool
 ) -> None:
-    """One note line when kd-to-delta's tail bucket cannot use the cache's exact family tail."""
-    point = f"(gamma {options.gamma:g}, alpha {options.alpha:g})"
-    if grid_column(cache_grid, options.gamma, options.alpha) is None:
-        points = ", ".join(f"({g:g}, {a:g})" for g, a in cache_grid) or "none"
-        reason = f"{point} is not a grid point of the cache (its grid: {points})"
-    elif not usable:
-        reason = f"the cache's exact tail at {point} was computed for its own base student"
-    else:
+    """One note line when a bucket target's family point (0 < gamma < 1) cannot use the cache's
+    exact family tail."""
+    objective = objectives.get(options.objective)
+    if not objective.needs_cache:
         return
-    info(
-        f"[yellow]note:[/yellow] {reason}: kd-to-delta's tail bucket uses the fallback "
-        "(1 - gamma) log mT + gamma (log m0 + shift), an upper bound, exact at gamma 0 and 1 "
-        "(docs/method.md)"
-    )
+    spec = objective.target(objective.settings_from(options))
+    for _, gamma in spec.points:
+        if gamma in (0.0, 1.0):
+            continue
+        point = f"(gamma {gamma:g}, alpha {spec.alpha:g})"
+        if grid_column(cache_grid, gamma, spec.alpha) is None:
+            points = ", ".join(f"({g:g}, {a:g})" for g, a in cache_grid) or "none"
+            reason = f"{point} is not a grid point of the cache (its grid: {points})"
+        elif not usable:
+            reason = f"the cache's exact tail at {point} was computed for its own base student"
+        else:
+            continue
+        info(
+            f"[yellow]note:[/yellow] {reason}: the tail bucket of {objective.name} uses the "
+            "fallback (1 - gamma) log mT + gamma (log m0 + shift), an upper bound, exact at "
+            "gamma 0 and 1 (docs/method.md)"
+        )

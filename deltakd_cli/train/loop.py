@@ -174,10 +174,9 @@ class Trainer:
             self.vocab_size,
             self.compute_dtype,
             frozen,
-            self.data.cache_alpha,
+            self.data.facts,
             frozen_is_adapter_disabled=self.data.needs_frozen_student and self.lora is not None,
-            cache_grid=self.data.cache_grid,
-            cache_temperature=self.data.cache_temperature,
+            tail=self.data.tail,
         )
         if options.fsdp:
             self.wrapped = self._fully_shard(self.module)
@@ -363,7 +362,8 @@ class Trainer:
                 "use_cached_student": self.data.use_cached_student,
                 "frozen_student": self.data.needs_frozen_student,
                 "cached_tail_shift": self.data.use_cached_tail_shift,
-                "tail": self.data.tail,
+                "tail": None if self.data.tail is None else self.data.tail.label,
+                "tail_default": self.data.tail_is_default,
                 "trackers": self.trackers_used,
                 "exported_step": best["step"] if best is not None else self.total_steps,
                 "lora": self._lora_record(),
@@ -569,7 +569,7 @@ class Trainer:
                     if index >= len(mine) and not self.options.fsdp:
                         break
                     spec = mine[index] if index < len(mine) else specs[0]
-                    examples = store.read_examples(spec.shard, spec.start, spec.stop)
+                    examples = batching.read_batch(store, spec)
                     batch = batching.collate(
                         examples,
                         self.tokenizer.pad_token_id,

@@ -2,7 +2,8 @@
 hidden states at the N target positions are gathered and pushed through the output layer
 (`models.head_logits`, the same step the cache uses) in chunks of positions, each chunk under
 activation checkpointing, so only one chunk's [n, V] logits exist at a time (forward and
-backward)."""
+backward). Per chunk, `chunk_loss` builds the objective's target view (method/view.py) and takes
+its divergence (method/divergences.py), mixed with the SFT cross-entropy."""
 
 from __future__ import annotations
 
@@ -13,10 +14,96 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from deltakd_cli import losses, models
+from deltakd_cli import models
+from deltakd_cli.errors import DeltakdError
+from deltakd_cli.method import objectives
+from deltakd_cli.method.divergences import sft_loss
+from deltakd_cli.method.objectives import Objective
+from deltakd_cli.method.spec import CacheFacts, Tail, tail_estimator
+from deltakd_cli.method.targets import CachedTargets
+from deltakd_cli.method.view import build_view, student_view
 from deltakd_cli.train.options import TrainOptions, objective_settings
 
 LOGIT_ELEMENTS_PER_CHUNK = 1 << 25  # ~128 MiB of float32 logits per chunk by default
+
+
+def chunk_loss(
+    objective: str | Objective,
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    cached: CachedTargets | None,
+    *,
+    settings: Any = None,
+    tail: Tail | None = None,
+    temperature: float = 1.0,
+    sft_weight: float = 0.0,
+    facts: CacheFacts = CacheFacts(),
+    frozen_student_logits: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The training loss of one chunk of positions, as per-position tensors [N]:
+
+    "sft" (cross-entropy), "distill" (the objective's divergence over its target view, zeros for
+    "sft") and "loss" = sft_weight * sft + (1 - sft_weight) * distill * temperature**2 (the tau^2
+    keeps gradient scales comparable across temperatures); for objective "sft", loss = sft.
+    `settings`: the objective's own (None: their defaults); `tail`: the tail estimator (None:
+    the bucket)."""
+    entry = objective if isinstance(objective, Objective) else objectives.get(objective)
+    if not temperature > 0:
+        raise DeltakdError(f"temperature must be positive, got {temperature}")
+    if not 0.0 <= sft_weight <= 1.0:
+        raise DeltakdError(f"sft weight must be between 0 and 1, got {sft_weight}")
+    logits = student_logits.float()
+    sft = sft_loss(logits, labels)
+    divergence = entry.divergence_function()
+    if divergence is None:
+        return {"loss": sft, "sft": sft, "distill": torch.zeros_like(sft)}
+    if cached is None:
+        raise DeltakdError(f"objective {entry.name!r} needs cached teacher targets")
+    if not entry.takes_temperature and temperature != 1.0:
+        raise DeltakdError(
+            f"objective {entry.name!r} matches log-prob shifts and takes no temperature; "
+            "use temperature 1"
+        )
+    check_shapes(logits, cached, frozen_student_logits)
+    settings = settings or entry.settings()
+    view = build_view(
+        cached,
+        entry.target(settings),
+        tail or tail_estimator("bucket"),
+        facts,
+        temperature,
+        frozen_student_logits,
+    )
+    distill = divergence(view, student_view(logits, view, temperature), settings)
+    loss = sft_weight * sft + (1.0 - sft_weight) * distill * temperature**2
+    return {"loss": loss, "sft": sft, "distill": distill}
+
+
+def check_shapes(
+    student_logits: torch.Tensor,
+    cached: CachedTargets,
+    frozen_student_logits: torch.Tensor | None = None,
+) -> None:
+    """One line when the chunk's tensors do not line up (one row per target position)."""
+    if student_logits.dim() != 2:
+        raise DeltakdError(
+            f"student logits must be [positions, vocab], got {tuple(student_logits.shape)}"
+        )
+    if cached.ids.dim() != 2 or cached.ids.shape[0] != student_logits.shape[0]:
+        raise DeltakdError(
+            f"cached ids {tuple(cached.ids.shape)} do not match student logits "
+            f"{tuple(student_logits.shape)} (one row per target position)"
+        )
+    if cached.ids.shape[1] > student_logits.shape[1]:
+        raise DeltakdError(
+            f"the cache keeps {cached.ids.shape[1]} ids per position but the student's "
+            f"vocabulary has only {student_logits.shape[1]}"
+        )
+    if frozen_student_logits is not None and frozen_student_logits.shape != student_logits.shape:
+        raise DeltakdError(
+            f"frozen student logits {tuple(frozen_student_logits.shape)} do not match the "
+            f"student's {tuple(student_logits.shape)}"
+        )
 
 
 def target_hidden(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -54,10 +141,9 @@ class ObjectiveModule(nn.Module):
         vocab_size: int,
         compute_dtype: torch.dtype,
         frozen_student: nn.Module | None = None,
-        cache_alpha: float | None = None,
+        facts: CacheFacts = CacheFacts(),
         frozen_is_adapter_disabled: bool = False,
-        cache_grid: tuple[tuple[float, float], ...] = (),
-        cache_temperature: float = 1.0,
+        tail: Tail | None = None,
     ):
         super().__init__()
         if frozen_is_adapter_disabled and frozen_student is not None:
@@ -69,14 +155,11 @@ class ObjectiveModule(nn.Module):
         self.vocab_size = vocab_size
         self.chunk_size = options.logit_chunk_size or default_chunk_size(vocab_size)
         self.compute_dtype = compute_dtype
-        self.loss_options = {
-            "settings": objective_settings(options),
-            "temperature": options.temperature,
-            "sft_weight": options.sft_weight,
-            "cache_alpha": cache_alpha,
-            "cache_grid": tuple(cache_grid),
-            "cache_temperature": cache_temperature,
-        }
+        self.settings = objective_settings(options)
+        self.tail = tail
+        self.temperature = options.temperature
+        self.sft_weight = options.sft_weight
+        self.facts = facts
 
     @property
     def has_frozen_student(self) -> bool:
@@ -101,13 +184,17 @@ class ObjectiveModule(nn.Module):
             frozen, switched = self._frozen()
             with torch.no_grad(), switched:
                 frozen_logits = models.head_logits(frozen, frozen_hidden, self.vocab_size)
-        parts = losses.objective_loss(
+        parts = chunk_loss(
             self.objective,
             logits,
             labels,
             cached,
+            settings=self.settings,
+            tail=self.tail,
+            temperature=self.temperature,
+            sft_weight=self.sft_weight,
+            facts=self.facts,
             frozen_student_logits=frozen_logits,
-            **self.loss_options,
         )
         return parts["loss"].sum(), parts["sft"].detach().sum(), parts["distill"].detach().sum()
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from deltakd_cli import objectives
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.method import objectives
+from deltakd_cli.method.spec import TAIL_NAMES
 from deltakd_cli.option_groups import (
     DEFAULT_LORA_TARGETS,
     HUB_ID,
@@ -20,10 +21,6 @@ from deltakd_cli.option_groups import (
 )
 from deltakd_cli.options import check, opt
 from deltakd_cli.tracking import parse_report_to
-
-# How distill trains the tail outside the kept ids (docs/method.md).
-TAIL_ESTIMATORS = ("sampled", "bucket")
-
 
 # Options whose change would make a resumed run differ from the interrupted one (with every
 # objective's settings, objectives.py).
@@ -37,6 +34,7 @@ OPTIONS_THAT_MATTER = (
     "sft_weight",
     "frozen_student",
     "tail",
+    "tail_beta",
     "epochs",
     "max_steps",
     "lr",
@@ -71,6 +69,7 @@ OPTIONS_ADDED_LATER = {
     "lora_target_modules": DEFAULT_LORA_TARGETS,
     "lora_4bit": False,
     "tail": None,
+    "tail_beta": 1.0,
     **objectives.setting_defaults(),  # a setting added later: runs before it used its default
 }
 
@@ -223,9 +222,19 @@ class DistillOptions(TrainOptions, ObjectiveOptions):
     )
     tail: str | None = opt(
         None,
-        help="How the target's tail outside the kept ids is trained: sampled (the cache's drawn "
-        "ids, unbiased; the default when the cache has them) or bucket (one tail bucket).",
-        choices=TAIL_ESTIMATORS,
+        help="How the target's tail outside the kept ids is trained: bucket (its mass only; "
+        "quiet, biased), sampled (the cache's drawn ids; unbiased, noisy) or corrected (the "
+        "bucket plus a sampled correction; unbiased, quiet near S0). Default: the objective's "
+        "measured best when the cache has draws (corrected for the Delta family, sampled for "
+        "the teacher's), else bucket (docs/method.md).",
+        choices=TAIL_NAMES,
+    )
+    tail_beta: float = opt(
+        1.0,
+        help="The corrected tail's baseline scale: 1 the full correction, 0 the plain sampled "
+        "tail.",
+        at_least=0,
+        at_most=1,
     )
     verify_cache: bool = opt(True, help="Check the cache's shard checksums first.")
     num_workers: int = opt(2, help="DataLoader workers reading the cache (0: inline).", at_least=0)
@@ -254,6 +263,7 @@ class FinetuneOptions(TrainOptions, TrainingTemplateOptions, DataOptions):
     sft_weight: ClassVar[float] = 0.0
     frozen_student: ClassVar[bool] = False
     tail: ClassVar[str | None] = None
+    tail_beta: ClassVar[float] = 1.0
 
     @property
     def student(self) -> str:

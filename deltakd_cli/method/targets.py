@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from deltakd_cli import sampling
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.target_rules import (  # noqa: F401  (their home; used here and re-read)
+from deltakd_cli.method import sampling
+from deltakd_cli.method.rules import (  # noqa: F401  (their home; used here and re-read)
     RULES_NEEDING_GRID,
     RULES_NEEDING_STUDENT,
     SELECTION_RULES,
@@ -604,9 +604,9 @@ def family_target_bucket_logits(
     i.e. the geometric mix of the KD and Delta bucket logits. The fallback is an upper bound on
     the exact tail (Hölder: sum a^(1-gamma) b^gamma <= (sum a)^(1-gamma) (sum b)^gamma, with the
     Delta tail exact when `shift` is the mass-matched one) and exact at gamma 0 and 1."""
-    logits = geometric_mix(
-        kd_target_bucket_logits(cached), delta_target_bucket_logits(cached, alpha, shift), gamma
-    )
+    logits = kd_target_bucket_logits(cached)
+    if gamma != 0:  # the Delta side needs the base student; the teacher's point does not
+        logits = geometric_mix(logits, delta_target_bucket_logits(cached, alpha, shift), gamma)
     if exact_log_tail is None:
         return logits
     return torch.cat([logits[:, :-1], _compute(exact_log_tail).unsqueeze(1)], dim=1)
@@ -677,39 +677,6 @@ def exact_family_log_tail(
     if gamma == 1 and exact_shift and cached.student_tail is not None:
         return _compute(cached.student_tail).log() + _compute(cached.target_tail_shift)
     return None
-
-
-def sampled_target_logprobs(
-    head_logits: torch.Tensor,
-    drawn_logits: torch.Tensor,
-    drawn_log_weights: torch.Tensor,
-    exact_log_tail: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log r over the columns K + drawn ids [N,k+M], and the self-normalised weights' effective
-    sample size [N] (None when the normaliser is exact).
-
-    r = exp(logits - log Z). Z is exact, sum_K e^logits + e^exact_log_tail, when the tail mass
-    is known; otherwise it is estimated with the same draws, sum_K e^logits +
-    sum_j w_j e^logits_j (self-normalised importance sampling: biased O(1/M))."""
-    weighted_drawn = drawn_logits + drawn_log_weights
-    if exact_log_tail is not None:
-        tail, ess = exact_log_tail.unsqueeze(1), None
-    else:
-        tail = torch.logsumexp(weighted_drawn, dim=1, keepdim=True)
-        ess = sampling.effective_sample_size(weighted_drawn)
-    log_norm = torch.logsumexp(torch.cat([head_logits, tail], dim=1), dim=1, keepdim=True)
-    return torch.cat([head_logits, drawn_logits], dim=1) - log_norm, ess
-
-
-def support_ids(cached: CachedTargets) -> torch.Tensor:
-    """The columns of a sampled target: K, then the drawn ids [N,k+M]."""
-    return torch.cat([cached.ids, cached.sample_ids.long()], dim=1)
-
-
-def support_log_weights(cached: CachedTargets) -> torch.Tensor:
-    """Inclusion weights of the columns [N,k+M] in log space: 0 on K, log(c/(M q)) drawn."""
-    head = torch.zeros_like(cached.ids, dtype=torch.float32)
-    return torch.cat([head, sample_log_weights(cached)], dim=1)
 
 
 def bucket_logprobs(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

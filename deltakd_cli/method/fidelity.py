@@ -5,9 +5,12 @@ bench/sampled_fidelity.py); training never calls them."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from deltakd_cli.targets import (
+from deltakd_cli.method.spec import CacheFacts, Tail, TargetSpec
+from deltakd_cli.method.targets import (
     CachedTargets,
     GridPoint,
     build_cached_targets,
@@ -137,3 +140,36 @@ def family_fidelity(
             "cosine_fallback": family_grad_cosine(*common, None),
         }
     return figures
+
+
+def view_grad_cosine(
+    student_logprobs: torch.Tensor,
+    tuned_logprobs: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    cached: CachedTargets,
+    spec: TargetSpec,
+    tail: Tail,
+    facts: CacheFacts,
+) -> torch.Tensor:
+    """Per position [N]: at theta = S0, the cosine between the dense gradient of KL(r || p_theta)
+    with respect to the student's logits, p0 - r (r: `spec`'s target over the whole vocabulary),
+    and the gradient of the cached loss on `tail`'s view of ONE cache (autograd through the view,
+    as training takes it): what a single cache gives, noise included."""
+    from deltakd_cli.method.divergences import forward_kl  # the loss's own code, not a copy
+    from deltakd_cli.method.view import build_view, student_view
+
+    exact = torch.stack(
+        [
+            math.log(share)
+            + exact_family_target(
+                student_logprobs, tuned_logprobs, base_logprobs, gamma, spec.alpha
+            ).double()
+            for share, gamma in spec.points
+            if share > 0
+        ]
+    ).logsumexp(dim=0)
+    dense = student_logprobs.double().exp() - exact.exp()
+    logits = student_logprobs.float().clone().requires_grad_(True)
+    view = build_view(cached, spec, tail, facts, facts.temperature)
+    forward_kl(view, student_view(logits, view, facts.temperature)).sum().backward()
+    return _cosine(dense, logits.grad.double())

@@ -1,22 +1,24 @@
-"""The training objectives, each one component: its settings, its loss, what it needs from the
-cache, and how tables and model cards name it. This registry is the one source for the choices of
-`distill --objective`, the options each objective reads, the resume checks, the model card and
-the pipeline's students.
+"""The training objectives, each one component: its settings, its target, its divergence, its
+default tail estimator, and how tables and model cards name it. This registry is the one source
+for the choices of `distill --objective`, the options each objective reads, the resume checks,
+the model card and the pipeline's students.
 
-No torch here (the CLI shows its help from this module): an objective names its loss, a pure
-function in losses.py, as "losses.<function>", or holds the function itself (an objective
-registered from outside the package). Every loss has the signature
+No torch here (the CLI shows its help from this module): an objective names its divergence, a
+pure function in divergences.py, as "divergences.<function>", or holds the function itself (an
+objective registered from outside the package). Every divergence has one signature,
 
-    loss(student_logits [N, V], cached: CachedTargets, settings, context: LossContext) -> [N]
+    divergence(view: TargetView, student: StudentView, settings) -> [N]
 
-where `settings` is an instance of the objective's own settings class below (a frozen dataclass
-whose fields are declared with `opt()`, so `distill` gets one flag per field, with its help,
-checks, record and config key) and `context` holds what the run knows besides (temperature, the
-cache's alpha, grid and temperature, a frozen base student's logits).
+over the target view that view.py builds from the cache, the live base student (if any) and the
+tail estimator; `target(settings)` says which target (a `spec.TargetSpec`: points of the
+KD-to-Delta family) the view holds, and `settings` is an instance of the objective's own settings
+class below (a frozen dataclass whose fields are declared with `opt()`, so `distill` gets one
+flag per field, with its help, checks, record and config key).
 
-Adding an objective: its loss function in losses.py, and one `register(Objective(...))` below (a
-new setting: one field on a settings class here). An option given to an objective that does not
-read it is refused in one line naming the objectives that do."""
+Adding an objective: its divergence (for a new per-token divergence, a `*_terms` function and a
+two-line divergence in divergences.py), and one `register(Objective(...))` below (a new setting:
+one field on a settings class here). An option given to an objective that does not read it is
+refused in one line naming the objectives that do."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltakd_cli.errors import DeltakdError
+from deltakd_cli.method.spec import TUNED_TEACHER, TargetSpec
 from deltakd_cli.options import flag, opt
 
 PANEL = "Objective"
@@ -98,29 +101,34 @@ class SkewSettings:
 # ----------------------------------------------------------------------------- the component
 
 
+def _tuned_teacher(settings: Any) -> TargetSpec:
+    return TUNED_TEACHER
+
+
 @dataclass(frozen=True)
 class Objective:
     """One training objective.
 
-    `loss`: "losses.<function>" or the function itself; None for cross-entropy only (sft).
-    `target_gamma`: the point of the KD-to-Delta family its target sits on (0: the tuned
-    teacher, 1: the Delta target), given its settings; None when its target is not a family
-    point (sft, delta-mse). The sampled tail's weights are exact there when the cache knows the
-    point's normaliser."""
+    `divergence`: "divergences.<function>" or the function itself; None for cross-entropy only
+    (sft). `target`: its settings -> the target the divergence is taken to (default: the tuned
+    teacher). `default_tail`: the tail estimator it trains with when the cache has draws and
+    `--tail` is not given, chosen by measurement (docs/method.md, "Which tail for which
+    objective"); a cache without draws always trains the bucket."""
 
     name: str
     label: str  # a student trained with it, as tables name it
     description: str  # what it is, in one phrase (the model card)
     settings: type = NoSettings
-    loss: str | Callable[..., Any] | None = None
+    divergence: str | Callable[..., Any] | None = None
+    target: Callable[[Any], TargetSpec] = _tuned_teacher
     needs_student: bool = False  # its target is built from S0 (cached log-probs or a frozen copy)
     takes_temperature: bool = True
-    target_gamma: Callable[[Any], float] | None = None
+    default_tail: str = "sampled"
     tags: tuple[str, ...] = ()  # model card tags besides deltakd and knowledge-distillation
 
     @property
     def needs_cache(self) -> bool:
-        return self.loss is not None
+        return self.divergence is not None
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -133,11 +141,11 @@ class Objective:
         get = values.get if isinstance(values, dict) else lambda name: getattr(values, name)
         return self.settings(**{name: get(name) for name in self.reads})
 
-    def loss_function(self) -> Callable[..., Any]:
-        if self.loss is None or callable(self.loss):
-            return self.loss
-        module, _, name = self.loss.rpartition(".")
-        return getattr(importlib.import_module(f"deltakd_cli.{module}"), name)
+    def divergence_function(self) -> Callable[..., Any] | None:
+        if self.divergence is None or callable(self.divergence):
+            return self.divergence
+        module, _, name = self.divergence.rpartition(".")
+        return getattr(importlib.import_module(f"deltakd_cli.method.{module}"), name)
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -227,17 +235,24 @@ def options_class(name: str = "ObjectiveOptions") -> type:
 
 # ----------------------------------------------------------------------------- the registry
 
+# The default tail estimators, chosen by measurement (docs/method.md, "Which tail for which
+# objective"; bench/sampled_fidelity.py, bench/trl_noise.py, bench/delta_tails.py): the teacher's
+# targets are far from the student and the plain draws serve them; the Delta family's targets sit
+# near S0, where the corrected tail keeps the draws' lack of bias without their noise.
+KD_DEFAULT_TAIL = "sampled"
+DELTA_DEFAULT_TAIL = "corrected"
 
-def _teacher(settings: Any) -> float:
-    return 0.0
+
+def _delta(settings: Any) -> TargetSpec:
+    return TargetSpec(((1.0, 1.0),), settings.alpha)
 
 
-def _delta(settings: Any) -> float:
-    return 1.0
+def _family_point(settings: Any) -> TargetSpec:
+    return TargetSpec(((1.0, settings.gamma),), settings.alpha)
 
 
-def _own_gamma(settings: Any) -> float:
-    return settings.gamma
+def _delta_and_teacher(settings: Any) -> TargetSpec:
+    return TargetSpec(((settings.mix, 1.0), (1.0 - settings.mix, 0.0)), settings.alpha)
 
 
 register(
@@ -252,8 +267,8 @@ register(
         "kd",
         "KD student",
         "token-level KD (forward KL to the tuned teacher)",
-        loss="losses.kd_objective",
-        target_gamma=_teacher,
+        divergence="divergences.forward_kl",
+        default_tail=KD_DEFAULT_TAIL,
     )
 )
 register(
@@ -262,9 +277,10 @@ register(
         "Delta-KD student",
         "Delta-KD (forward KL to the base student shifted by tuned - base teacher)",
         ShiftSettings,
-        loss="losses.delta_objective",
+        divergence="divergences.forward_kl",
+        target=_delta,
         needs_student=True,
-        target_gamma=_delta,
+        default_tail=DELTA_DEFAULT_TAIL,
         tags=("delta-kd",),
     )
 )
@@ -275,9 +291,11 @@ register(
         "Delta-MSE (squared error between the student's own shift from S0 and the teachers' "
         "shift, at the kept ids)",
         ShiftSettings,
-        loss="losses.delta_mse_objective",
+        divergence="divergences.shift_mse",
+        target=_delta,
         needs_student=True,
         takes_temperature=False,
+        default_tail="bucket",  # it reads the kept ids only
         tags=("delta-kd",),
     )
 )
@@ -287,9 +305,10 @@ register(
         "Delta-mix student",
         "Delta-mix (forward KL to a mixture of the Delta target and the tuned teacher)",
         MixSettings,
-        loss="losses.delta_mix_objective",
+        divergence="divergences.forward_kl",
+        target=_delta_and_teacher,
         needs_student=True,
-        target_gamma=_delta,
+        default_tail=DELTA_DEFAULT_TAIL,
         tags=("delta-kd",),
     )
 )
@@ -300,9 +319,10 @@ register(
         "KD-to-Delta (forward KL to the geometric path from the tuned teacher, gamma 0, to the "
         "Delta target, gamma 1)",
         FamilySettings,
-        loss="losses.kd_to_delta_objective",
+        divergence="divergences.forward_kl",
+        target=_family_point,
         needs_student=True,
-        target_gamma=_own_gamma,
+        default_tail=DELTA_DEFAULT_TAIL,
         tags=("delta-kd",),
     )
 )
@@ -311,8 +331,8 @@ register(
         "reverse-kl",
         "Reverse-KL student",
         "reverse KL (KL(p_theta || pT) to the tuned teacher, mode-seeking)",
-        loss="losses.reverse_kl_objective",
-        target_gamma=_teacher,
+        divergence="divergences.reverse_kl",
+        default_tail=KD_DEFAULT_TAIL,
     )
 )
 register(
@@ -321,8 +341,8 @@ register(
         "GJSD student",
         "generalised Jensen-Shannon divergence to the tuned teacher (TRL's GKD convention)",
         JsdSettings,
-        loss="losses.gjsd_objective",
-        target_gamma=_teacher,
+        divergence="divergences.gjsd",
+        default_tail=KD_DEFAULT_TAIL,
     )
 )
 register(
@@ -331,8 +351,8 @@ register(
         "Skew-KL student",
         "skew KL (KL(pT || lambda pT + (1 - lambda) p_theta) to the tuned teacher)",
         SkewSettings,
-        loss="losses.skew_kl_objective",
-        target_gamma=_teacher,
+        divergence="divergences.skew_kl",
+        default_tail=KD_DEFAULT_TAIL,
     )
 )
 register(
@@ -340,7 +360,7 @@ register(
         "tv",
         "TV student",
         "total variation distance to the tuned teacher",
-        loss="losses.tv_objective",
-        target_gamma=_teacher,
+        divergence="divergences.total_variation",
+        default_tail=KD_DEFAULT_TAIL,
     )
 )
