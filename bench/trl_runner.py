@@ -85,6 +85,23 @@ def config_kwargs(options: argparse.Namespace) -> dict:
     )
 
 
+def paired(trainer_class: type, order_file: str) -> type:
+    """`trainer_class` whose training batches are the rows listed in `order_file`, in order."""
+    from torch.utils.data import DataLoader
+
+    batches = json.loads(Path(order_file).read_text())["batches"]
+
+    class PairedTrainer(trainer_class):
+        def get_train_dataloader(self) -> DataLoader:
+            dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+            loader = DataLoader(
+                dataset, batch_sampler=batches, collate_fn=self.data_collator, num_workers=0
+            )
+            return self.accelerator.prepare(loader)
+
+    return PairedTrainer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trainer", choices=("gkd", "sft"))
@@ -97,6 +114,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-order", help="JSON file of the batches to train on, in order")
     options = parser.parse_args()
     started = time.perf_counter()
 
@@ -122,7 +140,10 @@ def main() -> None:
             max_new_tokens=1,  # unused: nothing is generated with lmbda = 0 and seq_kd off
             disable_dropout=True,
         )
-        trainer = GKDTrainer(
+        trainer_class = (
+            paired(GKDTrainer, options.batch_order) if options.batch_order else GKDTrainer
+        )
+        trainer = trainer_class(
             model=student,
             teacher_model=teacher,
             args=config,
@@ -147,6 +168,7 @@ def main() -> None:
         "target_tokens_per_epoch": targets,
         "train_seconds": result.metrics.get("train_runtime"),
         "seconds_in_process": time.perf_counter() - started,
+        "batch_order": options.batch_order,
         "log": [
             {"step": e.get("step"), "loss": e.get("loss"), "lr": e.get("learning_rate")}
             for e in steps
