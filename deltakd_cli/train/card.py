@@ -10,6 +10,25 @@ from typing import Any
 
 from deltakd_cli.method import objectives
 
+TAIL_WORDS = {
+    "bucket": "one tail bucket (the target's mass outside the kept ids; its shape untrained)",
+    "sampled": "the cache's drawn tail ids, importance-weighted (unbiased)",
+    "corrected": "the tail bucket plus a sampled correction (unbiased; quiet near S0)",
+}
+
+
+def _tail_text(resolved: dict[str, Any], cache: dict[str, Any]) -> str:
+    """How the run trained the tail outside the kept ids: the estimator actually used (run.json's
+    resolved tail), whether it was the objective's default, and the bucket's rule."""
+    tail = resolved.get("tail") or "bucket"
+    name = tail.split(" ")[0]
+    words = f"{tail}: {TAIL_WORDS.get(name, tail)}"
+    if resolved.get("tail_default"):
+        words += ", the objective's default"
+    if name != "sampled" and cache.get("tail_rule"):
+        words += f"; bucket rule {cache['tail_rule']}"
+    return words
+
 
 def objective_rows(options: dict[str, Any]) -> list[str]:
     """The card's rows for the run's objective: its name, every setting it reads (from the
@@ -256,10 +275,12 @@ def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None = None)
         lines.append(
             f"| teachers' cache | `{public_name(cache.get('path') or '?')}`: "
             f"top-{cache.get('k')} "
-            f"({cache.get('selection')}), {cache.get('tail_rule')} tail, "
-            f"{(cache.get('counts') or {}).get('response_tokens', '?')} response tokens, "
+            f"({cache.get('selection')})"
+            + (f" + {cache['tail_samples']} tail draws" if cache.get("tail_samples") else "")
+            + f", {(cache.get('counts') or {}).get('response_tokens', '?')} response tokens, "
             f"manifest {_short(cache.get('manifest_sha256'))} |"
         )
+        lines.append(f"| tail | {_tail_text(resolved, cache)} |")
     held_out = provenance.get("eval_data") or {}
     for key in ("cache", "data"):
         entry = held_out.get(key)
