@@ -6,12 +6,12 @@ as the past top-64 + bucket cache.
     python bench/delta_tails.py [--demo-dir runs/demo] [--seeds 3] [--reuse] [--arms A,B,...]
 
 Two caches of the demo's train rows with its healed base student S0 and the family grid (gamma
-0, 0.5, 1 at alpha 1): the default shape (top-16 of the grid rule + 32 draws) and top-64 +
+0, 0.5, 1 at alpha 1): the default shape (top-48 of the grid rule + 16 draws) and top-64 +
 bucket. Arms (objective x cache x tail), each trained with the demo's distill settings at every
 seed:
 
-  <objective>_default_<tail>   tails: corrected (beta 1; the default for the Delta family),
-                               sampled, bucket (a top-16 bucket)
+  <objective>_default_<tail>   tails: bucket (the Delta family's default: a top-48 bucket),
+                               corrected (beta 1), sampled
   <objective>_k64_bucket       the past default
 
 Per arm: ROUGE-L on the demo's 50 test rows (greedy, 48 new tokens, as the demo) through
@@ -38,6 +38,7 @@ from heldout import paired_seeds_and_rows_bootstrap
 sys.path.insert(0, str(REPO))
 
 from deltakd_cli import data, models  # noqa: E402
+from deltakd_cli.method.objectives import OBJECTIVES as OBJECTIVE_REGISTRY  # noqa: E402
 from deltakd_cli.method.rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K  # noqa: E402
 from deltakd_cli.method.targets import exact_family_target  # noqa: E402
 
@@ -45,20 +46,22 @@ OUT = WORKDIR / "delta-tails"
 GRID = "0,0.5,1"
 CACHES = {"default": (DEFAULT_TOP_K, DEFAULT_TAIL_SAMPLES), "k64": (64, 0)}
 OBJECTIVES = {"delta": ("delta", 1.0), "half": ("kd-to-delta", 0.5)}  # name -> (objective, gamma)
-TAILS = ("corrected", "sampled", "bucket")
+TAILS = ("bucket", "corrected", "sampled")
 DISTILL = ["--epochs", "2", "--lr", "2e-4", "--batch-size", "8", "--sft-weight", "0.5",
            "--save-every", "0", "--device", "cpu"]  # the demo's distill settings  # fmt: skip
 
 
 def arms() -> dict[str, tuple[str, str, str]]:
-    """arm -> (objective name, cache, tail), the ones the Done-when needs first."""
+    """arm -> (objective name, cache, tail): first each objective's default tail on the default
+    cache and the past default (what the comparison needs), then the other tails."""
     table = {}
-    for name in OBJECTIVES:
-        table[f"{name}_default_corrected"] = (name, "default", "corrected")
+    for name, (objective, _) in OBJECTIVES.items():
+        default = OBJECTIVE_REGISTRY[objective].default_tail
+        table[f"{name}_default_{default}"] = (name, "default", default)
         table[f"{name}_k64_bucket"] = (name, "k64", "bucket")
     for name in OBJECTIVES:
-        for tail in TAILS[1:]:
-            table[f"{name}_default_{tail}"] = (name, "default", tail)
+        for tail in TAILS:
+            table.setdefault(f"{name}_default_{tail}", (name, "default", tail))
     return table
 
 

@@ -34,6 +34,7 @@ from deltakd_cli.method.spec import CacheFacts, TargetSpec, tail_estimator  # no
 GRID = ((0.0, 1.0), (0.5, 1.0), (1.0, 1.0))
 SHAPES = {  # name -> (top-k, draws)
     "k16_m32": (16, 32),
+    "k32_m24": (32, 24),
     "k48_m16": (48, 16),
     "k64_m0": (64, 0),
 }

@@ -9,8 +9,8 @@ Arms, each trained 1 epoch at every seed on trl_bench's rows, models and trainin
 
   trl                 TRL GKDTrainer, lmbda 0, beta 0, on deltakd's batches at that seed
   <shape>_<tail>      deltakd KD (sft weight 0) from one cache of that shape with that tail
-                      estimator (bucket, sampled, corrected): the default shape with each tail,
-                      and the top-64 + bucket cache of the past default
+                      estimator (sampled: kd's default; corrected; bucket) on the default cache
+                      (the unpaired bench/trl_noise.py keeps the top-64 + bucket arm)
 
 Per arm: held-out full-vocabulary KL(teacher || student) per response token on the held-out rows
 (bench/heldout.py), and the paired difference to TRL with a bootstrap over the pairs and the rows
@@ -38,12 +38,11 @@ from deltakd_cli.method.rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 from deltakd_cli.train.batching import RunPlan, read_batch
 
 PAIRED = WORKDIR / "trl-paired"
-CACHES = {"default": (DEFAULT_TOP_K, DEFAULT_TAIL_SAMPLES), "k64": (64, 0)}
+CACHES = {"default": (DEFAULT_TOP_K, DEFAULT_TAIL_SAMPLES)}
 ARMS = {  # arm -> (cache, tail)
     "default_sampled": ("default", "sampled"),
     "default_corrected": ("default", "corrected"),
     "default_bucket": ("default", "bucket"),
-    "k64_bucket": ("k64", "bucket"),
 }
 
 

@@ -235,12 +235,14 @@ def options_class(name: str = "ObjectiveOptions") -> type:
 
 # ----------------------------------------------------------------------------- the registry
 
-# The default tail estimators, chosen by measurement (docs/method.md, "Which tail for which
-# objective"; bench/sampled_fidelity.py, bench/trl_noise.py, bench/delta_tails.py): the teacher's
-# targets are far from the student and the plain draws serve them; the Delta family's targets sit
-# near S0, where the corrected tail keeps the draws' lack of bias without their noise.
+# The default tail estimators, chosen by measurement (docs/method.md, "Which cache and tail for
+# which objective"; bench/tail_fidelity.py, bench/trl_paired.py, bench/delta_tails.py): the
+# teacher's target is far from the student, where the draws' lack of bias pays (held-out KL to the
+# teacher); the Delta family's targets sit near S0, where the Delta gradient is small and one
+# cache's draws (plain or corrected) are noise against it, while the default cache's 48-id head
+# with one tail bucket keeps its gradient cosine at S0 >= 0.985.
 KD_DEFAULT_TAIL = "sampled"
-DELTA_DEFAULT_TAIL = "corrected"
+DELTA_DEFAULT_TAIL = "bucket"
 
 
 def _delta(settings: Any) -> TargetSpec:

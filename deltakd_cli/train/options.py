@@ -224,9 +224,9 @@ class DistillOptions(TrainOptions, ObjectiveOptions):
         None,
         help="How the target's tail outside the kept ids is trained: bucket (its mass only; "
         "quiet, biased), sampled (the cache's drawn ids; unbiased, noisy) or corrected (the "
-        "bucket plus a sampled correction; unbiased, quiet near S0). Default: the objective's "
-        "measured best when the cache has draws (corrected for the Delta family, sampled for "
-        "the teacher's), else bucket (docs/method.md).",
+        "bucket plus a sampled correction; unbiased). Default: the objective's measured best "
+        "when the cache has draws (bucket for the Delta family, sampled for the teacher's), "
+        "else bucket (docs/method.md).",
         choices=TAIL_NAMES,
     )
     tail_beta: float = opt(
