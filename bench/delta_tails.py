@@ -121,7 +121,7 @@ def main() -> None:
         shutil.rmtree(caches[name], ignore_errors=True)
         deltakd("cache-teachers", "--teacher-base", str(base), "--teacher-tuned", str(tuned),
                 "--student", str(student0), "--data", str(train), "--out", str(caches[name]),
-                "--top-k", str(k), "--tail-samples", str(samples), "--grid", GRID,
+                "--top-k", str(k), "--tail-samples", str(samples), "--gammas", GRID, "--alphas", "1",
                 "--max-length", "512", "--device", "cpu")  # fmt: skip
     seeds = list(range(options.seeds))
     runs: dict[str, list[Path]] = {}
