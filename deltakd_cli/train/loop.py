@@ -57,7 +57,7 @@ class Trainer:
         self.options = options
         self.data = training_data
         self.tokenizer = tokenizer
-        self.out = Path(options.out)
+        self.out = Path(outputs.local_path(options.out))
         self.rank = distributed.rank()
         self.world_size = distributed.world_size()
         self.device = distributed.device_for(options.device)

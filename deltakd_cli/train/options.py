@@ -106,7 +106,7 @@ class TrainOptions(LoraOptions, DeviceOptions, ModelLoadOptions):
         "fsdp": "Distributed",
     }  # fmt: skip
 
-    out: str = opt(help="Output: a Hugging Face model directory.")
+    out: str = opt(help="Output: a Hugging Face model directory.", local="output folder")
     epochs: int = opt(1, help="Passes over the data (ignored when --max-steps > 0).", at_least=1)
     max_steps: int = opt(0, help="Optimizer steps; > 0 overrides --epochs.", at_least=0)
     lr: float = opt(2e-5, help="Peak learning rate (AdamW).", above=0, finite=True)
@@ -315,6 +315,8 @@ def validate_lora(options: TrainOptions) -> None:
 class PushOptions:
     """Upload a model directory to the Hugging Face Hub: its model files, its card (README.md)
     and its adapter/ directory; never checkpoints/, run.json or metrics.jsonl."""
+
+    command: ClassVar[str] = "push"
 
     dir: str = opt(
         help="The model directory (the OUT of distill or finetune, its adapter/, or any Hugging "
