@@ -333,11 +333,14 @@ def command_of(options: Any) -> str:
 def check(options: Any) -> None:
     """Check every field's choices and bounds, and the local path options' values (`local`:
     a `file://` URL becomes its path here, once; any other URL is refused); the first problem
-    raises one line naming the flag. Unset optional values (None) are not checked."""
+    raises one line naming the flag. Unset optional values (None) are not checked; a required
+    one set to None (the Python API's `cache=None`) is named as missing."""
     for field in option_fields(options):
         meta = field.metadata
         value = getattr(options, field.name)
         if value is None:
+            if field.default is REQUIRED and field.default_factory is REQUIRED:
+                raise DeltakdError(f"{flag_of(field)} is required; it is None")
             continue
         name = flag_of(field)
         if meta.get("local"):

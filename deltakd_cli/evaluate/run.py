@@ -344,8 +344,8 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
         raise DeltakdError("give either --model or --predictions, not both")
     lock = None
     if options.out is not None:
-        inputs: dict[str, Any] = {"--data": options.data, "--predictions": options.predictions}
-        inputs.update({f"--model {spec}": spec for spec in models})
+        inputs = [("--data", options.data), ("--predictions", options.predictions)]
+        inputs += [("--model", spec) for spec in models]
         report_files.prepare_output(options.out, inputs, options.overwrite)
         if distributed.is_main_process():
             what = f"eval report {options.out}"
