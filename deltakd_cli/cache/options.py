@@ -10,6 +10,7 @@ from deltakd_cli.errors import DeltakdError
 from deltakd_cli.option_groups import (
     DataOptions,
     DeviceOptions,
+    DistributedOptions,
     ModelLoadOptions,
     TrainingTemplateOptions,
 )
@@ -27,7 +28,9 @@ TEMPLATE_ROLES = ("tuned", "base", "student")
 
 
 @dataclass(kw_only=True)
-class CacheOptions(TrainingTemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions):
+class CacheOptions(
+    TrainingTemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions, DistributedOptions
+):
     """Run both teachers once over the data and store a sparse view of their distributions."""
 
     command: ClassVar[str] = "cache-teachers"

@@ -7,12 +7,20 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from deltakd_cli.evaluate.protocol import PROTOCOLS
-from deltakd_cli.option_groups import DataOptions, DeviceOptions, ModelLoadOptions, TemplateOptions
+from deltakd_cli.option_groups import (
+    DataOptions,
+    DeviceOptions,
+    DistributedOptions,
+    ModelLoadOptions,
+    TemplateOptions,
+)
 from deltakd_cli.options import opt
 
 
 @dataclass(kw_only=True)
-class EvalOptions(TemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions):
+class EvalOptions(
+    TemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions, DistributedOptions
+):
     """Generate on a held-out set and score ROUGE-L the way the field reports it (data parallel
     under torchrun: each rank generates a share of the batches)."""
 

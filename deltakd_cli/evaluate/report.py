@@ -167,7 +167,6 @@ def _claimed_eval_files(report_path: Path) -> set[str] | None:
     return {name for name in marker.get("files", []) if isinstance(name, str)}
 
 
-
 def _own_eval_files(report_path: Path) -> set[str]:
     """The names of REPORT and its generations file that a deltakd eval wrote, proved by the
     report itself (a deltakd report naming its generations file)."""

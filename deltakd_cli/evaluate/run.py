@@ -334,6 +334,7 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
     from deltakd_cli.evaluate import report as report_files
 
     check(options)
+    distributed.set_timeout(options.resolved_dist_timeout())
     models, labels = split_labels(options.model)
     # A label is a group of one: the tables and --compare name the model by it.
     group_text = [*options.group, *(f"{name}={model}" for model, name in labels.items())]

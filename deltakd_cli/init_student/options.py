@@ -7,7 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from deltakd_cli.option_groups import DataOptions, DeviceOptions, ModelLoadOptions
+from deltakd_cli.option_groups import (
+    DataOptions,
+    DeviceOptions,
+    DistributedOptions,
+    ModelLoadOptions,
+)
 from deltakd_cli.options import opt
 from deltakd_cli.target_rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 
@@ -15,7 +20,7 @@ LAYER_RULES = ("auto", "block-influence", "uniform")
 
 
 @dataclass(kw_only=True)
-class InitStudentOptions(DataOptions, DeviceOptions, ModelLoadOptions):
+class InitStudentOptions(DataOptions, DeviceOptions, ModelLoadOptions, DistributedOptions):
     """Make a base student: keep some layers of a model, then heal the copy by KD from it."""
 
     command: ClassVar[str] = "init-student"

@@ -112,7 +112,7 @@ def init_student(options: InitStudentOptions, run_command: Runner) -> dict[str, 
     from deltakd_cli import distributed
 
     _validate(options)
-    distributed.init(distributed.device_for(options.device))
+    distributed.init(distributed.device_for(options.device), options.resolved_dist_timeout())
     main = distributed.is_main_process()
     out, work = Path(options.out), options.work_path
     load = options.load_settings()

@@ -14,6 +14,7 @@ from deltakd_cli.option_groups import (
     HUB_ID,
     DataOptions,
     DeviceOptions,
+    DistributedOptions,
     LoraOptions,
     ModelLoadOptions,
     TrainingTemplateOptions,
@@ -86,7 +87,7 @@ OPTION_NAMES = {
 
 
 @dataclass(kw_only=True)
-class TrainOptions(LoraOptions, DeviceOptions, ModelLoadOptions):
+class TrainOptions(LoraOptions, DeviceOptions, ModelLoadOptions, DistributedOptions):
     """The training loop's options (distill and finetune share them)."""
 
     command: ClassVar[str] = "train"
