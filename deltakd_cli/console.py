@@ -266,8 +266,10 @@ def as_deltakd_error(error: BaseException) -> DeltakdError | None:
         return _from_worker(error)
     if isinstance(error, KeyboardInterrupt):
         return Interrupted("stopped by the user; rerun the same command to continue")
-    if distributed.world_size() > 1 and distributed.is_peer_lost(error):
-        return distributed.peer_stopped()  # another rank went away: its own line says why
+    if distributed.world_size() > 1 and (
+        distributed.is_peer_lost(error) or distributed.failed_peer() is not None
+    ):  # another rank stopped first (its own line says why): this error is in its wake
+        return distributed.peer_stopped()
     if isinstance(error, OSError) and not os.environ.get(DEBUG_ENV):
         where = f" ({error.filename})" if error.filename else ""
         reason = error.strerror or str(error) or type(error).__name__

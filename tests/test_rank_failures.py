@@ -108,21 +108,14 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.slow
-def test_a_waiting_rank_says_whom_it_waits_for(tiny, cache, tmp_path, monkeypatch):
-    """Rank 1 is stopped (SIGSTOP) for 3 s as it reaches its part of the first checkpoint;
-    rank 0, told to report every second, names rank 1 and the checkpoint barrier; after SIGCONT
-    the run finishes."""
-    out, trace = tmp_path / "run", tmp_path / "trace.txt"
-    monkeypatch.setenv(faults.FAULT_ENV, "pause@checkpoint rng-rank1.pt")
-    monkeypatch.setenv(faults.RANK_ENV, "1")
-    monkeypatch.setenv(faults.PAUSE_ENV, "0.5")  # long enough to be caught there
-    monkeypatch.setenv(faults.TRACE_ENV, str(trace))
-    monkeypatch.setenv(distributed.WAIT_NOTICE_ENV, "1")
+def stop_rank_1_at_its_checkpoint(cache, student, out, trace, seconds: float, *extra):
+    """Run distill under torchrun, SIGSTOP rank 1 for `seconds` as it reaches its part of the
+    first checkpoint, SIGCONT it; returns (exit code, stderr)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", "-m", "deltakd_cli", "distill", "--cache", str(cache),
-               "--student", str(tiny.student), "--out", str(out), *map(str, DISTILL)]  # fmt: skip
+               "--student", str(student), "--out", str(out), *map(str, DISTILL),
+               *map(str, extra)]  # fmt: skip
     launcher = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and launcher.poll() is None:
@@ -132,14 +125,55 @@ def test_a_waiting_rank_says_whom_it_waits_for(tiny, cache, tmp_path, monkeypatc
     worker = _rank_pid(launcher.pid, 1)
     assert worker is not None
     os.kill(worker, signal.SIGSTOP)
-    time.sleep(3)
+    time.sleep(seconds)
     os.kill(worker, signal.SIGCONT)
     _, stderr = launcher.communicate(timeout=120)
-    assert launcher.returncode == 0, stderr
+    return launcher.returncode, stderr
+
+
+@pytest.fixture()
+def rank_1_stoppable(tmp_path, monkeypatch):
+    """Rank 1 pauses 0.5 s at its part of each checkpoint (long enough to be caught there);
+    waiting ranks report every second."""
+    trace = tmp_path / "trace.txt"
+    monkeypatch.setenv(faults.FAULT_ENV, "pause@checkpoint rng-rank1.pt")
+    monkeypatch.setenv(faults.RANK_ENV, "1")
+    monkeypatch.setenv(faults.PAUSE_ENV, "0.5")
+    monkeypatch.setenv(faults.TRACE_ENV, str(trace))
+    monkeypatch.setenv(distributed.WAIT_NOTICE_ENV, "1")
+    return trace
+
+
+@pytest.mark.slow
+def test_a_waiting_rank_says_whom_it_waits_for(tiny, cache, tmp_path, rank_1_stoppable):
+    """Rank 1 is stopped (SIGSTOP) for 3 s as it reaches its part of the first checkpoint;
+    rank 0, told to report every second, names rank 1 and the checkpoint barrier; after SIGCONT
+    the run finishes."""
+    out = tmp_path / "run"
+    code, stderr = stop_rank_1_at_its_checkpoint(cache, tiny.student, out, rank_1_stoppable, 3)
+    assert code == 0, stderr
     text = flat(stderr)
     assert "[rank 0] waiting for rank 1 at the checkpoint barrier for 1 s" in text, text
     assert "[rank 0] waiting for rank 1 at the checkpoint barrier for 2 s" in text, text
     assert (out / "run.json").is_file()
+
+
+@pytest.mark.slow
+def test_dist_timeout_sets_how_long_a_rank_waits(tiny, cache, tmp_path, rank_1_stoppable):
+    """--dist-timeout 0.05 (3 s) and rank 1 stopped for 8 s: rank 0 stops with one line naming
+    the wait; rank 1, let go, stops naming rank 0's line; no traceback, no half checkpoint."""
+    out = tmp_path / "run"
+    code, stderr = stop_rank_1_at_its_checkpoint(
+        cache, tiny.student, out, rank_1_stoppable, 8, "--dist-timeout", 0.05
+    )
+    assert code != 0
+    lines = worker_lines(stderr)
+    assert lines[0] == [
+        "stopped: waited 0.05 min for rank 1 at the checkpoint barrier (--dist-timeout)"
+    ], stderr
+    assert len(lines[1]) == 1 and lines[1][0].startswith("stopped: rank 0 failed"), stderr
+    assert_no_worker_traceback(stderr)
+    assert not list((out / "checkpoints").glob("*.partial"))
 
 
 def test_the_process_group_timeout_is_an_option_with_a_default_per_stage():

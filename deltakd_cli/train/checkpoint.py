@@ -244,7 +244,7 @@ def write_checkpoint(
                 if keep:
                     for _, old in complete_checkpoints(out)[:-keep]:
                         shutil.rmtree(old, ignore_errors=True)
-    except distributed.RankFailed:  # another rank could not write its part: no half checkpoint
+    except (distributed.RankFailed, distributed.WaitTimedOut):  # no half-written checkpoint
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         raise
