@@ -77,9 +77,10 @@ def test_an_eval_stopped_between_its_two_files_reruns(tiny, tmp_path, monkeypatc
         stopped = _run_with_fault([*args, *extra], f"enospc@{index}", monkeypatch)
         assert_one_line_error(stopped, "no space left on the device")
         assert not report.exists() and report.with_name("r.generations.jsonl").exists()
-        assert claim_path(report).exists()  # the generations file is marked as the eval's
+        claimed = claim_path(report).exists()  # the generations file is marked as the eval's
         rerun = run_cli([*args, *extra])
-        assert rerun.exit_code == 0, rerun.output
+        assert rerun.exit_code == 0, rerun.output  # it said "is not an eval output deltakd wrote"
+        assert claimed
         assert json.loads(report.read_text())["models"] == expected["models"]
         assert not claim_path(report).exists()  # the whole report proves its own files now
     again = run_cli(args)  # a finished report is still kept without --overwrite
@@ -263,11 +264,12 @@ def test_eval_out_inside_a_model_names_the_model_once(tiny, tmp_path):
     assert f"{model} {model}" not in flat(result.output)  # it said "inside --model S S"
 
 
-def test_a_required_option_given_as_none_is_named_as_missing(tmp_path):
+def test_a_required_option_given_as_none_is_named_as_missing(tiny, tmp_path):
+    """The API's `cache=None` said "cache not found: None"."""
     import deltakd
 
     with pytest.raises(DeltakdError) as raised:
-        deltakd.distill(cache=None, student="s", out=str(tmp_path / "run"))
+        deltakd.distill(cache=None, student=str(tiny.student), out=str(tmp_path / "run"))
     assert str(raised.value) == "cache is required; it is None"
 
 
