@@ -12,7 +12,7 @@ import pytest
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import check
 from deltakd_cli.report.options import ReportOptions
-from deltakd_cli.train.options import DistillOptions
+from deltakd_cli.train.options import DistillOptions, PushOptions
 from tests.helpers import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,6 +63,8 @@ def test_a_url_input_of_report_is_refused_and_the_check_is_one_rule():
     options = ReportOptions(dirs=["runs/a", "s3://bkt/run"], out="r")
     with pytest.raises(DeltakdError, match=r"report DIR s3://bkt/run: report reads local folders"):
         check(options)
+    with pytest.raises(DeltakdError, match=r"push DIR gs://bkt/m: push reads local folders"):
+        check(PushOptions(dir="gs://bkt/m", repo="me/m"))
     options = DistillOptions(cache="s3://bkt/cache", student="s", out="file:///tmp/run")
     check(options)  # a cache may live on an object store; file:// is the local path
     assert options.out == "/tmp/run" and options.cache == "s3://bkt/cache"

@@ -324,6 +324,7 @@ class PushOptions:
         "Face model directory).",
         argument=True,
         metavar="DIR",
+        local="input folder",
     )
     repo: str = opt(
         help="The Hub repository (owner/name), created if missing. The token: HF_TOKEN or "
