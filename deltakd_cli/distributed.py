@@ -116,6 +116,34 @@ def init(device: torch.device, timeout_minutes: float | None = None) -> None:
         _store = dist.distributed_c10d._get_default_store()
     except (AttributeError, RuntimeError, ValueError):
         _store = None
+    _stop_on_sigterm()
+
+
+def _stop_on_sigterm() -> None:
+    """Under torchrun a SIGTERM is torchrun stopping this worker (another one exited, or the
+    launcher was stopped): end with one line, as Ctrl-C does, instead of dying in silence. The
+    handler raises in this process only (a forked DataLoader worker dies as before), and once
+    (a second SIGTERM ends the process at once)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    owner = os.getpid()
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if os.getpid() != owner:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if failed_peer() is not None:
+            raise peer_stopped()
+        raise RankFailed(
+            "stopped: torchrun stopped this process (SIGTERM: its launcher was stopped, or "
+            "another rank failed; see the lines above)"
+        )
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 # ----------------------------------------------------------------------------- failing cleanly

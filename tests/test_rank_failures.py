@@ -108,9 +108,10 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-def stop_rank_1_at_its_checkpoint(cache, student, out, trace, seconds: float, *extra):
-    """Run distill under torchrun, SIGSTOP rank 1 for `seconds` as it reaches its part of the
-    first checkpoint, SIGCONT it; returns (exit code, stderr)."""
+def stop_rank_1_at_its_checkpoint(cache, student, out, trace, seconds, *extra):
+    """Run distill under torchrun, SIGSTOP rank 1 for `seconds` (or while `seconds(launcher)`
+    runs) as it reaches its part of the first checkpoint, SIGCONT it; returns (exit code,
+    stderr)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", "-m", "deltakd_cli", "distill", "--cache", str(cache),
@@ -125,7 +126,10 @@ def stop_rank_1_at_its_checkpoint(cache, student, out, trace, seconds: float, *e
     worker = _rank_pid(launcher.pid, 1)
     assert worker is not None
     os.kill(worker, signal.SIGSTOP)
-    time.sleep(seconds)
+    if callable(seconds):
+        seconds(launcher)  # what happens meanwhile
+    else:
+        time.sleep(seconds)
     os.kill(worker, signal.SIGCONT)
     _, stderr = launcher.communicate(timeout=120)
     return launcher.returncode, stderr
@@ -172,6 +176,31 @@ def test_dist_timeout_sets_how_long_a_rank_waits(tiny, cache, tmp_path, rank_1_s
         "stopped: waited 0.05 min for rank 1 at the checkpoint barrier (--dist-timeout)"
     ], stderr
     assert len(lines[1]) == 1 and lines[1][0].startswith("stopped: rank 0 failed"), stderr
+    assert_no_worker_traceback(stderr)
+    assert not list((out / "checkpoints").glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_torchrun_stopping_its_workers_ends_each_with_one_line(
+    tiny, cache, tmp_path, rank_1_stoppable
+):
+    """SIGTERM to the launcher while rank 0 waits for a stopped rank 1: torchrun passes it on,
+    and each rank ends with one line (they died in silence), no traceback, no half checkpoint."""
+    out = tmp_path / "run"
+
+    def stop_the_launcher(launcher: subprocess.Popen) -> None:
+        time.sleep(1.5)
+        launcher.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+
+    code, stderr = stop_rank_1_at_its_checkpoint(
+        cache, tiny.student, out, rank_1_stoppable, stop_the_launcher
+    )
+    assert code != 0
+    lines = worker_lines(stderr)
+    for rank in (0, 1):
+        assert len(lines[rank]) == 1, stderr
+        assert lines[rank][0].startswith("stopped: torchrun stopped this process (SIGTERM"), stderr
     assert_no_worker_traceback(stderr)
     assert not list((out / "checkpoints").glob("*.partial"))
 
