@@ -330,16 +330,17 @@ def command_of(options: Any) -> str:
     return getattr(options, "command", None) or type(options).__name__.removesuffix("Options")
 
 
-def check(options: Any) -> None:
+def check(options: Any, partial: bool = False) -> None:
     """Check every field's choices and bounds, and the local path options' values (`local`:
     a `file://` URL becomes its path here, once; any other URL is refused); the first problem
     raises one line naming the flag. Unset optional values (None) are not checked; a required
-    one set to None (the Python API's `cache=None`) is named as missing."""
+    one set to None (the Python API's `cache=None`) is named as missing, unless `partial` (a
+    config file's options, shown before the rest is given)."""
     for field in option_fields(options):
         meta = field.metadata
         value = getattr(options, field.name)
         if value is None:
-            if field.default is REQUIRED and field.default_factory is REQUIRED:
+            if not partial and field.default is REQUIRED and field.default_factory is REQUIRED:
                 raise DeltakdError(f"{flag_of(field)} is required; it is None")
             continue
         name = flag_of(field)

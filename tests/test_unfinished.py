@@ -271,6 +271,10 @@ def test_a_required_option_given_as_none_is_named_as_missing(tiny, tmp_path):
     with pytest.raises(DeltakdError) as raised:
         deltakd.distill(cache=None, student=str(tiny.student), out=str(tmp_path / "run"))
     assert str(raised.value) == "cache is required; it is None"
+    config = tmp_path / "distill.yaml"  # a config file still shows with required options unset
+    config.write_text("lr: 0.001\n")
+    shown = run_cli(["config", "show", "distill", "--config", config])
+    assert shown.exit_code == 0 and "lr: 0.001" in shown.output, shown.output
 
 
 def test_ctrl_c_in_init_student_names_init_student(tiny, tmp_path):
