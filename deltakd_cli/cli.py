@@ -181,7 +181,7 @@ def _config_show(
     values = {}
     if config_file is not None:
         values = config.load(config_file, command, options, OPTIONS_BY_COMMAND)
-        check(from_values(options, {**_all_defaults(options), **values}))
+        check(from_values(options, {**_all_defaults(options), **values}), partial=True)
     typer.echo(config.show(command, options, values), nl=False)
 
 

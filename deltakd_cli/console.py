@@ -260,11 +260,16 @@ def _from_worker(error: DeltakdError) -> DeltakdError:
 
 def as_deltakd_error(error: BaseException) -> DeltakdError | None:
     """The one-line form of an error that is the user's or the machine's, not a bug: Ctrl-C,
-    and OS errors that escaped the places that name their path (a full disk, a permission)."""
+    OS errors that escaped the places that name their path (a full disk, a permission), and,
+    under torchrun, torch.distributed's word that a peer went away (the peer's line says why)."""
     if isinstance(error, DeltakdError):
         return _from_worker(error)
     if isinstance(error, KeyboardInterrupt):
         return Interrupted("stopped by the user; rerun the same command to continue")
+    if distributed.world_size() > 1 and (
+        distributed.is_peer_lost(error) or distributed.failed_peer() is not None
+    ):  # another rank stopped first (its own line says why): this error is in its wake
+        return distributed.peer_stopped()
     if isinstance(error, OSError) and not os.environ.get(DEBUG_ENV):
         where = f" ({error.filename})" if error.filename else ""
         reason = error.strerror or str(error) or type(error).__name__
@@ -284,7 +289,11 @@ def _reported(raised: BaseException) -> int:
     error = as_deltakd_error(raised)
     if error is None:
         raise raised
+    own_failure = not isinstance(error, (distributed.RankFailed, Interrupted))
+    if own_failure:
+        distributed.announce_failure(str(error))  # the other ranks name this one's reason
     report_error(error)
+    distributed.stopped(wait_for_peers=own_failure)
     return error.exit_code
 
 
@@ -294,7 +303,7 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
         return fn()
     except BrokenPipeError:
         _quiet_broken_pipe()
-    except (DeltakdError, KeyboardInterrupt, OSError) as raised:
+    except (DeltakdError, KeyboardInterrupt, OSError, RuntimeError) as raised:
         sys.exit(_reported(raised))
 
 
@@ -307,5 +316,5 @@ class GuardedGroup(TyperGroup):
             return super().invoke(ctx)
         except BrokenPipeError:
             _quiet_broken_pipe()
-        except (DeltakdError, KeyboardInterrupt, OSError) as raised:
+        except (DeltakdError, KeyboardInterrupt, OSError, RuntimeError) as raised:
             ctx.exit(_reported(raised))

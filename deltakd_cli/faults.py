@@ -11,6 +11,10 @@ Every place where deltakd writes something that a kill or a full disk could cut 
                write that follows meets a real full disk (its library's own error: torch.save's
                RuntimeError, safetensors' SafetensorError, zarr's OSError)
 
+`ACTION@NAME` acts at every point called NAME instead (e.g. `enospc@checkpoint
+rng-rank1.pt`). Under torchrun, `DELTAKD_FAULT_RANK=R` lets only rank R act (one rank's full
+disk), and `DELTAKD_FAULT_PAUSE_SECONDS` shortens pause@ (default 60).
+
 `DELTAKD_FAULT_TRACE=FILE` appends the name of every point reached, one per line, so a test
 knows how many points a run has before it picks where to strike."""
 
@@ -26,6 +30,8 @@ from pathlib import Path
 FAULT_ENV = "DELTAKD_FAULT"
 TRACE_ENV = "DELTAKD_FAULT_TRACE"
 FILL_ENV = "DELTAKD_FAULT_FILL"
+RANK_ENV = "DELTAKD_FAULT_RANK"
+PAUSE_ENV = "DELTAKD_FAULT_PAUSE_SECONDS"
 FILLER = "deltakd-fault-filler"  # the file fill@N writes (a test deletes it to free the space)
 ACTIONS = ("kill", "enospc", "pause", "fill")
 
@@ -40,11 +46,13 @@ def reset() -> None:
         _count = 0
 
 
-def _parse(spec: str) -> tuple[str, int]:
-    action, _, index = spec.partition("@")
-    if action not in ACTIONS or not index.isdigit() or int(index) < 1:
-        raise ValueError(f"{FAULT_ENV}={spec!r}: expected one of {ACTIONS} then @N (N >= 1)")
-    return action, int(index)
+def _parse(spec: str) -> tuple[str, int | str]:
+    action, _, where = spec.partition("@")
+    if action not in ACTIONS or not where or (where.isdigit() and int(where) < 1):
+        raise ValueError(
+            f"{FAULT_ENV}={spec!r}: expected one of {ACTIONS} then @N (N >= 1) or @NAME"
+        )
+    return action, int(where) if where.isdigit() else where
 
 
 def point(name: str) -> None:
@@ -62,8 +70,10 @@ def point(name: str) -> None:
                 handle.write(f"{name}\n")
     if not spec:
         return
-    action, index = _parse(spec)
-    if count != index:
+    action, where = _parse(spec)
+    if count != where and name != where:
+        return
+    if os.environ.get(RANK_ENV, os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -72,7 +82,7 @@ def point(name: str) -> None:
     elif action == "fill":
         fill(Path(os.environ[FILL_ENV]))
     else:
-        time.sleep(60)
+        time.sleep(float(os.environ.get(PAUSE_ENV, "60")))
 
 
 def fill(folder: Path) -> Path:

@@ -17,7 +17,7 @@ import torch
 from deltakd_cli import vocab
 from deltakd_cli.errors import DeltakdError, one_line
 from deltakd_cli.option_groups import DTYPES, HUB_ID, LoadSettings
-from deltakd_cli.outputs import local_path
+from deltakd_cli.outputs import check_finished_model, local_path
 
 DEFAULT_LOAD = LoadSettings()
 
@@ -75,6 +75,7 @@ def resolve_source(spec: str) -> ModelSource:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(spec, str(path.parent), path.name)
     if path.is_dir():
+        check_finished_model(path, spec)  # never the weights of a run that did not finish
         if not (path / "config.json").exists():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:

@@ -186,3 +186,38 @@ class LoraOptions:
     def resolved_lora_alpha(self) -> float:
         """--lora-alpha, or 2*r: the update's scale alpha/r is then 2 whatever the rank."""
         return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_r
+
+
+# Minutes a rank waits for the others at a collective under torchrun, per stage: the longest
+# wait a healthy run has there. A cache's ranks meet after whole shards (one may end long
+# before another), an eval's after each model's generations, a training run's at every step
+# and while rank 0 writes a checkpoint or the export.
+DIST_TIMEOUT_MINUTES = {
+    "cache-teachers": 120.0,
+    "eval": 60.0,
+    "init-student": 60.0,
+    "distill": 30.0,
+    "finetune": 30.0,
+}
+
+
+@dataclass(kw_only=True)
+class DistributedOptions:
+    """How long a process waits for the others under torchrun (every command that starts a
+    process group)."""
+
+    PANEL: ClassVar[str] = "Distributed"
+
+    dist_timeout: float | None = opt(
+        None,
+        help="Minutes a process waits for the others at a collective under torchrun before "
+        "stopping (default per command: cache-teachers 120, eval and init-student 60, distill "
+        "and finetune 30). A process that waits over a minute says so, once a minute.",
+        above=0, finite=True, metavar="MINUTES",
+    )  # fmt: skip
+
+    def resolved_dist_timeout(self) -> float:
+        """--dist-timeout, or this command's default (DIST_TIMEOUT_MINUTES)."""
+        if self.dist_timeout is not None:
+            return float(self.dist_timeout)
+        return DIST_TIMEOUT_MINUTES[getattr(self, "command", "")]

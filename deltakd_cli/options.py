@@ -81,6 +81,7 @@ def opt(
     feeds: Sequence[str] = (),
     panel: str | None = None,
     aliases: Sequence[str] = (),
+    local: str | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
@@ -96,7 +97,10 @@ def opt(
     pipeline whose option of the same name takes this field's value (`alpha` of distill also sets
     the cache's); `panel` is the group its flag is listed under in --help (default: the option
     group class that declares it, else the command's own options); `aliases` are old spellings
-    of the flag, still accepted (hidden from --help, with a note) for one release."""
+    of the flag, still accepted (hidden from --help, with a note) for one release; `local` marks
+    a path the command reads or writes on the local file system only (`LOCAL_KINDS`: an output
+    folder or file, input folders): `check` maps a `file://` URL to its path and refuses any
+    other URL in one line naming the command (fsspec locations, a cache, leave `local` unset)."""
     metadata = {
         "help": help,
         "flags": tuple(flags) if flags else None,
@@ -115,6 +119,7 @@ def opt(
         "feeds": tuple(feeds),
         "panel": panel,
         "aliases": tuple(aliases),
+        "local": local,
     }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -296,15 +301,57 @@ def _number_problem(value: float, meta: dict[str, Any]) -> str | None:
     return None
 
 
-def check(options: Any) -> None:
-    """Check every field's choices and bounds; the first problem raises one line naming the
-    flag. Unset optional values (None) are not checked."""
+# What a `local` path option is: its words in the refusal of a URL.
+LOCAL_KINDS = {
+    "output folder": ("writes a local folder", "outputs", "write locally, then copy"),
+    "output file": ("writes a local file", "outputs", "write locally, then copy"),
+    "input folder": ("reads local folders", "inputs", "copy them here first"),
+}
+
+
+def local_location(command: str, name: str, value: str, kind: str) -> str:
+    """A local path option's value as a local path: `file:///abs` is `/abs` (what a user means
+    by it); any other URL (s3://, gs://, memory://...) is refused in one line naming the
+    command and the scheme, so no local folder called `s3:` is ever made."""
+    if value.startswith("file://"):
+        return value[len("file://") :] or "/"
+    scheme, separator, _ = value.partition("://")
+    if separator and scheme and scheme.replace("+", "").replace("-", "").isalnum():
+        does, what, advice = LOCAL_KINDS[kind]
+        raise DeltakdError(
+            f"{command} {name} {value}: {command} {does}; {scheme}:// {what} are not supported "
+            f"({advice})"
+        )
+    return value
+
+
+def command_of(options: Any) -> str:
+    """The command an options object is for (its class's `command`), for messages."""
+    return getattr(options, "command", None) or type(options).__name__.removesuffix("Options")
+
+
+def check(options: Any, partial: bool = False) -> None:
+    """Check every field's choices and bounds, and the local path options' values (`local`:
+    a `file://` URL becomes its path here, once; any other URL is refused); the first problem
+    raises one line naming the flag. Unset optional values (None) are not checked; a required
+    one set to None (the Python API's `cache=None`) is named as missing, unless `partial` (a
+    config file's options, shown before the rest is given)."""
     for field in option_fields(options):
         meta = field.metadata
         value = getattr(options, field.name)
         if value is None:
+            if not partial and field.default is REQUIRED and field.default_factory is REQUIRED:
+                raise DeltakdError(f"{flag_of(field)} is required; it is None")
             continue
         name = flag_of(field)
+        if meta.get("local"):
+            shown = meta.get("metavar") if meta.get("argument") else name
+            paths = [
+                local_location(command_of(options), shown, item, meta["local"])
+                for item in (value if isinstance(value, list) else [value])
+            ]
+            setattr(options, field.name, paths if isinstance(value, list) else paths[0])
+            continue
         choices = choices_of(field)
         if choices is not None and value not in choices:
             shown = ", ".join(str(c) for c in choices)

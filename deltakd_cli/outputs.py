@@ -54,15 +54,18 @@ def _resolved(spec: str | Path) -> Path:
 
 
 def check_not_input(
-    out: str | Path, inputs: dict[str, str | Path | None], option: str = "--out"
+    out: str | Path,
+    inputs: dict[str, str | Path | None] | Iterable[tuple[str, str | Path | None]],
+    option: str = "--out",
 ) -> None:
     """Refuse an output that is an input, holds an input, or sits inside an input directory
-    (a model, a cache): writing there would replace or alter what the run reads. Inputs that
-    are not local paths (hub ids, URLs) cannot collide and are skipped."""
+    (a model, a cache): writing there would replace or alter what the run reads. Inputs are
+    named by their option (pairs where one option is given several times, e.g. eval's --model);
+    those that are not local paths (hub ids, URLs) cannot collide and are skipped."""
     if is_url(str(out)):
         return
     target = _resolved(out)
-    for name, spec in inputs.items():
+    for name, spec in inputs.items() if isinstance(inputs, dict) else inputs:
         if spec is None or is_url(str(spec)):
             continue
         source_path = Path(local_path(spec))
@@ -538,3 +541,39 @@ def remove_own_files(directory: str | Path, names: Iterable[str]) -> None:
                 shutil.rmtree(target)
             elif target.exists() or target.is_symlink():
                 target.unlink()
+
+
+# ----------------------------------------------------------------------------- readers
+
+# The file each model-producing command writes last (docs/reliability.md, promise 1).
+RUN_RECORD = "run.json"  # distill, finetune
+STUDENT_RECORD = "init-student.json"  # init-student
+
+
+def unfinished_model(folder: str | Path) -> str | None:
+    """Why `folder` is an unfinished deltakd output that no reader may take for a model, and how
+    to finish it; None when it is not one. A training run is unfinished with its export's
+    staging folder (`.export.partial`: stopped mid-export, the previous step's weights may be at
+    the top level) or without run.json where its marker or its checkpoints/ say it is a run; a
+    base student is unfinished without init-student.json."""
+    path = Path(folder)
+    marker = read_marker(path) or {}
+    again = "rerun its distill or finetune command with --resume to finish it"
+    if (path / ".export.partial").exists():
+        return f"its export did not finish (.export.partial); {again}"
+    if not (path / RUN_RECORD).exists():
+        if marker.get("kind") == "training-run" or (path / "checkpoints").is_dir():
+            return f"a training run that did not finish (no {RUN_RECORD}); {again}"
+    if marker.get("kind") == "student" and not (path / STUDENT_RECORD).exists():
+        return (
+            f"a base student that did not finish (no {STUDENT_RECORD}); rerun its init-student "
+            "command to finish it"
+        )
+    return None
+
+
+def check_finished_model(folder: str | Path, spec: str | Path) -> None:
+    """Refuse an unfinished model folder (`unfinished_model`) in one line naming it."""
+    reason = unfinished_model(folder)
+    if reason is not None:
+        raise DeltakdError(f"{spec}: {reason}")

@@ -314,7 +314,7 @@ def cache_teachers(options: CacheOptions) -> dict[str, Any]:
     device = distributed.device_for(options.device)
     models.check_device(device)
     check_memory(options, device)
-    distributed.init(device)
+    distributed.init(device, options.resolved_dist_timeout())
     lock = None
     if distributed.is_main_process() and not outputs.is_url(options.out):
         lock = outputs.directory_lock(outputs.local_path(options.out), f"cache {options.out}")
@@ -486,7 +486,7 @@ def _cache_teachers(
 
     shard_summary = {"name": writer.name, **committed}
     shard_summary.update(shard_checksums(location, writer.group_path))
-    shards = distributed.all_gather_objects(shard_summary)
+    shards = distributed.all_gather_objects(shard_summary, "the end of the shards")
     manifest: dict[str, Any] = {}
     if rank == 0:
         manifest = build_manifest(

@@ -4,6 +4,7 @@ derives the command line, the checks and the record from them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.method.rules import (
@@ -17,6 +18,7 @@ from deltakd_cli.method.rules import (
 from deltakd_cli.option_groups import (
     DataOptions,
     DeviceOptions,
+    DistributedOptions,
     ModelLoadOptions,
     TrainingTemplateOptions,
 )
@@ -26,8 +28,12 @@ TEMPLATE_ROLES = ("tuned", "base", "student")
 
 
 @dataclass(kw_only=True)
-class CacheOptions(TrainingTemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions):
+class CacheOptions(
+    TrainingTemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions, DistributedOptions
+):
     """Run both teachers once over the data and store a sparse view of their distributions."""
+
+    command: ClassVar[str] = "cache-teachers"
 
     teacher_base: str = opt(help="Base teacher: HF dir, hub id, or .gguf file.")
     teacher_tuned: str = opt(help="Tuned teacher (same tokenizer as the base).")
@@ -138,6 +144,8 @@ class CacheOptions(TrainingTemplateOptions, DataOptions, DeviceOptions, ModelLoa
 @dataclass(kw_only=True)
 class InspectOptions:
     """Summarise a cache; verify its shards; print one example decoded."""
+
+    command: ClassVar[str] = "inspect"
 
     cache: str = opt(help="Cache directory or URL.", argument=True, metavar="CACHE")
     verify: bool = opt(False, help="Check every shard against the manifest checksums.")

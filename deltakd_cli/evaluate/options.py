@@ -4,16 +4,27 @@ checks and the record from them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from deltakd_cli.evaluate.protocol import PROTOCOLS
-from deltakd_cli.option_groups import DataOptions, DeviceOptions, ModelLoadOptions, TemplateOptions
+from deltakd_cli.option_groups import (
+    DataOptions,
+    DeviceOptions,
+    DistributedOptions,
+    ModelLoadOptions,
+    TemplateOptions,
+)
 from deltakd_cli.options import opt
 
 
 @dataclass(kw_only=True)
-class EvalOptions(TemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions):
+class EvalOptions(
+    TemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions, DistributedOptions
+):
     """Generate on a held-out set and score ROUGE-L the way the field reports it (data parallel
     under torchrun: each rank generates a share of the batches)."""
+
+    command: ClassVar[str] = "eval"
 
     data: str = opt(
         help="Held-out rows with references: JSONL, JSON, parquet, CSV, a datasets directory or "
@@ -29,7 +40,9 @@ class EvalOptions(TemplateOptions, DataOptions, DeviceOptions, ModelLoadOptions)
         None, help="Score this JSONL of generations ('prediction', 'id' or order) instead."
     )
     out: str | None = opt(
-        None, help="Write REPORT.json and REPORT.generations.jsonl (default: print only)."
+        None,
+        help="Write REPORT.json and REPORT.generations.jsonl (default: print only).",
+        local="output file",
     )
     protocol: str = opt(
         "minillm",

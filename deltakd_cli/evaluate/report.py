@@ -137,6 +137,36 @@ def _is_report(path: Path) -> bool:
     return isinstance(report, dict) and (report.get("tool") or {}).get("name") == "deltakd"
 
 
+CLAIM_KIND = "eval-report"  # the claim's kind (outputs.marker_text)
+
+
+def claim_path(report_path: str | Path) -> Path:
+    """REPORT.json -> REPORT.json.deltakd-output.json: the claim an eval writes before its first
+    output and removes after REPORT.json is whole. While it is there the eval is unfinished, and
+    the files it lists are deltakd's (outputs.marker_text: kind "eval-report"), so an
+    interrupted eval (Ctrl-C, SIGTERM, a full disk between the two files) reruns."""
+    report_path = Path(report_path)
+    return report_path.with_name(report_path.name + outputs.MARKER)
+
+
+def _claimed_eval_files(report_path: Path) -> set[str] | None:
+    """The names an unfinished eval's claim lists; None when there is no claim, and refused
+    when a file of the claim's name is not deltakd's (it is the user's, never written over)."""
+    claim = claim_path(report_path)
+    if not (claim.exists() or claim.is_symlink()):
+        return None
+    try:
+        marker = outputs.parse_marker(claim.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        marker = None
+    if marker is None or marker.get("kind") != CLAIM_KIND:
+        raise DeltakdError(
+            f"{claim} already exists and is not an eval output deltakd wrote; deltakd never "
+            "replaces it (--overwrite neither): choose another --out"
+        )
+    return {name for name in marker.get("files", []) if isinstance(name, str)}
+
+
 def _own_eval_files(report_path: Path) -> set[str]:
     """The names of REPORT and its generations file that a deltakd eval wrote, proved by the
     report itself (a deltakd report naming its generations file)."""
@@ -152,17 +182,21 @@ def _own_eval_files(report_path: Path) -> set[str]:
 
 def prepare_output(
     report_path: str | Path,
-    inputs: dict[str, Any] | None = None,
+    inputs: dict[str, Any] | Sequence[tuple[str, Any]] = (),
     overwrite: bool = False,
 ) -> Path:
     """Check the report can be written before any work: not a directory, not an input (nor
-    its generations file), not an existing file unless --overwrite; its folder is created."""
+    its generations file), not an existing report unless --overwrite; its folder is created.
+    The files of an unfinished eval (its claim is there: `claim_path`) are deltakd's, and the
+    rerun starts over: their generations file is replaced without --overwrite (a whole report
+    of an earlier run still needs it)."""
     report_path = Path(local_path(report_path))
     if report_path.is_dir():
         raise DeltakdError(f"--out {report_path} is a directory; give a file name like report.json")
-    for path in (report_path, generations_path(report_path)):
-        outputs.check_not_input(path, inputs or {})
-    owned = _own_eval_files(report_path)
+    for path in (report_path, generations_path(report_path), claim_path(report_path)):
+        outputs.check_not_input(path, inputs)
+    claimed = _claimed_eval_files(report_path)
+    owned = _own_eval_files(report_path) | (claimed or set())
     for path in (report_path, generations_path(report_path)):
         if not (path.exists() or path.is_symlink()):
             continue
@@ -171,7 +205,8 @@ def prepare_output(
                 f"{path} already exists and is not an eval output deltakd wrote; deltakd never "
                 "replaces it (--overwrite neither): choose another --out"
             )
-        if not overwrite:
+        unfinished = claimed is not None and path != report_path  # a report is whole, or absent
+        if not overwrite and not unfinished:
             raise DeltakdError(
                 f"{path} already exists (an eval report of an earlier run); choose another "
                 "--out, or pass --overwrite to replace it"
@@ -186,14 +221,20 @@ def prepare_output(
 def write_outputs(
     report: dict[str, Any], records: Sequence[dict[str, Any]], report_path: str | Path
 ) -> tuple[Path, Path]:
-    """Write REPORT.generations.jsonl, then REPORT.json (each whole or not at all; the report
-    last, so a report never points at generations that are not there)."""
+    """Claim both files (`claim_path`), write REPORT.generations.jsonl, then REPORT.json (each
+    whole or not at all; the report last, so a report never points at generations that are not
+    there), then drop the claim: the whole report proves its own files from then on."""
     report_path = Path(local_path(report_path))
     records_path = generations_path(report_path)
+    claim = claim_path(report_path)
     report = {**report, "generations_file": records_path.name}
     lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    outputs.atomic_write_text(
+        claim, outputs.marker_text(CLAIM_KIND, [report_path.name, records_path.name])
+    )
     outputs.atomic_write_text(records_path, lines)
     outputs.atomic_write_text(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    claim.unlink(missing_ok=True)
     return report_path, records_path
 
 

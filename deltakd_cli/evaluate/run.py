@@ -334,6 +334,7 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
     from deltakd_cli.evaluate import report as report_files
 
     check(options)
+    distributed.set_timeout(options.resolved_dist_timeout())
     models, labels = split_labels(options.model)
     # A label is a group of one: the tables and --compare name the model by it.
     group_text = [*options.group, *(f"{name}={model}" for model, name in labels.items())]
@@ -344,8 +345,8 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
         raise DeltakdError("give either --model or --predictions, not both")
     lock = None
     if options.out is not None:
-        inputs: dict[str, Any] = {"--data": options.data, "--predictions": options.predictions}
-        inputs.update({f"--model {spec}": spec for spec in models})
+        inputs = [("--data", options.data), ("--predictions", options.predictions)]
+        inputs += [("--model", spec) for spec in models]
         report_files.prepare_output(options.out, inputs, options.overwrite)
         if distributed.is_main_process():
             what = f"eval report {options.out}"

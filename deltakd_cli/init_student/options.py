@@ -5,23 +5,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from deltakd_cli.method.rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
-from deltakd_cli.option_groups import DataOptions, DeviceOptions, ModelLoadOptions
+from deltakd_cli.option_groups import (
+    DataOptions,
+    DeviceOptions,
+    DistributedOptions,
+    ModelLoadOptions,
+)
 from deltakd_cli.options import opt
 
 LAYER_RULES = ("auto", "block-influence", "uniform")
 
 
 @dataclass(kw_only=True)
-class InitStudentOptions(DataOptions, DeviceOptions, ModelLoadOptions):
+class InitStudentOptions(DataOptions, DeviceOptions, ModelLoadOptions, DistributedOptions):
     """Make a base student: keep some layers of a model, then heal the copy by KD from it."""
+
+    command: ClassVar[str] = "init-student"
 
     source: str = opt(
         help="Model to take layers from: HF dir, hub id, or .gguf (pipeline: --student-from).",
         flags=("--student-from",), aliases=("--source",),
     )  # fmt: skip
-    out: str = opt(help="Output: the base student, a Hugging Face directory.")
+    out: str = opt(
+        help="Output: the base student, a Hugging Face directory.", local="output folder"
+    )
     layers: int | None = opt(
         None, help="Layers to keep, evenly spaced first to last (default: a third).", at_least=1
     )
@@ -41,7 +51,9 @@ class InitStudentOptions(DataOptions, DeviceOptions, ModelLoadOptions):
         "the copy is not healed.",
     )
     work_dir: str | None = opt(
-        None, help="Pruned copy, healing cache and checkpoints (default: OUT.init)."
+        None,
+        help="Pruned copy, healing cache and checkpoints (default: OUT.init).",
+        local="output folder",
     )
     heal_epochs: int = opt(1, help="Passes over the healing text.", at_least=1)
     heal_steps: int = opt(0, help="Healing optimizer steps; > 0 overrides epochs.", at_least=0)

@@ -17,7 +17,7 @@ import torch
 from deltakd_cli import __version__, data, faults, models, outputs, sources
 from deltakd_cli.cache.options import CacheOptions
 from deltakd_cli.console import info
-from deltakd_cli.errors import DeltakdError
+from deltakd_cli.errors import DeltakdError, Interrupted
 from deltakd_cli.init_student import prune
 from deltakd_cli.init_student.layers import (
     block_influence,
@@ -36,7 +36,7 @@ from deltakd_cli.train.options import DistillOptions
 Runner = Callable[[str, Any], Any]  # commands.run_command: a command's name and its options
 INFLUENCE_DOCUMENTS = 32  # healing documents the block-influence scores are measured on
 
-MARKER = "init-student.json"
+MARKER = outputs.STUDENT_RECORD  # init-student.json, written last
 
 
 def heal_source(options: InitStudentOptions, rows: str) -> tuple[DataSource, data.Columns | None]:
@@ -112,7 +112,7 @@ def init_student(options: InitStudentOptions, run_command: Runner) -> dict[str, 
     from deltakd_cli import distributed
 
     _validate(options)
-    distributed.init(distributed.device_for(options.device))
+    distributed.init(distributed.device_for(options.device), options.resolved_dist_timeout())
     main = distributed.is_main_process()
     out, work = Path(options.out), options.work_path
     load = options.load_settings()
@@ -148,6 +148,11 @@ def init_student(options: InitStudentOptions, run_command: Runner) -> dict[str, 
         return _init_student(
             options, run_command, tokenizer, num_layers, rule, source_identity, heal_sha, key
         )
+    except (KeyboardInterrupt, Interrupted):  # its inner cache-teachers or distill's words
+        raise Interrupted(
+            "init-student stopped; rerun the same command to continue (the pruned copy, the "
+            "healing cache and the healing checkpoints are kept)"
+        ) from None
     finally:
         for lock in locks:
             lock.release()

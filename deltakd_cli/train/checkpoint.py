@@ -220,29 +220,35 @@ def write_checkpoint(
     final = out / "checkpoints" / f"step-{step}"
     partial = out / "checkpoints" / f".step-{step}.partial"
     needed = 2 * state_bytes(model) + state_bytes(optimizer)
-    with outputs.writing(final, needed, discard=partial if rank == 0 else None):
+    where = "the checkpoint barrier"
+    try:
+        with outputs.writing(final, needed, discard=partial if rank == 0 else None):
+            if rank == 0:
+                if partial.exists():
+                    shutil.rmtree(partial)
+                partial.mkdir(parents=True)
+            distributed.barrier(where)
+            save_tensors(_rng_state(), partial / f"rng-rank{rank}.pt")
+            if rank == 0:
+                save_tensors(model, partial / "model.pt")
+                save_tensors(optimizer, partial / "optimizer.pt")
+                outputs.atomic_write_text(
+                    partial / "trainer.json", json.dumps({"scheduler": scheduler})
+                )
+            distributed.barrier(where)
+            if rank == 0:
+                state = {"step": step, **position, "version": __version__}
+                outputs.atomic_write_text(partial / "state.json", json.dumps(state, indent=2))
+                faults.point("checkpoint rename")
+                partial.rename(final)
+                if keep:
+                    for _, old in complete_checkpoints(out)[:-keep]:
+                        shutil.rmtree(old, ignore_errors=True)
+    except (distributed.RankFailed, distributed.WaitTimedOut):  # no half-written checkpoint
         if rank == 0:
-            if partial.exists():
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True)
-        distributed.barrier()
-        save_tensors(_rng_state(), partial / f"rng-rank{rank}.pt")
-        if rank == 0:
-            save_tensors(model, partial / "model.pt")
-            save_tensors(optimizer, partial / "optimizer.pt")
-            outputs.atomic_write_text(
-                partial / "trainer.json", json.dumps({"scheduler": scheduler})
-            )
-        distributed.barrier()
-        if rank == 0:
-            state = {"step": step, **position, "version": __version__}
-            outputs.atomic_write_text(partial / "state.json", json.dumps(state, indent=2))
-            faults.point("checkpoint rename")
-            partial.rename(final)
-            if keep:
-                for _, old in complete_checkpoints(out)[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    distributed.barrier(where)
     return final
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from deltakd_cli import outputs
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import check
@@ -42,8 +43,9 @@ def upload_files(folder: Path) -> list[str]:
     a model directory or whose export did not finish."""
     if not folder.is_dir():
         raise DeltakdError(f"{folder}: not a directory (give a model directory to push)")
-    if (folder / ".export.partial").exists():
-        raise DeltakdError(f"{folder}: its export did not finish (.export.partial); nothing pushed")
+    reason = outputs.unfinished_model(folder)
+    if reason is not None:
+        raise DeltakdError(f"{folder}: {reason}; nothing pushed")
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         raise DeltakdError(
             f"{folder}: not a model directory (no config.json or adapter_config.json)"

@@ -57,7 +57,7 @@ class Trainer:
         self.options = options
         self.data = training_data
         self.tokenizer = tokenizer
-        self.out = Path(options.out)
+        self.out = Path(outputs.local_path(options.out))
         self.rank = distributed.rank()
         self.world_size = distributed.world_size()
         self.device = distributed.device_for(options.device)
@@ -313,7 +313,7 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             _truncate_metrics(self.out / "metrics.jsonl", start_step)
-        distributed.barrier()
+        distributed.barrier("the start of training")
         metrics = self._loop(start_step)
         return self._export(metrics)
 
@@ -379,7 +379,7 @@ class Trainer:
             self._export_model(model_state)
             write_card(self.out, summary)
             write_record(self.out, summary)
-        distributed.barrier()
+        distributed.barrier("the export")
         return summary
 
     def _export_model(self, model_state: dict[str, torch.Tensor]) -> None:
@@ -593,7 +593,7 @@ class Trainer:
         state = self._model_state()  # every rank (FSDP2 gathers); rank 0 writes
         if self.rank == 0:
             checkpoint.write_best(self.out, step, state, eval_loss)
-        distributed.barrier()
+        distributed.barrier("the best checkpoint")
 
     def _open_trackers(self) -> Trackers:
         """(rank 0) The --report-to trackers, with the run's options as parameters; a tracker
@@ -678,7 +678,7 @@ def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[
     validate(options)
     device = distributed.device_for(options.device)
     models.check_device(device)
-    distributed.init(device)
+    distributed.init(device, options.resolved_dist_timeout())
     if options.fsdp and not distributed.is_distributed():
         raise DeltakdError(
             "--fsdp shards the student over processes: launch with torchrun "

@@ -15,6 +15,7 @@ from deltakd_cli.option_groups import (
     HUB_ID,
     DataOptions,
     DeviceOptions,
+    DistributedOptions,
     LoraOptions,
     ModelLoadOptions,
     TrainingTemplateOptions,
@@ -85,7 +86,7 @@ OPTION_NAMES = {
 
 
 @dataclass(kw_only=True)
-class TrainOptions(LoraOptions, DeviceOptions, ModelLoadOptions):
+class TrainOptions(LoraOptions, DeviceOptions, ModelLoadOptions, DistributedOptions):
     """The training loop's options (distill and finetune share them)."""
 
     command: ClassVar[str] = "train"
@@ -105,7 +106,7 @@ class TrainOptions(LoraOptions, DeviceOptions, ModelLoadOptions):
         "fsdp": "Distributed",
     }  # fmt: skip
 
-    out: str = opt(help="Output: a Hugging Face model directory.")
+    out: str = opt(help="Output: a Hugging Face model directory.", local="output folder")
     epochs: int = opt(1, help="Passes over the data (ignored when --max-steps > 0).", at_least=1)
     max_steps: int = opt(0, help="Optimizer steps; > 0 overrides --epochs.", at_least=0)
     lr: float = opt(2e-5, help="Peak learning rate (AdamW).", above=0, finite=True)
@@ -326,11 +327,14 @@ class PushOptions:
     """Upload a model directory to the Hugging Face Hub: its model files, its card (README.md)
     and its adapter/ directory; never checkpoints/, run.json or metrics.jsonl."""
 
+    command: ClassVar[str] = "push"
+
     dir: str = opt(
         help="The model directory (the OUT of distill or finetune, its adapter/, or any Hugging "
         "Face model directory).",
         argument=True,
         metavar="DIR",
+        local="input folder",
     )
     repo: str = opt(
         help="The Hub repository (owner/name), created if missing. The token: HF_TOKEN or "
