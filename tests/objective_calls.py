@@ -38,7 +38,8 @@ def divergence(
     view = build_view(
         cached, entry.target(values), estimator, facts, temperature, frozen_student_logits
     )
-    return entry.divergence_function()(view, student_view(student_logits, view, temperature), values)
+    student = student_view(student_logits, view, temperature)
+    return entry.divergence_function()(view, student, values)
 
 
 def kd_loss(student_logits, cached, temperature=1.0, **kw):

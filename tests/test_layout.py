@@ -11,12 +11,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "deltakd_cli"
 
 # Each module's place on the data path: a module may import only from its own level or lower.
+# A package has one place (its modules import each other freely): method/, the method's math,
+# sits below every stage that uses it (cache, train, pipeline).
 LEVELS = {
-    "errors": 0, "faults": 0, "options": 1, "target_rules": 1, "config": 1, "outputs": 1,
-    "distributed": 1, "sampling": 1,
+    "errors": 0, "faults": 0, "options": 1, "config": 1, "outputs": 1, "distributed": 1,
     "console": 2, "tracking": 2,
-    "data": 2, "models": 2, "memory": 2, "targets": 2, "sources": 2, "option_groups": 2,
-    "vocab": 2, "objectives": 2, "losses": 3, "fidelity": 3,
+    "data": 2, "models": 2, "memory": 2, "sources": 2, "option_groups": 2, "vocab": 2,
+    "method": 2,
     "cache": 4, "train": 5, "evaluate": 5, "init_student": 6, "report": 6, "pipeline": 7,
     "commands": 8, "cli": 9,
     "__init__": 0, "__main__": 10,
@@ -82,6 +83,20 @@ def test_imports_go_down_the_data_path():
         if target != "deltakd_cli" and level(target) > level(module)
     ]
     assert upward == []
+
+
+def test_the_method_reads_only_errors_and_options():
+    """method/ is pure math over tensors: besides its own modules it may read the error types and
+    `opt()` (its objectives' settings are options), nothing that does I/O or knows a stage."""
+    allowed = {"deltakd_cli", "deltakd_cli.errors", "deltakd_cli.options"}
+    outside = [
+        (module, target)
+        for module, targets in graph().items()
+        if module.startswith("deltakd_cli.method")
+        for target in targets
+        if not target.startswith("deltakd_cli.method") and target not in allowed
+    ]
+    assert outside == []
 
 
 def test_stages_on_one_level_do_not_import_each_other():

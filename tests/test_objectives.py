@@ -1,4 +1,4 @@
-"""objectives.py: the registry is the one source of the objectives' choices, settings, flags,
+"""method/objectives.py: the registry is the one source of the objectives' choices, settings, flags,
 resume checks and model card; an option the objective does not read is refused; and a new
 objective (with a new setting) is one registration, trained by `distill` with nothing else
 changed."""
@@ -14,9 +14,9 @@ import textwrap
 import pytest
 from helpers import REPO, assert_one_line_error, cache_args, run_cli
 
-from deltakd_cli import objectives
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.objectives import OBJECTIVES
+from deltakd_cli.method import objectives
+from deltakd_cli.method.objectives import OBJECTIVES
 from deltakd_cli.train import card
 from deltakd_cli.train.options import (
     OPTIONS_THAT_MATTER,
@@ -103,7 +103,7 @@ def test_registering_twice_or_redeclaring_a_setting_is_refused():
         gamma: float = 0.5
 
     with pytest.raises(ValueError, match="declared twice"):
-        objectives.register(objectives.Objective("other", "x", "x", OtherGamma, loss=print))
+        objectives.register(objectives.Objective("other", "x", "x", OtherGamma, divergence=print))
     assert "other" not in OBJECTIVES
 
 
@@ -114,7 +114,7 @@ TOY = textwrap.dedent(
     import sys
     from dataclasses import dataclass
 
-    from deltakd_cli import losses, objectives
+    from deltakd_cli.method import divergences, objectives
     from deltakd_cli.options import opt
 
 
@@ -124,14 +124,13 @@ TOY = textwrap.dedent(
                             at_least=0, panel=objectives.PANEL)
 
 
-    def hinge_kd(student_logits, cached, settings, context):
-        target, student, weights = losses.teacher_pair(student_logits, cached, context.temperature)
-        return (losses.kl_divergence(target, student, weights) - settings.margin).clamp(min=0)
+    def hinge_kd(view, student, settings):
+        return (divergences.forward_kl(view, student) - settings.margin).clamp(min=0)
 
 
     objectives.register(objectives.Objective(
         "hinge-kd", "Hinge-KD student", "a hinge on token-level KD", MarginSettings,
-        loss=hinge_kd))
+        divergence=hinge_kd))
 
     from deltakd_cli.cli import main
 

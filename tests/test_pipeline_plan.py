@@ -13,7 +13,7 @@ from conftest import make_rows, write_jsonl
 
 from deltakd_cli import config
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.objectives import setting_fields
+from deltakd_cli.method.objectives import setting_fields
 from deltakd_cli.options import REQUIRED, choices_of, option_fields
 from deltakd_cli.pipeline.options import PipelineOptions
 from deltakd_cli.pipeline.plan import plan_stages

@@ -1,6 +1,6 @@
-"""The sampled tail (sampling.py, targets' sampled target, the losses on it): the draws, their
-unbiasedness against dense full-vocabulary references, the self-normalised bias's 1/M decay, the
-cache format 5 end to end, and TRL's loss at k = |V|."""
+"""The sampled tail (method/sampling.py, the view's drawn target, the losses on it): the draws,
+their unbiasedness against dense full-vocabulary references, the self-normalised bias's 1/M
+decay, the cache format 5 end to end, and TRL's loss at k = |V|."""
 
 from __future__ import annotations
 
@@ -10,13 +10,22 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_one_line_error, cache_args, run_cli
+from objective_calls import delta_loss, divergence, kd_loss
 
-from deltakd_cli import losses, sampling
 from deltakd_cli.cache import manifest as cache_manifest
 from deltakd_cli.cache import schema
 from deltakd_cli.cache.manifest import manifest_checksum
 from deltakd_cli.cache.reader import CacheReader
-from deltakd_cli.targets import TailDraws, build_cached_targets, exact_delta_target, tail_shift
+from deltakd_cli.method import sampling
+from deltakd_cli.method.objectives import OBJECTIVES
+from deltakd_cli.method.spec import CacheFacts, TargetSpec, tail_estimator
+from deltakd_cli.method.targets import (
+    TailDraws,
+    build_cached_targets,
+    exact_delta_target,
+    tail_shift,
+)
+from deltakd_cli.method.view import build_view
 from deltakd_cli.train.batching import collate
 
 # ----------------------------------------------------------------------------- the draws
@@ -87,6 +96,18 @@ def sampled_cache(tuned, base, student, k, samples, alpha=1.0, seed=0):
     )  # fmt: skip
 
 
+def drawn_target(cached, gamma: float, alpha: float, cache_alpha: float | None):
+    """The sampled tail's view of the family point (gamma, alpha): K, then the drawn ids."""
+    spec = TargetSpec(((1.0, gamma),), alpha)
+    return build_view(cached, spec, tail_estimator("sampled"), CacheFacts(alpha=cache_alpha))
+
+
+def estimated_mass(view) -> torch.Tensor:
+    """sum over K of r + sum over the draws of w_j r_j per position: the target's estimated
+    total mass."""
+    return view.head.exp().sum(1) + (view.drawn + view.drawn_log_weights).exp().sum(1)
+
+
 def per_row_gradients(loss_of, theta: torch.Tensor) -> torch.Tensor:
     """d loss_i / d logits_i for every row i (rows are independent)."""
     logits = theta.float().clone().requires_grad_(True)
@@ -107,12 +128,12 @@ def assert_unbiased(gradients: torch.Tensor, dense: torch.Tensor) -> None:
 def test_kd_gradient_from_the_sampled_tail_is_unbiased():
     tuned, base, student, theta = replicated()
     cached = sampled_cache(tuned, base, None, 4, 6)
-    gradients = per_row_gradients(lambda z: losses.kd_loss(z, cached), theta)
+    gradients = per_row_gradients(lambda z: kd_loss(z, cached, tail="sampled"), theta)
     dense = (torch.softmax(theta[0], -1) - tuned[0].exp()).double()
     assert_unbiased(gradients, dense)
     # the bucket cache of the same head is biased: its tail gradient has the student's shape
     bucket = build_cached_targets(tuned.float(), base.float(), None, 4, "tuned", 1.0, "teacher")
-    biased = per_row_gradients(lambda z: losses.kd_loss(z, bucket), theta)
+    biased = per_row_gradients(lambda z: kd_loss(z, bucket, tail="bucket"), theta)
     assert (biased.mean(0) - dense).abs().max() > 10 * (gradients.mean(0) - dense).abs().max()
 
 
@@ -120,21 +141,21 @@ def test_delta_gradient_at_the_cache_alpha_is_unbiased_with_plain_weights():
     tuned, base, student, theta = replicated(seed=1)
     cached = sampled_cache(tuned, base, student, 4, 6, alpha=1.0)
     gradients = per_row_gradients(
-        lambda z: losses.delta_loss(z, cached, 1.0, cache_alpha=1.0), theta
+        lambda z: delta_loss(z, cached, 1.0, cache_alpha=1.0, tail="sampled"), theta
     )
     dense_target = exact_delta_target(student[0:1], tuned[0:1], base[0:1], 1.0)[0].exp()
     assert_unbiased(gradients, torch.softmax(theta[0], -1) - dense_target)
     # plain weights: the estimated target's mass is not forced to 1 at a single position
-    target, weights, ess = losses.sampled_family_target(cached, 1.0, 1.0, 1.0)
-    assert ess is None
-    mass = (target + weights).exp().sum(dim=1)
+    view = drawn_target(cached, 1.0, 1.0, 1.0)
+    assert view.ess is None
+    mass = estimated_mass(view)
     assert mass.std() > 1e-3 and abs(mass.mean() - 1) < 5 * mass.std() / len(mass) ** 0.5
 
 
 def test_kd_value_is_an_unbiased_kl_estimate():
     tuned, base, student, theta = replicated(seed=2)
     cached = sampled_cache(tuned, base, None, 3, 5)
-    values = losses.kd_loss(theta.float(), cached).double()
+    values = kd_loss(theta.float(), cached, tail="sampled").double()
     dense = (tuned[0].exp() * (tuned[0] - torch.log_softmax(theta[0], -1))).sum()
     assert abs(values.mean() - dense) < 5 * values.std() / len(values) ** 0.5 + 1e-4
 
@@ -149,10 +170,10 @@ def test_self_normalised_bias_shrinks_about_4x_from_m_to_4m():
     bias = {}
     for samples in (4, 16):
         cached = sampled_cache(tuned, base, student, 1, samples, alpha=1.0)
-        _, _, ess = losses.sampled_family_target(cached, 1.0, 2.0, 1.0)
+        ess = drawn_target(cached, 1.0, 2.0, 1.0).ess
         assert ess is not None and (ess <= samples + 1e-4).all()  # logged: self-normalised
         gradients = per_row_gradients(
-            lambda z, c=cached: losses.delta_loss(z, c, 2.0, cache_alpha=1.0), theta
+            lambda z, c=cached: delta_loss(z, c, 2.0, cache_alpha=1.0, tail="sampled"), theta
         )
         error = gradients.mean(0) - dense
         noise = (gradients.std(0) / len(gradients) ** 0.5).norm()
@@ -165,8 +186,8 @@ def test_kd_sampled_target_sums_to_one_with_the_tuned_proposal():
     tuned, base, student, _ = replicated(rows=50, seed=4)
     cached = sampled_cache(tuned, base, None, 4, 8)
     cached.tuned_logprobs = cached.tuned_logprobs.half().float()  # as stored in float16
-    target, weights, _ = losses.sampled_family_target(cached, 0.0, 1.0, None)
-    torch.testing.assert_close((target + weights).exp().sum(1), torch.ones(50), atol=1e-6, rtol=0)
+    mass = estimated_mass(drawn_target(cached, 0.0, 1.0, None))
+    torch.testing.assert_close(mass, torch.ones(50), atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -240,19 +261,17 @@ def distill_args(cache, tiny, out, *extra):
 
 
 @pytest.mark.parametrize("objective", ["kd", "delta", "kd-to-delta", "delta-mix"])
-def test_every_distribution_objective_trains_on_the_sampled_tail(drawn_cache, tiny, tmp_path,
-                                                                  objective):  # fmt: skip
-    out = tmp_path / objective
-    result = run_cli(distill_args(drawn_cache, tiny, out, "--objective", objective))
-    assert result.exit_code == 0, result.output
-    run = json.loads((out / "run.json").read_text())
-    assert run["resolved"]["tail"] == "sampled"
-    assert np.isfinite(run["final_metrics"]["final_distill"])
-    bucket = tmp_path / f"{objective}-bucket"
-    result = run_cli(distill_args(drawn_cache, tiny, bucket, "--objective", objective,
-                                  "--tail", "bucket"))  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert json.loads((bucket / "run.json").read_text())["resolved"]["tail"] == "bucket"
+def test_every_distribution_objective_trains_on_every_tail(drawn_cache, tiny, tmp_path, objective):
+    """On a cache with draws: the objective's default tail (its registered, measured one), then
+    each tail by --tail, every one recorded as the tail the run trained."""
+    for tail in (None, "bucket", "sampled", "corrected"):
+        out = tmp_path / f"{objective}-{tail}"
+        extra = [] if tail is None else ["--tail", tail]
+        result = run_cli(distill_args(drawn_cache, tiny, out, "--objective", objective, *extra))
+        assert result.exit_code == 0, result.output
+        run = json.loads((out / "run.json").read_text())
+        assert run["resolved"]["tail"] == (tail or OBJECTIVES[objective].default_tail)
+        assert np.isfinite(run["final_metrics"]["final_distill"])
 
 
 def test_a_format_4_cache_still_trains(tiny, tmp_path):
@@ -297,7 +316,7 @@ def test_kd_from_a_full_vocabulary_cache_equals_trl_generalized_jsd(tiny, tmp_pa
     vocab = reader.vocab_size
 
     ours_logits = student_logits[rows, positions, :vocab]
-    ours = losses.kd_loss(ours_logits, batch["cached"]).sum() / len(rows)
+    ours = kd_loss(ours_logits, batch["cached"], tail="bucket").sum() / len(rows)
     labels = torch.full(student_logits.shape[:2], -100)
     labels[rows, positions] = 1
     theirs = gkd.GKDTrainer.generalized_jsd_loss(
@@ -323,13 +342,18 @@ def test_tail_shift_is_unchanged_by_samples():
 
 def test_a_self_normalised_target_is_said_with_its_effective_sample_size(drawn_cache, tiny,
                                                                           tmp_path):  # fmt: skip
-    result = run_cli(distill_args(drawn_cache, tiny, tmp_path / "a2", "--objective", "delta",
-                                  "--alpha", 2))  # fmt: skip
-    assert result.exit_code == 0, result.output
-    text = " ".join(result.output.split())
-    assert "self-normalised" in text and "effective sample size" in text
-    result = run_cli(distill_args(drawn_cache, tiny, tmp_path / "a1", "--objective", "delta"))
-    assert result.exit_code == 0 and "self-normalised" not in result.output
+    def delta_run(tail, *extra):
+        out = tmp_path / f"{tail}{'-'.join(map(str, extra))}"
+        result = run_cli(distill_args(drawn_cache, tiny, out, "--objective", "delta",
+                                      "--tail", tail, *extra))  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    for tail in ("sampled", "corrected"):  # the tails that read the draws
+        text = delta_run(tail, "--alpha", 2)  # off the cache's alpha: no known normaliser
+        assert "self-normalised" in text and "effective sample size" in text
+        assert "self-normalised" not in delta_run(tail)  # the cache's alpha: exact
+    assert "self-normalised" not in delta_run("bucket", "--alpha", 2)  # no draws read
 
 
 def test_inspect_shows_the_draws_with_their_token_text(drawn_cache):
@@ -354,20 +378,17 @@ def test_inspect_shows_the_draws_with_their_token_text(drawn_cache):
 def test_new_divergences_on_the_sampled_tail_are_unbiased(name, settings):
     """Each new objective's value and gradient from K + the drawn ids, weighted, average to the
     dense full-vocabulary ones (a sum of per-token terms, estimated term by term)."""
-    from deltakd_cli.objectives import OBJECTIVES
-
     tuned, base, student, theta = replicated(seed=11)
     cached = sampled_cache(tuned, base, None, 4, 6)
-    entry = OBJECTIVES[name]
-    values = entry.settings_from(settings)
+    assert OBJECTIVES[name].reads == tuple(settings)
 
     def loss(z):
-        return entry.loss_function()(z, cached, values, losses.LossContext())
+        return divergence(name, z, cached, tail="sampled", **settings)
 
     def dense(z):  # the same objective with every id kept
         full = build_cached_targets(tuned[:1].float(), base[:1].float(), None, tuned.shape[1],
                                     "tuned", 1.0, "teacher")  # fmt: skip
-        return entry.loss_function()(z, full, values, losses.LossContext())
+        return divergence(name, z, full, tail="bucket", **settings)
 
     gradients = per_row_gradients(loss, theta)
     assert_unbiased(gradients, per_row_gradients(dense, theta[:1])[0])

@@ -1,4 +1,4 @@
-"""targets.py against dense references written here: plain softmax / sums over boolean masks."""
+"""method/targets.py against dense references written here: plain softmax, sums over masks."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.fidelity import (
+from deltakd_cli.method.fidelity import (
     delta_grad_cosine,
     family_fidelity,
     family_grad_cosine,
     target_fidelity,
     total_variation,
 )
-from deltakd_cli.targets import (
+from deltakd_cli.method.targets import (
     RULES_NEEDING_GRID,
     SELECTION_RULES,
     TAIL_RULES,
@@ -421,8 +421,8 @@ def test_float32_inputs_stay_float32_and_bfloat16_cache_is_widened():
 
 def test_family_grad_cosine_is_the_cosine_of_the_loss_gradients():
     # The bench's figure: the cosine between autograd gradients of the dense family KL and of
-    # the cached kd-to-delta loss, both at theta = S0.
-    from deltakd_cli.losses import kd_to_delta_loss
+    # the cached kd-to-delta loss (its view of the bucket), both at theta = S0.
+    from objective_calls import kd_to_delta_loss
 
     tuned, base, student = random_logprobs(32, positions=8, vocab=120)
     grid = ((0.0, 1.0), (0.5, 1.0), (1.0, 1.0))
@@ -433,8 +433,8 @@ def test_family_grad_cosine_is_the_cosine_of_the_loss_gradients():
         dense = (exact.exp() * (exact - torch.log_softmax(logits, -1))).sum()
         (dense_grad,) = torch.autograd.grad(dense, logits)
         logits = student.float().clone().requires_grad_(True)
-        sparse = kd_to_delta_loss(logits, cached, gamma, alpha, 1.0, 1.0, None, grid).sum()
-        (sparse_grad,) = torch.autograd.grad(sparse, logits)
+        sparse = kd_to_delta_loss(logits, cached, gamma, alpha, 1.0, 1.0, None, grid, tail="bucket")
+        (sparse_grad,) = torch.autograd.grad(sparse.sum(), logits)
         expected = torch.nn.functional.cosine_similarity(dense_grad, sparse_grad.double(), dim=-1)
         shift = tail_shift(cached, alpha, 1.0)
         got = family_grad_cosine(

@@ -13,10 +13,13 @@ import torch
 from helpers import assert_one_line_error, cache_args, run_cli, train_and_held_out_caches
 from transformers import AutoModelForCausalLM
 
-from deltakd_cli import data, losses, models
+from deltakd_cli import data, models
 from deltakd_cli.cache.reader import CacheReader
+from deltakd_cli.method.objectives import OBJECTIVES
+from deltakd_cli.method.spec import CacheFacts, tail_estimator
 from deltakd_cli.option_groups import DataOptions
 from deltakd_cli.train import batching
+from deltakd_cli.train.objective import chunk_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,10 +36,14 @@ def read_metrics(out: Path) -> list[dict]:
 
 def direct_held_out_loss(model_dir: Path, cache: Path, objective: str, sft_weight: float) -> dict:
     """The objective over every example of `cache`, one example at a time through the Hugging
-    Face forward (full logits, no padding, no chunks): the reference the trainer must match."""
+    Face forward (full logits, no padding, no chunks), on the objective's default tail (the
+    cache has draws): the reference the trainer must match."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     reader = CacheReader(cache)
     vocab = int(reader.manifest["vocab_size"])
+    assert reader.tail_samples > 0
+    tail = tail_estimator(OBJECTIVES[objective].default_tail)
+    facts = CacheFacts(float(reader.manifest["alpha"]), reader.grid_points, reader.temperature)
     sums = {"loss": 0.0, "sft": 0.0, "distill": 0.0}
     count = 0
     for shard in range(reader.num_shards):
@@ -45,13 +52,14 @@ def direct_held_out_loss(model_dir: Path, cache: Path, objective: str, sft_weigh
             with torch.no_grad():
                 logits = model(torch.as_tensor(example.input_ids)[None]).logits[0]
             positions = torch.as_tensor(data.target_positions(example.target_mask))
-            parts = losses.objective_loss(
+            parts = chunk_loss(
                 objective,
                 logits[positions, :vocab],
                 batch["labels"],
                 batch["cached"],
+                tail=tail,
                 sft_weight=sft_weight,
-                cache_alpha=reader.manifest.get("alpha"),
+                facts=facts,
             )
             for name in sums:
                 sums[name] += float(parts[name].double().sum())
@@ -87,6 +95,7 @@ def test_held_out_loss_is_the_objective_on_the_held_out_rows(tiny, caches, tmp_p
     on_train = direct_held_out_loss(out, train, objective, 0.25)
     assert not math.isclose(on_train["loss"], last["eval_loss"], rel_tol=1e-3)
     run = json.loads((out / "run.json").read_text())
+    assert run["resolved"]["tail"] == OBJECTIVES[objective].default_tail  # the reference's
     assert run["final_metrics"]["eval_loss"] == last["eval_loss"]
     assert run["provenance"]["eval_data"]["cache"]["path"] == str(held_out.resolve())
 

@@ -151,6 +151,7 @@ def test_adapter_disabled_s0_equals_a_frozen_copy(tiny, cache):
     its adapters off or a separate frozen copy of the student (adapters made non-zero, so the
     student and S0 differ)."""
     from deltakd_cli.cache.reader import CacheReader
+    from deltakd_cli.method.spec import CacheFacts
     from deltakd_cli.train import batching, lora
     from deltakd_cli.train.objective import ObjectiveModule
     from deltakd_cli.train.options import DistillOptions
@@ -181,7 +182,7 @@ def test_adapter_disabled_s0_equals_a_frozen_copy(tiny, cache):
             vocab_size,
             torch.float32,
             frozen,
-            reader.manifest.get("alpha"),
+            CacheFacts(alpha=reader.manifest.get("alpha")),
             frozen_is_adapter_disabled=adapter_disabled,
         )
         sums = module(batch)

@@ -11,11 +11,18 @@ import torch
 from conftest import build_model
 from helpers import cache_args, run_cli
 
-from deltakd_cli import data, losses, models, objectives
+from deltakd_cli import data, models
 from deltakd_cli.cache.reader import CacheReader
+from deltakd_cli.method import objectives, targets
+from deltakd_cli.method.spec import CacheFacts, TargetSpec, tail_estimator
+from deltakd_cli.method.view import build_view
 from deltakd_cli.train import batching, checkpoint, loop
 from deltakd_cli.train import step as step_math
-from deltakd_cli.train.objective import ObjectiveModule, enable_activation_checkpointing
+from deltakd_cli.train.objective import (
+    ObjectiveModule,
+    chunk_loss,
+    enable_activation_checkpointing,
+)
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,6 +52,19 @@ def options(**overrides) -> DistillOptions:
     return DistillOptions(**values)
 
 
+def facts_of(store) -> CacheFacts:
+    """What the cache says about its targets, as `distill` reads it."""
+    alpha = store.manifest.get("alpha")  # None: a teacher-only cache has no mass-matched tail
+    return CacheFacts(None if alpha is None else float(alpha), store.grid_points, store.temperature)
+
+
+def default_tail(objective: str, store):
+    """The tail `distill` trains without --tail: the objective's default on a cache with draws,
+    else the bucket."""
+    name = objectives.get(objective).default_tail if store.tail_samples else "bucket"
+    return tail_estimator(name)
+
+
 def all_examples(store) -> list:
     return [
         example
@@ -66,7 +86,7 @@ def reference_sums(student, batch, objective, vocab_size, frozen=None, **loss_op
         name: loss_options.pop(name) for name in objectives.setting_fields() if name in loss_options
     }
     settings = objectives.get(objective).settings_from({**objectives.setting_defaults(), **given})
-    parts = losses.objective_loss(
+    parts = chunk_loss(
         objective,
         picked,
         batch["labels"],
@@ -93,26 +113,26 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
 
 
 @pytest.mark.parametrize(
-    "objective, cache_kind, frozen",
-    [("sft", None, False), ("kd", "student", False), ("delta", "student", False),
-     ("delta", "teachers", True), ("delta-mix", "student", False),
-     ("kd-to-delta", "grid", False), ("kd-to-delta", "teachers", True),
-     ("kd-to-delta", "student", False)],
+    "objective, cache_kind, frozen, tail_name",
+    [("sft", None, False, None), ("kd", "student", False, "sampled"),
+     ("delta", "student", False, "corrected"), ("delta", "teachers", True, "sampled"),
+     ("delta-mix", "student", False, "bucket"), ("kd-to-delta", "grid", False, "corrected"),
+     ("kd-to-delta", "teachers", True, "bucket"), ("kd-to-delta", "student", False, "sampled")],
 )  # fmt: skip
 def test_chunked_objective_equals_a_full_logits_forward(
-    tiny, caches, objective, cache_kind, frozen
+    tiny, caches, objective, cache_kind, frozen, tail_name
 ):
     tokenizer = models.load_tokenizer(str(tiny.student))
     if cache_kind is None:
         tokenized = data.tokenize_all(data.load_examples(tiny.train), "alpaca", tokenizer, 256)
         store = batching.TokenizedStore(tokenized)
-        cache_alpha, cache_grid = None, ()
+        facts, tail = CacheFacts(), None
     else:
         store = CacheReader(str(caches[cache_kind]))
-        cache_alpha = store.manifest["alpha"]
-        cache_grid = store.grid_points
+        assert store.tail_samples > 0  # every tail can be trained from these caches
+        facts, tail = facts_of(store), tail_estimator(tail_name)
     if cache_kind == "grid":
-        assert cache_grid == ((0.0, 1.5), (0.5, 1.5), (1.0, 1.5))
+        assert facts.grid == ((0.0, 1.5), (0.5, 1.5), (1.0, 1.5))
     batch = batching.collate(all_examples(store)[5:11], tokenizer.pad_token_id)
     if cache_kind == "grid":  # the loss reads the exact family tail at (gamma 0.5, alpha 1.5)
         assert batch["cached"].family_tail_logmass.shape == (batch["num_targets"], 3)
@@ -120,8 +140,8 @@ def test_chunked_objective_equals_a_full_logits_forward(
     frozen_model = models.load_model(str(tiny.student)) if frozen else None
     loss_options = {"alpha": 1.5, "temperature": 1.0, "sft_weight": 0.25, "mix": 0.5, "gamma": 0.5}
     expected = reference_sums(
-        student, batch, objective, tiny.vocab_size, frozen_model, cache_alpha=cache_alpha,
-        cache_grid=cache_grid, **loss_options,
+        student, batch, objective, tiny.vocab_size, frozen_model, facts=facts, tail=tail,
+        **loss_options,
     )  # fmt: skip
     expected[0].backward()
     expected_grads = gradients(student)
@@ -133,8 +153,8 @@ def test_chunked_objective_equals_a_full_logits_forward(
             tiny.vocab_size,
             torch.float32,
             frozen_model,
-            cache_alpha,
-            cache_grid=cache_grid,
+            facts,
+            tail=tail,
         )
         sums = module(batch)
         for got, want in zip(sums, expected, strict=True):
@@ -198,8 +218,9 @@ def test_one_batch_of_four_equals_two_micro_batches_of_two(tiny, caches):
         before = {name: p.detach().clone() for name, p in student.named_parameters()}
         run_options = options(objective="delta", lr=lr, sft_weight=0.3)
         module = ObjectiveModule(
-            student, run_options, tiny.vocab_size, torch.float32, None, store.manifest["alpha"]
-        )
+            student, run_options, tiny.vocab_size, torch.float32, None, facts_of(store),
+            tail=default_tail("delta", store),
+        )  # fmt: skip
         optimizer = step_math.make_optimizer(module, run_options)
         totals = step_math.accumulate_gradients(
             module, micro_batches, global_targets, 1, torch.device("cpu")
@@ -221,20 +242,22 @@ def test_one_batch_of_four_equals_two_micro_batches_of_two(tiny, caches):
     # and the gradient is that of the token mean over the whole step (not a mean of means)
     student = models.load_model(str(tiny.student))
     reference = reference_sums(
-        student, whole, "delta", tiny.vocab_size, cache_alpha=store.manifest["alpha"],
-        alpha=1.0, sft_weight=0.3,
+        student, whole, "delta", tiny.vocab_size, facts=facts_of(store),
+        tail=default_tail("delta", store), alpha=1.0, sft_weight=0.3,
     )  # fmt: skip
     (reference[0] / global_targets).backward()
     for name, grad in gradients(student).items():
         torch.testing.assert_close(grads_a[name], grad, rtol=1e-4, atol=1e-7)
 
 
-def mean_objective_loss(model_dir, store, objective, vocab, *, frozen_dir=None, cache_alpha=None):
+def mean_objective_loss(
+    model_dir, store, objective, vocab, *, frozen_dir=None, facts=CacheFacts(), tail=None
+):
     """The objective's token-mean loss over all of the store's examples."""
     student = models.load_model(str(model_dir))
     frozen = models.load_model(str(frozen_dir)) if frozen_dir else None
     module = ObjectiveModule(
-        student, options(objective=objective), vocab, torch.float32, frozen, cache_alpha
+        student, options(objective=objective), vocab, torch.float32, frozen, facts, tail=tail
     )
     examples = all_examples(store)
     total, targets = 0.0, 0
@@ -272,9 +295,12 @@ def test_each_objective_lowers_its_loss(tiny, caches, tmp_path, objective, cache
     frozen = summary["resolved"]["frozen_student"]
     assert frozen == (objective == "delta" and (cache_kind == "teachers" or frozen_student))
     store = CacheReader(str(caches[cache_kind]))
+    tail = tail_estimator(summary["resolved"]["tail"])  # the loss the run trained
+    assert tail == default_tail(objective, store)
     measure = {
         "frozen_dir": tiny.student if frozen else None,
-        "cache_alpha": store.manifest["alpha"],
+        "facts": facts_of(store),
+        "tail": tail,
     }
     before = mean_objective_loss(tiny.student, store, objective, tiny.vocab_size, **measure)
     after = mean_objective_loss(out, store, objective, tiny.vocab_size, **measure)
@@ -326,15 +352,18 @@ def teacher_logprobs(model_dir, batch, vocab_size):
 def test_frozen_student_on_another_students_cache_uses_no_foreign_tail(tiny, tmp_path, top_k):
     """`--frozen-student` with a cache built for another base student: the cache's mass-matched
     tail (computed with that student) is not used; the target is the live S0's. At k = |V| it
-    is exactly the dense p* ∝ p0 (pT / pB)^alpha of the live S0; at k < |V| the tail follows
-    the teacher rule."""
+    is exactly the dense p* ∝ p0 (pT / pB)^alpha of the live S0; at k < |V| the bucket follows
+    the teacher rule and the draws carry the live S0's own p*, normalised by the draws (the
+    cache knows no normaliser for this student)."""
     k = tiny.vocab_size if top_k == "vocab" else top_k
     cache = tmp_path / "cache"
     result = run_cli(cache_args(tiny, cache, "--top-k", k, "--precision", "float32"))
     assert result.exit_code == 0, result.output
     other = build_model(tmp_path / "other-student", tiny.tokenizer, 1, 32, seed=11)
     tokenizer = models.load_tokenizer(str(other))
-    chosen = options(cache=str(cache), student=str(other), objective="delta", frozen_student=True)
+    tail = None if top_k == "vocab" else "sampled"  # k < |V|: read the draws too
+    chosen = options(cache=str(cache), student=str(other), objective="delta", frozen_student=True,
+                     tail=tail)  # fmt: skip
     training = loop.distill_data(chosen, tokenizer)
     assert training.needs_frozen_student and not training.use_cached_student
     assert not training.use_cached_tail_shift
@@ -343,21 +372,32 @@ def test_frozen_student_on_another_students_cache_uses_no_foreign_tail(tiny, tmp
     cached, vocab = batch["cached"], training.vocab_size
     assert cached.target_tail_shift is None and cached.student_logprobs is None
     live = teacher_logprobs(other, batch, vocab)  # the live S0's log-probs
-    target, bucketed = losses._delta_target_bucketed_or_full(
-        cached, 1.0, 1.0, training.cache_alpha, live, "delta"
-    )
-    assert not bucketed
+    tuned = teacher_logprobs(tiny.teacher_tuned, batch, vocab)
+    base = teacher_logprobs(tiny.teacher_base, batch, vocab)
+    delta = TargetSpec(((1.0, 1.0),), 1.0)
+    bucket = build_view(cached, delta, tail_estimator("bucket"), training.facts, 1.0, live)
     if top_k == "vocab":
-        tuned = teacher_logprobs(tiny.teacher_tuned, batch, vocab)
-        base = teacher_logprobs(tiny.teacher_base, batch, vocab)
         exact = torch.log_softmax(live + tuned - base, dim=-1)
-        torch.testing.assert_close(target, exact, atol=2e-5, rtol=0)
-    else:
-        from deltakd_cli import targets
-
-        shift = targets.teacher_tail_shift(cached, 1.0)
-        expected = targets.delta_target_full(live, cached, 1.0, shift)
-        torch.testing.assert_close(target, expected)
+        torch.testing.assert_close(bucket.head, exact.gather(1, cached.ids), atol=2e-5, rtol=0)
+        assert torch.isneginf(bucket.tail).all()  # no tail
+        return
+    shift = targets.teacher_tail_shift(cached, 1.0)
+    full = targets.delta_target_full(live, cached, 1.0, shift)
+    got = torch.cat([bucket.head, bucket.tail.unsqueeze(1)], dim=1)
+    torch.testing.assert_close(got, targets.bucket_logprobs(full, cached.ids))
+    # the draws (--tail sampled): log p* at K and at the drawn ids is the live S0's l0 + Delta
+    # less one normaliser per position, estimated from the draws
+    drawn = build_view(cached, delta, tail_estimator("sampled"), training.facts, 1.0, live)
+    assert drawn.ess is not None  # self-normalised: no stored tail of the cache's student
+    unnormalised = live + tuned - base
+    head_offset = drawn.head - unnormalised.gather(1, cached.ids)
+    used = cached.sample_counts > 0
+    drawn_offset = drawn.drawn - unnormalised.gather(1, cached.sample_ids.long())
+    log_norm = head_offset[:, :1]
+    torch.testing.assert_close(head_offset, log_norm.expand_as(head_offset), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        drawn_offset[used], log_norm.expand_as(drawn_offset)[used], atol=1e-4, rtol=0
+    )
     # the same cache with its own student keeps its mass-matched tail
     own = options(cache=str(cache), student=str(tiny.student), objective="delta",
                   frozen_student=True)  # fmt: skip

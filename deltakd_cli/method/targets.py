@@ -129,7 +129,7 @@ CACHED_STUDENT_TAIL_FIELDS: tuple[str, ...] = tuple(
 # Names and small helpers
 # ---------------------------------------------------------------------------------------------
 
-# The rules' names live in target_rules.py (no torch: the CLI lists them in its help).
+# The rules' names live in rules.py (no torch: the CLI lists them in its help).
 
 
 _NEG_INF = float("-inf")

@@ -164,6 +164,11 @@ def build_view(
     temperature; the bucket takes any (the cache is then at temperature 1)."""
     if not temperature > 0:
         raise DeltakdError(f"temperature must be positive, got {temperature}")
+    if not tail.uses_draws and facts.temperature != 1.0:
+        raise DeltakdError(
+            f"cache drawn at temperature {facts.temperature:g} serves only its drawn tails; a "
+            "bucket would temper its stored distributions twice"
+        )
     if tail.uses_draws:
         if not cached.has_samples:
             raise DeltakdError(

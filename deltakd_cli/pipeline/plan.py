@@ -26,7 +26,7 @@ from deltakd_cli.sources import DataSource
 from deltakd_cli.train.options import DistillOptions, validate_lora, validate_push
 
 STUDENT_OBJECTIVES = ("sft", "kd", "delta")
-SWEEP_OBJECTIVE = "kd-to-delta"  # the family's objective (losses.py): one student per point
+SWEEP_OBJECTIVE = "kd-to-delta"  # the family's objective: one student per point
 SWEEP_NEEDS_VALIDATION = (
     "--sweep chooses its point on held-out training rows: give --validation, or keep "
     "--validation-fraction above 0 with enough --train rows"

@@ -22,6 +22,7 @@ from deltakd_cli.method.objectives import Objective
 from deltakd_cli.method.spec import CacheFacts, Tail, tail_estimator
 from deltakd_cli.method.targets import CachedTargets
 from deltakd_cli.method.view import build_view, student_view
+from deltakd_cli.options import check
 from deltakd_cli.train.options import TrainOptions, objective_settings
 
 LOGIT_ELEMENTS_PER_CHUNK = 1 << 25  # ~128 MiB of float32 logits per chunk by default
@@ -66,6 +67,7 @@ def chunk_loss(
         )
     check_shapes(logits, cached, frozen_student_logits)
     settings = settings or entry.settings()
+    check(settings)  # a library caller's settings get the flags' bounds (mix, gamma in [0, 1])
     view = build_view(
         cached,
         entry.target(settings),
