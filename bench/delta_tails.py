@@ -121,8 +121,8 @@ def main() -> None:
         shutil.rmtree(caches[name], ignore_errors=True)
         deltakd("cache-teachers", "--teacher-base", str(base), "--teacher-tuned", str(tuned),
                 "--student", str(student0), "--data", str(train), "--out", str(caches[name]),
-                "--top-k", str(k), "--tail-samples", str(samples), "--gammas", GRID, "--alphas", "1",
-                "--max-length", "512", "--device", "cpu")  # fmt: skip
+                "--top-k", str(k), "--tail-samples", str(samples), "--gammas", GRID,
+                "--alphas", "1", "--max-length", "512", "--device", "cpu")  # fmt: skip
     seeds = list(range(options.seeds))
     runs: dict[str, list[Path]] = {}
     for seed in seeds:  # interleaved: drift of a shared machine hits every arm alike
