@@ -267,6 +267,77 @@ def from_values(cls: type, values: dict[str, Any]) -> Any:
     return cls(**given)
 
 
+# ----------------------------------------------------------------------------- types
+
+
+def _type_name(kind: Any) -> str:
+    names = {str: "a string or path", int: "a whole number", float: "a number",
+             bool: "True or False"}  # fmt: skip
+    origin = typing.get_origin(kind)
+    if origin in (list, tuple):
+        return "a list of strings" if typing.get_args(kind)[0] is str else "a list of numbers"
+    if origin is dict:
+        return "a dict"
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _typed_value(kind: Any, value: Any, form: TextForm | None, name: str) -> Any:
+    """`value` as a field of type `kind` holds it (a path becomes its string, a whole-number
+    float stays refused), or raises DeltakdError naming `name` and what it takes."""
+    import os
+
+    args = typing.get_args(kind)
+    if type(None) in args:
+        if value is None:
+            return None
+        (kind,) = [arg for arg in args if arg is not type(None)]
+    if form is not None and isinstance(value, str):
+        return form.parse(name, value)
+    origin = typing.get_origin(kind)
+    ok = False
+    if kind is str:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        ok = isinstance(value, str)
+    elif kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
+        item = typing.get_args(kind)[0]
+        items = [_typed_value(item, part, None, name) for part in value]
+        return tuple(items) if origin is tuple else items
+    elif origin is dict:
+        ok = isinstance(value, dict)
+    else:
+        ok = True  # a type this module does not know: the command checks it
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 40 else type(value).__name__
+        raise DeltakdError(f"{name} takes {_type_name(kind)}, got {shown} ({type(value).__name__})")
+    return value
+
+
+def with_types(options: Any, name_of: Callable[[dataclasses.Field], str] = flag_of) -> Any:
+    """`options` with every field of the type its annotation gives (a `pathlib.Path` where a
+    path is taken becomes its string; a tuple of strings, a list); a value of another type
+    (`"4"` or `1.5` or `True` for a whole number, None for a required path, a list for a path)
+    raises one line naming the field (`name_of`: its flag, or its keyword for the API), before
+    any work. What the command line gives is already typed; this is for values from code."""
+    hints = _hints(type(options))
+    changed = {}
+    for field in dataclasses.fields(options):
+        if not field.init:
+            continue
+        value = getattr(options, field.name)
+        typed = _typed_value(hints[field.name], value, field.metadata.get("text"), name_of(field))
+        if typed is not value:
+            changed[field.name] = typed
+    return dataclasses.replace(options, **changed) if changed else options
+
+
 # ----------------------------------------------------------------------------- checks
 
 

@@ -391,6 +391,8 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
             )
         # The options the eval ran with: the report reads back as a config (--config REPORT.json).
         report = {**report, "labels": labels, "command": "eval", "options": options_record(options)}
+        report["models"] = [{**model, "label": labels.get(model["name"])}
+                            for model in report["models"]]  # fmt: skip
         if distributed.is_main_process():  # under torchrun, rank 0 reports and writes
             if options.json:
                 print(json.dumps(report, indent=2, default=str))

@@ -42,12 +42,15 @@ from deltakd_cli.train.objective import (
     enable_activation_checkpointing,
 )
 from deltakd_cli.train.options import (
+    OPTIONS_ADDED_LATER,
     OPTIONS_THAT_MATTER,
     DistillOptions,
     FinetuneOptions,
     TrainOptions,
     validate,
 )
+
+FINISHED = "finished"  # check_output: OUT already holds this very run
 
 
 class Trainer:
@@ -89,11 +92,13 @@ class Trainer:
             self.lock.release()
             self.lock = None
 
-    def check_output(self) -> tuple[int, Path, dict[str, Any]] | None:
+    def check_output(self) -> tuple[int, Path, dict[str, Any]] | str | None:
         """(rank 0, lock held) The checkpoint to resume from with what the resume changes
-        (`checkpoint.check_resumable`), or None for a fresh start; refuse what cannot work: a
-        directory that is not a training run, a finished run (unless --resume trains it
-        further), checkpoints without --resume (each unless --overwrite)."""
+        (`checkpoint.check_resumable`), None for a fresh start, or FINISHED when OUT holds this
+        very run, finished (skipped, as every stage skips complete identical work); refuse what
+        cannot work: a directory that is not a training run, a finished run of other settings
+        (unless --resume trains it further), checkpoints without --resume (each unless
+        --overwrite)."""
         options = self.options
         claim = outputs.claim_directory(
             self.out,
@@ -110,11 +115,13 @@ class Trainer:
             return None
         found = checkpoint.complete_checkpoints(self.out)
         finished = (self.out / "run.json").exists()
+        if finished and not options.resume and self._same_finished_run():
+            return FINISHED  # the same run, done: skipped, as cache-teachers skips
         if finished and not (options.resume and found):
             raise DeltakdError(
-                f"{self.out} already holds a finished run (run.json); choose another --out, "
-                "pass --overwrite to replace it, or --resume with a larger --max-steps or "
-                "--epochs to train it further"
+                f"{self.out} already holds a finished run (run.json) with other settings; "
+                "choose another --out, pass --overwrite to replace it, or --resume with a "
+                "larger --max-steps or --epochs to train it further"
             )
         if options.resume:
             if not found:
@@ -139,6 +146,20 @@ class Trainer:
                 "--overwrite to start again, or choose another --out"
             )
         return None
+
+    def _same_finished_run(self) -> bool:
+        """OUT/run.json records this very run: every option that matters (the data by content)
+        as this run would record it."""
+        try:
+            saved = json.loads((self.out / "run.json").read_text(encoding="utf-8"))
+            recorded = {**saved["options"], **saved["resolved"], "command": saved["command"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        now = json.loads(json.dumps(self.identity, default=str))
+        return all(
+            recorded.get(name, OPTIONS_ADDED_LATER.get(name)) == value
+            for name, value in now.items()
+        )
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -295,6 +316,9 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         resume_from = distributed.on_main_first(self._claim_output)
+        if resume_from == FINISHED:
+            info(f"[green]{self.out} already holds this run[/green] (run.json); nothing to do")
+            return json.loads((self.out / "run.json").read_text(encoding="utf-8"))
         self._setup_model()
         self._setup_data()
         self._setup_optimizer()
