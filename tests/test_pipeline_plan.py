@@ -125,7 +125,7 @@ def test_pipeline_flags_of_a_stage_use_the_stage_option_name():
     """A pipeline flag that sets a stage's option is placed in that stage's config section
     under the stage's own name (`--finetune-lr` is finetune.lr, `--heal-lr` init_student.lr)."""
     for field in dataclasses.fields(PipelineOptions):
-        section, key = config.section_of(field)
+        section, key = config.stage_option_of(field)
         stage = PipelineOptions.STAGE_SECTIONS.get(section)
         if stage is None or key in {f.name for f in option_fields(stage)}:
             continue

@@ -33,7 +33,7 @@ from deltakd_cli.pipeline.stages import Runner, Stage, run_stage
 from deltakd_cli.pipeline.sweep import choose
 from deltakd_cli.tracking import open_trackers, parse_report_to
 from deltakd_cli.train.export import write_card
-from deltakd_cli.train.hub import push_folder
+from deltakd_cli.train.hub import check_hub_access, push_folder
 
 # Every entry a pipeline (or the demo) creates in OUT: listed in OUT's marker when OUT is
 # claimed, the only entries a pipeline writes into.
@@ -80,6 +80,9 @@ def pipeline_output(out: Path) -> Iterator[None]:
 def pipeline(options: PipelineOptions, runner: Runner) -> dict[str, Any]:
     """`deltakd pipeline`: every stage in OUT, locked for the run."""
     check_inputs(options)
+    if options.push_to_hub:  # before the first stage: offline, the token, the repository
+        offline_by_caller = "HF_HUB_OFFLINE" in os.environ
+        check_hub_access(options.push_to_hub, "--push-to-hub", go_online=not offline_by_caller)
     with pipeline_output(options.out_path):
         return run_pipeline(options, runner)
 

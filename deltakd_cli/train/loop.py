@@ -35,7 +35,7 @@ from deltakd_cli.train.export import (
     write_card,
     write_record,
 )
-from deltakd_cli.train.hub import push_folder
+from deltakd_cli.train.hub import check_hub_access, push_folder
 from deltakd_cli.train.inputs import TrainingData, distill_data, finetune_data, with_eval_data
 from deltakd_cli.train.objective import (
     ObjectiveModule,
@@ -700,6 +700,8 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
 
 def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[str, Any]:
     validate(options)
+    if options.push_to_hub and distributed.is_main_process():  # before any cost: one line
+        check_hub_access(options.push_to_hub, "--push-to-hub")
     device = distributed.device_for(options.device)
     models.check_device(device)
     distributed.init(device)
