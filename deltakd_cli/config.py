@@ -69,14 +69,15 @@ def stage_option_of(field: dataclasses.Field) -> tuple[str | None, str]:
 
 
 def config_keys(cls: type) -> dict[str, str]:
-    """Every key a config for `cls` may use -> the field it sets: the field's own name (so a
-    run's flat record reads back) and, for a field in a section, `section.key`."""
+    """Every key a config for `cls` may use -> the field it sets: its flag's name (what `show`
+    writes), the field's own name (so a run's flat record reads back) and, for a field in a
+    section, `section.key`."""
     keys = {field.name: field.name for field in dataclasses.fields(cls)}
     for field in dataclasses.fields(cls):
         section, key = section_of(field)
         if section:
             keys[f"{section}.{key}"] = field.name
-            keys.setdefault(_flag_key(field), field.name)  # its flag, at the top level
+        keys.setdefault(_flag_key(field), field.name)  # its flag, at the top level
     return keys
 
 

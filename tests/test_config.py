@@ -111,7 +111,7 @@ def test_pipeline_keys_nest_per_stage(captured, tmp_path):
             {
                 "teacher_base": "tb", "student": "s", "train": "tr.jsonl", "test": "te.jsonl",
                 "out": "o",
-                "distill": {"alpha": 2.0, "lr": "3e-4", "seeds": [1, 2]},
+                "distill": {"alpha": 2.0, "lr": "3e-4", "student_seeds": [1, 2]},
                 "eval": {"limit": 50, "protocol": "minillm", "batch_size": 4},
                 "cache": {"top_k": 32},
                 "finetune": {"epochs": 5},
@@ -124,6 +124,56 @@ def test_pipeline_keys_nest_per_stage(captured, tmp_path):
     assert (options.alpha, options.lr, options.student_seeds) == (2.0, 3e-4, "1,2")
     assert (options.eval_limit, options.protocol, options.eval_batch_size) == (50, "minillm", 4)
     assert (options.top_k, options.finetune_epochs) == (32, 5)
+
+
+def test_config_keys_are_flag_names():
+    """Every key `config show pipeline` writes is its option's flag (less the section's name it
+    starts with: --eval-limit is eval.limit): --student-from is init_student.student_from, not
+    init_student.source; --student-seeds is distill.student_seeds, not distill.seeds."""
+    from deltakd_cli.options import flag_of
+
+    shown = run_cli(["config", "show", "pipeline"]).output
+    for field in option_fields(PipelineOptions):
+        section, key = config.section_of(field)
+        name = flag_of(field).removeprefix("--").replace("-", "_")
+        assert key == (name.removeprefix(f"{section}_") if section else name), field.name
+        assert f"{'  ' if section else ''}{key}:" in shown
+    assert "  student_from: null" in shown and "  student_seeds: null" in shown
+    distill = shown.split("\ndistill:")[1].split("\neval:")[0]
+    assert "  source:" not in shown and "  seeds:" not in distill
+
+
+def test_old_config_keys_still_read_with_a_note(captured, tmp_path, caplog):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({
+        "teacher_base": "tb", "train": "tr.jsonl", "test": "te.jsonl",
+        "init_student": {"source": "big", "layers": 2}, "distill": {"seeds": "0,1"},
+    }))  # fmt: skip
+    with caplog.at_level("WARNING", logger="deltakd"):
+        result = run_cli(["pipeline", "--config", path])
+    assert result.exit_code == 0, result.output
+    ((_, options),) = captured
+    assert (options.student_from, options.student_layers) == ("big", 2)
+    assert options.student_seeds == "0,1"
+    notes = [record.getMessage() for record in caplog.records]
+    assert any("'init_student.source' is now 'init_student.student_from'" in n for n in notes)
+    assert any("'distill.seeds' is now 'distill.student_seeds'" in n for n in notes)
+
+
+def test_test_on_the_command_line_replaces_a_configs_test_rows(captured, tmp_path):
+    """--test and --test-rows are one choice: the command line's replaces the config's (before:
+    'give --test or --test-rows, not both')."""
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("teacher_base: tb\nstudent: s\ntrain: tr.jsonl\ntest_rows: 5\n")
+    assert run_cli(["pipeline", "--config", path, "--test", "te.jsonl"]).exit_code == 0
+    ((_, options),) = captured
+    assert (options.test, options.test_rows) == ("te.jsonl", None)
+    path.write_text("teacher_base: tb\nstudent_from: big\nstudent_layers: 2\ntrain: tr.jsonl\n"
+                    "test: te.jsonl\n")  # fmt: skip
+    assert run_cli(["pipeline", "--config", path, "--student", "s", "--test-rows", "3"]).exit_code == 0
+    options = captured[1][1]
+    assert (options.student, options.student_from, options.test, options.test_rows) == (
+        "s", None, None, 3)  # fmt: skip
 
 
 def test_the_example_configs_parse():
