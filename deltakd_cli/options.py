@@ -275,7 +275,9 @@ def _type_name(kind: Any) -> str:
              bool: "True or False"}  # fmt: skip
     origin = typing.get_origin(kind)
     if origin in (list, tuple):
-        return "a list of strings" if typing.get_args(kind)[0] is str else "a list of numbers"
+        return (
+            "a list of strings or paths" if typing.get_args(kind)[0] is str else "a list of numbers"
+        )
     if origin is dict:
         return "a dict"
     return names.get(kind, getattr(kind, "__name__", str(kind)))
@@ -308,8 +310,12 @@ def _typed_value(kind: Any, value: Any, form: TextForm | None, name: str) -> Any
         value = float(value) if ok else value
     elif origin in (list, tuple) and isinstance(value, (list, tuple)):
         item = typing.get_args(kind)[0]
-        items = [_typed_value(item, part, None, name) for part in value]
-        return tuple(items) if origin is tuple else items
+        try:
+            items = [_typed_value(item, part, None, name) for part in value]
+        except DeltakdError:
+            items = None  # one wrong item: the message names the list
+        if items is not None:
+            return tuple(items) if origin is tuple else items
     elif origin is dict:
         ok = isinstance(value, dict)
     else:

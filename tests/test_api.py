@@ -3,6 +3,7 @@ import is light, and errors name options as keywords, never as flags."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -83,3 +84,132 @@ def test_a_model_object_pair_is_saved_and_used(tiny, tmp_path):
                                max_new_tokens=4, device="cpu")  # fmt: skip
     assert report["models"][0]["mean"] == by_path["models"][0]["mean"]
     assert not any(Path(m["name"]).exists() for m in report["models"])  # the temp dir is gone
+
+
+# ----------------------------------------------------------------------------- types
+
+
+@pytest.mark.parametrize(
+    "command, values, message",
+    [
+        ("distill", {"max_steps": "4"}, "max_steps takes a whole number, got '4'"),
+        ("distill", {"max_steps": 1.5}, "max_steps takes a whole number, got 1.5"),
+        ("distill", {"max_steps": True}, "max_steps takes a whole number, got True"),
+        ("distill", {"out": None}, "out takes a string or path, got None"),
+        ("distill", {"student": (1, 2)}, "student takes a path, a Hub id or a (model, tokenizer)"),
+        ("distill", {"lr": "fast"}, "lr takes a number, got 'fast'"),
+        ("finetune", {"data": ["a.jsonl"]}, "data takes a string or path, got ['a.jsonl']"),
+        ("cache-teachers", {"gammas": "0,x"}, "gammas: 'x' is not a number"),
+        ("eval", {"limit": "3"}, "limit takes a whole number, got '3'"),
+        ("eval", {"model": ["m", 1]}, "model takes a list of strings or paths, got ['m', 1]"),
+    ],
+)
+def test_a_wrong_type_is_one_line_naming_the_keyword_before_any_work(
+    tmp_path, command, values, message
+):
+    """Before: a TypeError after the output folder was made (max_steps="4"), or a value taken
+    silently (max_steps=True as 1)."""
+    out = tmp_path / "out"
+    given = {
+        "distill": {"cache": str(tmp_path / "cache"), "student": "s", "out": out},
+        "finetune": {"model": "m", "data": "d.jsonl", "out": out},
+        "cache-teachers": {
+            "teacher_base": "b",
+            "teacher_tuned": "t",
+            "data": "d.jsonl",
+            "out": out,
+        },  # fmt: skip
+        "eval": {"model": ["m"], "data": "d.jsonl", "out": out / "r.json"},
+    }[command]
+    function = {"distill": deltakd.distill, "finetune": deltakd.finetune,
+                "cache-teachers": deltakd.cache_teachers, "eval": deltakd.evaluate}[command]  # fmt: skip
+    with pytest.raises(deltakd.DeltakdError) as error:
+        function(**{**given, **values})
+    assert message in str(error.value) and "--" not in str(error.value)
+    assert not out.exists()
+
+
+def test_the_first_argument_is_the_commands_options_or_nothing(tmp_path):
+    """A positional path, or another command's options, is one line (before: AttributeError)."""
+    with pytest.raises(deltakd.DeltakdError, match="got a str as its first argument"):
+        deltakd.distill(str(tmp_path / "cache"), student="s", out=str(tmp_path / "o"))
+    finetune = deltakd.options_of("finetune", model="m", data="d", out=str(tmp_path / "o"))
+    with pytest.raises(deltakd.DeltakdError, match="one DistillOptions .* got a FinetuneOptions"):
+        deltakd.distill(finetune)
+    with pytest.raises(deltakd.DeltakdError, match="verbose takes True or False"):
+        deltakd.distill(cache="c", student="s", out="o", verbose="yes")
+
+
+def test_a_path_is_taken_wherever_a_path_is(tmp_path):
+    """A pathlib.Path is the path's string in the options (before: a TypeError at the manifest's
+    json.dumps, after the whole cache was computed)."""
+    options = deltakd.options_of(
+        "cache-teachers", teacher_base=tmp_path / "b", teacher_tuned=tmp_path / "t",
+        data=tmp_path / "d.jsonl", out=tmp_path / "cache", gammas=[0, 1],
+    )  # fmt: skip
+    assert options.out == str(tmp_path / "cache") and isinstance(options.teacher_base, str)
+    assert options.gammas == (0.0, 1.0)
+    report = deltakd.options_of("report", dirs=[tmp_path / "a"], out=tmp_path / "r")
+    assert report.dirs == [str(tmp_path / "a")]
+
+
+# ----------------------------------------------------------------------------- quiet, typed
+
+
+@pytest.fixture
+def scored(tmp_path):
+    """Test rows and three models' predictions for them (eval's predictions mode: no model)."""
+    from conftest import make_rows, write_jsonl
+
+    rows = make_rows(6, seed=3)
+    data = write_jsonl(tmp_path / "test.jsonl", rows)
+    lines = []
+    for model, keep in (("a", 3), ("b", 2), ("c", 1)):
+        for row in rows:
+            words = row["response"].split()
+            lines.append({"model": model, "prediction": " ".join(words[:keep])})
+    predictions = write_jsonl(tmp_path / "predictions.jsonl", lines)
+    return data, predictions
+
+
+def test_evaluate_prints_nothing_unless_asked_and_logs(scored, capfd, caplog):
+    """Before: rich tables on stdout, the whole report with json=True, and 'add --out
+    REPORT.json' on stderr."""
+    data, predictions = scored
+    with caplog.at_level("INFO", logger="deltakd"):
+        result = deltakd.evaluate(predictions=predictions, data=data, json=True)
+    printed = capfd.readouterr()
+    assert printed.out == "" and printed.err == ""
+    assert isinstance(result, deltakd.Evaluation)
+    assert any("not saved" in record.getMessage() for record in caplog.records)
+    deltakd.evaluate(predictions=predictions, data=data, verbose=True)
+    assert "ROUGE-L" in capfd.readouterr().out
+
+
+def test_evaluate_takes_python_structures_and_returns_one_vocabulary(scored, tmp_path):
+    """group= a dict, compare= pairs; the result names models by label and differences as
+    model minus `minus`, as REPORT.json does (before: `baseline`/`excludes_zero` there and
+    `minus`/`beyond_noise` in summary.json; a dict group= failed)."""
+    data, predictions = scored
+    out = tmp_path / "report.json"
+    result = deltakd.evaluate(predictions=predictions, data=data, out=out,
+                              group={"ab": ["a", "b"]}, compare=[("ab", "c")])  # fmt: skip
+    as_strings = deltakd.evaluate(predictions=predictions, data=data,
+                                  group=["ab=a,b"], compare=["ab:c"])  # fmt: skip
+    assert [(g.label, g.paths) for g in result.groups] == [("ab", ["a", "b"])]
+    (difference,) = result.group_differences
+    assert (difference.model, difference.minus) == ("ab", "c")
+    assert difference == as_strings.group_differences[0]
+    scores = {model.label: model.rouge_l for model in result.models}
+    assert scores["a"] > scores["b"] > scores["c"]
+    assert difference.difference == pytest.approx((scores["a"] + scores["b"]) / 2 - scores["c"])
+    written = json.loads(out.read_text())
+    for entry in written["differences"] + written["group_differences"]:
+        assert {"model", "minus", "beyond_noise"} <= set(entry)
+        assert not {"baseline", "excludes_zero"} & set(entry)
+    assert result.path == out and "ab - c: " in result.table()
+    old = {**written, "differences": [
+        {**{k: v for k, v in d.items() if k not in ("minus", "beyond_noise")},
+         "baseline": d["minus"], "excludes_zero": d["beyond_noise"]}
+        for d in written["differences"]]}  # fmt: skip
+    assert deltakd.Evaluation.from_record(old).differences == result.differences
