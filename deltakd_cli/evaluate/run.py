@@ -330,7 +330,7 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
     from rich.console import Console
 
     from deltakd_cli import distributed, outputs
-    from deltakd_cli.console import info
+    from deltakd_cli.console import console, info
     from deltakd_cli.evaluate import report as report_files
 
     check(options)
@@ -398,7 +398,7 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
                 print(json.dumps(report, indent=2, default=str))
             else:
                 for table in report_files.report_tables(report):
-                    Console().print(table)
+                    Console(quiet=console.quiet).print(table)  # stdout; quiet as the console
             if options.out is None:
                 info("not saved: add --out REPORT.json to keep the report and every generation")
             else:

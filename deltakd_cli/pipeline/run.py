@@ -3,9 +3,11 @@ the table. OUT is held for the whole run (a lock, and it must be a pipeline's di
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,7 +105,10 @@ def run_pipeline(
     options = dataclasses.replace(options, eval_every=resolve_eval_every(options))
     stages, roles = plan_stages(options)
     started = time.perf_counter()
-    records = {stage.name: run_stage(stage, runner, options.nproc) for stage in stages}
+    # Every stage's output goes where the pipeline's own goes, stderr: eval prints its tables
+    # to stdout when run alone; the pipeline prints its table at the end.
+    with contextlib.redirect_stdout(sys.stderr):
+        records = {stage.name: run_stage(stage, runner, options.nproc) for stage in stages}
     report_path = stages[-1].out / "report.json"
     report = json.loads(report_path.read_text())
     results = results_table(report, role_labels(options))
