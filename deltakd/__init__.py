@@ -169,15 +169,20 @@ def _output(verbose: bool) -> Iterator[None]:
     if verbose:
         yield
         return
+    from transformers.utils import logging as transformers_logging
+
     from deltakd_cli.console import console
 
-    quiet = console.quiet
+    quiet, bars = console.quiet, transformers_logging.is_progress_bar_enabled()
     console.quiet = True
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bars, on stderr
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         console.quiet = quiet
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def _run(command: str, options: Any, values: dict[str, Any]) -> Any:

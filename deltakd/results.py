@@ -131,12 +131,16 @@ class Evaluation:
         raise KeyError(label)
 
     def table(self) -> str:
-        """ROUGE-L per model, then the differences from the baseline, as plain text."""
-        width = max(len(model.label) for model in self.models)
+        """ROUGE-L per group (with groups) or per model, then the asked-for differences (or
+        those from the baseline), as plain text."""
+        shown = [(g.label, g.rouge_l, g.std, f"{len(g.paths)} models" if len(g.paths) > 1
+                  else "") for g in self.groups] or [
+            (m.label, m.rouge_l, m.std, "") for m in self.models]  # fmt: skip
+        width = max(len(label) for label, *_ in shown)
         lines = [f"{'model':<{width}}  ROUGE-L"]
-        for model in self.models:
-            spread = f" ± {model.std:.2f}" if model.std is not None else ""
-            lines.append(f"{model.label:<{width}}  {model.rouge_l:7.2f}{spread}")
+        for label, score, std, note in shown:
+            spread = f" ± {std:.2f}" if std is not None else ""
+            lines.append(f"{label:<{width}}  {score:7.2f}{spread}  {note}".rstrip())
         for entry in self.group_differences or self.differences:
             if entry.metric != "rougeL":
                 continue

@@ -51,7 +51,7 @@ def progress(unit: str = "step") -> Progress | PlainProgress:
     In a terminal: a rich bar whose columns fit 80 columns (description, bar, count, elapsed,
     ETA, then the status, which is cut first). Elsewhere (a file, a pipe, a batch job's log):
     plain lines (`PlainProgress`), `unit` naming what is counted (`step 12/300`)."""
-    disabled = not distributed.is_main_process()
+    disabled = not distributed.is_main_process() or console.quiet  # the API's quiet mode
     if not disabled and not console.is_terminal and not console.is_jupyter:
         return PlainProgress(unit, log_seconds())
     from rich.progress import (

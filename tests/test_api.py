@@ -22,9 +22,11 @@ def code_blocks(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_api_page_runs_as_written(tiny, tmp_path, monkeypatch, capsys):
+def test_the_api_page_runs_as_written(tiny, tmp_path, monkeypatch, capfd):
     """Every python block of docs/api.md, in order, with the fixture's paths in place of the
-    page's (the only substitution)."""
+    page's (the only substitution): the study (one cache, two objectives x two seeds, one eval
+    side by side, its table, the report), its rerun skipped, and a refusal. Nothing is printed
+    but what the page prints itself."""
     places = {
         '"models/base"': repr(str(tiny.teacher_base)),
         '"models/tuned"': repr(str(tiny.teacher_tuned)),
@@ -33,7 +35,7 @@ def test_the_api_page_runs_as_written(tiny, tmp_path, monkeypatch, capsys):
         '"data/test.jsonl"': repr(str(tiny.test)),
     }
     blocks = code_blocks(DOC.read_text())
-    assert len(blocks) == 5
+    assert len(blocks) == 7
     for placeholder in places:
         assert placeholder in blocks[0]
     monkeypatch.chdir(tmp_path)
@@ -42,12 +44,23 @@ def test_the_api_page_runs_as_written(tiny, tmp_path, monkeypatch, capsys):
         for placeholder, path in places.items():
             block = block.replace(placeholder, path)
         exec(compile(block, str(DOC), "exec"), namespace)
-    printed = capsys.readouterr().out
-    assert "response tokens cached" in printed and "delta final loss" in printed
-    assert set(namespace["report"]["labels"].values()) == {"delta", "kd", "base"}
-    assert (tmp_path / "runs/api/student-delta/model.safetensors").is_file()
-    refused = printed.split("refused:")[1]
+    printed = capfd.readouterr()
+    assert printed.err == ""  # the functions themselves print nothing
+    lines = printed.out.splitlines()
+    assert "response tokens cached" in lines[0]
+    assert sum(" final loss " in line for line in lines) == 4
+    result = namespace["result"]
+    assert [group.label for group in result.groups] == ["delta", "kd", "S0"]
+    assert [len(group.paths) for group in result.groups] == [2, 2, 1]
+    delta_vs_kd = result.group_differences[0]
+    assert (delta_vs_kd.model, delta_vs_kd.minus) == ("delta", "kd")
+    assert len(delta_vs_kd.per_model_differences) == 2
+    assert "delta - kd: " in printed.out and result.table() in printed.out
+    assert (tmp_path / "runs/api/report/index.html").is_file()
+    assert "skipped: True" in printed.out
+    refused = printed.out.split("refused:")[1]
     assert "max_steps" in refused and "--max-steps" not in refused
+    assert not (tmp_path / "runs/api/bad").exists()
 
 
 def test_importing_deltakd_loads_nothing_heavy():
@@ -82,8 +95,8 @@ def test_a_model_object_pair_is_saved_and_used(tiny, tmp_path):
                               max_new_tokens=4, device="cpu")  # fmt: skip
     by_path = deltakd.evaluate(model=str(tiny.student), data=str(tiny.test), limit=2,
                                max_new_tokens=4, device="cpu")  # fmt: skip
-    assert report["models"][0]["mean"] == by_path["models"][0]["mean"]
-    assert not any(Path(m["name"]).exists() for m in report["models"])  # the temp dir is gone
+    assert report.models[0].mean == by_path.models[0].mean
+    assert not any(Path(m.path).exists() for m in report.models)  # the temp dir is gone
 
 
 # ----------------------------------------------------------------------------- types
@@ -122,7 +135,8 @@ def test_a_wrong_type_is_one_line_naming_the_keyword_before_any_work(
         "eval": {"model": ["m"], "data": "d.jsonl", "out": out / "r.json"},
     }[command]
     function = {"distill": deltakd.distill, "finetune": deltakd.finetune,
-                "cache-teachers": deltakd.cache_teachers, "eval": deltakd.evaluate}[command]  # fmt: skip
+                "cache-teachers": deltakd.cache_teachers,
+                "eval": deltakd.evaluate}[command]  # fmt: skip
     with pytest.raises(deltakd.DeltakdError) as error:
         function(**{**given, **values})
     assert message in str(error.value) and "--" not in str(error.value)

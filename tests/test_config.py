@@ -170,7 +170,9 @@ def test_test_on_the_command_line_replaces_a_configs_test_rows(captured, tmp_pat
     assert (options.test, options.test_rows) == ("te.jsonl", None)
     path.write_text("teacher_base: tb\nstudent_from: big\nstudent_layers: 2\ntrain: tr.jsonl\n"
                     "test: te.jsonl\n")  # fmt: skip
-    assert run_cli(["pipeline", "--config", path, "--student", "s", "--test-rows", "3"]).exit_code == 0
+    assert (
+        run_cli(["pipeline", "--config", path, "--student", "s", "--test-rows", "3"]).exit_code == 0
+    )
     options = captured[1][1]
     assert (options.student, options.student_from, options.test, options.test_rows) == (
         "s", None, None, 3)  # fmt: skip

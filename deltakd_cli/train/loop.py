@@ -152,7 +152,10 @@ class Trainer:
         as this run would record it."""
         try:
             saved = json.loads((self.out / "run.json").read_text(encoding="utf-8"))
-            recorded = {**saved["options"], **saved["resolved"], "command": saved["command"]}
+            resolved = saved["resolved"]
+            recorded = {**saved["options"], "command": saved["command"],
+                        "compute_dtype": resolved["compute_dtype"],
+                        "world_size": resolved["world_size"]}  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError):
             return False
         now = json.loads(json.dumps(self.identity, default=str))
