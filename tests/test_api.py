@@ -227,3 +227,21 @@ def test_evaluate_takes_python_structures_and_returns_one_vocabulary(scored, tmp
          "baseline": d["minus"], "excludes_zero": d["beyond_noise"]}
         for d in written["differences"]]}  # fmt: skip
     assert deltakd.Evaluation.from_record(old).differences == result.differences
+
+
+def test_every_stage_reruns_by_one_rule(scored, tmp_path):
+    """Complete and identical: skipped (the record read back); different: refused in one line
+    naming overwrite=; overwrite=True: redone. (Before: eval refused its own identical rerun.)
+    The training and cache stages keep the same rule: tests/test_reliability.py and the
+    docs/api.md study."""
+    data, predictions = scored
+    out = tmp_path / "report.json"
+    first = deltakd.evaluate(predictions=predictions, data=data, out=out)
+    written = out.stat().st_mtime_ns
+    again = deltakd.evaluate(predictions=predictions, data=data, out=out)
+    assert again.record["created"] == first.record["created"]
+    assert again.models == first.models and out.stat().st_mtime_ns == written
+    with pytest.raises(deltakd.DeltakdError, match="already exists .* pass overwrite"):
+        deltakd.evaluate(predictions=predictions, data=data, out=out, limit=3)
+    redone = deltakd.evaluate(predictions=predictions, data=data, out=out, limit=3, overwrite=True)
+    assert redone.models[0].rows == 3

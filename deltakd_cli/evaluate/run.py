@@ -325,6 +325,37 @@ def evaluate_predictions(
 # --------------------------------------------------------------------------- the command
 
 
+def finished_report(options: EvalOptions) -> dict[str, Any] | None:
+    """The report at --out when it records this very eval, whole: the same options, the same
+    data and predictions by content, every model's weights by content. None otherwise (a rerun
+    of other settings is then refused by `prepare_output`, unless --overwrite)."""
+    from deltakd_cli import models, sources
+    from deltakd_cli.evaluate.report import generations_path
+    from deltakd_cli.outputs import local_path
+
+    path = Path(local_path(options.out))
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if not generations_path(path).is_file():
+            return None
+        if report.get("options") != json.loads(json.dumps(options_record(options), default=str)):
+            return None
+        data = sources.fingerprint(options.data_source(options.data))
+        if report["data"].get("sha256") != data.get("sha256"):
+            return None
+        if options.predictions is not None:
+            recorded = (report.get("predictions") or {}).get("sha256")
+            return report if recorded == file_sha256(Path(options.predictions)) else None
+        load = options.load_settings()
+        for model in report["models"]:
+            identity = model.get("identity") or {}
+            if identity.get("weights_sha256") != models.weights_fingerprint(model["name"], load):
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DeltakdError):
+        return None
+    return report
+
+
 def run_eval(options: EvalOptions) -> dict[str, Any]:
     """`deltakd eval`: check everything, generate (or read) and score, print, write."""
     from rich.console import Console
@@ -343,6 +374,12 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
     if options.predictions is not None and options.model:
         raise DeltakdError("give either --model or --predictions, not both")
     lock = None
+    if options.out is not None and not options.overwrite:
+        done = finished_report(options)
+        if done is not None:  # as every stage: complete, identical work is not redone
+            info(f"[green]{options.out} already holds this eval[/green] (the same options, data "
+                 "and models); nothing to do")  # fmt: skip
+            return done
     if options.out is not None:
         inputs: dict[str, Any] = {"--data": options.data, "--predictions": options.predictions}
         inputs.update({f"--model {spec}": spec for spec in models})
