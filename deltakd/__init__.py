@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import os
 import re
 import tempfile
@@ -208,10 +209,27 @@ def _run(command: str, options: Any, values: dict[str, Any]) -> Any:
         else:
             options = with_types(options, name_of=lambda field: field.name)
         try:
-            with _output(verbose):
+            with _output(verbose), _keywords_in_log(options):
                 return run_command(command, options)
         except DeltakdError as error:
             raise type(error)(_unflagged(str(error), options)) from None
+
+
+@contextlib.contextmanager
+def _keywords_in_log(options: Any) -> Iterator[None]:
+    """While a stage runs, what it logs names options as keywords too ("not saved: add
+    out=REPORT.json ..."), as its errors do."""
+
+    def reword(record: logging.LogRecord) -> bool:
+        record.msg, record.args = _unflagged(record.getMessage(), options), None
+        return True
+
+    logger = logging.getLogger("deltakd")
+    logger.addFilter(reword)
+    try:
+        yield
+    finally:
+        logger.removeFilter(reword)
 
 
 def _record_of(path: Path) -> bytes | None:

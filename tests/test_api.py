@@ -195,7 +195,8 @@ def test_evaluate_prints_nothing_unless_asked_and_logs(scored, capfd, caplog):
     printed = capfd.readouterr()
     assert printed.out == "" and printed.err == ""
     assert isinstance(result, deltakd.Evaluation)
-    assert any("not saved" in record.getMessage() for record in caplog.records)
+    (note,) = [r.getMessage() for r in caplog.records if "not saved" in r.getMessage()]
+    assert "out=REPORT.json" in note and "--" not in note
     deltakd.evaluate(predictions=predictions, data=data, verbose=True)
     assert "ROUGE-L" in capfd.readouterr().out
 
