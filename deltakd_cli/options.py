@@ -15,6 +15,7 @@ import math
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from deltakd_cli.errors import DeltakdError
@@ -398,6 +399,46 @@ def check(options: Any) -> None:
 def record(options: Any) -> dict[str, Any]:
     """Every field, as plain data (what a run writes into its record)."""
     return dataclasses.asdict(options)
+
+
+# The options that name a file or folder (or a Hub id, or a URL): what `absolute_paths` makes
+# absolute in a record.
+PATH_OPTIONS = frozenset((
+    "cache", "student", "out", "data", "eval_data", "model", "teacher_base", "teacher_tuned",
+    "heal_data", "source", "work_dir", "predictions", "train", "test", "validation", "dirs",
+    "dir", "student_from", "wheel_dir", "template_from",
+))  # fmt: skip
+# What a record says of its paths (its "paths" key).
+PATHS_ARE = "absolute"
+
+
+def _absolute(value: Any, output: bool) -> Any:
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    path = Path(value)
+    if path.is_absolute() or not (path.exists() or output):
+        return value  # a Hub id (or a path that is not there: kept as given)
+    return str(path.resolve())
+
+
+def absolute_paths(
+    values: dict[str, Any], cls: type | None = None, keep: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A record's options (of the options class `cls`) with every local path absolute
+    (resolved against the working directory), so the record reads back as a config from any
+    directory; a Hub id, a URL, a path that does not exist (an output excepted), a field with
+    choices (the pipeline's --template-from is a role) and the fields of `keep` stay as given."""
+    chosen = {f.name for f in dataclasses.fields(cls) if f.metadata.get("choices")} if cls else ()
+    result = dict(values)
+    for name, value in values.items():
+        if name not in PATH_OPTIONS or name in keep or name in chosen:
+            continue
+        output = name in ("out", "work_dir")
+        if isinstance(value, list):
+            result[name] = [_absolute(item, output) for item in value]
+        else:
+            result[name] = _absolute(value, output)
+    return result
 
 
 def to_argv(options: Any, *, skip_defaults: bool = True) -> list[str]:

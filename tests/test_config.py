@@ -252,6 +252,34 @@ def test_a_run_record_fed_back_reproduces_the_weights(tiny, tmp_path):
     assert_one_line_error(result, "record of a 'cache-teachers' run", "deltakd cache-teachers")
 
 
+def test_a_record_read_from_another_directory_finds_its_paths(tiny, tmp_path, monkeypatch):
+    """Paths given relative to where a run ran are recorded absolute, and the record says so:
+    `--config S/run.json` from another directory finds the cache (before: "cache not found")."""
+    import os
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    student = os.path.relpath(tiny.student, work)
+    assert run_cli(["cache-teachers", "--teacher-base", tiny.teacher_base, "--teacher-tuned",
+                    tiny.teacher_tuned, "--data", os.path.relpath(tiny.train, work), "--out",
+                    "cache", "--student", student, "--top-k", 8, "--device", "cpu"]
+                   ).exit_code == 0  # fmt: skip
+    args = ["distill", "--cache", "cache", "--student", student, "--out", "first", "--lr", "5e-3",
+            "--batch-size", 4, "--max-steps", 2, "--num-workers", 0, "--device", "cpu"]  # fmt: skip
+    assert run_cli(args).exit_code == 0
+    record = json.loads((work / "first" / "run.json").read_text())
+    assert record["paths"] == "absolute"
+    assert record["options"]["cache"] == str(work / "cache")
+    assert record["options"]["student"] == str(Path(tiny.student).resolve())
+    assert record["options"]["objective"] == "delta"  # what is no path stays as given
+    assert run_cli(args).exit_code == 0  # the same run again, paths relative: skipped
+    monkeypatch.chdir(elsewhere)
+    result = run_cli(["distill", "--config", "../work/first/run.json", "--out", "second"])
+    assert result.exit_code == 0, result.output
+    assert (elsewhere / "second" / "model.safetensors").is_file()
+
+
 # ----------------------------------------------------------------------------- bad configs
 
 

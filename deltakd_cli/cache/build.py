@@ -38,7 +38,7 @@ from deltakd_cli.cache.writer import ShardWriter
 from deltakd_cli.console import info, progress
 from deltakd_cli.distributed import on_main_first
 from deltakd_cli.errors import DeltakdError, Interrupted
-from deltakd_cli.options import check
+from deltakd_cli.options import PATHS_ARE, absolute_paths, check
 from deltakd_cli.options import record as options_record
 from deltakd_cli.targets import (
     RULES_NEEDING_GRID,
@@ -692,6 +692,7 @@ def build_manifest(
         "settings": settings,
         # The run's options: the manifest reads back as a config (--config CACHE/manifest.json).
         "command": "cache-teachers",
-        "options": options_record(options),
+        "options": absolute_paths(options_record(options), type(options)),
+        "paths": PATHS_ARE,
         "shards": shards,
     }

@@ -25,7 +25,7 @@ from deltakd_cli.evaluate.options import EvalOptions
 from deltakd_cli.evaluate.predictions import load_predictions
 from deltakd_cli.evaluate.protocol import Protocol, make_protocol
 from deltakd_cli.evaluate.report import assemble, make_record
-from deltakd_cli.options import check
+from deltakd_cli.options import PATHS_ARE, absolute_paths, check
 from deltakd_cli.options import record as options_record
 from deltakd_cli.sources import file_sha256
 
@@ -325,6 +325,12 @@ def evaluate_predictions(
 # --------------------------------------------------------------------------- the command
 
 
+def recorded(options: EvalOptions) -> dict[str, Any]:
+    """The options as the report records them: local paths absolute, except the models, which
+    stay as given (they are the report's names for them, in --group, --compare, --baseline)."""
+    return absolute_paths(options_record(options), EvalOptions, keep=("model",))
+
+
 def finished_report(options: EvalOptions) -> dict[str, Any] | None:
     """The report at --out when it records this very eval, whole: the same options, the same
     data and predictions by content, every model's weights by content. None otherwise (a rerun
@@ -338,14 +344,14 @@ def finished_report(options: EvalOptions) -> dict[str, Any] | None:
         report = json.loads(path.read_text(encoding="utf-8"))
         if not generations_path(path).is_file():
             return None
-        if report.get("options") != json.loads(json.dumps(options_record(options), default=str)):
+        if report.get("options") != json.loads(json.dumps(recorded(options), default=str)):
             return None
         data = sources.fingerprint(options.data_source(options.data))
         if report["data"].get("sha256") != data.get("sha256"):
             return None
         if options.predictions is not None:
-            recorded = (report.get("predictions") or {}).get("sha256")
-            return report if recorded == file_sha256(Path(options.predictions)) else None
+            made_from = (report.get("predictions") or {}).get("sha256")
+            return report if made_from == file_sha256(Path(options.predictions)) else None
         load = options.load_settings()
         for model in report["models"]:
             identity = model.get("identity") or {}
@@ -427,7 +433,8 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
                 template_from=options.template_from,
             )
         # The options the eval ran with: the report reads back as a config (--config REPORT.json).
-        report = {**report, "labels": labels, "command": "eval", "options": options_record(options)}
+        report = {**report, "labels": labels, "command": "eval", "options": recorded(options),
+                  "paths": PATHS_ARE}  # fmt: skip
         report["models"] = [{**model, "label": labels.get(model["name"])}
                             for model in report["models"]]  # fmt: skip
         if distributed.is_main_process():  # under torchrun, rank 0 reports and writes

@@ -18,7 +18,7 @@ from deltakd_cli import __version__, outputs
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.evaluate.report import protocol_line
-from deltakd_cli.options import record
+from deltakd_cli.options import PATHS_ARE, absolute_paths, record
 from deltakd_cli.pipeline.heldout import hold_out, resolve_eval_every, split_record
 from deltakd_cli.pipeline.options import PipelineOptions
 from deltakd_cli.pipeline.plan import (
@@ -117,7 +117,9 @@ def run_pipeline(
         "tool": "deltakd",
         "version": __version__,
         "command": "pipeline",
-        "options": record(options),  # summary.json reads back as a config
+        # summary.json reads back as a config, from any directory
+        "options": absolute_paths(record(options), PipelineOptions),
+        "paths": PATHS_ARE,
         "roles": roles,
         "held_out": {
             "validation": validation_rows(options),

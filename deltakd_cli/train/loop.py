@@ -24,7 +24,7 @@ from torch import nn
 from deltakd_cli import __version__, distributed, faults, models, outputs
 from deltakd_cli.console import console, info, progress
 from deltakd_cli.errors import DeltakdError, Interrupted
-from deltakd_cli.options import record
+from deltakd_cli.options import PATHS_ARE, absolute_paths, record
 from deltakd_cli.tracking import Trackers, log_record, open_trackers
 from deltakd_cli.train import batching, checkpoint, lora, preflight
 from deltakd_cli.train import step as step_math
@@ -158,7 +158,7 @@ class Trainer:
                         "world_size": resolved["world_size"]}  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        now = json.loads(json.dumps(self.identity, default=str))
+        now = json.loads(json.dumps(absolute_paths(self.identity), default=str))
         return all(
             recorded.get(name, OPTIONS_ADDED_LATER.get(name)) == value
             for name, value in now.items()
@@ -377,7 +377,8 @@ class Trainer:
             "tool": "deltakd",
             "version": __version__,
             "command": self.options.command,
-            "options": record(self.options),
+            "options": absolute_paths(record(self.options), type(self.options)),
+            "paths": PATHS_ARE,  # every local path of `options` is absolute
             "resolved": {
                 "objective": self.options.objective,
                 "world_size": self.world_size,
