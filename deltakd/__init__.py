@@ -247,7 +247,10 @@ def cache_teachers(options: Any = None, /, **values: Any) -> Cache:
     manifest_path = Path(os.fspath(out)) / "manifest.json" if isinstance(out, (str, Path)) else None
     before = manifest_path and _record_of(manifest_path)
     manifest = _run("cache-teachers", options, values)
-    skipped = before is not None and before == _record_of(manifest_path)
+    after = manifest_path and _record_of(manifest_path)
+    skipped = before is not None and before == after
+    if after is not None:
+        manifest = json.loads(after)  # as on disk (its own checksum included)
     return Cache.from_record(manifest, os.fspath(out), skipped)
 
 

@@ -246,3 +246,49 @@ def test_every_stage_reruns_by_one_rule(scored, tmp_path):
         deltakd.evaluate(predictions=predictions, data=data, out=out, limit=3)
     redone = deltakd.evaluate(predictions=predictions, data=data, out=out, limit=3, overwrite=True)
     assert redone.models[0].rows == 3
+
+
+@pytest.mark.slow
+def test_inspect_push_and_report_are_functions(tiny, tmp_path, monkeypatch, capfd):
+    """deltakd.inspect, deltakd.push and deltakd.report call their commands (before: only the
+    command line had them), quietly, with typed results; the Hub is replaced by recorders."""
+    import shutil
+
+    from huggingface_hub import HfApi, constants
+
+    cache = deltakd.cache_teachers(teacher_base=tiny.teacher_base, teacher_tuned=tiny.teacher_tuned,
+                                   student=tiny.student, data=tiny.train, out=tmp_path / "cache",
+                                   device="cpu", top_k=8)  # fmt: skip
+    again = deltakd.cache_teachers(
+        deltakd.options_of(  # an options object, the same settings
+            "cache-teachers",
+            teacher_base=tiny.teacher_base,
+            teacher_tuned=tiny.teacher_tuned,
+            student=tiny.student,
+            data=tiny.train,
+            out=tmp_path / "cache",
+            device="cpu",
+            top_k=8,
+        )
+    )
+    assert not cache.skipped and again.skipped and again.record == cache.record
+    summary = deltakd.inspect(cache=cache.path, verify=True)
+    assert summary["verified"] is True and summary["examples"] == cache.examples
+    assert summary["response_tokens"] == cache.response_tokens and summary["k"] == 8
+
+    uploaded = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: repo_id)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kw: uploaded.append(kw))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    model = tmp_path / "model"
+    shutil.copytree(tiny.student, model)
+    pushed = deltakd.push(dir=model, repo="someone/tiny")
+    assert pushed.repo == "someone/tiny" and "model.safetensors" in pushed.files
+    assert uploaded[0]["allow_patterns"] == pushed.files
+
+    run = deltakd.distill(cache=cache.path, student=tiny.student, out=tmp_path / "run",
+                          max_steps=2, device="cpu")  # fmt: skip
+    page = deltakd.report(dirs=run.path, out=tmp_path / "report")
+    assert page.page == tmp_path / "report" / "index.html" and page.page.is_file()
+    printed = capfd.readouterr()
+    assert printed.out == "" and printed.err == ""
