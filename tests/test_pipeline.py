@@ -459,6 +459,18 @@ def test_a_role_with_several_training_seeds_averages_them(tmp_path):
     sft_entry = next(c for c in table["comparisons"] if c["minus"] == "student-sft")
     assert "per_model_differences" not in sft_entry  # one sft model against two delta models
 
+    # The API's typed summary: rows by role, comparisons by label, the files' vocabulary.
+    import deltakd
+
+    summary = {"results": table, "report": str(tmp_path / "report.json")}
+    typed = deltakd.Pipeline.from_record(summary, str(tmp_path))
+    assert [row.role for row in typed.rows] == ROLES
+    labels = {row.role: row.label for row in typed.rows}
+    pair = (labels["student-delta"], labels["student-kd"])
+    (difference,) = [c for c in typed.comparisons if (c.model, c.minus) == pair]
+    assert difference.per_model_differences == pytest.approx([15.0, -5.0])
+    assert difference.difference == pytest.approx(5.0)
+
 
 def test_student_seeds_must_be_distinct_integers():
     for bad in ("0,x", "1,1", ","):
