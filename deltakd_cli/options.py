@@ -3,6 +3,7 @@ help text and checks (`opt`); everything else is derived from that one definitio
 
 - the typer command's parameters (`typer_parameters`: names, flags, help, defaults);
 - the checks of numbers and choices, each failing with one line that names the flag (`check`);
+- the types of values given from code, a path as str or pathlib.Path (`with_types`);
 - the record a run writes (`record`) and the command line a pipeline stage passes (`to_argv`).
 
 Only the checks that involve several options or the file system stay in each workflow."""
@@ -309,6 +310,8 @@ def _typed_value(kind: Any, value: Any, form: TextForm | None, name: str) -> Any
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+    elif origin is list and isinstance(value, (str, os.PathLike)):
+        return [_typed_value(typing.get_args(kind)[0], value, None, name)]  # one of one or more
     elif origin in (list, tuple) and isinstance(value, (list, tuple)):
         item = typing.get_args(kind)[0]
         try:

@@ -165,6 +165,8 @@ def test_a_path_is_taken_wherever_a_path_is(tmp_path):
     assert options.gammas == (0.0, 1.0)
     report = deltakd.options_of("report", dirs=[tmp_path / "a"], out=tmp_path / "r")
     assert report.dirs == [str(tmp_path / "a")]
+    one = deltakd.options_of("report", dirs=tmp_path / "a", out=tmp_path / "r")
+    assert one.dirs == [str(tmp_path / "a")]  # one of a list option's one or more
 
 
 # ----------------------------------------------------------------------------- quiet, typed
