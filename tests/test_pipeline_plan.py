@@ -10,6 +10,7 @@ import typing
 import pytest
 import yaml
 from conftest import make_rows, write_jsonl
+from helpers import assert_one_line_error, run_cli
 
 from deltakd_cli import config
 from deltakd_cli.errors import DeltakdError
@@ -163,15 +164,23 @@ def test_every_stage_is_checked_before_the_first_stage_runs(rows, tmp_path):
     """A value only a stage refuses (distill's finite --lr; a warmup distill's validation
     refuses) stops the pipeline before its first stage (before: finetune and cache-teachers
     ran first)."""
-    from deltakd_cli.pipeline.plan import check_inputs
+    from deltakd_cli.pipeline.plan import check_inputs, check_stages
 
     base = PipelineOptions(teacher_base="tb", student="s", train=rows["train"],
                            test=rows["test"], out=str(tmp_path / "out"))  # fmt: skip
-    check_inputs(base)
+    check_stages(base)
+    check_inputs(dataclasses.replace(base, lr=float("inf")))  # the pipeline's own checks pass
     with pytest.raises(DeltakdError, match="distill sft: --lr must be a finite number"):
-        check_inputs(dataclasses.replace(base, lr=float("inf")))
+        check_stages(dataclasses.replace(base, lr=float("inf")))
     with pytest.raises(DeltakdError, match="finetune the tuned teacher: --warmup is a fraction"):
-        check_inputs(dataclasses.replace(base, warmup=2.5))
+        check_stages(dataclasses.replace(base, warmup=2.5))
+    cut = dataclasses.replace(base, test=None, test_rows=2, lr=float("inf"))
+    with pytest.raises(DeltakdError, match="distill sft: --lr"):  # rows still to be cut
+        check_stages(cut)
+    result = run_cli(["pipeline", "--teacher-base", "tb", "--student", "s", "--train",
+                      rows["train"], "--test", rows["test"], "--out", tmp_path / "out",
+                      "--lr", "inf"])  # fmt: skip
+    assert_one_line_error(result, "distill sft: --lr must be a finite number")
     assert not (tmp_path / "out").exists()
 
 

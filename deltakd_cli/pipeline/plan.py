@@ -470,7 +470,6 @@ def check_inputs(options: PipelineOptions) -> None:
         if options.push_to_hub is None:
             raise DeltakdError("--push-role needs --push-to-hub (the repository)")
         push_role(options)
-    check_stages(options)
 
 
 def check_stages(options: PipelineOptions) -> None:
@@ -478,15 +477,19 @@ def check_stages(options: PipelineOptions) -> None:
     them, before the first stage runs (a value only a later stage refuses, like --lr inf for
     distill, is refused before the tuned teacher is trained). The rows the run will cut from
     --train are stood in for by --train itself: where rows come from checks nothing here."""
-    from deltakd_cli.options import check
-    from deltakd_cli.train.options import validate
-
     stand_in = dict(options.held_out)
     if options.test is None:
         stand_in.setdefault("test", options.train)
     if options.validation is None and options.validation_fraction > 0:
         stand_in.setdefault("validation", options.train)
-    stages, _ = plan_stages(dataclasses.replace(options, held_out=stand_in))
+    check_planned(plan_stages(dataclasses.replace(options, held_out=stand_in))[0])
+
+
+def check_planned(stages: list[Stage]) -> None:
+    """Each stage's options as its command checks them first; one line naming the stage."""
+    from deltakd_cli.options import check
+    from deltakd_cli.train.options import validate
+
     for stage in stages:
         try:
             check(stage.options)

@@ -23,6 +23,8 @@ from deltakd_cli.pipeline.heldout import hold_out, resolve_eval_every, split_rec
 from deltakd_cli.pipeline.options import PipelineOptions
 from deltakd_cli.pipeline.plan import (
     check_inputs,
+    check_planned,
+    check_stages,
     plan_stages,
     push_role,
     role_labels,
@@ -82,6 +84,7 @@ def pipeline_output(out: Path) -> Iterator[None]:
 def pipeline(options: PipelineOptions, runner: Runner) -> dict[str, Any]:
     """`deltakd pipeline`: every stage in OUT, locked for the run."""
     check_inputs(options)
+    check_stages(options)  # every stage's options, before the first stage (and before OUT)
     if options.push_to_hub:  # before the first stage: offline, the token, the repository
         offline_by_caller = "HF_HUB_OFFLINE" in os.environ
         check_hub_access(options.push_to_hub, "--push-to-hub", go_online=not offline_by_caller)
@@ -104,6 +107,7 @@ def run_pipeline(
         options = dataclasses.replace(options, held_out=held_out)
     options = dataclasses.replace(options, eval_every=resolve_eval_every(options))
     stages, roles = plan_stages(options)
+    check_planned(stages)  # the stages as they will run (the demo comes in here)
     started = time.perf_counter()
     # Every stage's output goes where the pipeline's own goes, stderr: eval prints its tables
     # to stdout when run alone; the pipeline prints its table at the end.
