@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import types
 import typing
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from deltakd_cli.errors import DeltakdError
-from deltakd_cli.options import REQUIRED, help_with_choices, option_fields
+from deltakd_cli.options import REQUIRED, flag_of, help_with_choices, option_fields
 
 STAGE_OPTIONS = "stage_options"  # the field that holds a pipeline's per-stage settings
 MISSING_YAML = "reading YAML configs needs PyYAML (a dependency of deltakd): pip install pyyaml"
@@ -40,25 +41,57 @@ def _yaml() -> Any:
 # ----------------------------------------------------------------------------- keys
 
 
+def _flag_key(field: dataclasses.Field) -> str:
+    """The field's flag as a key: `--student-from` is `student_from`."""
+    return flag_of(field).removeprefix("--").replace("-", "_")
+
+
 def section_of(field: dataclasses.Field) -> tuple[str | None, str]:
-    """(section, key) of a field in a nested config: a pipeline's `eval_limit` is `eval.limit`;
-    a field without a section is a top-level key of its own name."""
+    """(section, key) of a field in a nested config: the key is the field's flag, less its
+    section's name where the flag starts with it (`--eval-limit` is `eval.limit`,
+    `--finetune-lr` is `finetune.lr`, `--student-seeds` is `distill.student_seeds`); a field
+    without a section is a top-level key of its own name."""
     section = field.metadata.get("section")
-    key = field.metadata.get("key") or field.name
-    if section and not field.metadata.get("key") and key.startswith(section + "_"):
-        key = key[len(section) + 1 :]  # finetune_lr is finetune.lr
+    key = _flag_key(field)
+    if section and key.startswith(section + "_"):
+        key = key[len(section) + 1 :]
     return section, key
 
 
+def stage_option_of(field: dataclasses.Field) -> tuple[str | None, str]:
+    """(section, the option of that section's stage the field sets): `--student-from` sets
+    init-student's `source`, `--eval-limit` eval's `limit`."""
+    section = field.metadata.get("section")
+    name = field.metadata.get("key") or field.name
+    if section and not field.metadata.get("key") and name.startswith(section + "_"):
+        name = name[len(section) + 1 :]  # finetune_lr is finetune's lr
+    return section, name
+
+
 def config_keys(cls: type) -> dict[str, str]:
-    """Every key a config for `cls` may use -> the field it sets: the field's own name (so a
-    run's flat record reads back) and, for a field in a section, `section.key`."""
+    """Every key a config for `cls` may use -> the field it sets: its flag's name (what `show`
+    writes), the field's own name (so a run's flat record reads back) and, for a field in a
+    section, `section.key`."""
     keys = {field.name: field.name for field in dataclasses.fields(cls)}
     for field in dataclasses.fields(cls):
         section, key = section_of(field)
         if section:
             keys[f"{section}.{key}"] = field.name
+        keys.setdefault(_flag_key(field), field.name)  # its flag, at the top level
     return keys
+
+
+def old_keys(cls: type) -> dict[str, str]:
+    """Keys of earlier releases that named a field by its stage's option rather than its flag
+    (`init_student.source` for `--student-from`, `distill.seeds` for `--student-seeds`) ->
+    today's key; still read, with a note."""
+    renamed = {}
+    for field in dataclasses.fields(cls):
+        section, key = section_of(field)
+        _, old = stage_option_of(field)
+        if section and old != key:
+            renamed[f"{section}.{old}"] = f"{section}.{key}"
+    return renamed
 
 
 def sections(cls: type) -> set[str]:
@@ -293,6 +326,13 @@ def load(
             )
     flat = _flatten(values, cls)
     keys = config_keys(cls)
+    for old, new in old_keys(cls).items():
+        if old in flat and new not in flat:
+            logging.getLogger(TOOL).warning(
+                f"note: config {path}: '{old}' is now '{new}' (the flag's name); "
+                "the old key is read for now"
+            )
+            flat[new] = flat.pop(old)
     staged = {key: _stage_option(cls, key) for key in flat if key not in keys}
     staged = {key: where for key, where in staged.items() if where}
     unknown = [key for key in flat if key not in keys and key not in staged]
@@ -366,8 +406,16 @@ def merge(
     else the flag's default (what the command line parsed). A required option given nowhere is
     one line naming its flag."""
     values = dict(command_line)
+    # Options that are one choice (--test or --test-rows): the one the command line gives
+    # replaces the config's choice.
+    replaced = {
+        name
+        for choice in getattr(cls, "ALTERNATIVES", ())
+        if given_on_command_line & set(choice)
+        for name in choice
+    }
     for name, value in from_config.items():
-        if name not in given_on_command_line:
+        if name not in given_on_command_line and name not in replaced:
             values[name] = value
     for field in option_fields(cls):
         if _required(field) and values.get(field.name) in (None, [], ()):

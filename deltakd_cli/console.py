@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 from typer.core import TyperGroup
 
 from deltakd_cli import distributed
@@ -27,15 +29,19 @@ LOG_SECONDS_ENV = "DELTAKD_LOG_SECONDS"  # plain progress lines: at most one eve
 DEFAULT_LOG_SECONDS = 30.0
 
 console = Console(stderr=True, highlight=False)
+LOGGER = logging.getLogger("deltakd")
 # A log file, a pipe or a batch job's output: never hard-wrap a line at the default 80 columns
 # (an echoed command must run as printed, a number must not split); a terminal wraps itself.
 console.soft_wrap = not console.is_terminal
 
 
 def info(message: str) -> None:
-    """Print a status line (rank 0 only)."""
+    """Print a status line (rank 0 only), and log it to the "deltakd" logger (INFO) for the
+    Python API, which keeps the console quiet unless asked (deltakd/__init__.py)."""
     if distributed.is_main_process():
         console.print(message)
+        if LOGGER.isEnabledFor(logging.INFO):
+            LOGGER.info(Text.from_markup(message).plain)
 
 
 def progress(unit: str = "step") -> Progress | PlainProgress:
@@ -45,7 +51,7 @@ def progress(unit: str = "step") -> Progress | PlainProgress:
     In a terminal: a rich bar whose columns fit 80 columns (description, bar, count, elapsed,
     ETA, then the status, which is cut first). Elsewhere (a file, a pipe, a batch job's log):
     plain lines (`PlainProgress`), `unit` naming what is counted (`step 12/300`)."""
-    disabled = not distributed.is_main_process()
+    disabled = not distributed.is_main_process() or console.quiet  # the API's quiet mode
     if not disabled and not console.is_terminal and not console.is_jupyter:
         return PlainProgress(unit, log_seconds())
     from rich.progress import (

@@ -3,6 +3,7 @@ help text and checks (`opt`); everything else is derived from that one definitio
 
 - the typer command's parameters (`typer_parameters`: names, flags, help, defaults);
 - the checks of numbers and choices, each failing with one line that names the flag (`check`);
+- the types of values given from code, a path as str or pathlib.Path (`with_types`);
 - the record a run writes (`record`) and the command line a pipeline stage passes (`to_argv`).
 
 Only the checks that involve several options or the file system stay in each workflow."""
@@ -15,6 +16,7 @@ import math
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from deltakd_cli.errors import DeltakdError
@@ -272,6 +274,85 @@ def from_values(cls: type, values: dict[str, Any]) -> Any:
     return cls(**given)
 
 
+# ----------------------------------------------------------------------------- types
+
+
+def _type_name(kind: Any) -> str:
+    names = {str: "a string or path", int: "a whole number", float: "a number",
+             bool: "True or False"}  # fmt: skip
+    origin = typing.get_origin(kind)
+    if origin in (list, tuple):
+        return (
+            "a list of strings or paths" if typing.get_args(kind)[0] is str else "a list of numbers"
+        )
+    if origin is dict:
+        return "a dict"
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _typed_value(kind: Any, value: Any, form: TextForm | None, name: str) -> Any:
+    """`value` as a field of type `kind` holds it (a path becomes its string, a whole-number
+    float stays refused), or raises DeltakdError naming `name` and what it takes."""
+    import os
+
+    args = typing.get_args(kind)
+    if type(None) in args:
+        if value is None:
+            return None
+        (kind,) = [arg for arg in args if arg is not type(None)]
+    if form is not None and isinstance(value, str):
+        return form.parse(name, value)
+    origin = typing.get_origin(kind)
+    ok = False
+    if kind is str:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        ok = isinstance(value, str)
+    elif kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif origin is list and isinstance(value, (str, os.PathLike)):
+        return [_typed_value(typing.get_args(kind)[0], value, None, name)]  # one of one or more
+    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
+        item = typing.get_args(kind)[0]
+        try:
+            items = [_typed_value(item, part, None, name) for part in value]
+        except DeltakdError:
+            items = None  # one wrong item: the message names the list
+        if items is not None:
+            return tuple(items) if origin is tuple else items
+    elif origin is dict:
+        ok = isinstance(value, dict)
+    else:
+        ok = True  # a type this module does not know: the command checks it
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 40 else type(value).__name__
+        raise DeltakdError(f"{name} takes {_type_name(kind)}, got {shown} ({type(value).__name__})")
+    return value
+
+
+def with_types(options: Any, name_of: Callable[[dataclasses.Field], str] = flag_of) -> Any:
+    """`options` with every field of the type its annotation gives (a `pathlib.Path` where a
+    path is taken becomes its string; a tuple of strings, a list); a value of another type
+    (`"4"` or `1.5` or `True` for a whole number, None for a required path, a list for a path)
+    raises one line naming the field (`name_of`: its flag, or its keyword for the API), before
+    any work. What the command line gives is already typed; this is for values from code."""
+    hints = _hints(type(options))
+    changed = {}
+    for field in dataclasses.fields(options):
+        if not field.init:
+            continue
+        value = getattr(options, field.name)
+        typed = _typed_value(hints[field.name], value, field.metadata.get("text"), name_of(field))
+        if typed is not value:
+            changed[field.name] = typed
+    return dataclasses.replace(options, **changed) if changed else options
+
+
 # ----------------------------------------------------------------------------- checks
 
 
@@ -368,6 +449,46 @@ def check(options: Any, partial: bool = False) -> None:
 def record(options: Any) -> dict[str, Any]:
     """Every field, as plain data (what a run writes into its record)."""
     return dataclasses.asdict(options)
+
+
+# The options that name a file or folder (or a Hub id, or a URL): what `absolute_paths` makes
+# absolute in a record.
+PATH_OPTIONS = frozenset((
+    "cache", "student", "out", "data", "eval_data", "model", "teacher_base", "teacher_tuned",
+    "heal_data", "source", "work_dir", "predictions", "train", "test", "validation", "dirs",
+    "dir", "student_from", "wheel_dir", "template_from",
+))  # fmt: skip
+# What a record says of its paths (its "paths" key).
+PATHS_ARE = "absolute"
+
+
+def _absolute(value: Any, output: bool) -> Any:
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    path = Path(value)
+    if path.is_absolute() or not (path.exists() or output):
+        return value  # a Hub id (or a path that is not there: kept as given)
+    return str(path.resolve())
+
+
+def absolute_paths(
+    values: dict[str, Any], cls: type | None = None, keep: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A record's options (of the options class `cls`) with every local path absolute
+    (resolved against the working directory), so the record reads back as a config from any
+    directory; a Hub id, a URL, a path that does not exist (an output excepted), a field with
+    choices (the pipeline's --template-from is a role) and the fields of `keep` stay as given."""
+    chosen = {f.name for f in dataclasses.fields(cls) if f.metadata.get("choices")} if cls else ()
+    result = dict(values)
+    for name, value in values.items():
+        if name not in PATH_OPTIONS or name in keep or name in chosen:
+            continue
+        output = name in ("out", "work_dir")
+        if isinstance(value, list):
+            result[name] = [_absolute(item, output) for item in value]
+        else:
+            result[name] = _absolute(value, output)
+    return result
 
 
 def to_argv(options: Any, *, skip_defaults: bool = True) -> list[str]:

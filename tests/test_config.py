@@ -111,7 +111,7 @@ def test_pipeline_keys_nest_per_stage(captured, tmp_path):
             {
                 "teacher_base": "tb", "student": "s", "train": "tr.jsonl", "test": "te.jsonl",
                 "out": "o",
-                "distill": {"alpha": 2.0, "lr": "3e-4", "seeds": [1, 2]},
+                "distill": {"alpha": 2.0, "lr": "3e-4", "student_seeds": [1, 2]},
                 "eval": {"limit": 50, "protocol": "minillm", "batch_size": 4},
                 "cache": {"top_k": 32},
                 "finetune": {"epochs": 5},
@@ -124,6 +124,58 @@ def test_pipeline_keys_nest_per_stage(captured, tmp_path):
     assert (options.alpha, options.lr, options.student_seeds) == (2.0, 3e-4, "1,2")
     assert (options.eval_limit, options.protocol, options.eval_batch_size) == (50, "minillm", 4)
     assert (options.top_k, options.finetune_epochs) == (32, 5)
+
+
+def test_config_keys_are_flag_names():
+    """Every key `config show pipeline` writes is its option's flag (less the section's name it
+    starts with: --eval-limit is eval.limit): --student-from is init_student.student_from, not
+    init_student.source; --student-seeds is distill.student_seeds, not distill.seeds."""
+    from deltakd_cli.options import flag_of
+
+    shown = run_cli(["config", "show", "pipeline"]).output
+    for field in option_fields(PipelineOptions):
+        section, key = config.section_of(field)
+        name = flag_of(field).removeprefix("--").replace("-", "_")
+        assert key == (name.removeprefix(f"{section}_") if section else name), field.name
+        assert f"{'  ' if section else ''}{key}:" in shown
+    assert "  student_from: null" in shown and "  student_seeds: null" in shown
+    distill = shown.split("\ndistill:")[1].split("\neval:")[0]
+    assert "  source:" not in shown and "  seeds:" not in distill
+
+
+def test_old_config_keys_still_read_with_a_note(captured, tmp_path, caplog):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({
+        "teacher_base": "tb", "train": "tr.jsonl", "test": "te.jsonl",
+        "init_student": {"source": "big", "layers": 2}, "distill": {"seeds": "0,1"},
+    }))  # fmt: skip
+    with caplog.at_level("WARNING", logger="deltakd"):
+        result = run_cli(["pipeline", "--config", path])
+    assert result.exit_code == 0, result.output
+    ((_, options),) = captured
+    assert (options.student_from, options.student_layers) == ("big", 2)
+    assert options.student_seeds == "0,1"
+    notes = [record.getMessage() for record in caplog.records]
+    assert any("'init_student.source' is now 'init_student.student_from'" in n for n in notes)
+    assert any("'distill.seeds' is now 'distill.student_seeds'" in n for n in notes)
+
+
+def test_test_on_the_command_line_replaces_a_configs_test_rows(captured, tmp_path):
+    """--test and --test-rows are one choice: the command line's replaces the config's (before:
+    'give --test or --test-rows, not both')."""
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("teacher_base: tb\nstudent: s\ntrain: tr.jsonl\ntest_rows: 5\n")
+    assert run_cli(["pipeline", "--config", path, "--test", "te.jsonl"]).exit_code == 0
+    ((_, options),) = captured
+    assert (options.test, options.test_rows) == ("te.jsonl", None)
+    path.write_text("teacher_base: tb\nstudent_from: big\nstudent_layers: 2\ntrain: tr.jsonl\n"
+                    "test: te.jsonl\n")  # fmt: skip
+    assert (
+        run_cli(["pipeline", "--config", path, "--student", "s", "--test-rows", "3"]).exit_code == 0
+    )
+    options = captured[1][1]
+    assert (options.student, options.student_from, options.test, options.test_rows) == (
+        "s", None, None, 3)  # fmt: skip
 
 
 def test_the_example_configs_parse():
@@ -198,6 +250,34 @@ def test_a_run_record_fed_back_reproduces_the_weights(tiny, tmp_path):
     # The cache's manifest is the record of a cache-teachers run, not a distill config.
     result = run_cli(["distill", "--config", cache / "manifest.json", "--out", tmp_path / "x"])
     assert_one_line_error(result, "record of a 'cache-teachers' run", "deltakd cache-teachers")
+
+
+def test_a_record_read_from_another_directory_finds_its_paths(tiny, tmp_path, monkeypatch):
+    """Paths given relative to where a run ran are recorded absolute, and the record says so:
+    `--config S/run.json` from another directory finds the cache (before: "cache not found")."""
+    import os
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    student = os.path.relpath(tiny.student, work)
+    assert run_cli(["cache-teachers", "--teacher-base", tiny.teacher_base, "--teacher-tuned",
+                    tiny.teacher_tuned, "--data", os.path.relpath(tiny.train, work), "--out",
+                    "cache", "--student", student, "--top-k", 8, "--device", "cpu"]
+                   ).exit_code == 0  # fmt: skip
+    args = ["distill", "--cache", "cache", "--student", student, "--out", "first", "--lr", "5e-3",
+            "--batch-size", 4, "--max-steps", 2, "--num-workers", 0, "--device", "cpu"]  # fmt: skip
+    assert run_cli(args).exit_code == 0
+    record = json.loads((work / "first" / "run.json").read_text())
+    assert record["paths"] == "absolute"
+    assert record["options"]["cache"] == str(work / "cache")
+    assert record["options"]["student"] == str(Path(tiny.student).resolve())
+    assert record["options"]["objective"] == "delta"  # what is no path stays as given
+    assert run_cli(args).exit_code == 0  # the same run again, paths relative: skipped
+    monkeypatch.chdir(elsewhere)
+    result = run_cli(["distill", "--config", "../work/first/run.json", "--out", "second"])
+    assert result.exit_code == 0, result.output
+    assert (elsewhere / "second" / "model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------- bad configs

@@ -62,7 +62,7 @@ def test_report_numbers_follow_from_the_records(two_model_run):
         assert summary["std"]["rougeL"] == pytest.approx(statistics.stdev(per_seed))
         assert summary["identity"]["weights_sha256"]
     (difference,) = [d for d in report["differences"] if d["metric"] == "rougeL"]
-    assert difference["model"] == specs[1] and difference["baseline"] == specs[0]
+    assert difference["model"] == specs[1] and difference["minus"] == specs[0]
     mean_of = {m["name"]: m["mean"]["rougeL"] for m in report["models"]}
     assert difference["difference"] == pytest.approx(mean_of[specs[1]] - mean_of[specs[0]])
 
@@ -105,7 +105,8 @@ def test_report_and_generations_files_have_the_documented_fields(two_model_run, 
     ):
         assert key in model
     assert set(model["mean"]) == set(rouge.METRICS)
-    for key in ("difference", "ci_low", "ci_high", "confidence", "n_resamples", "excludes_zero"):
+    for key in ("model", "minus", "difference", "ci_low", "ci_high", "confidence", "n_resamples",
+                "beyond_noise"):  # fmt: skip
         assert key in written["differences"][0]
     lines = [json.loads(line) for line in records_path.read_text().splitlines()]
     assert len(lines) == len(records)

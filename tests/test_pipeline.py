@@ -67,6 +67,8 @@ def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
     first = run_cli(args)
     assert first.exit_code == 0, first.output
     assert "Does Delta-KD help here?" in first.output
+    # one stream: the eval stage's tables go where the pipeline's summary goes (before: stdout)
+    assert first.stdout == "" and "ROUGE-L" in first.stderr
     assert "protocol greedy" in flat(first.output)
 
     summary = json.loads((out / "summary.json").read_text())
@@ -137,7 +139,7 @@ def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
         sum(rows["student-delta"]["per_model"]) / 2
     )
     delta_vs_kd = summary["results"]["comparisons"][0]
-    assert len(delta_vs_kd["per_seed_differences"]) == 2
+    assert len(delta_vs_kd["per_model_differences"]) == 2
     assert "per training seed:" in seeded.output
     assert "student-kd-seed{3,4}" in flat(seeded.output)  # the table folds a role's seeds
 
@@ -453,9 +455,21 @@ def test_a_role_with_several_training_seeds_averages_them(tmp_path):
     )
     # per-row role means: delta 20, 30; kd 20, 20 -> +5; per seed: 30 - 15, 20 - 25
     assert entry["difference"] == pytest.approx(5.0)
-    assert entry["per_seed_differences"] == pytest.approx([15.0, -5.0])
+    assert entry["per_model_differences"] == pytest.approx([15.0, -5.0])
     sft_entry = next(c for c in table["comparisons"] if c["minus"] == "student-sft")
-    assert "per_seed_differences" not in sft_entry  # one sft model against two delta models
+    assert "per_model_differences" not in sft_entry  # one sft model against two delta models
+
+    # The API's typed summary: rows by role, comparisons by label, the files' vocabulary.
+    import deltakd
+
+    summary = {"results": table, "report": str(tmp_path / "report.json")}
+    typed = deltakd.Pipeline.from_record(summary, str(tmp_path))
+    assert [row.role for row in typed.rows] == ROLES
+    labels = {row.role: row.label for row in typed.rows}
+    pair = (labels["student-delta"], labels["student-kd"])
+    (difference,) = [c for c in typed.comparisons if (c.model, c.minus) == pair]
+    assert difference.per_model_differences == pytest.approx([15.0, -5.0])
+    assert difference.difference == pytest.approx(5.0)
 
 
 def test_student_seeds_must_be_distinct_integers():

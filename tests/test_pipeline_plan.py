@@ -10,6 +10,7 @@ import typing
 import pytest
 import yaml
 from conftest import make_rows, write_jsonl
+from helpers import assert_one_line_error, run_cli
 
 from deltakd_cli import config
 from deltakd_cli.errors import DeltakdError
@@ -125,7 +126,7 @@ def test_pipeline_flags_of_a_stage_use_the_stage_option_name():
     """A pipeline flag that sets a stage's option is placed in that stage's config section
     under the stage's own name (`--finetune-lr` is finetune.lr, `--heal-lr` init_student.lr)."""
     for field in dataclasses.fields(PipelineOptions):
-        section, key = config.section_of(field)
+        section, key = config.stage_option_of(field)
         stage = PipelineOptions.STAGE_SECTIONS.get(section)
         if stage is None or key in {f.name for f in option_fields(stage)}:
             continue
@@ -157,3 +158,49 @@ def test_each_student_gets_only_the_settings_its_objective_reads(rows, tmp_path)
     assert students["sft"].alpha == 1.0 and students["sft"].sft_weight == 0.0
     with pytest.raises(DeltakdError, match="distill.gamma is read by no student"):
         planned(rows, tmp_path, {"distill": {"gamma": 0.5}})
+
+
+def test_every_stage_is_checked_before_the_first_stage_runs(rows, tmp_path):
+    """A value only a stage refuses (distill's finite --lr; a warmup distill's validation
+    refuses) stops the pipeline before its first stage (before: finetune and cache-teachers
+    ran first)."""
+    from deltakd_cli.pipeline.plan import check_inputs, check_stages
+
+    base = PipelineOptions(teacher_base="tb", student="s", train=rows["train"],
+                           test=rows["test"], out=str(tmp_path / "out"))  # fmt: skip
+    check_stages(base)
+    check_inputs(dataclasses.replace(base, lr=float("inf")))  # the pipeline's own checks pass
+    with pytest.raises(DeltakdError, match="distill sft: --lr must be a finite number"):
+        check_stages(dataclasses.replace(base, lr=float("inf")))
+    with pytest.raises(DeltakdError, match="finetune the tuned teacher: --warmup is a fraction"):
+        check_stages(dataclasses.replace(base, warmup=2.5))
+    cut = dataclasses.replace(base, test=None, test_rows=2, lr=float("inf"))
+    with pytest.raises(DeltakdError, match="distill sft: --lr"):  # rows still to be cut
+        check_stages(cut)
+    result = run_cli(["pipeline", "--teacher-base", "tb", "--student", "s", "--train",
+                      rows["train"], "--test", rows["test"], "--out", tmp_path / "out",
+                      "--lr", "inf"])  # fmt: skip
+    assert_one_line_error(result, "distill sft: --lr must be a finite number")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_help_says_where_a_pipeline_default_differs_from_the_stage(tmp_path):
+    """`sft_weight` 0.5 in pipeline and 0 in distill, epochs 3 and 1: the pipeline's help names
+    the stage's own default wherever the two differ."""
+    from deltakd_cli.pipeline.plan import _sources
+
+    command = {"init_student": "init-student", "finetune": "finetune", "cache": "cache-teachers",
+               "distill": "distill", "eval": "eval"}  # fmt: skip
+    pipeline_fields = {f.name: f for f in dataclasses.fields(PipelineOptions)}
+    differing = []
+    for section, cls in PipelineOptions.STAGE_SECTIONS.items():
+        stage_fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, source in _sources(section).items():
+            ours, theirs = pipeline_fields[source].default, stage_fields[name].default
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                          for v in (ours, theirs))  # fmt: skip
+            if numbers and ours != theirs:
+                differing.append(source)
+                help_text = pipeline_fields[source].metadata["help"]
+                assert f"{command[section]}'s own default is {theirs:g}" in help_text, source
+    assert {"sft_weight", "epochs", "finetune_epochs"} <= set(differing)

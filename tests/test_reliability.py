@@ -511,10 +511,17 @@ def test_outputs_never_overwrite_inputs(tiny, world, tmp_path):
         result = run_cli([*args, *overwrite])
         assert_one_line_error(result, "did not create (config.json)", "not taken for the training")
     assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
-    # A run's own folder: a finished run is not replaced without --overwrite, and is with it.
+    # A run's own folder: the same run again is skipped (as every stage skips complete,
+    # identical work); a finished run of other settings is not replaced without --overwrite,
+    # and is with it.
     own = tmp_path / "own"
     args = distill_args(world["cache"], tiny.student, own, "--max-steps", 2)
     assert run_cli(args).exit_code == 0
+    record = (own / "run.json").read_bytes()
+    again = run_cli(args)
+    assert again.exit_code == 0 and "nothing to do" in again.output, again.output
+    assert (own / "run.json").read_bytes() == record
+    args = distill_args(world["cache"], tiny.student, own, "--max-steps", 2, "--seed", 7)
     assert_one_line_error(run_cli(args), "already holds a finished run", "--overwrite")
     assert run_cli([*args, "--overwrite"]).exit_code == 0
     assert (own / "run.json").is_file()

@@ -284,11 +284,11 @@ def test_runs_and_an_eval_report(distill_run, held_out_run, plain_report, tmp_pa
     assert len(differences) == len(expected) == 2
     per_seed = {m["name"]: [s["rougeL"] for s in m["per_seed"]] for m in report["models"]}
     for row, entry in zip(differences, expected, strict=True):
-        assert (row["model"], row["minus"]) == (entry["model"], entry["baseline"])
+        assert (row["model"], row["minus"]) == (entry["model"], entry["minus"])
         for key in ("difference", "ci_low", "ci_high", "confidence"):
             assert float(row[key]) == entry[key], key
-        assert row["beyond_noise"] == ("yes" if entry["excludes_zero"] else "no")
-        model, base = per_seed[entry["model"]], per_seed[entry["baseline"]]
+        assert row["beyond_noise"] == ("yes" if entry["beyond_noise"] else "no")
+        model, base = per_seed[entry["model"]], per_seed[entry["minus"]]
         assert points(row["points"]) == [a - b for a, b in zip(model, base, strict=True)]
 
     # the page: every plot, the tables' numbers as shown, the command that made the run

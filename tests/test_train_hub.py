@@ -26,11 +26,34 @@ LICENSE = "apache-2.0"
 
 
 class Uploads:
-    """What the push asked of the Hub (nothing leaves this machine)."""
+    """What the push asked of the Hub (nothing leaves this machine). The Hub's answers before
+    training: `user` owns `namespaces`; `existing` repositories exist; `reachable` False makes
+    every call fail as a dropped connection does."""
 
     def __init__(self) -> None:
         self.created: list[dict] = []
         self.uploaded: list[dict] = []
+        self.asked: list[str] = []  # the calls made before training
+        self.user = "someone"
+        self.orgs: list[str] = ["some-org"]
+        self.role = "write"
+        self.existing: set[str] = set()
+        self.reachable = True
+
+    def whoami(self, api, token=None, **kwargs):
+        self.asked.append("whoami")
+        if not self.reachable:
+            raise ConnectionError("Failed to resolve 'huggingface.co'")
+        return {"type": "user", "name": self.user, "orgs": [{"name": o} for o in self.orgs],
+                "auth": {"accessToken": {"role": self.role}}}  # fmt: skip
+
+    def repo_info(self, api, repo_id, **kwargs):
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        self.asked.append(f"repo_info {repo_id}")
+        if repo_id not in self.existing:
+            raise RepositoryNotFoundError(f"404 {repo_id}", response=_response(404))
+        return {"id": repo_id}
 
     def create_repo(self, api, repo_id, **kwargs):
         self.created.append({"repo_id": repo_id, **kwargs})
@@ -41,13 +64,28 @@ class Uploads:
         return None
 
 
+def _response(status: int):
+    import httpx
+
+    return httpx.Response(status, request=httpx.Request("GET", "https://huggingface.co/api"))
+
+
+def fake_hub(patch: pytest.MonkeyPatch, recorder: Uploads) -> None:
+    """HfApi's calls answered by `recorder`, a token in HF_TOKEN, offline mode off."""
+    patch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: recorder.create_repo(
+        api, repo_id, **kw))  # fmt: skip
+    patch.setattr(HfApi, "upload_folder", lambda api, **kw: recorder.upload_folder(api, **kw))
+    patch.setattr(HfApi, "whoami", lambda api, **kw: recorder.whoami(api, **kw))
+    patch.setattr(HfApi, "repo_info", lambda api, repo_id, **kw: recorder.repo_info(
+        api, repo_id, **kw))  # fmt: skip
+    patch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    patch.setattr(constants, "HF_HUB_OFFLINE", False)  # the tests run offline
+
+
 @pytest.fixture
 def uploads(monkeypatch) -> Uploads:
     recorder = Uploads()
-    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: recorder.create_repo(
-        api, repo_id, **kw))  # fmt: skip
-    monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kw: recorder.upload_folder(api, **kw))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the tests run offline
+    fake_hub(monkeypatch, recorder)
     return recorder
 
 
@@ -67,10 +105,7 @@ def pushed(tiny, licensed_student, tmp_path_factory):
     out = tmp_path_factory.mktemp("hub-run") / "tiny-student"
     recorder = Uploads()
     patch = pytest.MonkeyPatch()
-    patch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: recorder.create_repo(
-        api, repo_id, **kw))  # fmt: skip
-    patch.setattr(HfApi, "upload_folder", lambda api, **kw: recorder.upload_folder(api, **kw))
-    patch.setattr(constants, "HF_HUB_OFFLINE", False)
+    fake_hub(patch, recorder)
     try:
         result = run_cli(
             ["finetune", "--model", licensed_student, "--data", tiny.train, "--out", out,
@@ -86,6 +121,7 @@ def pushed(tiny, licensed_student, tmp_path_factory):
 def test_push_to_hub_uploads_the_model_files_card_and_adapter_only(pushed):
     out, recorder = pushed
     assert recorder.created == [{"repo_id": REPO, "exist_ok": True, "private": True}]
+    assert recorder.asked == ["whoami", f"repo_info {REPO}"]  # checked before training
     (call,) = recorder.uploaded
     assert call["folder_path"] == str(out) and call["repo_id"] == REPO
     files = call["allow_patterns"]
@@ -192,6 +228,58 @@ def test_train_refuses_a_bad_push_before_training(tiny, tmp_path, extra, message
             "--max-steps", 1, "--device", "cpu", *extra]  # fmt: skip
     assert_one_line_error(run_cli(args), message)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "hub, message",
+    [
+        ({"offline": True}, "HF_HUB_OFFLINE is set, so nothing could be pushed"),
+        ({"token": None}, "needs a Hugging Face token: set HF_TOKEN or run hf auth login"),
+        ({"reachable": False}, "cannot reach the Hugging Face Hub (ConnectionError"),
+        ({"role": "read"}, "the token of someone is read-only"),
+        ({"repo": "someone-else/x"}, "someone cannot create a repository of someone-else"),
+        ({"repo": "someone-else/x", "existing": True}, "someone cannot push to a repository"),
+    ],
+)
+@pytest.mark.parametrize("command", ["finetune", "distill", "pipeline"])
+def test_push_to_hub_is_checked_before_any_training(tiny, tmp_path, monkeypatch,
+                                                    command, hub, message):  # fmt: skip
+    """Offline mode, the token, the Hub's answer, the token's rights and the repository's
+    namespace are checked before the first step (before: after training, exit 2). Checked
+    before anything is read: distill's cache need not exist yet."""
+    recorder = Uploads()
+    fake_hub(monkeypatch, recorder)
+    repo = hub.get("repo", REPO)
+    if hub.get("offline"):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if "token" in hub:
+        monkeypatch.delenv("HF_TOKEN")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no saved token either
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    recorder.reachable = hub.get("reachable", True)
+    recorder.role = hub.get("role", "write")
+    if hub.get("existing"):
+        recorder.existing.add(repo)
+    out = tmp_path / "out"
+    args = {
+        "finetune": ["finetune", "--model", tiny.student, "--data", tiny.train, "--out", out,
+                     "--max-steps", 1, "--device", "cpu"],
+        "distill": ["distill", "--cache", tmp_path / "cache", "--student", tiny.student, "--out",
+                    out, "--max-steps", 1, "--device", "cpu"],
+        "pipeline": ["pipeline", "--teacher-base", tiny.teacher_base, "--teacher-tuned",
+                     tiny.teacher_tuned, "--student", tiny.student, "--train", tiny.train,
+                     "--test", tiny.test, "--out", out, "--max-steps", 1, "--device", "cpu"],
+    }[command]  # fmt: skip
+    assert_one_line_error(run_cli([*args, "--push-to-hub", repo]), message)
+    assert not out.exists() and recorder.uploaded == [] and recorder.created == []
+
+
+def test_a_creatable_repository_passes_the_check(uploads):
+    assert hub.check_hub_access("some-org/new-model", "--push-to-hub") == "someone"
+    uploads.existing.add(REPO)
+    assert hub.check_hub_access(REPO, "--push-to-hub") == "someone"
+    assert uploads.created == []  # checking creates nothing
 
 
 def pipeline_options(tiny, **given) -> PipelineOptions:

@@ -43,7 +43,7 @@ from deltakd_cli.method.targets import (
     RULES_NEEDING_STUDENT,
     TAIL_RULES_NEEDING_STUDENT,
 )
-from deltakd_cli.options import check
+from deltakd_cli.options import PATHS_ARE, absolute_paths, check
 from deltakd_cli.options import record as options_record
 
 POSITIONS_PER_PASS = 1024  # positions whose full-vocabulary log-probs are held at once (not
@@ -692,6 +692,7 @@ def build_manifest(
         "settings": settings,
         # The run's options: the manifest reads back as a config (--config CACHE/manifest.json).
         "command": "cache-teachers",
-        "options": options_record(options),
+        "options": absolute_paths(options_record(options), type(options)),
+        "paths": PATHS_ARE,
         "shards": shards,
     }

@@ -123,8 +123,8 @@ def _print_example(decoded: dict[str, Any]) -> None:
         console.print(f"({left} more target positions: --positions N, or --json)")
 
 
-def inspect_cache(options: InspectOptions) -> None:
-    """`deltakd inspect`."""
+def inspect_cache(options: InspectOptions) -> dict[str, Any]:
+    """`deltakd inspect`; returns what --json prints (the summary, or the example decoded)."""
     check(options)
     path = options.cache
     reader = CacheReader(path)
@@ -139,7 +139,7 @@ def inspect_cache(options: InspectOptions) -> None:
             print(json.dumps(decoded))
         else:
             _print_example(decoded)
-        return
+        return decoded
     report = summary(reader)
     damaged: list[str] = []
     if options.verify:
@@ -155,6 +155,7 @@ def inspect_cache(options: InspectOptions) -> None:
         raise DeltakdError(f"{path}: damaged shards: {', '.join(damaged)}")
     if options.verify and not options.json:
         console.print(f"[green]verified[/green]: all {report['shards']} shards match the manifest")
+    return report
 
 
 def _grid_text(grid: dict[str, Any] | None) -> str:

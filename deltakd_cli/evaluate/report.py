@@ -307,7 +307,7 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
                 shown(entry["model"]),
                 f"{entry['difference']:+.2f}",
                 f"[{entry['ci_low']:+.2f}, {entry['ci_high']:+.2f}]",
-                "yes" if entry["excludes_zero"] else "no",
+                "yes" if stats.read_difference(entry)["beyond_noise"] else "no",
             )
         tables.append(diffs)
     return tables

@@ -25,7 +25,7 @@ from deltakd_cli.evaluate.options import EvalOptions
 from deltakd_cli.evaluate.predictions import load_predictions
 from deltakd_cli.evaluate.protocol import Protocol, make_protocol
 from deltakd_cli.evaluate.report import assemble, make_record
-from deltakd_cli.options import check
+from deltakd_cli.options import PATHS_ARE, absolute_paths, check
 from deltakd_cli.options import record as options_record
 from deltakd_cli.sources import file_sha256
 
@@ -325,12 +325,49 @@ def evaluate_predictions(
 # --------------------------------------------------------------------------- the command
 
 
+def recorded(options: EvalOptions) -> dict[str, Any]:
+    """The options as the report records them: local paths absolute, except the models, which
+    stay as given (they are the report's names for them, in --group, --compare, --baseline)."""
+    return absolute_paths(options_record(options), EvalOptions, keep=("model",))
+
+
+def finished_report(options: EvalOptions) -> dict[str, Any] | None:
+    """The report at --out when it records this very eval, whole: the same options, the same
+    data and predictions by content, every model's weights by content. None otherwise (a rerun
+    of other settings is then refused by `prepare_output`, unless --overwrite)."""
+    from deltakd_cli import models, sources
+    from deltakd_cli.evaluate.report import generations_path
+    from deltakd_cli.outputs import local_path
+
+    path = Path(local_path(options.out))
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if not generations_path(path).is_file():
+            return None
+        if report.get("options") != json.loads(json.dumps(recorded(options), default=str)):
+            return None
+        data = sources.fingerprint(options.data_source(options.data))
+        if report["data"].get("sha256") != data.get("sha256"):
+            return None
+        if options.predictions is not None:
+            made_from = (report.get("predictions") or {}).get("sha256")
+            return report if made_from == file_sha256(Path(options.predictions)) else None
+        load = options.load_settings()
+        for model in report["models"]:
+            identity = model.get("identity") or {}
+            if identity.get("weights_sha256") != models.weights_fingerprint(model["name"], load):
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DeltakdError):
+        return None
+    return report
+
+
 def run_eval(options: EvalOptions) -> dict[str, Any]:
     """`deltakd eval`: check everything, generate (or read) and score, print, write."""
     from rich.console import Console
 
     from deltakd_cli import distributed, outputs
-    from deltakd_cli.console import info
+    from deltakd_cli.console import console, info
     from deltakd_cli.evaluate import report as report_files
 
     check(options)
@@ -344,6 +381,12 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
     if options.predictions is not None and options.model:
         raise DeltakdError("give either --model or --predictions, not both")
     lock = None
+    if options.out is not None and not options.overwrite:
+        done = finished_report(options)
+        if done is not None:  # as every stage: complete, identical work is not redone
+            info(f"[green]{options.out} already holds this eval[/green] (the same options, data "
+                 "and models); nothing to do")  # fmt: skip
+            return done
     if options.out is not None:
         inputs = [("--data", options.data), ("--predictions", options.predictions)]
         inputs += [("--model", spec) for spec in models]
@@ -391,13 +434,16 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
                 template_from=options.template_from,
             )
         # The options the eval ran with: the report reads back as a config (--config REPORT.json).
-        report = {**report, "labels": labels, "command": "eval", "options": options_record(options)}
+        report = {**report, "labels": labels, "command": "eval", "options": recorded(options),
+                  "paths": PATHS_ARE}  # fmt: skip
+        report["models"] = [{**model, "label": labels.get(model["name"])}
+                            for model in report["models"]]  # fmt: skip
         if distributed.is_main_process():  # under torchrun, rank 0 reports and writes
             if options.json:
                 print(json.dumps(report, indent=2, default=str))
             else:
                 for table in report_files.report_tables(report):
-                    Console().print(table)
+                    Console(quiet=console.quiet).print(table)  # stdout; quiet as the console
             if options.out is None:
                 info("not saved: add --out REPORT.json to keep the report and every generation")
             else:

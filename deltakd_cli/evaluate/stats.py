@@ -105,6 +105,24 @@ def summarize_model(
     return summary, row_means
 
 
+def beyond_noise(result: dict[str, Any]) -> bool:
+    """The difference's interval excludes 0."""
+    return result["ci_low"] > 0 or result["ci_high"] < 0
+
+
+def read_difference(entry: dict[str, Any]) -> dict[str, Any]:
+    """A difference as written now (`model`, `minus`, `beyond_noise`, `per_model_differences`)
+    from a report of any deltakd version (earlier ones wrote `baseline`, `excludes_zero`, and a
+    pipeline's `per_seed_differences`)."""
+    entry = dict(entry)
+    renamed = {"baseline": "minus", "excludes_zero": "beyond_noise",
+               "per_seed_differences": "per_model_differences"}  # fmt: skip
+    for old, new in renamed.items():
+        if old in entry:
+            entry.setdefault(new, entry.pop(old))
+    return entry
+
+
 def compare_to_baseline(
     baseline: str, row_means: dict[str, list[dict[str, float]]]
 ) -> list[dict[str, Any]]:
@@ -119,14 +137,13 @@ def compare_to_baseline(
             result = paired_bootstrap(
                 [row[metric] for row in base_rows], [row[metric] for row in rows]
             )
-            excludes_zero = result["ci_low"] > 0 or result["ci_high"] < 0
             differences.append(
                 {
                     "model": name,
-                    "baseline": baseline,
+                    "minus": baseline,
                     "metric": metric,
                     **result,
-                    "excludes_zero": excludes_zero,
+                    "beyond_noise": beyond_noise(result),
                 }
             )
     return differences
@@ -173,8 +190,8 @@ def compare_groups(
     on each, also the difference model by model (a student's seeds pair up: same data order,
     same initialisation)."""
     result = paired_bootstrap(second_rows, first_rows)
-    entry = {"model": first["name"], "minus": second["name"], **result}
-    entry["excludes_zero"] = result["ci_low"] > 0 or result["ci_high"] < 0
+    entry = {"model": first["name"], "minus": second["name"], "metric": first["metric"], **result}
+    entry["beyond_noise"] = beyond_noise(result)
     if len(first["per_model"]) > 1 and len(first["per_model"]) == len(second["per_model"]):
         entry["per_model_differences"] = [
             a - b for a, b in zip(first["per_model"], second["per_model"], strict=True)

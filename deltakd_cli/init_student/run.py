@@ -27,7 +27,7 @@ from deltakd_cli.init_student.layers import (
 )
 from deltakd_cli.init_student.options import InitStudentOptions
 from deltakd_cli.option_groups import DataOptions
-from deltakd_cli.options import check
+from deltakd_cli.options import PATHS_ARE, absolute_paths, check
 from deltakd_cli.options import record as options_record
 from deltakd_cli.sources import DataSource
 from deltakd_cli.train.checkpoint import complete_checkpoints
@@ -237,7 +237,8 @@ def _init_student(
         "layer_rule": rule,
         "layer_scores": scores,
         "pruned_copy": str(pruned_dir.resolve()),
-        "options": options_record(options),
+        "options": absolute_paths(options_record(options), type(options)),
+        "paths": PATHS_ARE,
         "healed": bool(options.heal_data),
     }
     healed_dir = work / "healed"

@@ -32,6 +32,12 @@ class PipelineOptions(
 
     command: ClassVar[str] = "pipeline"
 
+    # Options that are one choice: the one the command line gives replaces a config's
+    # (`--test T` over a config's `test_rows: 100`; config.merge).
+    ALTERNATIVES: ClassVar[tuple[tuple[str, ...], ...]] = (
+        ("test", "test_rows", "test_fraction"),
+        ("student", "student_from"),
+    )
     # Each stage's options are its own class's, built by the plan: a field takes the pipeline
     # field whose config key is `section.name` (`finetune_lr` is finetune.lr), else one that
     # `feeds` the section, else the top-level field of the same name, else its own default;
@@ -119,7 +125,10 @@ class PipelineOptions(
         None, help="Tokens per training example (default 1024, or the models' limit).", at_least=2
     )
     finetune_epochs: int = opt(
-        3, help="Epochs of the tuned teacher, if made here.", at_least=1, section="finetune"
+        3,
+        help="Epochs of the tuned teacher, if made here (finetune's own default is 1).",
+        at_least=1,
+        section="finetune",
     )
     finetune_lr: float = opt(
         2e-5, help="Learning rate of the tuned teacher.", above=0, section="finetune"
@@ -140,7 +149,10 @@ class PipelineOptions(
         1.0, help="Scale of the teachers' shift.", finite=True, section="distill", feeds=("cache",)
     )
     epochs: int = opt(
-        3, help="Student epochs (each of sft, kd, delta).", at_least=1, section="distill"
+        3,
+        help="Student epochs, each of sft, kd, delta (distill's own default is 1).",
+        at_least=1,
+        section="distill",
     )
     lr: float = opt(2e-5, help="Student peak learning rate.", above=0, section="distill")
     max_steps: int = opt(
@@ -158,7 +170,8 @@ class PipelineOptions(
         section="distill", feeds=("finetune",),
     )  # fmt: skip
     sft_weight: float = opt(
-        0.5, help="lambda: weight of cross-entropy in kd/delta.", at_least=0, at_most=1,
+        0.5, help="lambda: weight of cross-entropy in kd/delta (distill's own default is 0).",
+        at_least=0, at_most=1,
         section="distill",
     )  # fmt: skip
     eval_every: int = opt(

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from deltakd_cli.config import section_of
+from deltakd_cli.config import stage_option_of
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.evaluate.protocol import parse_seeds
 from deltakd_cli.method import objectives
@@ -149,7 +149,7 @@ def _sources(section: str) -> dict[str, str]:
     for field in dataclasses.fields(PipelineOptions):
         if field.name in PIPELINE_ONLY:
             continue
-        own_section, key = section_of(field)
+        own_section, key = stage_option_of(field)
         if own_section == section:
             rank = 0
         elif section in field.metadata.get("feeds", ()):
@@ -470,6 +470,33 @@ def check_inputs(options: PipelineOptions) -> None:
         if options.push_to_hub is None:
             raise DeltakdError("--push-role needs --push-to-hub (the repository)")
         push_role(options)
+
+
+def check_stages(options: PipelineOptions) -> None:
+    """Every stage's options, built as the run will build them, checked as each command checks
+    them, before the first stage runs (a value only a later stage refuses, like --lr inf for
+    distill, is refused before the tuned teacher is trained). The rows the run will cut from
+    --train are stood in for by --train itself: where rows come from checks nothing here."""
+    stand_in = dict(options.held_out)
+    if options.test is None:
+        stand_in.setdefault("test", options.train)
+    if options.validation is None and options.validation_fraction > 0:
+        stand_in.setdefault("validation", options.train)
+    check_planned(plan_stages(dataclasses.replace(options, held_out=stand_in))[0])
+
+
+def check_planned(stages: list[Stage]) -> None:
+    """Each stage's options as its command checks them first; one line naming the stage."""
+    from deltakd_cli.options import check
+    from deltakd_cli.train.options import validate
+
+    for stage in stages:
+        try:
+            check(stage.options)
+            if stage.command in ("distill", "finetune"):
+                validate(stage.options)
+        except DeltakdError as error:
+            raise DeltakdError(f"{stage.name}: {error}") from None
 
 
 def push_role(options: PipelineOptions) -> str | None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from deltakd_cli.console import console
 from deltakd_cli.evaluate.report import protocol_line
+from deltakd_cli.evaluate.stats import read_difference
 from deltakd_cli.pipeline.plan import ROLE_LABELS
 
 
@@ -36,13 +37,7 @@ def results_table(report: dict[str, Any], labels: dict[str, str] | None = None) 
                 "rows": line["rows"],
             }
         )
-    comparisons = []
-    for difference in report["group_differences"]:
-        entry = {key: value for key, value in difference.items() if key != "excludes_zero"}
-        entry["beyond_noise"] = difference["excludes_zero"]
-        if "per_model_differences" in entry:
-            entry["per_seed_differences"] = entry.pop("per_model_differences")
-        comparisons.append(entry)
+    comparisons = [read_difference(entry) for entry in report["group_differences"]]
     return {"rows": rows, "comparisons": comparisons}
 
 
@@ -108,8 +103,8 @@ def print_results(summary: dict[str, Any], summary_path: Path) -> None:
             f"{entry['difference']:+.2f} ROUGE-L, 95% CI [{entry['ci_low']:+.2f}, "
             f"{entry['ci_high']:+.2f}] (paired bootstrap over rows): {verdict}"
         )
-        if entry.get("per_seed_differences"):
-            per_seed = ", ".join(f"{d:+.2f}" for d in entry["per_seed_differences"])
+        if entry.get("per_model_differences"):
+            per_seed = ", ".join(f"{d:+.2f}" for d in entry["per_model_differences"])
             console.print(f"    per training seed: {per_seed}")
     console.print(f"\n[bold]written under {out}/[/bold]")
     made = (

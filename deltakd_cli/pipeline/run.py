@@ -3,9 +3,11 @@ the table. OUT is held for the whole run (a lock, and it must be a pipeline's di
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,11 +18,13 @@ from deltakd_cli import __version__, outputs
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.evaluate.report import protocol_line
-from deltakd_cli.options import record
+from deltakd_cli.options import PATHS_ARE, absolute_paths, record
 from deltakd_cli.pipeline.heldout import hold_out, resolve_eval_every, split_record
 from deltakd_cli.pipeline.options import PipelineOptions
 from deltakd_cli.pipeline.plan import (
     check_inputs,
+    check_planned,
+    check_stages,
     plan_stages,
     push_role,
     role_labels,
@@ -33,7 +37,7 @@ from deltakd_cli.pipeline.stages import Runner, Stage, run_stage
 from deltakd_cli.pipeline.sweep import choose
 from deltakd_cli.tracking import open_trackers, parse_report_to
 from deltakd_cli.train.export import write_card
-from deltakd_cli.train.hub import push_folder
+from deltakd_cli.train.hub import check_hub_access, push_folder
 
 # Every entry a pipeline (or the demo) creates in OUT: listed in OUT's marker when OUT is
 # claimed, the only entries a pipeline writes into.
@@ -80,6 +84,10 @@ def pipeline_output(out: Path) -> Iterator[None]:
 def pipeline(options: PipelineOptions, runner: Runner) -> dict[str, Any]:
     """`deltakd pipeline`: every stage in OUT, locked for the run."""
     check_inputs(options)
+    check_stages(options)  # every stage's options, before the first stage (and before OUT)
+    if options.push_to_hub:  # before the first stage: offline, the token, the repository
+        offline_by_caller = "HF_HUB_OFFLINE" in os.environ
+        check_hub_access(options.push_to_hub, "--push-to-hub", go_online=not offline_by_caller)
     with pipeline_output(options.out_path):
         return run_pipeline(options, runner)
 
@@ -99,8 +107,12 @@ def run_pipeline(
         options = dataclasses.replace(options, held_out=held_out)
     options = dataclasses.replace(options, eval_every=resolve_eval_every(options))
     stages, roles = plan_stages(options)
+    check_planned(stages)  # the stages as they will run (the demo comes in here)
     started = time.perf_counter()
-    records = {stage.name: run_stage(stage, runner, options.nproc) for stage in stages}
+    # Every stage's output goes where the pipeline's own goes, stderr: eval prints its tables
+    # to stdout when run alone; the pipeline prints its table at the end.
+    with contextlib.redirect_stdout(sys.stderr):
+        records = {stage.name: run_stage(stage, runner, options.nproc) for stage in stages}
     report_path = stages[-1].out / "report.json"
     report = json.loads(report_path.read_text())
     results = results_table(report, role_labels(options))
@@ -109,7 +121,9 @@ def run_pipeline(
         "tool": "deltakd",
         "version": __version__,
         "command": "pipeline",
-        "options": record(options),  # summary.json reads back as a config
+        # summary.json reads back as a config, from any directory
+        "options": absolute_paths(record(options), PipelineOptions),
+        "paths": PATHS_ARE,
         "roles": roles,
         "held_out": {
             "validation": validation_rows(options),

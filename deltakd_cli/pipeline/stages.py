@@ -190,7 +190,8 @@ def run_torchrun(argv: list[str], nproc: int) -> dict[str, Any]:
         "deltakd_cli",
         *argv,
     ]
-    launcher = subprocess.Popen(command)
+    # a stage's own output (eval's table) goes where the pipeline's goes: stderr
+    launcher = subprocess.Popen(command, stdout=sys.stderr)
     try:
         # wait4, not wait: it returns this child's usage alone (RUSAGE_CHILDREN would be the
         # maximum over every child this process ever waited for)

@@ -24,6 +24,7 @@ from typing import Any
 
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.evaluate.report import protocol_line
+from deltakd_cli.evaluate.stats import read_difference
 from deltakd_cli.options import to_argv
 from deltakd_cli.outputs import MARKER, read_marker
 from deltakd_cli.train.options import DistillOptions, FinetuneOptions
@@ -311,7 +312,7 @@ def read_eval_report(
                 )
         if group_differences:
             differences_are = "groups"
-            for entry in group_differences:
+            for entry in map(read_difference, group_differences):
                 points = list(entry.get("per_model_differences") or [])
                 difference = _difference(entry, entry["minus"], labels, confidence)
                 if points:
@@ -320,12 +321,12 @@ def read_eval_report(
                 differences.append(difference)
         else:
             differences_are = "baseline"
-            for entry in report.get("differences") or []:
+            for entry in map(read_difference, report.get("differences") or []):
                 if entry["metric"] != METRIC:
                     continue
-                difference = _difference(entry, entry["baseline"], labels, confidence)
+                difference = _difference(entry, entry["minus"], labels, confidence)
                 model = _per_seed(models[entry["model"]])
-                baseline = _per_seed(models[entry["baseline"]])
+                baseline = _per_seed(models[entry["minus"]])
                 if len(model) > 1 and list(model) == list(baseline):
                     difference.points = [model[seed] - baseline[seed] for seed in model]
                     difference.points_are = "eval seeds"
@@ -353,7 +354,7 @@ def _difference(
         ci_low=entry["ci_low"],
         ci_high=entry["ci_high"],
         confidence=float(entry.get("confidence", confidence)),
-        beyond_noise=bool(entry["excludes_zero"]),
+        beyond_noise=bool(entry["beyond_noise"]),
     )
 
 

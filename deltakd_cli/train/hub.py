@@ -82,6 +82,80 @@ def _online(allow: bool) -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = saved
 
 
+def _reason(error: Exception) -> str:
+    text = str(error).strip()
+    return type(error).__name__ + (": " + text.splitlines()[0] if text else "")
+
+
+def check_hub_access(repo: str, flag: str, *, go_online: bool = False) -> str:
+    """Before any training: that `repo` can be pushed to at the end. Offline mode is off (with
+    `go_online`, the pipeline's own offline mode is lifted as the push will lift it), a token
+    is found, the Hub answers and takes the token, the token may write, and the repository
+    exists in, or can be created under, a namespace of the token's user (the user or one of
+    their organisations). Each problem is one line; returns the user's name."""
+    check_repo_id(repo, flag)
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    with _online(go_online):
+        if constants.HF_HUB_OFFLINE:
+            raise DeltakdError(
+                f"{flag} {repo}: HF_HUB_OFFLINE is set, so nothing could be pushed; unset it, "
+                f"or drop {flag} (checked before any training)"
+            )
+        token = get_token()
+        if token is None:
+            raise DeltakdError(
+                f"{flag} {repo} needs a Hugging Face token: set HF_TOKEN or run hf auth login "
+                "(checked before any training)"
+            )
+        api = HfApi()
+        try:
+            me = api.whoami(token=token)
+        except HfHubHTTPError as error:
+            status = getattr(getattr(error, "response", None), "status_code", None)
+            if status == 401:
+                raise DeltakdError(
+                    f"{flag} {repo}: the Hub refuses the token (invalid or expired); set HF_TOKEN "
+                    "or run hf auth login again (checked before any training)"
+                ) from None
+            raise DeltakdError(
+                f"{flag} {repo}: the Hub did not answer ({_reason(error)}); checked before any "
+                "training"
+            ) from None
+        except Exception as error:  # no network, DNS, TLS, timeouts: one line
+            raise DeltakdError(
+                f"{flag} {repo}: cannot reach the Hugging Face Hub ({_reason(error)}); "
+                f"retry when it is reachable, or drop {flag} and push later with deltakd push"
+            ) from None
+        user = me.get("name") or "?"
+        role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+        if role == "read":
+            raise DeltakdError(
+                f"{flag} {repo}: the token of {user} is read-only; make a write token "
+                "(checked before any training)"
+            )
+        namespaces = {user} | {org.get("name") for org in me.get("orgs") or [] if org.get("name")}
+        try:
+            api.repo_info(repo, token=token)
+            exists = True
+        except RepositoryNotFoundError:
+            exists = False
+        except Exception as error:
+            raise DeltakdError(
+                f"{flag} {repo}: cannot reach the Hugging Face Hub ({_reason(error)}); "
+                f"retry when it is reachable, or drop {flag} and push later with deltakd push"
+            ) from None
+        owner = repo.split("/")[0]
+        if owner not in namespaces:
+            doing = "push to" if exists else "create"
+            raise DeltakdError(
+                f"{flag} {repo}: {user} cannot {doing} a repository of {owner} (the token writes "
+                f"under {', '.join(sorted(namespaces))}); checked before any training"
+            )
+    return user
+
+
 def push_folder(
     folder: str | Path, repo: str, *, private: bool = False, go_online: bool = False
 ) -> list[str]:

@@ -24,7 +24,7 @@ from torch import nn
 from deltakd_cli import __version__, distributed, faults, models, outputs
 from deltakd_cli.console import console, info, progress
 from deltakd_cli.errors import DeltakdError, Interrupted
-from deltakd_cli.options import record
+from deltakd_cli.options import PATHS_ARE, absolute_paths, record
 from deltakd_cli.tracking import Trackers, log_record, open_trackers
 from deltakd_cli.train import batching, checkpoint, lora, preflight
 from deltakd_cli.train import step as step_math
@@ -35,19 +35,22 @@ from deltakd_cli.train.export import (
     write_card,
     write_record,
 )
-from deltakd_cli.train.hub import push_folder
+from deltakd_cli.train.hub import check_hub_access, push_folder
 from deltakd_cli.train.inputs import TrainingData, distill_data, finetune_data, with_eval_data
 from deltakd_cli.train.objective import (
     ObjectiveModule,
     enable_activation_checkpointing,
 )
 from deltakd_cli.train.options import (
+    OPTIONS_ADDED_LATER,
     OPTIONS_THAT_MATTER,
     DistillOptions,
     FinetuneOptions,
     TrainOptions,
     validate,
 )
+
+FINISHED = "finished"  # check_output: OUT already holds this very run
 
 
 class Trainer:
@@ -89,11 +92,13 @@ class Trainer:
             self.lock.release()
             self.lock = None
 
-    def check_output(self) -> tuple[int, Path, dict[str, Any]] | None:
+    def check_output(self) -> tuple[int, Path, dict[str, Any]] | str | None:
         """(rank 0, lock held) The checkpoint to resume from with what the resume changes
-        (`checkpoint.check_resumable`), or None for a fresh start; refuse what cannot work: a
-        directory that is not a training run, a finished run (unless --resume trains it
-        further), checkpoints without --resume (each unless --overwrite)."""
+        (`checkpoint.check_resumable`), None for a fresh start, or FINISHED when OUT holds this
+        very run, finished (skipped, as every stage skips complete identical work); refuse what
+        cannot work: a directory that is not a training run, a finished run of other settings
+        (unless --resume trains it further), checkpoints without --resume (each unless
+        --overwrite)."""
         options = self.options
         claim = outputs.claim_directory(
             self.out,
@@ -110,11 +115,13 @@ class Trainer:
             return None
         found = checkpoint.complete_checkpoints(self.out)
         finished = (self.out / "run.json").exists()
+        if finished and not options.resume and self._same_finished_run():
+            return FINISHED  # the same run, done: skipped, as cache-teachers skips
         if finished and not (options.resume and found):
             raise DeltakdError(
-                f"{self.out} already holds a finished run (run.json); choose another --out, "
-                "pass --overwrite to replace it, or --resume with a larger --max-steps or "
-                "--epochs to train it further"
+                f"{self.out} already holds a finished run (run.json) with other settings; "
+                "choose another --out, pass --overwrite to replace it, or --resume with a "
+                "larger --max-steps or --epochs to train it further"
             )
         if options.resume:
             if not found:
@@ -139,6 +146,23 @@ class Trainer:
                 "--overwrite to start again, or choose another --out"
             )
         return None
+
+    def _same_finished_run(self) -> bool:
+        """OUT/run.json records this very run: every option that matters (the data by content)
+        as this run would record it."""
+        try:
+            saved = json.loads((self.out / "run.json").read_text(encoding="utf-8"))
+            resolved = saved["resolved"]
+            recorded = {**saved["options"], "command": saved["command"],
+                        "compute_dtype": resolved["compute_dtype"],
+                        "world_size": resolved["world_size"]}  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        now = json.loads(json.dumps(absolute_paths(self.identity), default=str))
+        return all(
+            recorded.get(name, OPTIONS_ADDED_LATER.get(name)) == value
+            for name, value in now.items()
+        )
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -294,6 +318,9 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         resume_from = distributed.on_main_first(self._claim_output)
+        if resume_from == FINISHED:
+            info(f"[green]{self.out} already holds this run[/green] (run.json); nothing to do")
+            return json.loads((self.out / "run.json").read_text(encoding="utf-8"))
         self._setup_model()
         self._setup_data()
         self._setup_optimizer()
@@ -349,7 +376,8 @@ class Trainer:
             "tool": "deltakd",
             "version": __version__,
             "command": self.options.command,
-            "options": record(self.options),
+            "options": absolute_paths(record(self.options), type(self.options)),
+            "paths": PATHS_ARE,  # every local path of `options` is absolute
             "resolved": {
                 "objective": self.options.objective,
                 "world_size": self.world_size,
@@ -676,6 +704,8 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
 
 def _run(options: TrainOptions, prepare: Callable[[Any], TrainingData]) -> dict[str, Any]:
     validate(options)
+    if options.push_to_hub and distributed.is_main_process():  # before any cost: one line
+        check_hub_access(options.push_to_hub, "--push-to-hub")
     device = distributed.device_for(options.device)
     models.check_device(device)
     distributed.init(device, options.resolved_dist_timeout())
