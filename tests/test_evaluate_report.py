@@ -130,3 +130,37 @@ def test_greedy_report_has_one_run_and_no_std(tiny):
     assert summary["n_seeds"] == 1 and summary["per_seed"][0]["seed"] is None
     assert summary["std"]["rougeL"] is None and report["differences"] == []
     assert [r["seed"] for r in records] == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("template", "said", "not_said"),
+    [
+        ("alpaca", "Alpaca prompt cut from the left to 128 tokens", "chat template"),
+        ("chat", "each model's chat template cut from the left to 128 tokens", "Alpaca"),
+        ("plain", "plain prompt (no template) cut from the left to 128 tokens", "Alpaca"),
+    ],
+)
+def test_protocol_line_names_the_template_that_ran(template, said, not_said):
+    """The printed protocol (pipeline summary, report page) is the one the eval recorded: a
+    `template: chat` run printed "Alpaca prompt" (issue 27)."""
+    recorded = protocols.make_protocol(
+        "minillm", seeds="1,2", max_prompt_length=128, max_new_tokens=32, template=template
+    ).to_report()
+    line = report_files.protocol_line(recorded, 7)
+    assert said in line and not_said not in line
+    assert "seeds 1,2" in line and "7 rows" in line and "up to 32 new tokens" in line
+    assert "NOT the published protocol" in line  # seeds and lengths differ from the paper's
+
+
+def test_protocol_line_names_a_borrowed_chat_template_and_greedy():
+    recorded = protocols.make_protocol("greedy", template="chat").to_report()
+    recorded["template_from"] = "org/instruct"
+    line = report_files.protocol_line(recorded, 3)
+    assert "greedy decoding" in line and "the chat template of org/instruct" in line
+    assert "seeds" not in line
+
+
+def test_protocol_line_of_the_published_protocol_says_so():
+    line = report_files.protocol_line(protocols.make_protocol("minillm").to_report(), 5)
+    assert "Alpaca prompt cut from the left to 256 tokens" in line
+    assert "seeds 10,20,30,40,50" in line and "the published MiniLLM/DistiLLM protocol" in line

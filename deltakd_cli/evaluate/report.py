@@ -197,24 +197,42 @@ def write_outputs(
     return report_path, records_path
 
 
+# How each template renders a prompt, in the protocol line.
+TEMPLATE_WORDS = {
+    "alpaca": "Alpaca prompt",
+    "chat": "each model's chat template",
+    "plain": "plain prompt (no template)",
+}
+
+
 def protocol_line(protocol: dict[str, Any] | None, rows: int) -> str:
+    """The protocol as the eval recorded it: decoding (and its seeds), rows, the template the
+    prompts were rendered with, how they were cut, the new-token limit, and whether these are
+    the published settings. Read from the report, never assumed."""
     if not protocol:
         return "scored from predictions"
     seeds = protocol.get("seeds") or []
     if protocol["do_sample"]:
+        top_k = protocol.get("top_k")
         how = (
-            f"sampling T={protocol['temperature']}, top_p {protocol['top_p']}, no top-k, "
-            f"seeds {','.join(map(str, seeds))}"
+            f"sampling T={protocol['temperature']}, top_p {protocol['top_p']}, "
+            + (f"top_k {top_k}" if top_k else "no top-k")
+            + f", seeds {','.join(map(str, seeds))}"
         )
     else:
         how = "greedy decoding (one deterministic run)"
     published = (
         "the published MiniLLM/DistiLLM protocol"
         if protocol.get("matches_published_protocol")
-        else "NOT the published protocol (a smaller, quicker setting)"
+        else "NOT the published protocol"
     )
+    template = protocol.get("template", "alpaca")
+    prompt = TEMPLATE_WORDS.get(template, f"template {template}")
+    if protocol.get("template_from"):
+        prompt = f"the chat template of {protocol['template_from']}"
+    side = str(protocol.get("prompt_truncation") or "left").split()[0]
     return (
-        f"protocol {protocol['name']}: {how}, {rows} rows, Alpaca prompt cut to "
+        f"protocol {protocol['name']}: {how}, {rows} rows, {prompt} cut from the {side} to "
         f"{protocol['max_prompt_length']} tokens, up to {protocol['max_new_tokens']} new tokens; "
         f"ROUGE-L F x100 (rouge_score, stemmed) - {published}"
     )
