@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,7 @@ def loss_figure(runs: list[Run]) -> Any | None:
         axes.set_xlabel("optimizer step")
         axes.set_ylabel("loss (log scale)" if log else "loss")
         title = "training (solid)" + (" and held-out (dashed)" if any_held_out else "")
-        axes.set_title(f"{_short(kind)}\n{title}", fontsize="medium")
+        axes.set_title(f"{textwrap.shorten(kind, 90)}\n{title}", fontsize="medium")
         axes.grid(True, alpha=0.3)
         outside_legend(axes)
     notes = undrawable(drawn)
