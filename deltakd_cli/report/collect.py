@@ -88,9 +88,11 @@ class Run:
         if resolved.get("tail"):
             pairs.append(("tail", resolved["tail"]))
         pairs.append(("steps", resolved.get("total_steps", options.get("max_steps"))))
-        for name in ("epochs", "lr", "batch_size", "seed", "lora_r"):
+        for name in ("epochs", "lr", "batch_size", "seed"):
             if options.get(name) is not None:
                 pairs.append((name.replace("_", " "), options[name]))
+        if options.get("lora_r"):
+            pairs.append(("LoRA r", options["lora_r"]))
         return [(name, _setting(value)) for name, value in pairs]
 
     @property

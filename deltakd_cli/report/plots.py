@@ -103,6 +103,15 @@ def loss_kind(run: Run) -> str:
     return f"{objective}: {described}"
 
 
+def plain_log_ticks(axes: Any) -> None:
+    """Log-axis ticks as plain numbers (`10`, `0.1`): the default ones are mathtext, which the
+    report turns off (labels are data), so they would print as `$\\mathdefault{10^{1}}$`."""
+    from matplotlib import ticker
+
+    axes.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def outside_legend(axes: Any) -> Any:
     """A legend to the right of the axes, so it never covers a point."""
     return axes.legend(
@@ -145,6 +154,7 @@ def loss_figure(runs: list[Run]) -> Any | None:
         log = uses_log_scale(members)
         if log:
             axes.set_yscale("log")
+            plain_log_ticks(axes)
         axes.set_xlabel("optimizer step")
         axes.set_ylabel("loss (log scale)" if log else "loss")
         title = "training (solid)" + (" and held-out (dashed)" if any_held_out else "")
