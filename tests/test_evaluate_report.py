@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 from helpers import greedy_protocol
 
 from deltakd_cli import sources
+from deltakd_cli.data import Example
 from deltakd_cli.evaluate import protocol as protocols
 from deltakd_cli.evaluate import report as report_files
 from deltakd_cli.evaluate import rouge, run
@@ -164,3 +166,32 @@ def test_protocol_line_of_the_published_protocol_says_so():
     line = report_files.protocol_line(protocols.make_protocol("minillm").to_report(), 5)
     assert "Alpaca prompt cut from the left to 256 tokens" in line
     assert "seeds 10,20,30,40,50" in line and "the published MiniLLM/DistiLLM protocol" in line
+
+
+def test_tables_show_short_labels_and_the_paths_below(tmp_path):
+    """Issue 27: the eval tables showed each model's full path, wrapped mid-name in a log and at
+    80 columns. Now the last part of the path, whole, and the paths in the caption."""
+    from rich.console import Console
+
+    models = [f"/very/long/experiment/directory/of/students/{n}" for n in ("sft", "kd", "delta")]
+    examples = [Example(id=f"r{i}", instruction="t", references=["a b c"]) for i in range(3)]
+    records = [
+        report_files.make_record(example, row, model, None, "p", "a b")
+        for model in models
+        for row, example in enumerate(examples)
+    ]
+    data = tmp_path / "test.jsonl"
+    data.write_text('{"prompt": "t", "response": "a b c"}\n')
+    report = report_files.assemble(
+        "generate", data, examples, None, records, models, models[0],
+        {"protocol": None, "predictions": {"path": "p.jsonl"}},
+    )  # fmt: skip
+    console = Console(width=80, record=True, force_terminal=False)
+    for table in report_files.report_tables(report):
+        console.print(table)
+    text = console.export_text()
+    lines = text.splitlines()
+    for name in ("sft", "kd", "delta"):
+        assert any(line.startswith(f"│ {name} ") for line in lines), text
+    for model in models:
+        assert f"{Path(model).name}: {model}" in text  # the caption names each path once

@@ -248,9 +248,14 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
     labels = report.get("labels") or {}
+    names = [summary["name"] for summary in report["models"]]
+    # A path is shown by its last part when that tells the models apart (a path in a cell
+    # wraps mid-name in a log); the paths follow in the caption.
+    last = [Path(name).name or name for name in names]
+    short = dict(zip(names, last, strict=True)) if len(set(last)) == len(last) else {}
 
     def shown(model: str) -> str:
-        return labels.get(model, model)
+        return labels.get(model) or short.get(model, model)
 
     protocol = report.get("protocol")
     caption = (
@@ -258,11 +263,12 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
         if protocol
         else f"scored from {Path(report['predictions']['path']).name}"
     )
+    caption += "".join(f"\n{shown(n)}: {n}" for n in names if shown(n) != n)
     scores = Table(
         title=f"{Path(report['data']['spec']).name}: {report['data']['rows']} rows",
         caption=caption,
     )
-    scores.add_column("model", overflow="fold")
+    scores.add_column("model", no_wrap=True)
     for metric in rouge.METRICS:
         scores.add_column(rouge.METRIC_LABELS[metric], justify="right")
     scores.add_column("runs", justify="right")
@@ -275,7 +281,7 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
         confidence = round(100 * report["bootstrap"]["confidence"])
         baseline = shown(report["baseline"])
         diffs = Table(title=f"ROUGE-L difference from {baseline} (paired bootstrap)")
-        diffs.add_column("model", overflow="fold")
+        diffs.add_column("model", no_wrap=True)
         diffs.add_column("difference", justify="right")
         diffs.add_column(f"{confidence}% interval", justify="right")
         diffs.add_column("beyond noise", justify="center")
