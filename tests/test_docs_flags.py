@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import click
 import pytest
 import typer
 from helpers import REPO
@@ -36,8 +37,10 @@ OTHER_TOOLS = {
 def cli() -> dict[str, dict[str, object]]:
     """command -> {flag: default} for every deltakd command (hidden old spellings included)."""
     root = typer.main.get_command(app)
+    context = click.Context(root)
     flags: dict[str, dict[str, object]] = {}
-    for name, command in root.commands.items():
+    for name in root.list_commands(context):
+        command = root.get_command(context, name)
         commands = getattr(command, "commands", None) or {name: command}
         for sub in commands.values():
             table = flags.setdefault(name, {})
