@@ -159,6 +159,9 @@ def test_protocol_line_names_a_borrowed_chat_template_and_greedy():
     recorded["template_from"] = "org/instruct"
     line = report_files.protocol_line(recorded, 3)
     assert "greedy decoding" in line and "the chat template of org/instruct" in line
+    recorded["template_from"] = "/home/me/models/teacher-tuned"  # a card never shows a path
+    line = report_files.protocol_line(recorded, 3)
+    assert "the chat template of teacher-tuned" in line and "/home" not in line
     assert "seeds" not in line
 
 
