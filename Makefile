@@ -16,9 +16,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# What only the tests need: the trackers of --report-to (read back for real, offline).
+# What only the tests need: the trackers of --report-to (read back for real, offline), and
+# Playwright with Debian's chromium for the report's browser test (installed only when absent
+# and we are root; when that fails the test skips, saying why).
 $(VENV)/.test-extras: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[tracking]"
+	$(PY) -m pip install -q -e ".[tracking,browser]"
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+	  echo "note: chromium could not be installed; the report's browser test will skip"
 	touch $@
 
 test: install $(VENV)/.test-extras

@@ -1,6 +1,8 @@
 """The typer app. Each command is built from its options dataclass (commands.py): the flags,
 help and defaults come from the dataclass, the values become one options object, and the
-command's function runs with it. No math and no I/O here."""
+command's function runs with it. A command is built (its options module imported) only when it
+is run or its help is asked for, so `deltakd --help` and `--version` answer quickly. No math and
+no I/O here."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 
-from deltakd_cli import __version__, config
-from deltakd_cli.commands import BY_NAME, COMMANDS, Command, run_command
+from deltakd_cli import __version__
+from deltakd_cli.commands import BY_NAME, COMMANDS, OPTIONS_BY_COMMAND, Command, run_command
 from deltakd_cli.console import GuardedGroup, info, run_guarded
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.options import (
@@ -24,17 +27,43 @@ from deltakd_cli.options import (
     typer_parameters,
 )
 
-OPTIONS_BY_COMMAND = {command.name: command.options for command in COMMANDS}
 HELP_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+class LazyGroup(GuardedGroup):
+    """The root group: COMMANDS are built on first use; `deltakd --help` lists them by their
+    summary without building any (a command's own `--help` builds that one)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*BY_NAME, *(name for name in self.commands if name not in BY_NAME)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in BY_NAME and name not in self.commands:
+            self.commands[name] = build_command(BY_NAME[name])
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(command.name, command.summary) for command in COMMANDS]
+        rows += [
+            (name, command.get_short_help_str(formatter.width))
+            for name, command in self.commands.items()
+            if name not in BY_NAME and not command.hidden
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
 
 app = typer.Typer(
     name="deltakd",
-    cls=GuardedGroup,
+    cls=LazyGroup,
     help="Delta Knowledge Distillation: cache both teachers once, distil the student, evaluate.",
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     pretty_exceptions_enable=False,
     context_settings=HELP_SETTINGS,
+    # The root help is click's plain text: typer's rich help imports rich's markdown stack,
+    # twice the time of the rest of `deltakd --help`. Each command's own help stays rich.
+    rich_markup_mode=None,
 )
 
 
@@ -100,6 +129,8 @@ def options_of(
         if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
     }
     _from_old_flags(command.options, values, given)
+    from deltakd_cli import config
+
     from_config = {}
     if config_file is not None:
         from_config = config.load(config_file, command.name, command.options, OPTIONS_BY_COMMAND)
@@ -151,8 +182,11 @@ def _callback(command: Command) -> Callable[..., Any]:
     return callback
 
 
-for _command in COMMANDS:
-    app.command(_command.name)(_callback(_command))
+def build_command(command: Command) -> click.Command:
+    """The click command of one deltakd command (its help rich, as typer draws it)."""
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command(command.name)(_callback(command))
+    return typer.main.get_command(single)
 
 
 config_app = typer.Typer(
@@ -175,6 +209,8 @@ def _config_show(
 ) -> None:
     """Print COMMAND's options as commented YAML (its defaults, or what --config FILE sets):
     save it, edit it, run with --config."""
+    from deltakd_cli import config
+
     if command not in BY_NAME:
         raise DeltakdError(f"unknown command '{command}' (choose from {', '.join(BY_NAME)})")
     options = OPTIONS_BY_COMMAND[command]

@@ -150,3 +150,35 @@ def test_shell_completion_is_installable():
     env = {"_DELTAKD_COMPLETE": "complete_bash", "COMP_WORDS": "deltakd ca", "COMP_CWORD": "1"}
     completed = CliRunner().invoke(app, [], env={**os.environ, **env}, prog_name="deltakd")
     assert "cache-teachers" in completed.output
+
+
+@pytest.mark.slow
+def test_help_and_version_build_no_command():
+    """Issue 27: `deltakd --help` took 3.4-3.8x `import typer, rich` because every command was
+    built (every options module imported) before anything was printed. Now the root help lists
+    each command by its summary and builds none; a command's own help builds that one only."""
+    probe = """
+import json, sys
+from typer.testing import CliRunner
+from deltakd_cli.cli import app
+result = CliRunner().invoke(app, sys.argv[1:])
+assert result.exit_code == 0, result.output
+print(json.dumps({"output": result.output, "modules": sorted(sys.modules)}))
+"""
+    options_modules = {command.options_at.split(":")[0] for command in COMMANDS}
+
+    def run(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", probe, *args], cwd=REPO,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.splitlines()[-1])
+
+    for args in (["--help"], ["--version"]):
+        seen = run(*args)
+        assert options_modules.isdisjoint(seen["modules"]), args
+    listing = flat(run("--help")["output"])
+    for command in COMMANDS:
+        assert flat(f"{command.name} {command.summary}") in listing
+    one = run("inspect", "--help")
+    assert "deltakd_cli.cache.options" in one["modules"]
+    assert "deltakd_cli.train.options" not in one["modules"]

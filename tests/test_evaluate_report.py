@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 from helpers import greedy_protocol
 
 from deltakd_cli import sources
+from deltakd_cli.data import Example
 from deltakd_cli.evaluate import protocol as protocols
 from deltakd_cli.evaluate import report as report_files
 from deltakd_cli.evaluate import rouge, run
@@ -131,3 +133,69 @@ def test_greedy_report_has_one_run_and_no_std(tiny):
     assert summary["n_seeds"] == 1 and summary["per_seed"][0]["seed"] is None
     assert summary["std"]["rougeL"] is None and report["differences"] == []
     assert [r["seed"] for r in records] == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("template", "said", "not_said"),
+    [
+        ("alpaca", "Alpaca prompt cut from the left to 128 tokens", "chat template"),
+        ("chat", "each model's chat template cut from the left to 128 tokens", "Alpaca"),
+        ("plain", "plain prompt (no template) cut from the left to 128 tokens", "Alpaca"),
+    ],
+)
+def test_protocol_line_names_the_template_that_ran(template, said, not_said):
+    """The printed protocol (pipeline summary, report page) is the one the eval recorded: a
+    `template: chat` run printed "Alpaca prompt" (issue 27)."""
+    recorded = protocols.make_protocol(
+        "minillm", seeds="1,2", max_prompt_length=128, max_new_tokens=32, template=template
+    ).to_report()
+    line = report_files.protocol_line(recorded, 7)
+    assert said in line and not_said not in line
+    assert "seeds 1,2" in line and "7 rows" in line and "up to 32 new tokens" in line
+    assert "NOT the published protocol" in line  # seeds and lengths differ from the paper's
+
+
+def test_protocol_line_names_a_borrowed_chat_template_and_greedy():
+    recorded = protocols.make_protocol("greedy", template="chat").to_report()
+    recorded["template_from"] = "org/instruct"
+    line = report_files.protocol_line(recorded, 3)
+    assert "greedy decoding" in line and "the chat template of org/instruct" in line
+    recorded["template_from"] = "/home/me/models/teacher-tuned"  # a card never shows a path
+    line = report_files.protocol_line(recorded, 3)
+    assert "the chat template of teacher-tuned" in line and "/home" not in line
+    assert "seeds" not in line
+
+
+def test_protocol_line_of_the_published_protocol_says_so():
+    line = report_files.protocol_line(protocols.make_protocol("minillm").to_report(), 5)
+    assert "Alpaca prompt cut from the left to 256 tokens" in line
+    assert "seeds 10,20,30,40,50" in line and "the published MiniLLM/DistiLLM protocol" in line
+
+
+def test_tables_show_short_labels_and_the_paths_below(tmp_path):
+    """Issue 27: the eval tables showed each model's full path, wrapped mid-name in a log and at
+    80 columns. Now the last part of the path, whole, and the paths in the caption."""
+    from rich.console import Console
+
+    models = [f"/very/long/experiment/directory/of/students/{n}" for n in ("sft", "kd", "delta")]
+    examples = [Example(id=f"r{i}", instruction="t", references=["a b c"]) for i in range(3)]
+    records = [
+        report_files.make_record(example, row, model, None, "p", "a b")
+        for model in models
+        for row, example in enumerate(examples)
+    ]
+    data = tmp_path / "test.jsonl"
+    data.write_text('{"prompt": "t", "response": "a b c"}\n')
+    report = report_files.assemble(
+        "generate", data, examples, None, records, models, models[0],
+        {"protocol": None, "predictions": {"path": "p.jsonl"}},
+    )  # fmt: skip
+    console = Console(width=80, record=True, force_terminal=False)
+    for table in report_files.report_tables(report):
+        console.print(table)
+    text = console.export_text()
+    lines = text.splitlines()
+    for name in ("sft", "kd", "delta"):
+        assert any(line.startswith(f"│ {name} ") for line in lines), text
+    for model in models:
+        assert f"{Path(model).name}: {model}" in text  # the caption names each path once

@@ -20,7 +20,7 @@ from deltakd_cli.data import Example
 from deltakd_cli.evaluate import report as eval_report
 from deltakd_cli.pipeline import plan
 from deltakd_cli.pipeline.results import results_table
-from deltakd_cli.report import collect
+from deltakd_cli.report import collect, plots
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -469,3 +469,103 @@ def test_extreme_losses_are_drawn_or_skipped_with_a_note(held_out_run, tmp_path,
     assert (f"run: {beyond} loss value(s) beyond" in flat(result.output)) == (beyond > 0)
     shown = [number(row["loss"]) for row in read_csv(tmp_path / "r" / "loss.csv")]
     assert all(value in shown for value in extremes)  # the numbers stay in the table
+
+
+# ----------------------------------------------------------------------------- issue 27
+
+
+def _run(label: str, record: dict | None, scale: float = 1.0) -> collect.Run:
+    points = [collect.LossPoint(step, loss=scale / step) for step in range(1, 6)]
+    return collect.Run(label, Path(label), points, None, record is not None, "", record)
+
+
+def test_one_loss_axis_per_kind_of_loss():
+    """Issue 27: loss.png drew SFT cross-entropy and KD's divergence on one axis."""
+    runs = [
+        _run("sft", {"command": "distill", "options": {"objective": "sft"}}, 3.0),
+        _run("tuned", {"command": "finetune", "options": {}}, 2.0),
+        _run("kd", {"command": "distill", "options": {"objective": "kd"}}, 0.5),
+        _run("delta a", {"command": "distill", "options": {"objective": "delta"}}),
+        _run("delta b", {"command": "distill", "options": {"objective": "delta"}}),
+        _run("running", None),
+    ]
+    figure = plots.loss_figure(runs)
+    drawn = [sorted(line.get_label() for line in axes.get_lines()) for axes in figure.axes]
+    assert drawn == [["sft", "tuned"], ["kd"], ["delta a", "delta b"], ["running"]]
+    titles = [axes.get_title() for axes in figure.axes]
+    assert "cross-entropy" in titles[0] and titles[1].startswith("kd:")
+    assert "not recorded" in titles[3]
+
+
+def _overlaps(one, other) -> bool:
+    return not (
+        one.x1 <= other.x0 or other.x1 <= one.x0 or one.y1 <= other.y0 or other.y1 <= one.y0
+    )
+
+
+def test_legends_cover_nothing(plain_report, pipeline_dir):
+    """Issue 27: rougeL.png's legend covered a row. Every legend of every figure lies outside
+    every axes of its figure."""
+    evaluations = collect.collect([plain_report, pipeline_dir]).evaluations
+    runs = [_run("kd", {"command": "distill", "options": {"objective": "kd"}})]
+    figures = [
+        plots.loss_figure(runs),
+        plots.rouge_figure(evaluations),
+        plots.differences_figure(evaluations),
+    ]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    checked = 0
+    for figure in figures:
+        renderer = FigureCanvasAgg(figure).get_renderer()
+        figure.draw(renderer)
+        for axes in figure.axes:
+            legend = axes.get_legend()
+            if legend is None:
+                continue
+            box = legend.get_window_extent(renderer)
+            assert all(not _overlaps(box, a.get_window_extent(renderer)) for a in figure.axes)
+            assert 0 <= box.x0 and box.x1 <= figure.bbox.x1 + 1  # and inside the picture
+            checked += 1
+    assert checked >= 4
+
+
+def test_the_page_is_worth_sending(distill_run, plain_report, tmp_path):
+    """Issue 27: the cache's facts (from its manifest), each run's objective and settings (from
+    run.json, the default objective too), a few generations side by side, short labels with the
+    paths in footnotes."""
+    out = tmp_path / "report"
+    assert run_cli(["report", distill_run, plain_report, "--out", out]).exit_code == 0
+    parser, text = parse_page(out / "index.html")
+    record = json.loads((distill_run / "run.json").read_text())
+    manifest = json.loads((Path(record["options"]["cache"]) / "manifest.json").read_text())
+
+    facts = dict(zip(parser.cells[::2], parser.cells[1::2], strict=False))
+    assert facts["exact head per position (k)"] == str(manifest["k"]) == "8"
+    tail = manifest.get("tail_samples") or 0
+    assert facts["tail draws per position"].startswith(str(tail))
+    assert facts["bytes per response token"] == f"{manifest['bytes_per_response_token']:.1f}"
+    assert facts["examples / response tokens"] == (
+        f"{manifest['counts']['examples']} / {manifest['counts']['response_tokens']}"
+    )
+
+    settings = next(cell for cell in parser.cells if cell.startswith("objective delta"))
+    options = record["options"]
+    assert settings.startswith(f"objective delta, alpha {options['alpha']:g}, ")
+    assert f"steps {record['resolved']['total_steps']}" in settings
+    assert f"lr {options['lr']:g}" in settings and f"seed {options['seed']}" in settings
+    assert "--objective delta" in text  # the default objective is named in the command too
+
+    assert not any(str(distill_run) in cell for cell in parser.cells)  # paths only in notes
+    assert "delta [1]" in parser.cells and f"<li>{distill_run}</li>" in text
+
+    generations = [json.loads(line) for line in
+                   eval_report.generations_path(plain_report).read_text().splitlines()]  # fmt: skip
+    for row in range(collect.EXAMPLES):
+        first = {}
+        for entry in generations:
+            if entry["row"] == row:
+                first.setdefault(entry["model"], entry["prediction"])
+        assert len(first) == 3
+        for prediction in first.values():
+            assert prediction in parser.cells

@@ -238,24 +238,44 @@ def write_outputs(
     return report_path, records_path
 
 
+# How each template renders a prompt, in the protocol line.
+TEMPLATE_WORDS = {
+    "alpaca": "Alpaca prompt",
+    "chat": "each model's chat template",
+    "plain": "plain prompt (no template)",
+}
+
+
 def protocol_line(protocol: dict[str, Any] | None, rows: int) -> str:
+    """The protocol as the eval recorded it: decoding (and its seeds), rows, the template the
+    prompts were rendered with, how they were cut, the new-token limit, and whether these are
+    the published settings. Read from the report, never assumed."""
     if not protocol:
         return "scored from predictions"
     seeds = protocol.get("seeds") or []
     if protocol["do_sample"]:
+        top_k = protocol.get("top_k")
         how = (
-            f"sampling T={protocol['temperature']}, top_p {protocol['top_p']}, no top-k, "
-            f"seeds {','.join(map(str, seeds))}"
+            f"sampling T={protocol['temperature']}, top_p {protocol['top_p']}, "
+            + (f"top_k {top_k}" if top_k else "no top-k")
+            + f", seeds {','.join(map(str, seeds))}"
         )
     else:
         how = "greedy decoding (one deterministic run)"
     published = (
         "the published MiniLLM/DistiLLM protocol"
         if protocol.get("matches_published_protocol")
-        else "NOT the published protocol (a smaller, quicker setting)"
+        else "NOT the published protocol"
     )
+    template = protocol.get("template", "alpaca")
+    prompt = TEMPLATE_WORDS.get(template, f"template {template}")
+    if protocol.get("template_from"):
+        from deltakd_cli.train.card import public_name  # a local path by its last part only
+
+        prompt = f"the chat template of {public_name(protocol['template_from'])}"
+    side = str(protocol.get("prompt_truncation") or "left").split()[0]
     return (
-        f"protocol {protocol['name']}: {how}, {rows} rows, Alpaca prompt cut to "
+        f"protocol {protocol['name']}: {how}, {rows} rows, {prompt} cut from the {side} to "
         f"{protocol['max_prompt_length']} tokens, up to {protocol['max_new_tokens']} new tokens; "
         f"ROUGE-L F x100 (rouge_score, stemmed) - {published}"
     )
@@ -271,9 +291,14 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
     labels = report.get("labels") or {}
+    names = [summary["name"] for summary in report["models"]]
+    # A path is shown by its last part when that tells the models apart (a path in a cell
+    # wraps mid-name in a log); the paths follow in the caption.
+    last = [Path(name).name or name for name in names]
+    short = dict(zip(names, last, strict=True)) if len(set(last)) == len(last) else {}
 
     def shown(model: str) -> str:
-        return labels.get(model, model)
+        return labels.get(model) or short.get(model, model)
 
     protocol = report.get("protocol")
     caption = (
@@ -281,11 +306,12 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
         if protocol
         else f"scored from {Path(report['predictions']['path']).name}"
     )
+    caption += "".join(f"\n{shown(n)}: {n}" for n in names if shown(n) != n)
     scores = Table(
         title=f"{Path(report['data']['spec']).name}: {report['data']['rows']} rows",
         caption=caption,
     )
-    scores.add_column("model", overflow="fold")
+    scores.add_column("model", no_wrap=True)
     for metric in rouge.METRICS:
         scores.add_column(rouge.METRIC_LABELS[metric], justify="right")
     scores.add_column("runs", justify="right")
@@ -298,7 +324,7 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
         confidence = round(100 * report["bootstrap"]["confidence"])
         baseline = shown(report["baseline"])
         diffs = Table(title=f"ROUGE-L difference from {baseline} (paired bootstrap)")
-        diffs.add_column("model", overflow="fold")
+        diffs.add_column("model", no_wrap=True)
         diffs.add_column("difference", justify="right")
         diffs.add_column(f"{confidence}% interval", justify="right")
         diffs.add_column("beyond noise", justify="center")

@@ -240,6 +240,7 @@ def evaluate_models(
             **protocol.to_report(),
             "device": str(torch_device),
             "dtype": str(torch_dtype).removeprefix("torch."),
+            "template_from": template_from,
         },
         "predictions": None,
     }

@@ -57,6 +57,44 @@ class Run:
     command: str | None  # None while the run is in progress (no run.json yet)
     finished: bool
     source: str = ""  # the DIR it was found under, as the user wrote it
+    record: dict[str, Any] | None = None  # its run.json, once finished
+
+    @property
+    def options(self) -> dict[str, Any]:
+        options = (self.record or {}).get("options")
+        return options if isinstance(options, dict) else {}
+
+    @property
+    def objective(self) -> str | None:
+        """What its loss is: the distill objective, "sft" for finetune (cross-entropy), None
+        while the run is in progress (nothing recorded yet)."""
+        if self.record is None:
+            return None
+        if self.record.get("command") == "finetune":
+            return "sft"
+        return str(self.options.get("objective") or "sft")
+
+    @property
+    def settings(self) -> list[tuple[str, str]]:
+        """How it was trained, from its run.json (never reconstructed): the objective and its
+        settings, then the training settings a reader compares runs by."""
+        if self.record is None:
+            return []
+        from deltakd_cli.train.card import objective_settings
+
+        options, resolved = self.options, self.record.get("resolved") or {}
+        pairs = objective_settings({**options, "objective": self.objective})
+        if self.record.get("command") == "finetune":
+            pairs[0] = ("objective", "sft (finetune)")
+        if resolved.get("tail"):
+            pairs.append(("tail", resolved["tail"]))
+        pairs.append(("steps", resolved.get("total_steps", options.get("max_steps"))))
+        for name in ("epochs", "lr", "batch_size", "seed"):
+            if options.get(name) is not None:
+                pairs.append((name.replace("_", " "), options[name]))
+        if options.get("lora_r"):
+            pairs.append(("LoRA r", options["lora_r"]))
+        return [(name, _setting(value)) for name, value in pairs]
 
     @property
     def training(self) -> list[tuple[int, float]]:
@@ -99,6 +137,17 @@ class Difference:
 
 
 @dataclass
+class Generated:
+    """One test row with what each model (or group's first model) generated for it."""
+
+    row: int
+    id: str
+    prompt: str
+    reference: str
+    predictions: list[tuple[str, str]]  # (label, text), in the table's order
+
+
+@dataclass
 class Evaluation:
     """The numbers of one eval report."""
 
@@ -109,6 +158,18 @@ class Evaluation:
     protocol: str
     confidence: float
     differences_are: str  # "groups" (the asked-for comparisons) or "baseline"
+    examples: list[Generated] = field(default_factory=list)
+
+
+@dataclass
+class CacheFacts:
+    """A teachers' cache the runs trained from, as its manifest describes it (read through the
+    cache's own reader); `problem` says why it could not be read here (moved, deleted)."""
+
+    path: str  # as run.json records it
+    used_by: list[str]
+    facts: dict[str, Any] | None
+    problem: str | None = None
 
 
 @dataclass
@@ -141,6 +202,7 @@ class Collected:
     evaluations: list[Evaluation] = field(default_factory=list)
     sweeps: list[Sweep] = field(default_factory=list)
     commands: list[tuple[str, str]] = field(default_factory=list)  # (what, command line)
+    caches: list[CacheFacts] = field(default_factory=list)
     sources: list[tuple[str, str]] = field(default_factory=list)  # (DIR, what it was read as)
 
 
@@ -174,6 +236,10 @@ def _finite(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def _setting(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def read_metrics(path: Path) -> list[LossPoint]:
@@ -217,7 +283,10 @@ def command_line(record: dict[str, Any]) -> str | None:
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             if set(options) <= names:
-                return "deltakd " + shlex.join([command, *to_argv(cls(**options))])
+                argv = to_argv(cls(**options))
+                if command == "distill" and "--objective" not in argv:
+                    argv += ["--objective", str(options.get("objective", "delta"))]
+                return "deltakd " + shlex.join([command, *argv])
         except (TypeError, ValueError):
             pass
     return f"deltakd {command} (options: {json.dumps(options, sort_keys=True, default=str)})"
@@ -229,8 +298,11 @@ def read_run(path: Path, label: str, source: str = "") -> Run:
     points = read_metrics(metrics) if metrics.is_file() else []
     record_path = path / "run.json"
     record = _read_json(record_path) if record_path.is_file() else None
-    command = command_line(record) if isinstance(record, dict) else None
-    return Run(label, path, points, command, finished=record is not None, source=source)
+    finished = record is not None
+    if not isinstance(record, dict):
+        record = None
+    command = command_line(record) if record is not None else None
+    return Run(label, path, points, command, finished, source, record)
 
 
 # ----------------------------------------------------------------------------- eval reports
@@ -334,12 +406,63 @@ def read_eval_report(
         data = report.get("data") or {}
         rows = data.get("rows", scores[0].rows if scores else 0)
         protocol = protocol_line(report.get("protocol"), rows)
-    except (KeyError, TypeError, IndexError, ValueError) as error:
+        shown = {
+            score.label: (next(g["models"][0] for g in groups if g["name"] == score.name)
+                          if groups else score.name)
+            for score in scores
+        }  # fmt: skip
+    except (KeyError, TypeError, IndexError, ValueError, StopIteration) as error:
         raise DeltakdError(
             f"{path} is not an eval report this version of deltakd reads "
             f"({type(error).__name__}: {error})"
         ) from None
-    return Evaluation(source, path, scores, differences, protocol, confidence, differences_are)
+    examples = read_examples(path, report.get("generations_file"), shown)
+    return Evaluation(
+        source, path, scores, differences, protocol, confidence, differences_are, examples
+    )
+
+
+EXAMPLES = 3  # test rows shown with every model's generation
+
+
+def read_examples(
+    report_path: Path, generations_file: Any, shown: dict[str, str], count: int = EXAMPLES
+) -> list[Generated]:
+    """The first `count` rows of the report's generations file, each with the generation of
+    every model in `shown` (label -> model; a group by its first model) at its first seed.
+    Nothing when the file is not next to the report (an eval report copied alone)."""
+    if not isinstance(generations_file, str) or "/" in generations_file:
+        return []
+    path = report_path.parent / generations_file
+    if not path.is_file():
+        return []
+    firsts: dict[tuple[str, int], dict[str, Any]] = {}
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                record = json.loads(line)
+                key = (record["model"], record["row"])
+                if record["row"] < count and key not in firsts:
+                    firsts[key] = record
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DeltakdError(f"cannot read {path}: {error}") from None
+    examples = []
+    for row in range(count):
+        present = [(label, firsts.get((model, row))) for label, model in shown.items()]
+        records = [(label, record) for label, record in present if record is not None]
+        if not records:
+            break
+        first = records[0][1]
+        examples.append(
+            Generated(
+                row=row,
+                id=str(first.get("id", row)),
+                prompt=str(first.get("prompt", "")),
+                reference=str((first.get("references") or [""])[0]),
+                predictions=[(label, str(record["prediction"])) for label, record in records],
+            )
+        )
+    return examples
 
 
 def _difference(
@@ -531,7 +654,38 @@ def collect(dirs: list[Path], names: list[str] | None = None) -> Collected:
                 + (f"; it holds {found[:200]}" if found else "; it is empty")
             )
     _unique_labels(collected)
+    collected.caches = read_caches(collected.runs)
     return collected
+
+
+def _cache_facts(path: str, run: Run) -> tuple[dict[str, Any] | None, str | None]:
+    """A cache's summary (`deltakd inspect`'s, from its manifest), found where run.json says,
+    or relative to the run's directory; else why not."""
+    from deltakd_cli.cache.inspect import summary
+    from deltakd_cli.cache.reader import CacheReader
+
+    places = [Path(path)] if Path(path).is_absolute() else [Path(path), run.path / path]
+    for place in places:
+        if place.exists():
+            try:
+                return summary(CacheReader(str(place))), None
+            except DeltakdError as error:
+                return None, str(error)
+    return None, "not found here (moved or deleted since the run)"
+
+
+def read_caches(runs: list[Run]) -> list[CacheFacts]:
+    """Every cache the finished distill runs trained from, once each."""
+    caches: dict[str, CacheFacts] = {}
+    for run in runs:
+        path = run.options.get("cache")
+        if not isinstance(path, str) or not path:
+            continue
+        if path not in caches:
+            facts, problem = _cache_facts(path, run)
+            caches[path] = CacheFacts(path, [], facts, problem)
+        caches[path].used_by.append(run.label)
+    return list(caches.values())
 
 
 def _unique_labels(collected: Collected) -> None:

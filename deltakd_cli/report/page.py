@@ -4,9 +4,18 @@ protocol and the commands that made the runs. Every text is escaped."""
 from __future__ import annotations
 
 from html import escape
+from typing import Any
 
 from deltakd_cli import __version__
-from deltakd_cli.report.collect import Collected, Difference, Evaluation, Run, Score, Sweep
+from deltakd_cli.report.collect import (
+    CacheFacts,
+    Collected,
+    Difference,
+    Evaluation,
+    Run,
+    Score,
+    Sweep,
+)
 
 STYLE = """
 body { font-family: sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
@@ -17,7 +26,31 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; border: 1px solid #eee; }
 pre { background: #f6f6f6; padding: 0.5rem; overflow-x: auto; white-space: pre-wrap; }
 .note { color: #555; font-size: 0.9rem; }
+ol.paths { color: #555; font-size: 0.85rem; word-break: break-all; }
+td.text { white-space: pre-wrap; max-width: 28rem; }
 """
+
+
+class Footnotes:
+    """Paths out of the tables: a cell shows a short label and a number, the path is listed
+    once under the table (a path in a cell wraps mid-name)."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def mark(self, label: str, path: str) -> str:
+        """`label [n]`, or the label alone when it is the path."""
+        if not path or path == label:
+            return label
+        if path not in self.paths:
+            self.paths.append(path)
+        return f"{label} [{self.paths.index(path) + 1}]"
+
+    def html(self) -> str:
+        if not self.paths:
+            return ""
+        items = "".join(f"<li>{escape(path)}</li>" for path in self.paths)
+        return f'<ol class="paths">{items}</ol>'
 
 
 def score_cell(score: Score) -> str:
@@ -86,16 +119,19 @@ def _data_link(names: list[str]) -> str:
 def _runs_section(runs: list[Run], files: set[str]) -> list[str]:
     parts = ["<h2>Training runs</h2>"]
     if "loss.png" in files:
-        parts.append(_image("loss.png", "training and held-out loss against the step"))
+        parts.append(
+            _image("loss.png", "training and held-out loss against the step, one axis per loss")
+        )
         parts.append(_data_link(["loss.csv"]))
+    notes = Footnotes()
     rows = []
     for run in runs:
         training, held_out = run.training, run.held_out
         rows.append(
             _row(
                 [
-                    run.label,
-                    str(run.path),
+                    notes.mark(run.label, str(run.path)),
+                    run.objective or "-",
                     str(training[-1][0]) if training else "-",
                     loss_cell(training[-1][1] if training else None),
                     loss_cell(held_out[-1][1] if held_out else None),
@@ -104,18 +140,78 @@ def _runs_section(runs: list[Run], files: set[str]) -> list[str]:
                 numeric={2, 3, 4},
             )
         )
-    headers = ["run", "directory", "last step", "last loss", "last held-out loss", "state"]
-    parts.append(_table(headers, rows))
+    headers = ["run", "objective", "last step", "last loss", "last held-out loss", "state"]
+    parts += [_table(headers, rows), notes.html()]
+    recorded = [run for run in runs if run.settings]
+    if recorded:
+        parts.append("<h3>How each was trained (from its run.json)</h3>")
+        rows = [
+            _row([run.label, ", ".join(f"{name} {value}" for name, value in run.settings)])
+            for run in recorded
+        ]
+        parts.append(_table(["run", "objective and settings"], rows))
+    return parts
+
+
+def _bytes(count: Any) -> str:
+    if not isinstance(count, (int, float)):
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return "-"
+
+
+def cache_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a colleague asks of a cache: how much it holds, what it keeps per position, its
+    size per token."""
+    tail = facts.get("tail_samples") or 0
+    grid = facts.get("grid")
+    rows = [
+        ("examples / response tokens", f"{facts['examples']} / {facts['response_tokens']}"),
+        ("exact head per position (k)", str(facts["k"])),
+        ("tail draws per position", f"{tail} (sampled tail)" if tail else "0 (one tail bucket)"),
+        ("ids kept by", str(facts.get("selection"))),
+        ("tail rule", str(facts.get("tail_rule"))),
+        ("bytes per response token", f"{facts['bytes_per_response_token']:.1f}"),
+        ("size", _bytes(facts.get("bytes"))),
+        ("precision", str(facts.get("precision"))),
+        ("base student's log-probs (S0)", "yes" if facts.get("has_student") else "no"),
+        ("alpha", f"{facts.get('alpha')}"),
+        ("format", str(facts.get("format_version"))),
+    ]
+    if grid:
+        points = ", ".join(f"({g:g}, {a:g})" for g, a in grid.get("points", ()))
+        rows.append(("KD-to-Delta grid (gamma, alpha)", points))
+    return rows
+
+
+def _caches_section(caches: list[CacheFacts]) -> list[str]:
+    parts = ["<h2>Teachers' cache</h2>"]
+    notes = Footnotes()
+    for index, cache in enumerate(caches, start=1):
+        name = f"cache {index}" if len(caches) > 1 else "the cache"
+        parts.append(
+            f"<p>{escape(notes.mark(name, cache.path))}, trained from by "
+            f"{escape(', '.join(cache.used_by))}</p>"
+        )
+        if cache.facts is None:
+            parts.append(f'<p class="note">Not read: {escape(cache.problem or "")}</p>')
+            continue
+        parts.append(_table(["fact", "value"], [_row([k, v]) for k, v in cache_rows(cache.facts)]))
+    parts.append(notes.html())
     return parts
 
 
 def _evaluation_section(evaluation: Evaluation) -> list[str]:
     parts = [f"<h3>{escape(evaluation.source)}</h3>"]
     parts.append(f'<p class="note">{escape(evaluation.protocol)}</p>')
+    notes = Footnotes()
     rows = [
         _row(
             [
-                score.label,
+                notes.mark(score.label, score.name),
                 score_cell(score),
                 spread_cell(score),
                 str(score.runs),
@@ -127,7 +223,7 @@ def _evaluation_section(evaluation: Evaluation) -> list[str]:
         for score in evaluation.scores
     ]
     headers = ["model", "ROUGE-L", "± std over", "runs", "rows", "each seed / model"]
-    parts.append(_table(headers, rows))
+    parts += [_table(headers, rows), notes.html()]
     parts.append(
         '<p class="note">The ± is the standard deviation over the seeds or models named, a '
         "spread, not a confidence interval; the intervals below are.</p>"
@@ -165,6 +261,22 @@ def _evaluation_section(evaluation: Evaluation) -> list[str]:
             f'<p class="note">{confidence}% paired percentile bootstrap over rows; "beyond noise" '
             "means the interval excludes 0.</p>"
         )
+    return parts
+
+
+def _examples_section(evaluation: Evaluation) -> list[str]:
+    """A few test rows with every model's generation side by side (the first seed of each)."""
+    parts = [f"<h3>Example generations: {escape(evaluation.source)}</h3>"]
+    for example in evaluation.examples:
+        parts.append(
+            f"<details><summary>row {example.row} ({escape(example.id)}): the prompt"
+            f"</summary><pre>{escape(example.prompt)}</pre></details>"
+        )
+        rows = [
+            f'<tr><td>{escape(label)}</td><td class="text">{escape(text)}</td></tr>'
+            for label, text in [("reference", example.reference), *example.predictions]
+        ]
+        parts.append(_table(["model", "generation"], rows))
     return parts
 
 
@@ -218,6 +330,8 @@ def render(collected: Collected, files: set[str]) -> str:
     ]
     if collected.runs:
         parts += _runs_section(collected.runs, files)
+    if collected.caches:
+        parts += _caches_section(collected.caches)
     if collected.evaluations:
         parts.append("<h2>ROUGE-L</h2>")
         if "rougeL.png" in files:
@@ -230,6 +344,11 @@ def render(collected: Collected, files: set[str]) -> str:
             parts += _evaluation_section(evaluation)
     if collected.sweeps:
         parts += _sweep_section(collected.sweeps, files)
+    if any(evaluation.examples for evaluation in collected.evaluations):
+        parts.append("<h2>Example generations</h2>")
+        for evaluation in collected.evaluations:
+            if evaluation.examples:
+                parts += _examples_section(evaluation)
     if collected.commands:
         parts.append("<h2>Commands</h2>")
         for what, command in collected.commands:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -86,43 +87,80 @@ def uses_log_scale(runs: list[Run]) -> bool:
     return max(values) / min(values) > LOG_SCALE_RATIO
 
 
+def loss_kind(run: Run) -> str:
+    """The axis a run's loss is drawn on: losses of different objectives are different
+    quantities (cross-entropy against the reference, a divergence from a target), so each
+    objective has its own axis; a run in progress has recorded none yet."""
+    objective = run.objective
+    if objective is None:
+        return "loss of runs in progress (objective not recorded yet)"
+    if objective == "sft":
+        return "cross-entropy on the reference (SFT, finetune)"
+    from deltakd_cli import objectives
+
+    entry = objectives.OBJECTIVES.get(objective)
+    described = entry.description if entry is not None else objective
+    return f"{objective}: {described}"
+
+
+def plain_log_ticks(axes: Any) -> None:
+    """Log-axis ticks as plain numbers (`10`, `0.1`): the default ones are mathtext, which the
+    report turns off (labels are data), so they would print as `$\\mathdefault{10^{1}}$`."""
+    from matplotlib import ticker
+
+    axes.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
+def outside_legend(axes: Any) -> Any:
+    """A legend to the right of the axes, so it never covers a point."""
+    return axes.legend(
+        fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0
+    )
+
+
 def loss_figure(runs: list[Run]) -> Any | None:
     """Training loss (solid) and held-out loss (dashed, same colour) against the step, one line
-    per run; None when no run has a logged step. Losses beyond ±DRAWABLE are left out, with a
-    note under the axes (`undrawable`)."""
+    per run and one axis per kind of loss (`loss_kind`); None when no run has a logged step.
+    Losses beyond ±DRAWABLE are left out, with a note under the axes (`undrawable`)."""
     drawn = [run for run in runs if run.points]
     if not drawn:
         return None
-    figure = _figure(8.0, 4.8)
-    axes = figure.add_subplot()
-    colours = [f"C{index % 10}" for index in range(len(drawn))]
-    any_held_out = False
-    for run, colour in zip(drawn, colours, strict=True):
-        training, held_out = _drawable(run.training), _drawable(run.held_out)
-        if training:
-            steps, values = zip(*training, strict=True)
-            marker = "o" if len(training) <= 25 else None
-            axes.plot(
-                steps, values, "-", color=colour, marker=marker, markersize=3,
-                label=_short(run.label),
-            )  # fmt: skip
-        if held_out:
-            any_held_out = True
-            steps, values = zip(*held_out, strict=True)
-            axes.plot(
-                steps, values, "--", color=colour, marker="s", markersize=4,
-                label=_short(f"{run.label} (held-out)"),
-            )  # fmt: skip
-    log = uses_log_scale(drawn)
-    if log:
-        axes.set_yscale("log")
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss (log scale)" if log else "loss")
-    title = "Training loss (solid)"
-    title += " and held-out loss (dashed)" if any_held_out else ""
-    axes.set_title(title)
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize="small")
+    kinds: dict[str, list[Run]] = {}
+    for run in drawn:
+        kinds.setdefault(loss_kind(run), []).append(run)
+    figure = _figure(9.5, 0.6 + 3.6 * len(kinds))
+    colours = {run.label: f"C{index % 10}" for index, run in enumerate(drawn)}
+    for index, (kind, members) in enumerate(kinds.items()):
+        axes = figure.add_subplot(len(kinds), 1, index + 1)
+        any_held_out = False
+        for run in members:
+            colour = colours[run.label]
+            training, held_out = _drawable(run.training), _drawable(run.held_out)
+            if training:
+                steps, values = zip(*training, strict=True)
+                marker = "o" if len(training) <= 25 else None
+                axes.plot(
+                    steps, values, "-", color=colour, marker=marker, markersize=3,
+                    label=_short(run.label),
+                )  # fmt: skip
+            if held_out:
+                any_held_out = True
+                steps, values = zip(*held_out, strict=True)
+                axes.plot(
+                    steps, values, "--", color=colour, marker="s", markersize=4,
+                    label=_short(f"{run.label} (held-out)"),
+                )  # fmt: skip
+        log = uses_log_scale(members)
+        if log:
+            axes.set_yscale("log")
+            plain_log_ticks(axes)
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("loss (log scale)" if log else "loss")
+        title = "training (solid)" + (" and held-out (dashed)" if any_held_out else "")
+        axes.set_title(f"{textwrap.shorten(kind, 90)}\n{title}", fontsize="medium")
+        axes.grid(True, alpha=0.3)
+        outside_legend(axes)
     notes = undrawable(drawn)
     if notes:
         figure.supxlabel("\n".join(_short(note) for note in notes), fontsize="small")
@@ -142,7 +180,7 @@ def rouge_figure(evaluations: list[Evaluation]) -> Any | None:
     if not panels:
         return None
     heights = [_rows_height(len(e.scores)) for e in panels]
-    figure = _figure(8.0, sum(heights) + 0.3)
+    figure = _figure(9.5, sum(heights) + 0.3)
     grid = figure.add_gridspec(len(panels), 1, height_ratios=heights)
     for index, evaluation in enumerate(panels):
         axes = figure.add_subplot(grid[index])
@@ -171,7 +209,7 @@ def rouge_figure(evaluations: list[Evaluation]) -> Any | None:
         axes.set_xlabel("ROUGE-L (F x 100)")
         axes.set_title(f"ROUGE-L\n{_short(evaluation.source)}", fontsize="medium")
         axes.grid(True, axis="x", alpha=0.3)
-        axes.legend(fontsize="small", loc="best")
+        outside_legend(axes)
     return figure
 
 
@@ -183,7 +221,7 @@ def differences_figure(evaluations: list[Evaluation]) -> Any | None:
     if not panels:
         return None
     heights = [_rows_height(len(e.differences)) for e in panels]
-    figure = _figure(8.0, sum(heights) + 0.3)
+    figure = _figure(9.5, sum(heights) + 0.3)
     grid = figure.add_gridspec(len(panels), 1, height_ratios=heights)
     for index, evaluation in enumerate(panels):
         axes = figure.add_subplot(grid[index])
@@ -227,7 +265,7 @@ def differences_figure(evaluations: list[Evaluation]) -> Any | None:
             f"Paired differences, {what}\n{_short(evaluation.source)}", fontsize="medium"
         )
         axes.grid(True, axis="x", alpha=0.3)
-        axes.legend(fontsize="small", loc="best")
+        outside_legend(axes)
     return figure
 
 
@@ -238,7 +276,7 @@ def sweep_figure(sweeps: list[Sweep]) -> Any | None:
     interval (a confidence interval, unlike the std above)."""
     if not sweeps:
         return None
-    figure = _figure(8.0, 6.5 * len(sweeps))
+    figure = _figure(9.5, 6.5 * len(sweeps))
     grid = figure.add_gridspec(2 * len(sweeps), 1, height_ratios=[3, 2] * len(sweeps))
     for index, sweep in enumerate(sweeps):
         top, bottom = figure.add_subplot(grid[2 * index]), figure.add_subplot(grid[2 * index + 1])
@@ -275,7 +313,7 @@ def sweep_figure(sweeps: list[Sweep]) -> Any | None:
         top.set_title(f"KD (gamma 0) to Delta-KD (gamma 1)\n{_short(sweep.source)}",
                       fontsize="medium")  # fmt: skip
         top.grid(True, alpha=0.3)
-        top.legend(fontsize="small", loc="best")
+        outside_legend(top)
         bottom.axhline(0.0, color="0.3", linewidth=1)
         bottom.set_xlabel("gamma")
         bottom.set_ylabel("ROUGE-L minus SFT\n(95% paired bootstrap)")

@@ -30,19 +30,28 @@ def _tail_text(resolved: dict[str, Any], cache: dict[str, Any]) -> str:
     return words
 
 
-def objective_rows(options: dict[str, Any]) -> list[str]:
-    """The card's rows for the run's objective: its name, every setting it reads (from the
-    registry, so a new objective's settings are recorded without a change here), and lambda for
-    an objective that distils."""
+def objective_settings(options: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The run's objective as (name, value) pairs: its name, every setting it reads (from the
+    registry, so a new objective's settings are recorded without a change here), and lambda and
+    the temperature for an objective that distils. The card and `deltakd report` show these."""
     name = options.get("objective", "sft")
     entry = objectives.OBJECTIVES.get(name)
-    rows = [f"| objective | `{name}` |"]
+    pairs: list[tuple[str, Any]] = [("objective", name)]
     if entry is None:
-        return rows
-    rows += [f"| {setting} | {options.get(setting)} |" for setting in entry.reads]
+        return pairs
+    pairs += [(setting, options.get(setting)) for setting in entry.reads]
     if entry.needs_cache:
-        rows.append(f"| sft weight (lambda) | {options.get('sft_weight')} |")
-        rows.append(f"| temperature | {options.get('temperature')} |")
+        pairs.append(("sft weight (lambda)", options.get("sft_weight")))
+        pairs.append(("temperature", options.get("temperature")))
+    return pairs
+
+
+def objective_rows(options: dict[str, Any]) -> list[str]:
+    """The card's rows for the run's objective (objective_settings as a table)."""
+    rows = []
+    for setting, value in objective_settings(options):
+        rows.append(f"| {setting} | `{value}` |" if setting == "objective" else
+                    f"| {setting} | {value} |")  # fmt: skip
     return rows
 
 
