@@ -68,7 +68,9 @@ def main() -> None:
         "DELTAKD_DEMO_DIR", REPO / "runs" / "demo")))  # fmt: skip
     parser.add_argument("--reuse", action="store_true", help="keep runs already done")
     parser.add_argument("--seeds", type=int, default=5, help="data-order seeds")
+    parser.add_argument("--arms", help="comma-separated deltakd arms (default: all)")
     options = parser.parse_args()
+    arms_run = {a: ARMS[a] for a in (options.arms.split(",") if options.arms else ARMS)}
     tb.OUT.mkdir(parents=True, exist_ok=True)
     PAIRED.mkdir(parents=True, exist_ok=True)
     chosen = tb.resolve_models(options.demo_dir.resolve())
@@ -89,7 +91,7 @@ def main() -> None:
 
     seeds = list(range(options.seeds))
     students: dict[str, Path] = {}
-    runs: dict[str, list[str]] = {arm: [] for arm in ("trl", *ARMS)}
+    runs: dict[str, list[str]] = {arm: [] for arm in ("trl", *arms_run)}
     for seed in seeds:  # interleaved: drift of a shared machine hits every arm alike
         order = batch_order(caches["default"], seed)
         for cache in caches.values():  # every cache of the rows makes the same plan
@@ -104,7 +106,7 @@ def main() -> None:
             command += ["--batch-order", str(order_file)]
             timings[name] = saved(students[name], tb.timed(f"trl {name}", command))
         runs["trl"].append(name)
-        for arm, (cache, tail) in ARMS.items():
+        for arm, (cache, tail) in arms_run.items():
             name = f"{arm}_s{seed}"
             students[name] = PAIRED / name
             if not done(students[name], options.reuse, "model.safetensors"):
@@ -130,14 +132,14 @@ def main() -> None:
         return float(scores[name][part].sum() / counts.sum())
 
     arms, comparisons = {}, {}
-    for arm in ("trl", *ARMS):
+    for arm in ("trl", *arms_run):
         arms[arm] = {
             "heldout_kl": float(np.mean([per_token(n) for n in runs[arm]])),
             "bucket_term": float(np.mean([per_token(n, "bucket") for n in runs[arm]])),
             "within_tail_term": float(np.mean([per_token(n, "tail") for n in runs[arm]])),
             "runs": [per_token(n) for n in runs[arm]],
         }
-    for arm in ARMS:
+    for arm in arms_run:
         comparisons[f"{arm}_minus_trl"] = paired_seeds_and_rows_bootstrap(
             [scores[n]["kl"] for n in runs["trl"]], [scores[n]["kl"] for n in runs[arm]], counts
         )
@@ -146,7 +148,7 @@ def main() -> None:
         for name, path in caches.items()
     }
     figures = {}
-    for arm in ARMS:
+    for arm in arms_run:
         result = comparisons[f"{arm}_minus_trl"]
         figures[f"trl_paired_{arm}_minus_trl_heldout_kl"] = result["difference"]
         figures[f"trl_paired_{arm}_ci_low"] = result["ci_low"]
