@@ -4,21 +4,39 @@ reads ranges of examples."""
 from __future__ import annotations
 
 import json
+import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import zarr
+from rich.markup import escape
 
 from deltakd_cli import data
-from deltakd_cli.cache.location import SETTINGS_FILE, VOCABULARY_FILE, Location
+from deltakd_cli.cache.location import (
+    SETTINGS_FILE,
+    VOCABULARY_FILE,
+    Location,
+    is_storage_error,
+)
 from deltakd_cli.cache.manifest import read_manifest, shard_checksums
 from deltakd_cli.cache.schema import (
     decode_positions,
     expected_rows,
 )
+from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError, one_line
 from deltakd_cli.targets import FIELD_KIND, PER_POSITION_FIELDS, CachedTargets, GridPoint
+
+# A network or storage error while reading is tried this many times in all, waiting
+# READ_BACKOFF_SECONDS, then twice that, ... in between: a blip on an object store must not stop
+# a run, and is never taken for a damaged cache (rebuilding a 7B cache costs GPU-days).
+READ_ATTEMPTS = 4
+READ_BACKOFF_SECONDS = 2.0
+
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -51,7 +69,8 @@ class CacheReader:
         self.manifest = manifest
         self.path = str(path)
         self.shard_names = [shard["name"] for shard in manifest["shards"]]
-        self._groups: dict[int, Any] = {}
+        self._groups: dict[int, Any] = {}  # open zarr groups, valid in process _pid only
+        self._pid = os.getpid()
         self.skip_fields: tuple[str, ...] = ()  # per-position arrays a reader leaves unread
         self._offsets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -106,15 +125,47 @@ class CacheReader:
         return state
 
     def group(self, shard: int) -> Any:
+        """A shard's zarr group, opened in this process: a forked DataLoader worker opens its
+        own (the parent's store may hold an async client that does not survive a fork)."""
+        if self._pid != os.getpid():
+            self._groups, self._pid = {}, os.getpid()
         if shard not in self._groups:
             store = self.location.zarr_store(f"shards/{self.shard_names[shard]}.zarr", True)
             try:
                 self._groups[shard] = zarr.open_group(store, mode="r")
             except Exception as error:
+                if is_storage_error(error):
+                    raise  # retried by the caller, and named as a storage error
                 raise DeltakdError(
                     f"{self.path}: shard {self.shard_names[shard]}: {error}"
                 ) from None
         return self._groups[shard]
+
+    def retrying(self, shard: int, read: Callable[[], Result]) -> Result:
+        """`read()`, tried again with backoff after a network or storage error (the shard's
+        group reopened), then one line saying so; anything else is the caller's."""
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return read()
+            except DeltakdError:
+                raise
+            except Exception as error:
+                if not is_storage_error(error):
+                    raise
+                text = f"{type(error).__name__}: {one_line(error, 200)}"
+                where = f"{self.path}: shard {self.shard_names[shard]}"
+                if attempt + 1 == READ_ATTEMPTS:
+                    raise DeltakdError(
+                        f"{where}: reading failed {READ_ATTEMPTS} times with a network or "
+                        f"storage error ({text}); the cache is not known to be damaged: check "
+                        "the connection or the store, then rerun"
+                    ) from None
+                wait = READ_BACKOFF_SECONDS * 2**attempt
+                note = f"{escape(where)}: {escape(text)}; retrying in {wait:g}s"
+                info(f"[yellow]note:[/yellow] {note}")
+                time.sleep(wait)
+                self._groups.pop(shard, None)
+        raise AssertionError("unreachable")
 
     def offsets(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(token_offsets [E+1], target_offsets [E+1]) of a shard."""
@@ -193,7 +244,7 @@ class CacheReader:
         """Examples [start, stop) of a shard, with one contiguous read per array. A chunk that
         does not decode (a damaged file read with --no-verify-cache) is one line naming it."""
         try:
-            return self._read_examples(shard, start, stop)
+            return self.retrying(shard, lambda: self._read_examples(shard, start, stop))
         except DeltakdError:
             raise
         except Exception as error:  # a damaged chunk: blosc/zstd raise RuntimeError,
