@@ -233,3 +233,58 @@ def test_fsspec_url_output_round_trips(tiny, good_cache):
     for a, b in zip(first_remote, first_local, strict=True):
         assert (a.targets.ids == b.targets.ids).all()
         assert (a.targets.tuned_logprobs == b.targets.tuned_logprobs).all()
+
+
+def _location_of(kind: str, tmp_path, request) -> str:
+    if kind == "disk":
+        return str(tmp_path / "cache")
+    if kind == "memory":
+        return f"memory://deltakd-resume-{tmp_path.name}/cache"
+    return request.getfixturevalue("s3").url(f"resume-{tmp_path.name}/cache")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["disk", "memory", "s3"])
+def test_resume_recomputes_a_chunk_missing_under_a_finished_progress_file(
+    tiny, tmp_path, request, kind
+):
+    """A resume verifies what progress.json calls done: with manifest.json and one chunk deleted,
+    the same command writes the chunk again and the cache verifies, the same bytes as before."""
+    import fsspec
+
+    out = _location_of(kind, tmp_path, request)
+    args = cache_args(tiny, out, "--top-k", 4, "--batch-size", 4)
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    fs, root = fsspec.core.url_to_fs(out)
+    manifest = json.loads(fs.cat(f"{root}/manifest.json"))
+    before = [(s["name"], s["sha256"]) for s in manifest["shards"]]
+    fs.rm(f"{root}/manifest.json")
+    fs.rm(f"{root}/shards/shard-00000-of-00001.zarr/tuned_logprobs/c/0/0")
+
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert "tuned_logprobs" in flat(result.output)  # the resume names what it recomputes
+    result = run_cli(["inspect", out, "--verify"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(fs.cat(f"{root}/manifest.json"))
+    assert [(s["name"], s["sha256"]) for s in manifest["shards"]] == before
+
+
+def test_no_manifest_over_a_shard_the_readers_would_refuse(tiny, tmp_path, monkeypatch):
+    """The manifest (what makes a cache complete) is written only after the readers' own
+    structural check: a chunk lost between the writer's close and the manifest is refused."""
+    from deltakd_cli.cache.writer import ShardWriter
+
+    close = ShardWriter.close
+
+    def close_then_lose_a_chunk(self):
+        committed = close(self)
+        chunk = tmp_path / "c" / self.group_path / "base_logprobs" / "c" / "0" / "0"
+        chunk.unlink()
+        return committed
+
+    monkeypatch.setattr(ShardWriter, "close", close_then_lose_a_chunk)
+    result = run_cli(cache_args(tiny, tmp_path / "c", "--top-k", 4))
+    assert_one_line_error(result, "base_logprobs has 0 of its 1 chunk files")
+    assert not (tmp_path / "c" / "manifest.json").exists()

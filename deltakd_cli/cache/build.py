@@ -34,6 +34,8 @@ from deltakd_cli.cache.manifest import (
     write_manifest,
 )
 from deltakd_cli.cache.options import CacheOptions
+from deltakd_cli.cache.progress import COUNTS
+from deltakd_cli.cache.reader import CacheReader
 from deltakd_cli.cache.writer import ShardWriter
 from deltakd_cli.console import info, progress
 from deltakd_cli.distributed import on_main_first
@@ -430,8 +432,8 @@ def _cache_teachers(
         len(grid),
         options.tail_samples,
     )
-    writer = ShardWriter(location, rank, world, specs)
     batches = plan_batches([len(t.input_ids) for t in tokenized], rank, world, options.batch_size)
+    writer = ShardWriter(location, rank, world, specs, [len(batch) for batch in batches])
     done = writer.committed["batches"]
     if done:
         info(f"resuming: {done} of {len(batches)} batches already in {writer.name}")
@@ -484,7 +486,7 @@ def _cache_teachers(
             f"{writer.name}: wrote {committed['positions']} of {my_targets} positions"
         )
 
-    shard_summary = {"name": writer.name, **committed}
+    shard_summary = {"name": writer.name, **{key: committed[key] for key in COUNTS}}
     shard_summary.update(shard_checksums(location, writer.group_path))
     shards = distributed.all_gather_objects(shard_summary)
     manifest: dict[str, Any] = {}
@@ -499,6 +501,9 @@ def _cache_teachers(
             "response_tokens_per_second": tokens_done / max(loop_seconds, 1e-9),
             "world_size": world,
         }
+        # The readers' own structural check first: a cache is complete iff its manifest exists,
+        # so nothing they would refuse is ever called complete.
+        CacheReader(options.out, manifest).check_structure()
         write_manifest(location, manifest)
         elapsed = time.perf_counter() - started
         info(

@@ -57,11 +57,13 @@ class CachedExample:
 class CacheReader:
     """Reads a complete cache; memory stays at what a caller asks for (per-range reads)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, manifest: dict[str, Any] | None = None):
+        """`manifest`: one not yet written (cache-teachers checks the cache with the readers'
+        own check_structure before it writes the manifest that makes the cache complete)."""
         self.location = Location(str(path))
         if not self.location.exists():
             raise DeltakdError(f"cache not found: {path}")
-        manifest = read_manifest(self.location)
+        manifest = manifest or read_manifest(self.location)
         if manifest is None:
             unfinished = self.location.exists(SETTINGS_FILE)
             state = "an unfinished cache" if unfinished else "not a cache"
