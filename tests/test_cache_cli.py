@@ -132,7 +132,7 @@ def test_existing_cache_with_other_settings_is_refused(tiny, good_cache, tmp_pat
     assert (copy / "manifest.json").exists()  # nothing lost
     result = run_cli(cache_args(tiny, copy, "--top-k", 6, "--overwrite"))
     assert result.exit_code == 0, result.output
-    assert json.loads((copy / "manifest.json").read_text())["k"] == 6
+    assert json.loads((copy / "manifest.json").read_text())["top_k"] == 6
 
 
 def test_same_settings_on_a_complete_cache_is_a_no_op(tiny, good_cache):
@@ -158,7 +158,7 @@ def test_inspect_summary_json_and_example(good_cache):
     result = run_cli(["inspect", str(good_cache), "--json", "--verify"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["verified"] is True and summary["k"] == 4
+    assert summary["verified"] is True and summary["top_k"] == 4
     assert summary["bytes_per_response_token"] > 0
     result = run_cli(["inspect", str(good_cache), "--example", "2", "--json"])
     decoded = json.loads(result.output)
@@ -213,7 +213,7 @@ def test_inspect_refuses_unfinished_and_missing(tiny, tmp_path):
 def test_python_dash_m_entry_point(good_cache):
     result = run_module(["inspect", str(good_cache), "--json"])
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["k"] == 4
+    assert json.loads(result.stdout)["top_k"] == 4
     result = run_module(["inspect", str(good_cache) + "-nope"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
 

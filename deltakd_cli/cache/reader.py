@@ -21,7 +21,7 @@ from deltakd_cli.cache.location import (
     Location,
     is_storage_error,
 )
-from deltakd_cli.cache.manifest import read_manifest, shard_checksums
+from deltakd_cli.cache.manifest import CacheRecord, read_manifest, shard_checksums
 from deltakd_cli.cache.schema import (
     decode_positions,
     expected_rows,
@@ -57,57 +57,61 @@ class CachedExample:
 class CacheReader:
     """Reads a complete cache; memory stays at what a caller asks for (per-range reads)."""
 
-    def __init__(self, path: str, manifest: dict[str, Any] | None = None):
-        """`manifest`: one not yet written (cache-teachers checks the cache with the readers'
+    def __init__(self, path: str, record: CacheRecord | None = None):
+        """`record`: a manifest not yet written (cache-teachers checks the cache with the readers'
         own check_structure before it writes the manifest that makes the cache complete)."""
         self.location = Location(str(path))
         if not self.location.exists():
             raise DeltakdError(f"cache not found: {path}")
-        manifest = manifest or read_manifest(self.location)
-        if manifest is None:
+        record = record or read_manifest(self.location)
+        if record is None:
             unfinished = self.location.exists(SETTINGS_FILE)
             state = "an unfinished cache" if unfinished else "not a cache"
             raise DeltakdError(f"{path}: {state} (no manifest.json); run cache-teachers to finish")
-        self.manifest = manifest
+        self.record = record
         self.path = str(path)
-        self.shard_names = [shard["name"] for shard in manifest["shards"]]
+        self.shard_names = record.shard_names
         self._groups: dict[int, Any] = {}  # open zarr groups, valid in process _pid only
         self._pid = os.getpid()
         self.skip_fields: tuple[str, ...] = ()  # per-position arrays a reader leaves unread
         self._offsets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
+    def manifest(self) -> dict[str, Any]:
+        """The record as manifest.json's JSON in this deltakd's names (for tools and tests;
+        deltakd's own code reads `record`)."""
+        return {**self.record.to_json(), "manifest_sha256": self.record.manifest_sha256}
+
+    @property
     def num_shards(self) -> int:
         return len(self.shard_names)
 
     @property
-    def k(self) -> int:
-        return int(self.manifest["k"])
+    def top_k(self) -> int:
+        return self.record.top_k
 
     @property
     def vocab_size(self) -> int:
-        return int(self.manifest["vocab_size"])
+        return self.record.vocab_size
 
     @property
     def has_student(self) -> bool:
-        return bool(self.manifest["has_student"])
+        return self.record.has_student
 
     @property
     def grid_points(self) -> tuple[GridPoint, ...]:
-        """The (gamma, alpha) grid points in column order, as floats: the one reader of the
-        manifest's grid (() without a grid; format 3 has none)."""
-        points = (self.manifest.get("grid") or {}).get("points", ())
-        return tuple((float(gamma), float(alpha)) for gamma, alpha in points)
+        """The (gamma, alpha) grid points in column order (() without a grid)."""
+        return self.record.grid_points
 
     @property
     def tail_samples(self) -> int:
         """Draws per position of the sampled tail (0: none; formats 3 and 4 have none)."""
-        return int(self.manifest.get("tail_samples") or 0)
+        return self.record.tail_samples
 
     @property
     def temperature(self) -> float:
         """The temperature the cache's distributions (and draws) are at (1 before format 5)."""
-        return float(self.manifest.get("temperature") or 1.0)
+        return self.record.temperature
 
     def vocabulary(self) -> list[str | None]:
         """The token string of every id the cache uses (checked against the manifest)."""
@@ -117,7 +121,7 @@ class CacheReader:
             raise DeltakdError(f"{self.path}: {VOCABULARY_FILE} is missing or damaged") from None
         from deltakd_cli.vocab import vocabulary_sha256
 
-        if vocabulary_sha256(tokens) != self.manifest.get("vocabulary_sha256"):
+        if vocabulary_sha256(tokens) != self.record.vocabulary_sha256:
             raise DeltakdError(f"{self.path}: {VOCABULARY_FILE} does not match the manifest")
         return tokens
 
@@ -186,13 +190,13 @@ class CacheReader:
         every array is there with the manifest's dtype, rows and chunk files (zarr would read a
         missing chunk back as zeros), and the offsets agree with each other. Kept ids are
         checked against the vocabulary as batches are read."""
-        dtypes = self.manifest.get("dtypes", {})
-        trailing_of_kind = {"ids": (self.k,), "logprobs": (self.k,), "scalar": ()}
+        dtypes = self.record.dtypes
+        trailing_of_kind = {"ids": (self.top_k,), "logprobs": (self.top_k,), "scalar": ()}
         trailing_of_kind["grid"] = (len(self.grid_points),)
         for kind in ("sample_ids", "counts", "sample_logprobs"):
             trailing_of_kind[kind] = (self.tail_samples,)
         total_examples = 0
-        for shard, entry in enumerate(self.manifest["shards"]):
+        for shard, entry in enumerate(self.record.shards):
             where = f"{self.path}: shard {entry['name']}"
             group = self.group(shard)
             for name, dtype in dtypes.items():
@@ -223,10 +227,10 @@ class CacheReader:
             if not consistent:
                 raise DeltakdError(f"{where}: its offsets do not add up; rebuild the cache")
             total_examples += entry["examples"]
-        if total_examples != self.manifest["counts"]["examples"]:
+        if total_examples != self.record.counts["examples"]:
             raise DeltakdError(
                 f"{self.path}: the shards hold {total_examples} examples, the "
-                f"manifest {self.manifest['counts']['examples']}; rebuild the cache"
+                f"manifest {self.record.counts['examples']}; rebuild the cache"
             )
 
     def _check_chunks(self, shard: int, name: str, array: Any) -> None:
@@ -304,13 +308,13 @@ class CacheReader:
             if len(hits):
                 row = int(hits[0])
                 return self.read_examples(shard, row, row + 1)[0]
-        total = int(self.manifest["counts"]["examples"])
+        total = int(self.record.counts["examples"])
         raise DeltakdError(f"no example {example_index} in this cache (it has {total} examples)")
 
     def verify(self) -> list[str]:
         """Names of shards whose bytes no longer match the manifest's checksums."""
         damaged = []
-        for shard in self.manifest["shards"]:
+        for shard in self.record.shards:
             group_path = f"shards/{shard['name']}.zarr"
             if not self.location.exists(group_path):
                 damaged.append(f"{shard['name']} (missing)")
