@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.core.buffer import Buffer
 from zarr.storage import WrapperStore
 
 from deltakd_cli.cache.location import Location
@@ -51,11 +50,6 @@ class DigestingStore(WrapperStore):
     async def delete(self, key: str) -> None:
         self.digests.pop(key, None)
         await self._store.delete(key)
-
-    async def get(
-        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
-    ) -> Buffer | None:
-        return await self._store.get(key, prototype, byte_range)
 
 
 def chunk_key(name: str, index: int, ndim: int) -> str:
