@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -191,47 +192,53 @@ class CacheReader:
         missing chunk back as zeros), and the offsets agree with each other. Kept ids are
         checked against the vocabulary as batches are read."""
         dtypes = self.record.dtypes
-        trailing_of_kind = {"ids": (self.top_k,), "logprobs": (self.top_k,), "scalar": ()}
-        trailing_of_kind["grid"] = (len(self.grid_points),)
+        trailing = {"ids": (self.top_k,), "logprobs": (self.top_k,), "scalar": ()}
+        trailing["grid"] = (len(self.grid_points),)
         for kind in ("sample_ids", "counts", "sample_logprobs"):
-            trailing_of_kind[kind] = (self.tail_samples,)
+            trailing[kind] = (self.tail_samples,)
         total_examples = 0
         for shard, entry in enumerate(self.record.shards):
-            where = f"{self.path}: shard {entry['name']}"
-            group = self.group(shard)
-            for name, dtype in dtypes.items():
-                if name not in group:
-                    raise DeltakdError(f"{where}: the array {name} is missing; rebuild the cache")
-                array = group[name]
-                rows = expected_rows(name, entry)
-                trailing = trailing_of_kind[FIELD_KIND.get(name, "scalar")]
-                if array.shape != (rows, *trailing) or str(array.dtype) != dtype:
-                    raise DeltakdError(
-                        f"{where}: {name} has shape {array.shape} and dtype {array.dtype}, the "
-                        f"manifest says {(rows, *trailing)} and {dtype}; rebuild the cache"
-                    )
-                self._check_chunks(shard, name, array)
-            token_offsets, target_offsets = self.offsets(shard)
-            mask = group["target_mask"][:].astype(np.int64)
-            running = np.concatenate([[0], np.cumsum(mask)])
-            starts, ends = token_offsets[:-1], token_offsets[1:]
-            consistent = (
-                token_offsets[0] == 0
-                and target_offsets[0] == 0
-                and (ends - starts >= 2).all()
-                and token_offsets[-1] == entry["tokens"] == len(mask)
-                and target_offsets[-1] == entry["positions"]
-                and (mask[starts] == 0).all()  # nothing predicts an example's first token
-                and (np.diff(target_offsets) == running[ends] - running[starts + 1]).all()
-            )
-            if not consistent:
-                raise DeltakdError(f"{where}: its offsets do not add up; rebuild the cache")
+            self.retrying(shard, partial(self._check_shard, shard, entry, dtypes, trailing))
             total_examples += entry["examples"]
         if total_examples != self.record.counts["examples"]:
             raise DeltakdError(
                 f"{self.path}: the shards hold {total_examples} examples, the "
                 f"manifest {self.record.counts['examples']}; rebuild the cache"
             )
+
+    def _check_shard(
+        self, shard: int, entry: dict[str, Any], dtypes: dict[str, str], trailing_of_kind: dict
+    ) -> None:
+        """check_structure on one shard: its arrays, their chunk files, its offsets."""
+        where = f"{self.path}: shard {entry['name']}"
+        group = self.group(shard)
+        for name, dtype in dtypes.items():
+            if name not in group:
+                raise DeltakdError(f"{where}: the array {name} is missing; rebuild the cache")
+            array = group[name]
+            rows = expected_rows(name, entry)
+            trailing = trailing_of_kind[FIELD_KIND.get(name, "scalar")]
+            if array.shape != (rows, *trailing) or str(array.dtype) != dtype:
+                raise DeltakdError(
+                    f"{where}: {name} has shape {array.shape} and dtype {array.dtype}, the "
+                    f"manifest says {(rows, *trailing)} and {dtype}; rebuild the cache"
+                )
+            self._check_chunks(shard, name, array)
+        token_offsets, target_offsets = self.offsets(shard)
+        mask = group["target_mask"][:].astype(np.int64)
+        running = np.concatenate([[0], np.cumsum(mask)])
+        starts, ends = token_offsets[:-1], token_offsets[1:]
+        consistent = (
+            token_offsets[0] == 0
+            and target_offsets[0] == 0
+            and (ends - starts >= 2).all()
+            and token_offsets[-1] == entry["tokens"] == len(mask)
+            and target_offsets[-1] == entry["positions"]
+            and (mask[starts] == 0).all()  # nothing predicts an example's first token
+            and (np.diff(target_offsets) == running[ends] - running[starts + 1]).all()
+        )
+        if not consistent:
+            raise DeltakdError(f"{where}: its offsets do not add up; rebuild the cache")
 
     def _check_chunks(self, shard: int, name: str, array: Any) -> None:
         """One chunk file per chunk of rows (the writer writes every chunk)."""
@@ -314,11 +321,12 @@ class CacheReader:
     def verify(self) -> list[str]:
         """Names of shards whose bytes no longer match the manifest's checksums."""
         damaged = []
-        for shard in self.record.shards:
+        for index, shard in enumerate(self.record.shards):
             group_path = f"shards/{shard['name']}.zarr"
             if not self.location.exists(group_path):
                 damaged.append(f"{shard['name']} (missing)")
                 continue
-            if shard_checksums(self.location, group_path)["sha256"] != shard["sha256"]:
+            digest = self.retrying(index, partial(shard_checksums, self.location, group_path))
+            if digest["sha256"] != shard["sha256"]:
                 damaged.append(shard["name"])
         return damaged
