@@ -149,3 +149,77 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Fixture:
     return Fixture(tmp_path_factory.mktemp("tiny"))
+
+
+class S3Server:
+    """moto's S3 server on 127.0.0.1 (a free port), the endpoint set for s3fs (this process
+    through fsspec's config, subprocesses through the environment), and one bucket."""
+
+    def __init__(self, bucket: str = "deltakd"):
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.bucket = bucket
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "FSSPEC_S3_ENDPOINT_URL": self.endpoint,
+        }
+        self.fs().mkdir(bucket)
+
+    def options(self) -> dict:
+        """s3fs's storage options for this server: a filesystem of its own (fsspec caches
+        filesystems by their options, so two servers never share one)."""
+        return {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing"}
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.options())
+
+    def url(self, name: str) -> str:
+        return f"s3://{self.bucket}/{name}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def s3_or_skip() -> None:
+    for name in ("moto.server", "s3fs"):
+        try:
+            __import__(name)
+        except ImportError as error:
+            pytest.skip(f"the local S3 server needs moto[server] and s3fs ({error})")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A local S3 server for the session; s3:// URLs in this process and its subprocesses
+    reach it. Skips where moto or s3fs cannot be imported."""
+    s3_or_skip()
+    import fsspec.config
+
+    server = S3Server()
+    saved_env = {name: os.environ.get(name) for name in server.env}
+    saved_conf = fsspec.config.conf.get("s3")
+    os.environ.update(server.env)
+    fsspec.config.conf["s3"] = server.options()
+    yield server
+    server.stop()
+    for name, value in saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if saved_conf is None:
+        fsspec.config.conf.pop("s3", None)
+    else:
+        fsspec.config.conf["s3"] = saved_conf

@@ -13,8 +13,7 @@ from helpers import assert_one_line_error, cache_args, flat, run_cli
 from transformers import AutoModelForCausalLM
 
 from deltakd_cli import data, models, sources
-from deltakd_cli.cache import location
-from deltakd_cli.cache.manifest import write_manifest
+from deltakd_cli.cache.manifest import manifest_checksum
 from deltakd_cli.cache.reader import CacheReader
 
 
@@ -91,7 +90,7 @@ def test_kept_ids_are_the_top_of_the_exact_target(tiny, sparse_cache):
     base = reference_logprobs(tiny.teacher_base, example.input_ids)[positions]
     student = reference_logprobs(tiny.student, example.input_ids)[positions]
     target = torch.log_softmax(student + tuned - base, dim=-1)
-    top = target.topk(sparse_cache.k, dim=-1).indices.sort(dim=-1).values
+    top = target.topk(sparse_cache.top_k, dim=-1).indices.sort(dim=-1).values
     assert (torch.tensor(example.targets.ids) == top).float().mean() > 0.99  # near-ties may swap
     assert sparse_cache.manifest["selection"] == "target"
     assert sparse_cache.manifest["tail_rule"] == "mass-matched"
@@ -107,7 +106,7 @@ def test_kept_ids_are_the_top_of_the_exact_target(tiny, sparse_cache):
 
 
 def test_full_vocabulary_cache_is_exact(tiny, exact_cache):
-    assert exact_cache.k == tiny.vocab_size
+    assert exact_cache.top_k == tiny.vocab_size
     for example in list(all_examples(exact_cache))[:4]:
         positions = torch.tensor(example.target_positions)
         ids = torch.tensor(example.targets.ids)
@@ -159,7 +158,7 @@ def test_grid_cache_stores_the_exact_family_tail_per_grid_point(tiny, tmp_path):
     assert reader.verify() == []
     manifest = reader.manifest
     points = [[0.0, 1.0], [0.0, 2.0], [0.5, 1.0], [0.5, 2.0], [1.0, 1.0], [1.0, 2.0]]
-    assert manifest["format_version"] == 5 and manifest["selection"] == "grid"
+    assert manifest["format_version"] == 6 and manifest["selection"] == "grid"
     assert manifest["grid"]["points"] == points
     assert manifest["grid"]["field"] == "family_tail_logmass"
     assert manifest["grid"]["bytes_per_response_token"] == 6 * 4  # float32, six points
@@ -195,11 +194,14 @@ def test_a_format_3_cache_without_a_grid_is_still_read(sparse_cache, tmp_path):
     shutil.copytree(sparse_cache.path, old)
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["format_version"] = 3
+    manifest["k"] = manifest.pop("top_k")  # formats 3 to 5 named it k
+    manifest["settings"] = {"top_k": manifest["k"]}  # and repeated settings.json
     del manifest["grid"], manifest["manifest_sha256"]
-    write_manifest(location.Location(str(old)), manifest)
+    manifest["manifest_sha256"] = manifest_checksum(manifest)
+    (old / "manifest.json").write_text(json.dumps(manifest))
     reader = CacheReader(str(old))
     reader.check_structure()
-    assert reader.grid_points == ()
+    assert reader.grid_points == () and reader.top_k == sparse_cache.top_k
     example = next(all_examples(reader))
     assert example.targets.family_tail_logmass is None and example.targets.student_tail is not None
 
@@ -283,7 +285,9 @@ def test_model_loading_options(tiny, tmp_path):
                                 "--attn-implementation", "eager"))  # fmt: skip
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "eager" / "manifest.json").read_text())
-    assert manifest["settings"]["attn_implementation"] == "eager"
+    assert manifest["options"]["attn_implementation"] == "eager"
+    settings = json.loads((tmp_path / "eager" / "settings.json").read_text())["settings"]
+    assert settings["attn_implementation"] == "eager"
     assert manifest["provenance"]["teacher_base"]["trust_remote_code"] is False
     result = run_cli(cache_args(tiny, tmp_path / "flash", "--top-k", 4,
                                 "--attn-implementation", "flash_attention_2"))  # fmt: skip

@@ -132,7 +132,7 @@ def test_existing_cache_with_other_settings_is_refused(tiny, good_cache, tmp_pat
     assert (copy / "manifest.json").exists()  # nothing lost
     result = run_cli(cache_args(tiny, copy, "--top-k", 6, "--overwrite"))
     assert result.exit_code == 0, result.output
-    assert json.loads((copy / "manifest.json").read_text())["k"] == 6
+    assert json.loads((copy / "manifest.json").read_text())["top_k"] == 6
 
 
 def test_same_settings_on_a_complete_cache_is_a_no_op(tiny, good_cache):
@@ -158,7 +158,7 @@ def test_inspect_summary_json_and_example(good_cache):
     result = run_cli(["inspect", str(good_cache), "--json", "--verify"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["verified"] is True and summary["k"] == 4
+    assert summary["verified"] is True and summary["top_k"] == 4
     assert summary["bytes_per_response_token"] > 0
     result = run_cli(["inspect", str(good_cache), "--example", "2", "--json"])
     decoded = json.loads(result.output)
@@ -213,7 +213,7 @@ def test_inspect_refuses_unfinished_and_missing(tiny, tmp_path):
 def test_python_dash_m_entry_point(good_cache):
     result = run_module(["inspect", str(good_cache), "--json"])
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["k"] == 4
+    assert json.loads(result.stdout)["top_k"] == 4
     result = run_module(["inspect", str(good_cache) + "-nope"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
@@ -233,3 +233,58 @@ def test_fsspec_url_output_round_trips(tiny, good_cache):
     for a, b in zip(first_remote, first_local, strict=True):
         assert (a.targets.ids == b.targets.ids).all()
         assert (a.targets.tuned_logprobs == b.targets.tuned_logprobs).all()
+
+
+def _location_of(kind: str, tmp_path, request) -> str:
+    if kind == "disk":
+        return str(tmp_path / "cache")
+    if kind == "memory":
+        return f"memory://deltakd-resume-{tmp_path.name}/cache"
+    return request.getfixturevalue("s3").url(f"resume-{tmp_path.name}/cache")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["disk", "memory", "s3"])
+def test_resume_recomputes_a_chunk_missing_under_a_finished_progress_file(
+    tiny, tmp_path, request, kind
+):
+    """A resume verifies what progress.json calls done: with manifest.json and one chunk deleted,
+    the same command writes the chunk again and the cache verifies, the same bytes as before."""
+    import fsspec
+
+    out = _location_of(kind, tmp_path, request)
+    args = cache_args(tiny, out, "--top-k", 4, "--batch-size", 4)
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    fs, root = fsspec.core.url_to_fs(out)
+    manifest = json.loads(fs.cat(f"{root}/manifest.json"))
+    before = [(s["name"], s["sha256"]) for s in manifest["shards"]]
+    fs.rm(f"{root}/manifest.json")
+    fs.rm(f"{root}/shards/shard-00000-of-00001.zarr/tuned_logprobs/c/0/0")
+
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert "tuned_logprobs" in flat(result.output)  # the resume names what it recomputes
+    result = run_cli(["inspect", out, "--verify"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(fs.cat(f"{root}/manifest.json"))
+    assert [(s["name"], s["sha256"]) for s in manifest["shards"]] == before
+
+
+def test_no_manifest_over_a_shard_the_readers_would_refuse(tiny, tmp_path, monkeypatch):
+    """The manifest (what makes a cache complete) is written only after the readers' own
+    structural check: a chunk lost between the writer's close and the manifest is refused."""
+    from deltakd_cli.cache.writer import ShardWriter
+
+    close = ShardWriter.close
+
+    def close_then_lose_a_chunk(self):
+        committed = close(self)
+        chunk = tmp_path / "c" / self.group_path / "base_logprobs" / "c" / "0" / "0"
+        chunk.unlink()
+        return committed
+
+    monkeypatch.setattr(ShardWriter, "close", close_then_lose_a_chunk)
+    result = run_cli(cache_args(tiny, tmp_path / "c", "--top-k", 4))
+    assert_one_line_error(result, "base_logprobs has 0 of its 1 chunk files")
+    assert not (tmp_path / "c" / "manifest.json").exists()

@@ -84,7 +84,7 @@ def test_pipeline_end_to_end_then_reruns_only_what_changed(tiny, tmp_path):
         assert run["options"]["objective"] == objective
         assert run["options"]["student"] == summary["roles"]["student-base"][0]
     manifest = json.loads((out / "cache" / "manifest.json").read_text())
-    assert manifest["has_student"] and manifest["k"] == 16
+    assert manifest["has_student"] and manifest["top_k"] == 16
     report = json.loads((out / "eval" / "report.json").read_text())
     assert [m["name"] for m in report["models"]] == [summary["roles"][r][0] for r in ROLES]
     assert report["baseline"] == summary["roles"]["student-kd"][0]

@@ -641,7 +641,7 @@ def edited_cache(world, tmp_path, edit) -> Path:
     return cache
 
 
-@pytest.mark.parametrize("field, value", [("k", 4), ("alpha", 2.0)])
+@pytest.mark.parametrize("field, value", [("top_k", 4), ("alpha", 2.0)])
 def test_an_edited_manifest_fails_verification(tiny, world, tmp_path, field, value):
     cache = edited_cache(world, tmp_path, lambda manifest: manifest.update({field: value}))
     assert_one_line_error(run_cli(["inspect", cache, "--verify"]), "changed after it was written")

@@ -206,7 +206,7 @@ def test_format_5_cache_holds_the_draws(drawn_cache, tiny):
     reader.check_structure()
     assert reader.verify() == []
     manifest = reader.manifest
-    assert manifest["format_version"] == 5 and manifest["tail_samples"] == 12
+    assert manifest["format_version"] == 6 and manifest["tail_samples"] == 12
     assert manifest["proposal"] == "tuned+target" and manifest["sample_seed"] == 0
     example = reader.read_examples(0, 0, 1)[0].targets
     assert (example.sample_counts.sum(axis=1) == 12).all()
@@ -246,11 +246,11 @@ def test_distill_refuses_another_temperature(drawn_cache, tiny, tmp_path):
     assert_one_line_error(run_cli(args), "cache drawn at temperature 1")
 
 
-def test_an_older_reader_refuses_format_5_in_one_line(drawn_cache, monkeypatch):
-    monkeypatch.setattr(cache_manifest, "READABLE_FORMAT_VERSIONS", (3, 4))
+def test_an_older_reader_refuses_a_newer_format_in_one_line(drawn_cache, monkeypatch):
+    monkeypatch.setattr(cache_manifest, "READABLE_FORMAT_VERSIONS", (3, 4, 5))
     with pytest.raises(Exception) as raised:
         CacheReader(str(drawn_cache))
-    assert "cache format 5 is not supported" in str(raised.value)
+    assert "cache format 6 is not supported" in str(raised.value)
     assert "\n" not in str(raised.value)
 
 
@@ -275,16 +275,19 @@ def test_every_distribution_objective_trains_on_every_tail(drawn_cache, tiny, tm
 
 
 def test_a_format_4_cache_still_trains(tiny, tmp_path):
-    """A format-4 cache: the same arrays, a manifest without the format-5 keys."""
+    """A format-4 cache: the same arrays, a manifest without the format-5 keys, naming the kept-id
+    count k and repeating settings.json (as formats 3 to 5 did)."""
     out = tmp_path / "old"
     assert run_cli(cache_args(tiny, out, "--top-k", 8, "--tail-samples", 0)).exit_code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     for key in ("tail_samples", "sample_seed", "proposal", "temperature"):
         manifest.pop(key)
+    manifest["k"] = manifest.pop("top_k")
+    manifest["settings"] = json.loads((out / "settings.json").read_text())["settings"]
     manifest["format_version"] = 4
     manifest["manifest_sha256"] = manifest_checksum(manifest)
     (out / "manifest.json").write_text(json.dumps(manifest))
-    assert CacheReader(str(out)).tail_samples == 0
+    assert CacheReader(str(out)).tail_samples == 0 and CacheReader(str(out)).top_k == 8
     result = run_cli(distill_args(out, tiny, tmp_path / "run", "--objective", "delta"))
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "run.json").read_text())["resolved"]["tail"] == "bucket"

@@ -27,12 +27,15 @@ from deltakd_cli import (
 from deltakd_cli.cache import schema
 from deltakd_cli.cache.location import VOCABULARY_FILE, Location
 from deltakd_cli.cache.manifest import (
+    CacheRecord,
     prepare_output,
     read_manifest,
     shard_checksums,
     write_manifest,
 )
 from deltakd_cli.cache.options import CacheOptions
+from deltakd_cli.cache.progress import COUNTS
+from deltakd_cli.cache.reader import CacheReader
 from deltakd_cli.cache.writer import ShardWriter
 from deltakd_cli.console import info, progress
 from deltakd_cli.distributed import on_main_first
@@ -403,7 +406,8 @@ def _cache_teachers(
         location.write_text(VOCABULARY_FILE, json.dumps(vocabulary, ensure_ascii=False))
     if state == "complete":
         info(f"[green]{options.out} is already complete[/green] for these settings; nothing to do")
-        return read_manifest(location) or {}
+        complete = read_manifest(location)
+        return complete.to_json() if complete else {}
 
     dtype = models.resolve_dtype(options.dtype, device)
     loaded: dict[str, PositionLogprobs] = {}
@@ -430,23 +434,14 @@ def _cache_teachers(
         len(grid),
         options.tail_samples,
     )
-    writer = ShardWriter(location, rank, world, specs)
     batches = plan_batches([len(t.input_ids) for t in tokenized], rank, world, options.batch_size)
+    writer = ShardWriter(location, rank, world, specs, [len(batch) for batch in batches])
     done = writer.committed["batches"]
     if done:
         info(f"resuming: {done} of {len(batches)} batches already in {writer.name}")
 
     my_targets = sum(tokenized[i].num_targets for batch in batches for i in batch)
-    bytes_per_position = (
-        options.top_k
-        * (
-            np.dtype(schema.ids_dtype(vocab_size)).itemsize
-            + (3 if options.student else 2) * np.dtype(options.precision).itemsize
-        )
-        + len(grid) * np.dtype(options.precision).itemsize
-        + options.tail_samples
-        * sum(np.dtype(specs[name][0]).itemsize for name in specs if name.startswith("sample_"))
-    )
+    bytes_per_position = schema.position_bytes(specs)
     total_targets = sum(t.num_targets for t in tokenized)
     info(
         f"caching {len(tokenized)} examples ({total_targets} response tokens) at "
@@ -484,29 +479,34 @@ def _cache_teachers(
             f"{writer.name}: wrote {committed['positions']} of {my_targets} positions"
         )
 
-    shard_summary = {"name": writer.name, **committed}
+    shard_summary = {"name": writer.name, **{key: committed[key] for key in COUNTS}}
     shard_summary.update(shard_checksums(location, writer.group_path))
     shards = distributed.all_gather_objects(shard_summary, "the end of the shards")
     manifest: dict[str, Any] = {}
     if rank == 0:
-        manifest = build_manifest(
-            options, settings, identities, vocab_size, tokenized, shards, template, source
-        )
-        manifest["provenance"]["tokenizer_notes"] = compatibility.notes
         # Rank 0's compute loop, stores included (what `make bench` compares to a bare forward).
-        manifest["timing"] = {
+        timing = {
             "loop_seconds": loop_seconds,
             "response_tokens_per_second": tokens_done / max(loop_seconds, 1e-9),
             "world_size": world,
         }
-        write_manifest(location, manifest)
+        record = build_record(
+            options, specs, identities, vocab_size, vocabulary_sha, tokenized, shards, template,
+            source,
+            compatibility.notes, timing,
+        )  # fmt: skip
+        # The readers' own structural check first: a cache is complete iff its manifest exists,
+        # so nothing they would refuse is ever called complete.
+        CacheReader(options.out, record).check_structure()
+        write_manifest(location, record)
         elapsed = time.perf_counter() - started
         info(
-            f"[green]wrote {options.out}[/green]: {manifest['counts']['examples']} examples, "
-            f"{manifest['counts']['response_tokens']} response tokens, "
-            f"{manifest['bytes_per_response_token']:.1f} bytes per response token, "
+            f"[green]wrote {options.out}[/green]: {record.counts['examples']} examples, "
+            f"{record.counts['response_tokens']} response tokens, "
+            f"{record.bytes_per_response_token:.1f} bytes per response token, "
             f"{elapsed:.1f}s"
         )
+        manifest = record.to_json()
     distributed.barrier()
     return manifest
 
@@ -614,65 +614,59 @@ def _concat_targets(chunks: list[targets.CachedTargets]) -> targets.CachedTarget
     return targets.CachedTargets(**joined)
 
 
-def build_manifest(
+def build_record(
     options: CacheOptions,
-    settings: dict[str, Any],
+    specs: dict[str, tuple],
     identities: dict[str, Any],
     vocab_size: int,
+    vocabulary_sha: str,
     tokenized: list[data.TokenizedExample],
     shards: list[dict[str, Any]],
     template: dict[str, Any],
     source: sources.DataSource,
-) -> dict[str, Any]:
+    tokenizer_notes: list[str],
+    timing: dict[str, Any],
+) -> CacheRecord:
+    """The manifest's record of a finished cache (`specs`: its arrays, as written)."""
     positions = sum(shard["positions"] for shard in shards)
     stored_bytes = sum(shard["bytes"] for shard in shards)
     array_bytes: dict[str, int] = {}
     for shard in shards:
         for name, size in shard["array_bytes"].items():
             array_bytes[name] = array_bytes.get(name, 0) + size
-    return {
-        "format_version": schema.FORMAT_VERSION,
-        "tool": {"name": "deltakd", "version": __version__},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "vocab_size": vocab_size,
-        "k": options.top_k,
-        "selection": options.resolved_selection(),
-        "tail_rule": options.resolved_tail_rule(),
-        "alpha": options.alpha if options.student else None,
-        "has_student": bool(options.student),
-        "grid": grid_record(options.grid(), options.precision, array_bytes, positions),
+    return CacheRecord(
+        format_version=schema.FORMAT_VERSION,
+        tool={"name": "deltakd", "version": __version__},
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        vocab_size=vocab_size,
+        top_k=options.top_k,
+        selection=options.resolved_selection(),
+        tail_rule=options.resolved_tail_rule(),
+        alpha=options.alpha if options.student else None,
+        has_student=bool(options.student),
+        grid=grid_record(options.grid(), options.precision, array_bytes, positions),
         # The sampled tail (format 5): draws per position, their seed and proposal; 0 / null
         # without. Every distribution is stored at `temperature`.
-        "tail_samples": options.tail_samples,
-        "sample_seed": options.sample_seed if options.tail_samples else None,
-        "proposal": options.proposal(),
-        "temperature": options.temperature,
-        "precision": options.precision,
-        "dtypes": {
-            name: spec[0]
-            for name, spec in schema.array_specs(
-                options.top_k,
-                vocab_size,
-                options.precision,
-                bool(options.student),
-                len(options.grid()),
-                options.tail_samples,
-            ).items()
-        },
-        "counts": {
+        tail_samples=options.tail_samples,
+        sample_seed=options.sample_seed if options.tail_samples else None,
+        proposal=options.proposal(),
+        temperature=options.temperature,
+        precision=options.precision,
+        dtypes={name: spec[0] for name, spec in specs.items()},
+        counts={
             "examples": sum(shard["examples"] for shard in shards),
             "tokens": sum(shard["tokens"] for shard in shards),
             "response_tokens": positions,
             "truncated": sum(t.truncated for t in tokenized),
         },
-        "bytes": stored_bytes,
-        "bytes_per_response_token": stored_bytes / max(positions, 1),
+        bytes=stored_bytes,
+        bytes_per_response_token=stored_bytes / max(positions, 1),
         # Per target position, by array: the kept ids and distributions apart from the tokens.
-        "bytes_per_response_token_by_array": {
+        bytes_per_response_token_by_array={
             name: size / max(positions, 1) for name, size in sorted(array_bytes.items())
         },
-        "vocabulary_sha256": settings["vocabulary_sha256"],
-        "provenance": {
+        vocabulary_sha256=vocabulary_sha,
+        provenance={
             **identities,
             "data": {
                 **sources.fingerprint(source),
@@ -688,11 +682,12 @@ def build_manifest(
             "template": template,
             "max_length": options.max_length,
             "model_dtype": options.dtype,
+            "tokenizer_notes": tokenizer_notes,
         },
-        "settings": settings,
         # The run's options: the manifest reads back as a config (--config CACHE/manifest.json).
-        "command": "cache-teachers",
-        "options": absolute_paths(options_record(options), type(options)),
-        "paths": PATHS_ARE,
-        "shards": shards,
-    }
+        command="cache-teachers",
+        options=absolute_paths(options_record(options), type(options)),
+        paths=PATHS_ARE,
+        shards=shards,
+        timing=timing,
+    )

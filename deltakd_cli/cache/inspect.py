@@ -17,34 +17,33 @@ from deltakd_cli.options import check
 
 
 def summary(reader: CacheReader) -> dict[str, Any]:
-    manifest = reader.manifest
-    provenance = manifest["provenance"]
+    record = reader.record
     return {
         "path": reader.path,
-        "format_version": manifest["format_version"],
-        "examples": manifest["counts"]["examples"],
-        "tokens": manifest["counts"]["tokens"],
-        "response_tokens": manifest["counts"]["response_tokens"],
-        "truncated_examples": manifest["counts"]["truncated"],
-        "k": manifest["k"],
-        "vocab_size": manifest["vocab_size"],
-        "selection": manifest["selection"],
-        "tail_rule": manifest["tail_rule"],
+        "format_version": record.format_version,
+        "examples": record.counts["examples"],
+        "tokens": record.counts["tokens"],
+        "response_tokens": record.counts["response_tokens"],
+        "truncated_examples": record.counts["truncated"],
+        "top_k": record.top_k,
+        "vocab_size": record.vocab_size,
+        "selection": record.selection,
+        "tail_rule": record.tail_rule,
         # the sampled tail (format 5): draws per position, their seed and proposal, temperature
-        "tail_samples": reader.tail_samples,
-        "sample_seed": manifest.get("sample_seed"),
-        "proposal": manifest.get("proposal"),
-        "temperature": reader.temperature,
-        "alpha": manifest["alpha"],
-        "has_student": manifest["has_student"],
+        "tail_samples": record.tail_samples,
+        "sample_seed": record.sample_seed,
+        "proposal": record.proposal,
+        "temperature": record.temperature,
+        "alpha": record.alpha,
+        "has_student": record.has_student,
         # (gamma, alpha) points of the KD-to-Delta grid and their bytes; null without a grid
-        "grid": manifest.get("grid") and {**manifest["grid"], "points": reader.grid_points},
-        "precision": manifest["precision"],
-        "shards": len(manifest["shards"]),
-        "bytes": manifest["bytes"],
-        "bytes_per_response_token": manifest["bytes_per_response_token"],
-        "provenance": provenance,
-        "tool": manifest["tool"],
+        "grid": record.grid and {**record.grid, "points": record.grid_points},
+        "precision": record.precision,
+        "shards": len(record.shards),
+        "bytes": record.bytes,
+        "bytes_per_response_token": record.bytes_per_response_token,
+        "provenance": record.provenance,
+        "tool": record.tool,
     }
 
 
@@ -175,7 +174,7 @@ def _print_table(report: dict[str, Any]) -> None:
     rows = [
         ("examples", f"{report['examples']:,} ({report['truncated_examples']} truncated)"),
         ("response tokens", f"{report['response_tokens']:,}"),
-        ("k / vocabulary", f"{report['k']} / {report['vocab_size']:,}"),
+        ("top-k / vocabulary", f"{report['top_k']} / {report['vocab_size']:,}"),
         ("selection, tail", f"{report['selection']}, {report['tail_rule']}"),
         (
             "student log-probs",

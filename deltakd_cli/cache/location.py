@@ -14,6 +14,8 @@ docs/cache-format.md specifies every array (cache/schema.py holds the same in co
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,28 @@ SETTINGS_FILE = "settings.json"  # the settings of the run writing the cache (re
 VOCABULARY_FILE = "vocabulary.json"  # the token string of every id the cache uses
 
 
+def is_storage_error(error: BaseException) -> bool:
+    """An I/O or network failure (the error or what caused it): OSError (connection refused,
+    timeouts), botocore's and aiohttp's errors. Bytes that fail to decode are not one."""
+    kinds: list[type] = [OSError]
+    # Only a library already loaded can have raised its errors: nothing is imported for this.
+    for module, name in (
+        ("botocore.exceptions", "BotoCoreError"),
+        ("botocore.exceptions", "ClientError"),
+        ("aiohttp", "ClientError"),
+    ):
+        loaded = sys.modules.get(module)
+        if loaded is not None and hasattr(loaded, name):
+            kinds.append(getattr(loaded, name))
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, tuple(kinds)):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class Location:
     """A directory on local disk or behind fsspec, with the few file operations the cache needs.
     Local writes go through a temp file and a rename, so a reader never sees half a file; every
@@ -39,18 +63,37 @@ class Location:
     def __init__(self, root: str):
         self.url = is_url(root)
         self.root = (root if self.url else local_path(root)).rstrip("/") or "/"
+        self._fs: Any = None
+        self._fs_pid = 0
         if self.url:
-            try:
-                import fsspec
-            except ImportError:
-                raise DeltakdError(
-                    f"{root}: URLs need fsspec (pip install fsspec) and the scheme's backend "
-                    "(e.g. pip install s3fs)"
-                ) from None
-            try:
-                self.fs, self.fs_root = fsspec.core.url_to_fs(root)
-            except (ImportError, ValueError) as error:
-                raise DeltakdError(f"{root}: cannot open this URL ({error})") from None
+            self.fs_root = self._open()
+
+    def _open(self) -> str:
+        try:
+            import fsspec
+        except ImportError:
+            raise DeltakdError(
+                f"{self.root}: URLs need fsspec (pip install fsspec) and the scheme's backend "
+                "(e.g. pip install s3fs)"
+            ) from None
+        try:
+            self._fs, fs_root = fsspec.core.url_to_fs(self.root)
+        except (ImportError, ValueError) as error:
+            raise DeltakdError(f"{self.root}: cannot open this URL ({error})") from None
+        self._fs_pid = os.getpid()
+        return fs_root
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem of a URL, opened in this process: a forked DataLoader worker
+        opens its own (an async client such as s3fs's belongs to its parent's event loop and
+        does not survive a fork)."""
+        if self._fs is None or self._fs_pid != os.getpid():
+            self._open()
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:  # a spawned process opens its own filesystem
+        return {**self.__dict__, "_fs": None, "_fs_pid": 0}
 
     def join(self, *parts: str) -> str:
         for part in parts:

@@ -1,10 +1,13 @@
-"""The manifest and its checksums (a cache is complete iff its manifest exists), the run state
-of an unfinished cache, and the claim on an output folder (`prepare_output`)."""
+"""The cache's record (`CacheRecord`, what manifest.json holds: the one place its fields are
+named, and where older formats' names are mapped), the manifest's checksums (a cache is complete
+iff its manifest exists), the run state of an unfinished cache, and the claim on an output folder
+(`prepare_output`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,70 @@ from deltakd_cli.outputs import (
     parse_marker,
     refuse_foreign,
 )
+
+
+@dataclass(frozen=True)
+class CacheRecord:
+    """What manifest.json says about a complete cache, typed; docs/cache-format.md documents
+    each field. Read with `read_manifest`, written with `write_manifest`; nothing else reads the
+    manifest's JSON."""
+
+    format_version: int
+    vocab_size: int
+    top_k: int  # ids kept per target position ("k" in the manifests of formats 3 to 5)
+    selection: str
+    tail_rule: str
+    alpha: float | None  # None without a student
+    has_student: bool
+    precision: str
+    dtypes: dict[str, str]  # array name -> dtype
+    counts: dict[str, int]  # examples, tokens, response_tokens, truncated
+    shards: list[dict[str, Any]]  # name, the committed counts, sha256, bytes, array_bytes
+    vocabulary_sha256: str
+    provenance: dict[str, Any]
+    bytes: int
+    bytes_per_response_token: float
+    bytes_per_response_token_by_array: dict[str, float] = field(default_factory=dict)
+    grid: dict[str, Any] | None = None  # points, field, bytes_per_response_token, stored...
+    tail_samples: int = 0  # draws per position (none before format 5)
+    sample_seed: int | None = None
+    proposal: str | None = None
+    temperature: float = 1.0  # of every stored distribution (1 before format 5)
+    tool: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    command: str = "cache-teachers"
+    options: dict[str, Any] = field(default_factory=dict)  # the run's options (a --config)
+    paths: str | None = None  # how the options' paths are written ("absolute"; None before)
+    timing: dict[str, Any] | None = None
+    manifest_sha256: str | None = None  # set when read from disk
+
+    @property
+    def grid_points(self) -> tuple[tuple[float, float], ...]:
+        """The (gamma, alpha) grid points in column order, as floats (() without a grid)."""
+        points = (self.grid or {}).get("points", ())
+        return tuple((float(gamma), float(alpha)) for gamma, alpha in points)
+
+    @property
+    def shard_names(self) -> list[str]:
+        return [shard["name"] for shard in self.shards]
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's JSON object in this deltakd's format (without its checksum)."""
+        record = asdict(self)
+        record.pop("manifest_sha256")
+        return record
+
+    @classmethod
+    def from_json(cls, manifest: dict[str, Any]) -> CacheRecord:
+        """A manifest of any readable format; the older formats' names are mapped here."""
+        values = dict(manifest)
+        if "k" in values and "top_k" not in values:  # formats 3 to 5
+            values["top_k"] = values.pop("k")
+        values.pop("settings", None)  # formats 3 to 5 repeated settings.json here
+        values["tail_samples"] = int(values.get("tail_samples") or 0)
+        values["temperature"] = float(values.get("temperature") or 1.0)
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{name: value for name, value in values.items() if name in known})
 
 
 def shard_checksums(location: Location, group_path: str) -> dict[str, Any]:
@@ -48,15 +115,31 @@ def manifest_checksum(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def write_manifest(location: Location, manifest: dict[str, Any]) -> None:
+def write_manifest(location: Location, record: CacheRecord) -> None:
     """Written last and atomically: a cache is complete iff its manifest exists. The manifest
-    carries its own checksum, so an edit (of k, alpha, a shard name...) is caught on read."""
-    manifest = {**manifest, "manifest_sha256": manifest_checksum(manifest)}
+    carries its own checksum, so an edit (of top_k, alpha, a shard name...) is caught on read."""
+    manifest = record.to_json()
+    manifest["manifest_sha256"] = manifest_checksum(manifest)
     location.write_text("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
 
 
-def read_manifest(location: Location) -> dict[str, Any] | None:
-    """The manifest, checked against its own checksum and for well-formed shard names."""
+def read_manifest(location: Location) -> CacheRecord | None:
+    """The manifest's record, checked against its own checksum and for well-formed shard
+    names; None when there is no manifest (the cache is unfinished, or not a cache)."""
+    manifest = read_manifest_json(location)
+    if manifest is None:
+        return None
+    try:
+        return CacheRecord.from_json(manifest)
+    except (TypeError, ValueError) as error:  # a field missing or of the wrong type
+        raise DeltakdError(
+            f"{location.root}: manifest.json is damaged ({error}); rebuild the cache"
+        ) from None
+
+
+def read_manifest_json(location: Location) -> dict[str, Any] | None:
+    """The manifest's JSON as written, checked against its own checksum and for well-formed
+    shard names."""
     if not location.exists("manifest.json"):
         return None
     damaged = f"{location.root}: manifest.json is damaged"

@@ -24,9 +24,11 @@ from deltakd_cli.method.targets import (
 # 4: an optional [P, G] grid array (family_tail_logmass) and the manifest's `grid`; a format-3
 # cache is a format-4 cache without a grid, so both are read. 5: the optional sampled tail
 # ([P, M] sample_* arrays; the manifest's tail_samples, sample_seed, proposal, temperature); a
-# format-4 cache is a format-5 cache without samples drawn at temperature 1.
-FORMAT_VERSION = 5
-READABLE_FORMAT_VERSIONS = (3, 4, 5)
+# format-4 cache is a format-5 cache without samples drawn at temperature 1. 6: the manifest names
+# the kept-id count top_k (as the option and settings.json do; "k" before) and no longer repeats
+# settings.json; the arrays are format 5's (cache/manifest.py maps the older names).
+FORMAT_VERSION = 6
+READABLE_FORMAT_VERSIONS = (3, 4, 5, 6)
 ZARR_POSITION_CHUNK = 2048  # positions per zarr chunk: one chunk is ~256 KiB of ids at k=64
 TOKEN_CHUNK = 65536
 EXAMPLE_CHUNK = 16384
@@ -83,6 +85,16 @@ def array_specs(
         dtype, trailing = by_kind[FIELD_KIND[name]]
         specs[name] = (dtype, trailing, ZARR_POSITION_CHUNK, "shuffle")
     return specs
+
+
+def position_bytes(specs: dict[str, tuple]) -> int:
+    """Bytes one target position adds to a shard before compression: a row of every
+    per-position array of `specs`."""
+    return sum(
+        np.dtype(dtype).itemsize * int(np.prod(trailing, dtype=np.int64))
+        for name, (dtype, trailing, _rows, _shuffle) in specs.items()
+        if name in PER_POSITION_FIELDS
+    )
 
 
 def codec(dtype: str, shuffle: str) -> BloscCodec:

@@ -3,18 +3,21 @@ zarr chunks while the next batch runs)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 
 from deltakd_cli import data, faults
 from deltakd_cli.cache.location import Location
+from deltakd_cli.cache.progress import DigestingStore, chunk_states, verified_counts
 from deltakd_cli.cache.schema import (
     ZARR_POSITION_CHUNK,
     BatchRecord,
@@ -22,6 +25,7 @@ from deltakd_cli.cache.schema import (
     expected_rows,
     shard_name,
 )
+from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError
 from deltakd_cli.outputs import (
     failed_write,
@@ -46,9 +50,11 @@ class ShardWriter:
         rank: int,
         world: int,
         specs: dict[str, tuple],
+        batch_sizes: list[int],
         queue_depth: int = 4,
     ):
         self.location = location
+        self.batch_sizes = batch_sizes  # examples per planned batch: a resume's rollback unit
         self.name = shard_name(rank, world)
         self.group_path = f"shards/{self.name}.zarr"
         self.progress_path = f"shards/{self.name}.progress.json"
@@ -65,17 +71,32 @@ class ShardWriter:
         self.thread.start()
 
     # -- set-up and resume
-    def _open_or_create(self) -> dict[str, int]:
+    def _open_or_create(self) -> dict[str, Any]:
         empty = {"batches": 0, "examples": 0, "tokens": 0, "positions": 0}
         if self.location.exists(self.progress_path):
             committed = json.loads(self.location.read_text(self.progress_path))
             self._remove_partial_files()
-            self.group = zarr.open_group(self.location.zarr_store(self.group_path), mode="r+")
+            self.group = zarr.open_group(self._store(), mode="r+")
             self._open_arrays()
-            self._truncate(committed)
+            # Trust nothing progress.json says without reading it back: a chunk deleted or
+            # changed since is computed again (from the last batch before it).
+            counts, problems = verified_counts(
+                self.location, self.group_path, self.group, self.specs, committed,
+                self.batch_sizes,
+            )  # fmt: skip
+            self._truncate(counts)
+            if problems:
+                info(
+                    f"[yellow]note:[/yellow] {self.name}: {'; '.join(problems)}: computing "
+                    f"again from batch {counts['batches'] + 1} (progress.json had "
+                    f"{committed['batches']} batches)"
+                )
+            if problems or "chunks" not in committed:
+                committed = {**counts, "chunks": self._chunk_states(counts, {})}
+                self.location.write_text(self.progress_path, json.dumps(committed))
             return committed
         self.location.remove(self.group_path)
-        self.group = zarr.open_group(self.location.zarr_store(self.group_path), mode="w")
+        self.group = zarr.open_group(self._store(), mode="w")
         for name, (dtype, trailing, chunk_rows, shuffle) in self.specs.items():
             self.group.create_array(
                 name,
@@ -88,8 +109,23 @@ class ShardWriter:
         self._open_arrays()
         for name in ("token_offsets", "target_offsets"):
             self._append(name, np.zeros(1, dtype=np.int64))
+        empty["chunks"] = self._chunk_states(empty, {})
         self.location.write_text(self.progress_path, json.dumps(empty))
         return empty
+
+    def _store(self) -> DigestingStore:
+        self.digests: dict[str, str] = {}
+        return DigestingStore(self.location.zarr_store(self.group_path), self.digests)
+
+    def _digest_of(self, key: str) -> str:
+        """A chunk file's sha256: as this process wrote it, else read back."""
+        if key not in self.digests:
+            content = self.location.read_bytes(f"{self.group_path}/{key}")
+            self.digests[key] = hashlib.sha256(content).hexdigest()
+        return self.digests[key]
+
+    def _chunk_states(self, counts: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+        return chunk_states(self.specs, counts, previous, self._digest_of, self.arrays)
 
     def _open_arrays(self) -> None:
         # Every chunk is written, zeros included: a chunk file that is missing later means the
@@ -201,6 +237,7 @@ class ShardWriter:
         committed["examples"] += len(input_ids)
         committed["tokens"] += int(lengths.sum())
         committed["positions"] += int(targets.sum())
+        committed["chunks"] = self._chunk_states(committed, self.committed.get("chunks") or {})
         # The arrays may hold more rows than the progress file says (a kill right here):
         # resume truncates them back to the committed counts.
         self.location.write_text(self.progress_path, json.dumps(committed))

@@ -109,8 +109,8 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
                 f"cache {cache_path} fails verification (shards changed since they were written: "
                 f"{', '.join(damaged)}); rebuild it with cache-teachers"
             )
-    manifest = reader.manifest
-    provenance = manifest.get("provenance", {})
+    record = reader.record
+    provenance = record.provenance
     compatibility = vocab.compare_with_tokens(
         reader.vocabulary(), tokenizer, f"the cache {cache_path}", f"the student {student}"
     )
@@ -145,7 +145,7 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
         cached_student = provenance.get("student") or {}
         if cached_student.get("weights_sha256") != models.weights_fingerprint(student):
             use_cached_tail_shift = False
-            if manifest.get("tail_rule") == "mass-matched":
+            if record.tail_rule == "mass-matched":
                 info(
                     "[yellow]note:[/yellow] the cache's mass-matched tail was computed for its "
                     f"own base student ({cached_student.get('spec')}), not {student}: the "
@@ -156,7 +156,7 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
         check_draw_temperature(options, reader)
     else:
         reader.skip_fields = SAMPLE_FIELDS  # a tail without draws never reads them
-    alpha = manifest.get("alpha")
+    alpha = record.alpha
     facts = CacheFacts(
         alpha=None if alpha is None else float(alpha),
         grid=reader.grid_points,
@@ -177,28 +177,28 @@ def distill_data(options: DistillOptions, tokenizer: Any) -> TrainingData:
     local = Path(cache_path).exists()
     return TrainingData(
         store=reader,
-        source={"cache": str(cache_path), "manifest_sha256": manifest["manifest_sha256"]},
+        source={"cache": str(cache_path), "manifest_sha256": record.manifest_sha256},
         provenance={
             "cache": {
                 "path": str(Path(cache_path).resolve()) if local else cache_path,
-                "format_version": manifest.get("format_version"),
-                "k": manifest.get("k"),
-                "selection": manifest.get("selection"),
-                "tail_rule": manifest.get("tail_rule"),
+                "format_version": record.format_version,
+                "k": record.top_k,
+                "selection": record.selection,
+                "tail_rule": record.tail_rule,
                 "alpha": alpha,
-                "grid": manifest.get("grid"),
-                "tail_samples": reader.tail_samples,
-                "sample_seed": manifest.get("sample_seed"),
-                "proposal": manifest.get("proposal"),
-                "temperature": reader.temperature,
-                "has_student": manifest.get("has_student"),
-                "precision": manifest.get("precision"),
-                "counts": manifest.get("counts"),
-                "manifest_sha256": manifest["manifest_sha256"],
+                "grid": record.grid,
+                "tail_samples": record.tail_samples,
+                "sample_seed": record.sample_seed,
+                "proposal": record.proposal,
+                "temperature": record.temperature,
+                "has_student": record.has_student,
+                "precision": record.precision,
+                "counts": record.counts,
+                "manifest_sha256": record.manifest_sha256,
             },
             "cache_provenance": provenance,
         },
-        vocab_size=int(manifest["vocab_size"]),
+        vocab_size=record.vocab_size,
         facts=facts,
         use_cached_student=use_cached_student,
         needs_frozen_student=needs_frozen,
