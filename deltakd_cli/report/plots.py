@@ -96,7 +96,7 @@ def loss_kind(run: Run) -> str:
         return "loss of runs in progress (objective not recorded yet)"
     if objective == "sft":
         return "cross-entropy on the reference (SFT, finetune)"
-    from deltakd_cli import objectives
+    from deltakd_cli.method import objectives
 
     entry = objectives.OBJECTIVES.get(objective)
     described = entry.description if entry is not None else objective
