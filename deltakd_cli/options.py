@@ -347,6 +347,11 @@ def with_types(options: Any, name_of: Callable[[dataclasses.Field], str] = flag_
         if not field.init:
             continue
         value = getattr(options, field.name)
+        required = (
+            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        )
+        if value is None and required:
+            raise DeltakdError(f"{name_of(field)} is required; it is None")
         typed = _typed_value(hints[field.name], value, field.metadata.get("text"), name_of(field))
         if typed is not value:
             changed[field.name] = typed

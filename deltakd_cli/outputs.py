@@ -577,3 +577,22 @@ def check_finished_model(folder: str | Path, spec: str | Path) -> None:
     reason = unfinished_model(folder)
     if reason is not None:
         raise DeltakdError(f"{spec}: {reason}")
+
+
+def is_local_location(text: str) -> bool:
+    """A recorded location that is a path on this machine (absolute, ~, ./, ../ or a Windows
+    drive), not a Hub id."""
+    return text.startswith(("/", "~", "./", "../", "file://", "\\")) or (
+        len(text) > 1 and text[1] == ":"
+    )
+
+
+def public_name(text: str) -> str:
+    """A recorded location as a card shows it: a Hub id as it is, a local path by its last
+    part only (`/tmp/x/student` -> `student`): a card never shows where a file lay here."""
+    text = str(text)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    if not is_local_location(text) and text.count("/") <= 1 and not text.endswith("/"):
+        return text  # a Hub id (org/name, or name), or a bare file name
+    return re.split(r"[/\\]", text.rstrip("/\\"))[-1] or text

@@ -108,7 +108,7 @@ def test_a_model_object_pair_is_saved_and_used(tiny, tmp_path):
         ("distill", {"max_steps": "4"}, "max_steps takes a whole number, got '4'"),
         ("distill", {"max_steps": 1.5}, "max_steps takes a whole number, got 1.5"),
         ("distill", {"max_steps": True}, "max_steps takes a whole number, got True"),
-        ("distill", {"out": None}, "out takes a string or path, got None"),
+        ("distill", {"out": None}, "out is required; it is None"),
         ("distill", {"student": (1, 2)}, "student takes a path, a Hub id or a (model, tokenizer)"),
         ("distill", {"lr": "fast"}, "lr takes a number, got 'fast'"),
         ("finetune", {"data": ["a.jsonl"]}, "data takes a string or path, got ['a.jsonl']"),

@@ -541,7 +541,7 @@ def test_the_page_is_worth_sending(distill_run, plain_report, tmp_path):
     manifest = json.loads((Path(record["options"]["cache"]) / "manifest.json").read_text())
 
     facts = dict(zip(parser.cells[::2], parser.cells[1::2], strict=False))
-    assert facts["exact head per position (k)"] == str(manifest["k"]) == "8"
+    assert facts["exact head per position (k)"] == str(manifest["top_k"]) == "8"
     tail = manifest.get("tail_samples") or 0
     assert facts["tail draws per position"].startswith(str(tail))
     assert facts["bytes per response token"] == f"{manifest['bytes_per_response_token']:.1f}"

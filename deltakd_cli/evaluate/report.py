@@ -270,7 +270,7 @@ def protocol_line(protocol: dict[str, Any] | None, rows: int) -> str:
     template = protocol.get("template", "alpaca")
     prompt = TEMPLATE_WORDS.get(template, f"template {template}")
     if protocol.get("template_from"):
-        from deltakd_cli.train.card import public_name  # a local path by its last part only
+        from deltakd_cli.outputs import public_name  # a local path by its last part only
 
         prompt = f"the chat template of {public_name(protocol['template_from'])}"
     side = str(protocol.get("prompt_truncation") or "left").split()[0]

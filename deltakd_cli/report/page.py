@@ -170,7 +170,7 @@ def cache_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
     grid = facts.get("grid")
     rows = [
         ("examples / response tokens", f"{facts['examples']} / {facts['response_tokens']}"),
-        ("exact head per position (k)", str(facts["k"])),
+        ("exact head per position (k)", str(facts["top_k"])),
         ("tail draws per position", f"{tail} (sampled tail)" if tail else "0 (one tail bucket)"),
         ("ids kept by", str(facts.get("selection"))),
         ("tail rule", str(facts.get("tail_rule"))),

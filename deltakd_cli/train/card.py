@@ -5,10 +5,11 @@ A pure function of the run's record; `pipeline` calls it again with the eval res
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from deltakd_cli.method import objectives
+from deltakd_cli.outputs import is_local_location as _is_local
+from deltakd_cli.outputs import public_name
 
 TAIL_WORDS = {
     "bucket": "one tail bucket (the target's mass outside the kept ids; its shape untrained)",
@@ -66,25 +67,6 @@ def objective_summary(options: dict[str, Any]) -> tuple[str, list[str]]:
 
 def _short(sha: Any) -> str:
     return f"`{str(sha)[:12]}`" if sha else "-"
-
-
-def _is_local(text: str) -> bool:
-    """A recorded location that is a path on this machine (absolute, ~, ./, ../ or a Windows
-    drive), not a Hub id."""
-    return text.startswith(("/", "~", "./", "../", "file://", "\\")) or (
-        len(text) > 1 and text[1] == ":"
-    )
-
-
-def public_name(text: str) -> str:
-    """A recorded location as a card shows it: a Hub id as it is, a local path by its last
-    part only (`/tmp/x/student` -> `student`): a card never shows where a file lay here."""
-    text = str(text)
-    if text.startswith("file://"):
-        text = text[len("file://") :]
-    if not _is_local(text) and text.count("/") <= 1 and not text.endswith("/"):
-        return text  # a Hub id (org/name, or name), or a bare file name
-    return re.split(r"[/\\]", text.rstrip("/\\"))[-1] or text
 
 
 def model_hub_id(entry: Any) -> str | None:
