@@ -276,7 +276,7 @@ def test_inspect_push_and_report_are_functions(tiny, tmp_path, monkeypatch, capf
     assert not cache.skipped and again.skipped and again.record == cache.record
     summary = deltakd.inspect(cache=cache.path, verify=True)
     assert summary["verified"] is True and summary["examples"] == cache.examples
-    assert summary["response_tokens"] == cache.response_tokens and summary["k"] == 8
+    assert summary["response_tokens"] == cache.response_tokens and summary["top_k"] == 8
 
     uploaded = []
     monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: repo_id)
