@@ -146,7 +146,7 @@ def main() -> None:
                  "--batch-size", "10", "--out", str(report), "--overwrite", "--json"]  # fmt: skip
     for arm, paths in runs.items():
         eval_args += [f"--model={arm}_s{i}={p}" for i, p in enumerate(paths)]
-        eval_args += [f"--group={arm}=" + ",".join(f"{arm}_s{i}" for i in range(len(paths)))]
+        eval_args += [f"--group={arm}=" + ",".join(str(p) for p in paths)]
     for arm, (objective, _, _) in chosen.items():
         baseline = f"{objective}_k64_bucket"
         if arm != baseline and baseline in runs:

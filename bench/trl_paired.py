@@ -11,6 +11,8 @@ Arms, each trained 1 epoch at every seed on trl_bench's rows, models and trainin
   <shape>_<tail>      deltakd KD (sft weight 0) from one cache of that shape with that tail
                       estimator (sampled: kd's default; corrected; bucket) on the default cache
                       (the unpaired bench/trl_noise.py keeps the top-64 + bucket arm)
+  m64_sampled         the same head with 64 draws (4x): how much of the gap is the fixed
+                      draws' noise floor
 
 Per arm: held-out full-vocabulary KL(teacher || student) per response token on the held-out rows
 (bench/heldout.py), and the paired difference to TRL with a bootstrap over the pairs and the rows
@@ -38,9 +40,12 @@ from deltakd_cli.method.rules import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K
 from deltakd_cli.train.batching import RunPlan, read_batch
 
 PAIRED = WORKDIR / "trl-paired"
-CACHES = {"default": (DEFAULT_TOP_K, DEFAULT_TAIL_SAMPLES)}
+CACHES = {"default": (DEFAULT_TOP_K, DEFAULT_TAIL_SAMPLES), "m64": (DEFAULT_TOP_K, 64)}
 ARMS = {  # arm -> (cache, tail)
     "default_sampled": ("default", "sampled"),
+    # 4x the draws, the same head: what is left of the gap to TRL that more draws remove is the
+    # fixed draws' noise floor
+    "m64_sampled": ("m64", "sampled"),
     "default_corrected": ("default", "corrected"),
     "default_bucket": ("default", "bucket"),
 }
@@ -79,7 +84,8 @@ def main() -> None:
     tokenizer = models.load_tokenizer(str(student))
 
     caches, timings = {}, {}
-    for name, (k, samples) in CACHES.items():
+    needed = {"default"} | {cache for cache, _ in arms_run.values()}
+    for name, (k, samples) in ((n, CACHES[n]) for n in CACHES if n in needed):
         out = PAIRED / f"cache-{name}"
         caches[name] = out
         if done(out, options.reuse, "manifest.json"):
@@ -154,6 +160,9 @@ def main() -> None:
         figures[f"trl_paired_{arm}_ci_low"] = result["ci_low"]
         figures[f"trl_paired_{arm}_ci_high"] = result["ci_high"]
     figures["trl_paired_default_bytes_per_response_token"] = stored["default"]
+    for arm in arms_run:
+        for part in ("bucket_term", "within_tail_term"):
+            figures[f"trl_paired_{arm}_minus_trl_{part}"] = arms[arm][part] - arms["trl"][part]
     settings = {
         "models": chosen["models"], "rows": source, "seeds": seeds, "epochs": 1, "lr": tb.LR,
         "batch_size": tb.BATCH, "caches": {n: {"top_k": k, "tail_samples": m}
