@@ -145,7 +145,8 @@ def main() -> None:
     eval_args = ["eval", "--data", str(test), "--protocol", "greedy", "--max-new-tokens", "48",
                  "--batch-size", "10", "--out", str(report), "--overwrite", "--json"]  # fmt: skip
     for arm, paths in runs.items():
-        eval_args += [f"--model={arm}_s{i}={p}" for i, p in enumerate(paths)]
+        # the seeds of an arm are one group (its models by path)
+        eval_args += [f"--model={p}" for p in paths]
         eval_args += [f"--group={arm}=" + ",".join(str(p) for p in paths)]
     for arm, (objective, _, _) in chosen.items():
         baseline = f"{objective}_k64_bucket"
