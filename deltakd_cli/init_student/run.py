@@ -16,6 +16,7 @@ import torch
 
 from deltakd_cli import __version__, data, faults, models, outputs, sources
 from deltakd_cli.cache.options import CacheOptions
+from deltakd_cli.cache.schema import FORMAT_VERSION
 from deltakd_cli.console import info
 from deltakd_cli.errors import DeltakdError, Interrupted
 from deltakd_cli.init_student import prune
@@ -245,6 +246,7 @@ def _init_student(
     if options.heal_data:
         cache_dir = work / "heal-cache"
         cache_key = {  # what decides the cache's content (it is reused across healing runs)
+            "format_version": FORMAT_VERSION,  # a cache of an older deltakd is made anew
             "source_sha256": source_identity["weights_sha256"],
             "heal_sha256": heal_sha,
             "top_k": options.top_k,
