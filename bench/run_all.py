@@ -28,7 +28,7 @@ BENCHES = {
 
 # The default cache's shape and each objective family's default tail, as tail_fidelity names them.
 DEFAULT_SHAPE = "k48_m16"
-DEFAULT_TAILS = (("0", "sampled"), ("0.5", "bucket"), ("1", "bucket"))
+DEFAULT_TAILS = (("0", "sampled"), ("0.5", "corrected1"), ("1", "corrected1"))
 
 # figure -> (goal text, predicate on the value or None, what it measures)
 GOALS = {
@@ -127,7 +127,7 @@ GOALS = {
         "held-out KL, KD from the default cache with kd's default tail minus TRL GKD, both "
         "trained on the same batch sequence at each of 5 seeds (nats/token)",
     ),
-    "delta_tails_delta_default_bucket_minus_k64_bucket_kl_ci_high": (
+    "delta_tails_delta_default_corrected_minus_k64_bucket_kl_ci_high": (
         "<= 0 or CI contains 0",
         None,  # judged with delta_tails_delta_default_bucket_minus_k64_bucket_kl and its interval
         "held-out KL to the Delta target, default cache + default tail minus top-64 + bucket, "

@@ -24,9 +24,10 @@ teacher        alpha * (log mT - log mB), from the two teachers' tail masses (an
 """
 
 # The cache's default shape (docs/method.md, "Which cache and tail for which objective"): the exact
-# top-k head plus this many draws from the tail. One cache serves both families: the head is wide
-# enough for the Delta family's bucket (one-cache gradient cosine at S0 >= 0.985, healed student;
-# bench/tail_fidelity.py) and the draws give KD its unbiased tail, within 300 bytes per token.
+# top-k head plus this many draws from the tail. One cache serves both families: the draws give
+# every objective an unbiased tail (KD's sampled, the Delta family's corrected), and the head is
+# wide enough that the bucket the corrected tail builds on is near the old top-64 one (one-cache
+# gradient cosine at S0 0.985 against 0.988; bench/tail_fidelity.py), within 300 bytes per token.
 DEFAULT_TOP_K = 48
 DEFAULT_TAIL_SAMPLES = 16
 

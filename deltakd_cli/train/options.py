@@ -226,7 +226,7 @@ class DistillOptions(TrainOptions, ObjectiveOptions):
         help="How the target's tail outside the kept ids is trained: bucket (its mass only; "
         "quiet, biased), sampled (the cache's drawn ids; unbiased, noisy) or corrected (the "
         "bucket plus a sampled correction; unbiased). Default: the objective's measured best "
-        "when the cache has draws (bucket for the Delta family, sampled for the teacher's), "
+        "when the cache has draws (corrected for the Delta family, sampled for the teacher's), "
         "else bucket (docs/method.md).",
         choices=TAIL_NAMES,
     )
