@@ -166,6 +166,16 @@ def test_protocol_line_names_a_borrowed_chat_template_and_greedy():
     assert "seeds" not in line
 
 
+def test_protocol_line_of_an_alpaca_prompt_in_another_models_tokenizer():
+    """The demo evaluates the Alpaca prompt with the tuned teacher's tokenizer (--template-from):
+    its line said "the chat template of teacher-tuned"."""
+    recorded = protocols.make_protocol("greedy", template="alpaca").to_report()
+    recorded["template_from"] = "runs/demo/models/teacher-tuned"
+    line = report_files.protocol_line(recorded, 50)
+    assert "Alpaca prompt in the tokenizer of teacher-tuned" in line
+    assert "chat template" not in line
+
+
 def test_protocol_line_of_the_published_protocol_says_so():
     line = report_files.protocol_line(protocols.make_protocol("minillm").to_report(), 5)
     assert "Alpaca prompt cut from the left to 256 tokens" in line

@@ -272,7 +272,11 @@ def protocol_line(protocol: dict[str, Any] | None, rows: int) -> str:
     if protocol.get("template_from"):
         from deltakd_cli.outputs import public_name  # a local path by its last part only
 
-        prompt = f"the chat template of {public_name(protocol['template_from'])}"
+        source = public_name(protocol["template_from"])
+        if template == "chat":
+            prompt = f"the chat template of {source}"
+        else:  # the template's text, tokenised by (and ending on the EOS of) that model
+            prompt = f"{prompt} in the tokenizer of {source}"
     side = str(protocol.get("prompt_truncation") or "left").split()[0]
     return (
         f"protocol {protocol['name']}: {how}, {rows} rows, {prompt} cut from the {side} to "
