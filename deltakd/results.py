@@ -167,15 +167,16 @@ class Cache:
 
     @classmethod
     def from_record(cls, manifest: dict[str, Any], path: str, skipped: bool) -> Cache:
-        counts = manifest.get("counts") or {}
-        options = manifest.get("options") or {}
+        from deltakd_cli.cache.manifest import CacheRecord  # the one reading of a manifest
+
+        record = CacheRecord.from_json(manifest)
         return cls(
             path=Path(path),
-            examples=counts.get("examples", 0),
-            response_tokens=counts.get("response_tokens", 0),
-            top_k=manifest.get("k", options.get("top_k")),
-            tail_samples=options.get("tail_samples"),
-            bytes_per_response_token=manifest.get("bytes_per_response_token"),
+            examples=record.counts.get("examples", 0),
+            response_tokens=record.counts.get("response_tokens", 0),
+            top_k=record.top_k,
+            tail_samples=record.options.get("tail_samples"),
+            bytes_per_response_token=record.bytes_per_response_token,
             skipped=skipped,
             record=manifest,
         )
