@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from deltakd_cli.method.divergences import forward_kl  # the loss's own code, not a copy
 from deltakd_cli.method.spec import CacheFacts, Tail, TargetSpec
 from deltakd_cli.method.targets import (
     CachedTargets,
@@ -21,6 +22,7 @@ from deltakd_cli.method.targets import (
     tail_mass,
     tail_shift,
 )
+from deltakd_cli.method.view import build_view, student_view
 
 
 def total_variation(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
@@ -155,9 +157,6 @@ def view_grad_cosine(
     with respect to the student's logits, p0 - r (r: `spec`'s target over the whole vocabulary),
     and the gradient of the cached loss on `tail`'s view of ONE cache (autograd through the view,
     as training takes it): what a single cache gives, noise included."""
-    from deltakd_cli.method.divergences import forward_kl  # the loss's own code, not a copy
-    from deltakd_cli.method.view import build_view, student_view
-
     exact = torch.stack(
         [
             math.log(share)
