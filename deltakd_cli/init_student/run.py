@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from deltakd_cli import __version__, data, faults, models, outputs, sources
+from deltakd_cli.cache.manifest import CacheRecord
 from deltakd_cli.cache.options import CacheOptions
 from deltakd_cli.cache.schema import FORMAT_VERSION
 from deltakd_cli.console import info
@@ -316,7 +317,7 @@ def _init_student(
         record["heal"] = {
             "data": {"spec": options.heal_data, "sha256": heal_sha},
             "cache": str(cache_dir.resolve()),
-            "response_tokens": (manifest.get("counts") or {}).get("response_tokens"),
+            "response_tokens": CacheRecord.from_json(manifest).counts.get("response_tokens"),
             "final_metrics": summary.get("final_metrics"),
         }
     else:
